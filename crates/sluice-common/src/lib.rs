@@ -1,0 +1,31 @@
+//! Shared foundations of Sluice: the error type, `WITH (...)` options, clocks,
+//! progress records, and the durable, checksummed file writes that every
+//! checkpoint file and sink manifest uses.
+//!
+//! The entry points of this crate are [`Error`] / [`Result`], [`Options`],
+//! [`Clock`] (with [`ManualClock`] for tests) and [`durable`].
+//!
+//! ```
+//! use sluice_common::{Options, Error};
+//! let opts = Options::from_pairs("source 'clicks'", [("format", "json"), ("max_files_per_trigger", "2")]);
+//! assert_eq!(opts.get_usize("max_files_per_trigger").unwrap(), Some(2));
+//! assert!(matches!(opts.get_usize("format"), Err(Error::Plan(_))));
+//! ```
+
+pub mod clock;
+pub mod durable;
+pub mod error;
+pub mod options;
+pub mod progress;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, Result, ResultExt};
+pub use options::Options;
+pub use progress::{Progress, SourceProgress};
+
+/// The id of a micro-batch: 0, 1, 2, ... within one query's checkpoint.
+pub type BatchId = u64;
+
+/// Re-exported so that every crate names one DataFusion (and through it one
+/// arrow and one parquet).
+pub use datafusion;

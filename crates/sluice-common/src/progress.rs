@@ -1,0 +1,52 @@
+//! The progress record each micro-batch produces.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::BatchId;
+
+/// What one micro-batch did: kept in the checkpoint, returned by
+/// `last_progress()`, shown by the CLI.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The query (sink) name.
+    pub name: String,
+    /// The query's id, fixed for the life of its checkpoint.
+    pub query_id: String,
+    /// The batch id.
+    pub batch_id: BatchId,
+    /// When the batch started, in milliseconds since the Unix epoch (trigger clock).
+    pub timestamp_ms: i64,
+    /// Rows read from all sources (after dropping bad rows).
+    pub input_rows: u64,
+    /// Rows written to the sink.
+    pub output_rows: u64,
+    /// Input rows per second of wall time between this batch's start and the previous batch's start.
+    pub input_rows_per_second: f64,
+    /// Input rows per second of this batch's own processing time.
+    pub processed_rows_per_second: f64,
+    /// Milliseconds spent per phase: `offsets`, `offset_log`, `read`, `execute`, `sink`, `commit_log`, `total`.
+    pub durations_ms: BTreeMap<String, f64>,
+    /// Per source: offsets, rows read, bad rows.
+    pub sources: Vec<SourceProgress>,
+    /// Whether this batch re-ran a batch that had been planned but not committed.
+    pub recovered: bool,
+}
+
+/// One source's share of a [`Progress`] record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceProgress {
+    /// The source name.
+    pub name: String,
+    /// The offset the batch started at (exclusive of earlier data).
+    pub start_offset: serde_json::Value,
+    /// The offset the batch ended at.
+    pub end_offset: serde_json::Value,
+    /// Rows read.
+    pub input_rows: u64,
+    /// Rows that could not be decoded and were dropped (`on_error = 'drop'`).
+    pub dropped_rows: u64,
+    /// Rows that could not be decoded and went to the dead-letter table.
+    pub dead_letter_rows: u64,
+}

@@ -1,0 +1,39 @@
+//! Sources and sinks of Sluice.
+//!
+//! The entry points of this crate are the [`Source`] and [`Sink`] traits and
+//! the factories [`source_from_options`] / [`sink_from_options`] that build
+//! them from a `CREATE SOURCE` / `CREATE SINK` statement's `WITH (...)`.
+//!
+//! A [`Source`] is a definition shared by queries; each query opens its own
+//! [`SourceReader`], which maps offsets to rows: `latest_offset` says how far
+//! the data reaches now, `read(start, end)` returns exactly the rows of that
+//! range, again and again, so a batch re-run after a crash reads the same
+//! rows. A [`Sink`] writes a batch's rows idempotently, keyed by batch id.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use sluice_connectors::{MemorySource, Source};
+//! use datafusion::arrow::datatypes::{DataType, Field, Schema};
+//! let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+//! let src = MemorySource::new("numbers", schema);
+//! assert_eq!(src.name(), "numbers");
+//! ```
+
+mod decode;
+pub mod file_sink;
+pub mod file_source;
+pub mod memory;
+pub mod rate;
+pub mod sink;
+pub mod source;
+
+pub use file_sink::FileSink;
+pub use file_source::FileSource;
+pub use memory::{MemorySink, MemorySource, MemoryTable};
+pub use rate::RateSource;
+pub use sink::{ConsoleSink, ForeachBatchSink, Sink, sink_from_options};
+pub use source::{
+    DeadLetter, OnError, ReadBatch, Source, SourceContext, SourceReader, source_from_options,
+};
+
+pub use datafusion;

@@ -1,0 +1,199 @@
+//! The sink trait, the console and foreach-batch sinks, and the factory.
+
+use std::fmt::Debug;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use sluice_common::{BatchId, Error, Options, Result};
+
+use crate::{FileSink, MemorySink, MemoryTable};
+
+/// Where a query's output goes. `write` must be idempotent per batch id: a
+/// batch re-run after a crash calls it again with the same id and rows, and
+/// the sink must end up holding them once.
+#[async_trait]
+pub trait Sink: Send + Sync + Debug {
+    /// The sink's name.
+    fn name(&self) -> &str;
+    /// Called once when a query starts, with the query's output schema; a
+    /// sink cleans up after an interrupted run here.
+    async fn open(&self, schema: &SchemaRef) -> Result<()>;
+    /// Writes the rows of batch `id`.
+    async fn write(&self, id: BatchId, schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()>;
+    /// The sink as `Any`, for downcasting.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Where the console sink prints.
+pub type SharedWriter = Arc<Mutex<dyn Write + Send>>;
+
+/// Prints each batch as a table headed by its batch id.
+///
+/// Console output is for people: a batch re-run after a crash is printed
+/// again.
+#[derive(Clone)]
+pub struct ConsoleSink {
+    name: String,
+    out: SharedWriter,
+    max_rows: usize,
+}
+
+impl Debug for ConsoleSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleSink").field("name", &self.name).finish()
+    }
+}
+
+impl ConsoleSink {
+    /// A console sink printing to standard output.
+    pub fn stdout(name: impl Into<String>) -> Self {
+        Self::new(name, Arc::new(Mutex::new(std::io::stdout())))
+    }
+
+    /// A console sink printing to `out`.
+    pub fn new(name: impl Into<String>, out: SharedWriter) -> Self {
+        ConsoleSink { name: name.into(), out, max_rows: 20 }
+    }
+
+    /// Prints at most `n` rows per batch.
+    pub fn with_max_rows(mut self, n: usize) -> Self {
+        self.max_rows = n;
+        self
+    }
+}
+
+#[async_trait]
+impl Sink for ConsoleSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn open(&self, _schema: &SchemaRef) -> Result<()> {
+        Ok(())
+    }
+
+    async fn write(&self, id: BatchId, _schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+        let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let mut shown = Vec::new();
+        let mut left = self.max_rows;
+        for b in &batches {
+            if left == 0 {
+                break;
+            }
+            let n = b.num_rows().min(left);
+            shown.push(b.slice(0, n));
+            left -= n;
+        }
+        let table = pretty_format_batches(&shown)?;
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let rule = "-".repeat(43);
+        let more = if total > self.max_rows {
+            format!("only showing the first {} of {total} rows\n", self.max_rows)
+        } else {
+            String::new()
+        };
+        write!(out, "{rule}\nBatch: {id} ({}, {total} rows)\n{rule}\n{table}\n{more}", self.name)
+            .and_then(|_| out.flush())
+            .map_err(|e| Error::io("printing to the console", e))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The callback of a [`ForeachBatchSink`].
+pub type ForeachBatchFn = dyn Fn(BatchId, &[RecordBatch]) -> Result<()> + Send + Sync;
+
+/// Hands each batch's rows to a Rust callback. The callback sees a re-run
+/// batch again with the same id, so it should be idempotent per id.
+#[derive(Clone)]
+pub struct ForeachBatchSink {
+    name: String,
+    f: Arc<ForeachBatchFn>,
+}
+
+impl Debug for ForeachBatchSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeachBatchSink").field("name", &self.name).finish()
+    }
+}
+
+impl ForeachBatchSink {
+    /// A sink calling `f(batch_id, rows)` for each batch.
+    pub fn new(
+        name: impl Into<String>,
+        f: impl Fn(BatchId, &[RecordBatch]) -> Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        ForeachBatchSink { name: name.into(), f: Arc::new(f) }
+    }
+}
+
+#[async_trait]
+impl Sink for ForeachBatchSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn open(&self, _schema: &SchemaRef) -> Result<()> {
+        Ok(())
+    }
+
+    async fn write(&self, id: BatchId, _schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+        (self.f)(id, &batches)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The options every sink accepts besides its connector's own.
+pub const COMMON_SINK_OPTIONS: &[&str] = &["connector", "output_mode", "checkpoint", "trigger"];
+
+/// Builds a sink from a `CREATE SINK` statement's options. `memory_table`
+/// gives the table a memory sink named `name` writes to.
+pub fn sink_from_options(
+    name: &str,
+    options: &Options,
+    memory_table: impl FnOnce() -> Arc<MemoryTable>,
+) -> Result<Arc<dyn Sink>> {
+    let connector = options.get("connector").ok_or_else(|| {
+        Error::plan(format!(
+            "sink '{name}' needs WITH (connector = 'console' | 'memory' | 'file', ...)"
+        ))
+    })?;
+    let known = |extra: &[&str]| {
+        let mut k = COMMON_SINK_OPTIONS.to_vec();
+        k.extend_from_slice(extra);
+        options.check_known(&k)
+    };
+    match connector.to_ascii_lowercase().as_str() {
+        "console" => {
+            known(&["num_rows"])?;
+            let mut s = ConsoleSink::stdout(name);
+            if let Some(n) = options.get_usize("num_rows")? {
+                s = s.with_max_rows(n);
+            }
+            Ok(Arc::new(s))
+        }
+        "memory" => {
+            known(&[])?;
+            Ok(Arc::new(MemorySink::new(name, memory_table())))
+        }
+        "file" => {
+            known(&["path", "format", "sync"])?;
+            Ok(Arc::new(FileSink::from_options(name, options)?))
+        }
+        "foreach_batch" => Err(Error::plan(format!(
+            "sink '{name}': foreach_batch sinks take a Rust callback; create them with the DataFrame API (ForeachBatchSink)"
+        ))),
+        other => Err(Error::plan(format!(
+            "sink '{name}': unknown connector '{other}' (known: console, memory, file)"
+        ))),
+    }
+}

@@ -1,0 +1,25 @@
+//! Checkpoints and state for Sluice.
+//!
+//! The entry point of this crate is [`Checkpoint`]: a directory holding a
+//! query's `metadata`, its offset log (`offsets/N`: what batch N reads, written
+//! before it runs), its commit log (`commits/N`: batch N is done), per-source
+//! metadata and progress records. [`recovery::decide`] is the pure decision of
+//! where a restarted query resumes, kept apart from the disk so it can be
+//! tested on its own.
+//!
+//! ```
+//! use sluice_state::recovery::{decide, Resume};
+//! // offsets/0..=4 written, commits/0..=3 written: batch 4 is re-run.
+//! assert_eq!(decide(Some(4), Some(3)).unwrap(), Resume::Rerun { batch_id: 4 });
+//! ```
+//!
+//! The versioned state store for stateful operators is not built yet (see
+//! `docs/architecture.md`): every query today is stateless.
+
+pub mod checkpoint;
+pub mod recovery;
+
+pub use checkpoint::{
+    Checkpoint, CheckpointOptions, CommitEntry, Metadata, OffsetEntry, SourceRange,
+    FORMAT_VERSION,
+};
