@@ -52,11 +52,14 @@ pub fn unframe<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8]> {
         .iter()
         .position(|b| *b == b'\n')
         .ok_or_else(|| bad("truncated or not a Sluice file: no header line".into()))?;
-    let header = std::str::from_utf8(&bytes[..nl])
-        .map_err(|_| bad("corrupt header: not UTF-8".into()))?;
+    let header =
+        std::str::from_utf8(&bytes[..nl]).map_err(|_| bad("corrupt header: not UTF-8".into()))?;
     let mut parts = header.split(' ');
     if parts.next() != Some(MAGIC) {
-        return Err(bad(format!("not a Sluice file (header '{}')", header.escape_debug())));
+        return Err(bad(format!(
+            "not a Sluice file (header '{}')",
+            header.escape_debug()
+        )));
     }
     let mut len = None;
     let mut crc = None;
@@ -130,7 +133,11 @@ pub fn read_framed(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Writes `value` as framed JSON.
-pub fn write_json<T: serde::Serialize>(path: &Path, value: &T, durability: Durability) -> Result<()> {
+pub fn write_json<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    durability: Durability,
+) -> Result<()> {
     let body = serde_json::to_vec(value)
         .map_err(|e| Error::internal(format!("serializing {}: {e}", path.display())))?;
     write_framed(path, &body, durability)
@@ -139,8 +146,12 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T, durability: Durab
 /// Reads framed JSON, naming the file when it does not parse.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let body = read_framed(path)?;
-    serde_json::from_slice(&body)
-        .map_err(|e| Error::checkpoint(path, format!("checksum is right but the content does not parse: {e}")))
+    serde_json::from_slice(&body).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!("checksum is right but the content does not parse: {e}"),
+        )
+    })
 }
 
 /// Syncs a directory so that a rename in it is durable.
@@ -174,7 +185,12 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 0x01;
         fs::write(&p, &flipped).unwrap();
-        assert!(read_framed(&p).unwrap_err().to_string().contains("checksum mismatch"));
+        assert!(
+            read_framed(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum mismatch")
+        );
         // zeroed
         fs::write(&p, vec![0u8; good.len()]).unwrap();
         assert!(read_framed(&p).is_err());

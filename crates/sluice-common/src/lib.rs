@@ -13,6 +13,7 @@
 //! ```
 
 pub mod clock;
+pub mod connector;
 pub mod durable;
 pub mod error;
 pub mod options;

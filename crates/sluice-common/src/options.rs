@@ -46,14 +46,15 @@ impl Options {
 
     /// The raw value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.values.get(&key.to_ascii_lowercase()).map(String::as_str)
+        self.values
+            .get(&key.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     /// The value of `key`, or an error naming it when it is missing.
     pub fn require(&self, key: &str) -> Result<&str> {
-        self.get(key).ok_or_else(|| {
-            Error::plan(format!("{} needs the option '{key}'", self.owner))
-        })
+        self.get(key)
+            .ok_or_else(|| Error::plan(format!("{} needs the option '{key}'", self.owner)))
     }
 
     /// All `(key, value)` pairs, sorted by key.
@@ -172,8 +173,14 @@ mod tests {
     #[test]
     fn durations_parse_with_units_and_reject_garbage() {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("250 ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2 minutes").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("250 ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("2 minutes").unwrap(),
+            Duration::from_secs(120)
+        );
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("5 fortnights").is_err());
@@ -182,10 +189,21 @@ mod tests {
     #[test]
     fn errors_name_the_owner_and_the_option() {
         let o = Options::from_pairs("sink 'out'", [("FORMAT", "xml")]);
-        let e = o.get_choice("format", &["json", "csv"]).unwrap_err().to_string();
-        assert!(e.contains("sink 'out'") && e.contains("'format'") && e.contains("xml"), "{e}");
+        let e = o
+            .get_choice("format", &["json", "csv"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sink 'out'") && e.contains("'format'") && e.contains("xml"),
+            "{e}"
+        );
         let e = o.check_known(&["path"]).unwrap_err().to_string();
         assert!(e.contains("unknown option 'format'"), "{e}");
-        assert!(o.require("path").unwrap_err().to_string().contains("'path'"));
+        assert!(
+            o.require("path")
+                .unwrap_err()
+                .to_string()
+                .contains("'path'")
+        );
     }
 }

@@ -30,6 +30,10 @@ pub struct Progress {
     pub durations_ms: BTreeMap<String, f64>,
     /// Per source: offsets, rows read, bad rows.
     pub sources: Vec<SourceProgress>,
+    /// The event-time watermark in force for this batch (ms), if any.
+    pub watermark_ms: Option<i64>,
+    /// How often the batch was retried after a transient error.
+    pub retries: u32,
     /// Whether this batch re-ran a batch that had been planned but not committed.
     pub recovered: bool,
 }

@@ -55,10 +55,17 @@ pub(crate) fn decode(format: &Format, schema: &SchemaRef, bytes: Bytes) -> Decod
     match format {
         Format::Json | Format::Csv { .. } => decode_text(format, schema, &bytes),
         Format::Parquet => match decode_parquet(schema, bytes) {
-            Ok(batches) => Decoded { batches, bad: vec![] },
+            Ok(batches) => Decoded {
+                batches,
+                bad: vec![],
+            },
             Err(e) => Decoded {
                 batches: vec![],
-                bad: vec![BadRecord { line: None, error: e, raw: String::new() }],
+                bad: vec![BadRecord {
+                    line: None,
+                    error: e,
+                    raw: String::new(),
+                }],
             },
         },
     }
@@ -68,7 +75,10 @@ fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
     // Fast path: the whole file at once. Only when it fails do we go record
     // by record to find (and keep the neighbours of) the bad ones.
     if let Ok(batches) = decode_chunk(format, schema, bytes, true) {
-        return Decoded { batches, bad: vec![] };
+        return Decoded {
+            batches,
+            bad: vec![],
+        };
     }
     let mut good = Vec::new();
     let mut bad = Vec::new();
@@ -166,10 +176,21 @@ fn conform_by_name(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatc
     for f in schema.fields() {
         let col = match batch.column_by_name(f.name()) {
             Some(c) if c.data_type() == f.data_type() => Arc::clone(c),
-            Some(c) => cast(c, f.data_type())
-                .map_err(|e| format!("column '{}' ({}) cannot be read as {}: {e}", f.name(), c.data_type(), f.data_type()))?,
+            Some(c) => cast(c, f.data_type()).map_err(|e| {
+                format!(
+                    "column '{}' ({}) cannot be read as {}: {e}",
+                    f.name(),
+                    c.data_type(),
+                    f.data_type()
+                )
+            })?,
             None if f.is_nullable() => new_null_array(f.data_type(), batch.num_rows()),
-            None => return Err(format!("the file has no column '{}', which is NOT NULL", f.name())),
+            None => {
+                return Err(format!(
+                    "the file has no column '{}', which is NOT NULL",
+                    f.name()
+                ));
+            }
         };
         cols.push(col);
     }
@@ -178,7 +199,12 @@ fn conform_by_name(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatc
 
 fn clean_arrow_error(e: &ArrowError) -> String {
     let s = e.to_string();
-    for prefix in ["Json error: ", "Csv error: ", "Parser error: ", "Cast error: "] {
+    for prefix in [
+        "Json error: ",
+        "Csv error: ",
+        "Parser error: ",
+        "Cast error: ",
+    ] {
         if let Some(rest) = s.strip_prefix(prefix) {
             return rest.to_string();
         }
@@ -207,14 +233,20 @@ mod tests {
         let text = "{\"id\":1,\"name\":\"a\"}\n{\"id\":2,\"name\":\"b\"}\n{\"id\": oops}\n\n{\"id\":\"x\"}\n{\"id\":5}";
         let d = decode_text(&Format::Json, &schema(), text.as_bytes());
         assert_eq!(rows(&d), 3);
-        assert_eq!(d.bad.iter().map(|b| b.line).collect::<Vec<_>>(), vec![Some(3), Some(5)]);
+        assert_eq!(
+            d.bad.iter().map(|b| b.line).collect::<Vec<_>>(),
+            vec![Some(3), Some(5)]
+        );
         assert_eq!(d.bad[0].raw, "{\"id\": oops}");
     }
 
     #[test]
     fn csv_bad_lines_are_named_after_the_header() {
         let text = "id,name\n1,a\nzz,b\n3,c\n";
-        let f = Format::Csv { header: true, delimiter: b',' };
+        let f = Format::Csv {
+            header: true,
+            delimiter: b',',
+        };
         let d = decode_text(&f, &schema(), text.as_bytes());
         assert_eq!(rows(&d), 2);
         assert_eq!(d.bad.len(), 1);
@@ -234,7 +266,13 @@ mod tests {
             let bytes: Vec<u8> = (0..n % 97)
                 .map(|i| alphabet[((seed >> (i % 60)) as usize) % alphabet.len()])
                 .collect();
-            for f in [Format::Json, Format::Csv { header: n % 2 == 0, delimiter: b',' }] {
+            for f in [
+                Format::Json,
+                Format::Csv {
+                    header: n % 2 == 0,
+                    delimiter: b',',
+                },
+            ] {
                 let _ = decode_text(&f, &schema(), &bytes);
             }
         }

@@ -26,7 +26,7 @@ use sluice_common::durable::{self, Durability};
 use sluice_common::{BatchId, Error, Options, Result};
 
 use crate::decode::Format;
-use crate::sink::Sink;
+use sluice_common::connector::Sink;
 
 /// `_sluice/manifest/<N>`: the files batch N wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,7 +69,13 @@ impl FileSink {
 
     /// CSV files (with a header line) under `path`.
     pub fn csv(path: impl Into<PathBuf>) -> Self {
-        Self::new(path, Format::Csv { header: true, delimiter: b',' })
+        Self::new(
+            path,
+            Format::Csv {
+                header: true,
+                delimiter: b',',
+            },
+        )
     }
 
     /// Whether files and manifests are fsynced (default: yes).
@@ -117,9 +123,11 @@ impl FileSink {
                 let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), None)
                     .map_err(|e| Error::internal(format!("parquet writer: {e}")))?;
                 for b in batches {
-                    w.write(b).map_err(|e| Error::internal(format!("parquet writer: {e}")))?;
+                    w.write(b)
+                        .map_err(|e| Error::internal(format!("parquet writer: {e}")))?;
                 }
-                w.close().map_err(|e| Error::internal(format!("parquet writer: {e}")))?;
+                w.close()
+                    .map_err(|e| Error::internal(format!("parquet writer: {e}")))?;
             }
             Format::Csv { .. } => {
                 let mut w = datafusion::arrow::csv::WriterBuilder::new()
@@ -146,7 +154,9 @@ impl FileSink {
 pub fn committed_files(dir: &Path) -> Result<Vec<(BatchId, Vec<String>)>> {
     let mdir = dir.join("_sluice").join("manifest");
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(&mdir) else { return Ok(out) };
+    let Ok(entries) = fs::read_dir(&mdir) else {
+        return Ok(out);
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
@@ -172,13 +182,21 @@ impl Sink for FileSink {
         fs::create_dir_all(self.meta_dir().join("manifest"))
             .map_err(|e| Error::io(format!("creating {}", self.meta_dir().display()), e))?;
         // Left over by a run that died between staging and manifest.
-        for e in fs::read_dir(&staging).map_err(|e| Error::io(format!("listing {}", staging.display()), e))?.flatten() {
+        for e in fs::read_dir(&staging)
+            .map_err(|e| Error::io(format!("listing {}", staging.display()), e))?
+            .flatten()
+        {
             let _ = fs::remove_file(e.path());
         }
         Ok(())
     }
 
-    async fn write(&self, id: BatchId, schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+    async fn write(
+        &self,
+        id: BatchId,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<()> {
         let manifest_path = self.manifest_path(id);
         if manifest_path.exists() {
             let old: Manifest = durable::read_json(&manifest_path)?;
@@ -186,7 +204,12 @@ impl Sink for FileSink {
                 match fs::remove_file(self.path.join(&f)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(format!("removing {f} of an earlier attempt of batch {id}"), e)),
+                    Err(e) => {
+                        return Err(Error::io(
+                            format!("removing {f} of an earlier attempt of batch {id}"),
+                            e,
+                        ));
+                    }
                 }
             }
         }
@@ -200,12 +223,21 @@ impl Sink for FileSink {
             staged.push((tmp, self.path.join(&file)));
             files.push(file);
         }
-        durable::write_json(&manifest_path, &Manifest { batch_id: id, files }, self.durability)?;
+        durable::write_json(
+            &manifest_path,
+            &Manifest {
+                batch_id: id,
+                files,
+            },
+            self.durability,
+        )?;
         for (from, to) in staged {
-            fs::rename(&from, &to).map_err(|e| Error::io(format!("moving {} into place", to.display()), e))?;
+            fs::rename(&from, &to)
+                .map_err(|e| Error::io(format!("moving {} into place", to.display()), e))?;
         }
         if self.durability == Durability::Fsync {
-            durable::sync_dir(&self.path).map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
+            durable::sync_dir(&self.path)
+                .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
         }
         Ok(())
     }
@@ -226,7 +258,8 @@ mod tests {
     async fn a_rerun_batch_replaces_its_file_and_leaves_no_staging() {
         let dir = tempfile::tempdir().unwrap();
         let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
-        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1, 2]))]).unwrap();
+        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1, 2]))])
+            .unwrap();
         let sink = FileSink::json(dir.path()).with_durability(Durability::NoSync);
         sink.open(&schema).await.unwrap();
         sink.write(0, &schema, vec![b.clone()]).await.unwrap();
@@ -239,11 +272,19 @@ mod tests {
             .filter(|n| !n.starts_with('_'))
             .collect();
         assert_eq!(visible, vec!["part-000000.json"]);
-        assert_eq!(fs::read_to_string(dir.path().join("part-000000.json")).unwrap(), "{\"x\":1}\n{\"x\":2}\n");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("part-000000.json")).unwrap(),
+            "{\"x\":1}\n{\"x\":2}\n"
+        );
         assert_eq!(
             committed_files(dir.path()).unwrap(),
             vec![(0, vec!["part-000000.json".to_string()]), (1, vec![])]
         );
-        assert_eq!(fs::read_dir(dir.path().join("_sluice/staging")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("_sluice/staging"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

@@ -22,7 +22,11 @@ use sluice_common::durable::{self, Durability};
 use sluice_common::{Error, Options, Result};
 
 use crate::decode::{self, Format};
-use crate::source::{DeadLetter, OnError, ReadBatch, Source, SourceContext, SourceReader, offset_u64};
+use sluice_common::connector::{
+    DeadLetter, OnError, ReadBatch, Source, SourceContext, SourceReader,
+};
+
+use crate::source::offset_u64;
 
 /// A stream over the files of a directory (`parquet`, `csv` or
 /// newline-delimited `json`).
@@ -61,7 +65,13 @@ impl FileSource {
 
     /// CSV files with a header line under `path`.
     pub fn csv(path: impl Into<PathBuf>) -> Self {
-        Self::new(path, Format::Csv { header: true, delimiter: b',' })
+        Self::new(
+            path,
+            Format::Csv {
+                header: true,
+                delimiter: b',',
+            },
+        )
     }
 
     /// Parquet files under `path`.
@@ -123,7 +133,10 @@ impl FileSource {
                         )));
                     }
                 };
-                Format::Csv { header: options.get_bool("header")?.unwrap_or(true), delimiter }
+                Format::Csv {
+                    header: options.get_bool("header")?.unwrap_or(true),
+                    delimiter,
+                }
             }
             None => {
                 return Err(Error::plan(format!(
@@ -138,9 +151,13 @@ impl FileSource {
                 options.owner()
             )));
         }
-        let mut s = Self::new(path.trim_start_matches("file://"), format).schema(schema).name(name);
+        let mut s = Self::new(path.trim_start_matches("file://"), format)
+            .schema(schema)
+            .name(name);
         s.on_error = OnError::from_options(options)?;
-        s.max_files_per_trigger = options.get_usize("max_files_per_trigger")?.map(|n| n.max(1));
+        s.max_files_per_trigger = options
+            .get_usize("max_files_per_trigger")?
+            .map(|n| n.max(1));
         Ok(s)
     }
 }
@@ -157,13 +174,26 @@ impl Source for FileSource {
     }
     fn open(&self, ctx: SourceContext) -> Result<Box<dyn SourceReader>> {
         if self.schema.fields().is_empty() {
-            return Err(Error::plan(format!("file source '{}' needs a schema", self.name)));
+            return Err(Error::plan(format!(
+                "file source '{}' needs a schema",
+                self.name
+            )));
         }
         let log = FileLog::load(ctx.dir.join("files"), ctx.durability)?;
-        Ok(Box::new(FileReader { source: self.clone(), store: Arc::new(LocalFileSystem::new()), log }))
+        Ok(Box::new(FileReader {
+            source: self.clone(),
+            store: Arc::new(LocalFileSystem::new()),
+            log,
+        }))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+    fn dead_letter_target(&self) -> Option<&str> {
+        match &self.on_error {
+            OnError::DeadLetter(t) => Some(t),
+            _ => None,
+        }
     }
 }
 
@@ -186,7 +216,10 @@ impl FileLog {
                     continue;
                 }
                 let start = name.parse::<usize>().map_err(|_| {
-                    Error::checkpoint(e.path(), "unexpected file in a file-source log (names are positions)")
+                    Error::checkpoint(
+                        e.path(),
+                        "unexpected file in a file-source log (names are positions)",
+                    )
                 })?;
                 chunks.push((start, e.path()));
             }
@@ -197,21 +230,33 @@ impl FileLog {
             if start != files.len() {
                 return Err(Error::checkpoint(
                     &path,
-                    format!("file log chunk starts at {start} but the log before it ends at {}", files.len()),
+                    format!(
+                        "file log chunk starts at {start} but the log before it ends at {}",
+                        files.len()
+                    ),
                 ));
             }
             let chunk: Vec<String> = durable::read_json(&path)?;
             files.extend(chunk);
         }
         let seen = files.iter().cloned().collect();
-        Ok(FileLog { dir, durability, files, seen })
+        Ok(FileLog {
+            dir,
+            durability,
+            files,
+            seen,
+        })
     }
 
     fn append(&mut self, new: Vec<String>) -> Result<()> {
         if new.is_empty() {
             return Ok(());
         }
-        durable::write_json(&self.dir.join(self.files.len().to_string()), &new, self.durability)?;
+        durable::write_json(
+            &self.dir.join(self.files.len().to_string()),
+            &new,
+            self.durability,
+        )?;
         self.seen.extend(new.iter().cloned());
         self.files.extend(new);
         Ok(())
@@ -248,17 +293,27 @@ impl FileReader {
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| Error::io(format!("listing {}", self.source.path.display()), std::io::Error::other(e)))?;
+            .map_err(|e| {
+                Error::io(
+                    format!("listing {}", self.source.path.display()),
+                    std::io::Error::other(e),
+                )
+            })?;
         let ext = self.source.format.extension();
         let mut new: Vec<String> = metas
             .into_iter()
             .filter_map(|m| {
-                let rel: Vec<_> = m.location.prefix_match(&prefix)?.map(|p| p.as_ref().to_string()).collect();
+                let rel: Vec<_> = m
+                    .location
+                    .prefix_match(&prefix)?
+                    .map(|p| p.as_ref().to_string())
+                    .collect();
                 if rel.iter().any(|p| p.starts_with('.') || p.starts_with('_')) {
                     return None;
                 }
                 let rel = rel.join("/");
-                let keep = rel.ends_with(&format!(".{ext}")) || !rel.rsplit('/').next()?.contains('.');
+                let keep =
+                    rel.ends_with(&format!(".{ext}")) || !rel.rsplit('/').next()?.contains('.');
                 keep.then_some(rel)
             })
             .filter(|rel| !self.log.seen.contains(rel))
@@ -280,7 +335,9 @@ impl SourceReader for FileReader {
         if start > logged {
             return Err(Error::checkpoint(
                 &self.log.dir,
-                format!("the offset log says {start} files were taken but the file log lists only {logged}"),
+                format!(
+                    "the offset log says {start} files were taken but the file log lists only {logged}"
+                ),
             ));
         }
         let cap = self.source.max_files_per_trigger.unwrap_or(usize::MAX);
@@ -292,7 +349,9 @@ impl SourceReader for FileReader {
             new.truncate(cap - pending);
             self.log.append(new)?;
         }
-        Ok(Value::from((self.log.files.len().min(start.saturating_add(cap))) as u64))
+        Ok(Value::from(
+            (self.log.files.len().min(start.saturating_add(cap))) as u64,
+        ))
     }
 
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
@@ -303,7 +362,10 @@ impl SourceReader for FileReader {
         if e > self.log.files.len() || s > e {
             return Err(Error::checkpoint(
                 &self.log.dir,
-                format!("batch needs files [{s}, {e}) but the file log lists {}", self.log.files.len()),
+                format!(
+                    "batch needs files [{s}, {e}) but the file log lists {}",
+                    self.log.files.len()
+                ),
             ));
         }
         let (root, prefix) = self.root()?;
@@ -321,7 +383,10 @@ impl SourceReader for FileReader {
                     self.source.name,
                     shown.display()
                 )),
-                other => Error::io(format!("reading {}", shown.display()), std::io::Error::other(other)),
+                other => Error::io(
+                    format!("reading {}", shown.display()),
+                    std::io::Error::other(other),
+                ),
             })?;
             let decoded = decode::decode(&self.source.format, &self.source.schema, bytes);
             out.batches.extend(decoded.batches);
@@ -367,43 +432,76 @@ mod tests {
     }
 
     fn ctx(dir: &Path) -> SourceContext {
-        SourceContext { dir: dir.to_path_buf(), durability: Durability::NoSync, clock: Arc::new(ManualClock::new(0)) }
+        SourceContext {
+            dir: dir.to_path_buf(),
+            durability: Durability::NoSync,
+            clock: Arc::new(ManualClock::new(0)),
+        }
     }
 
     #[tokio::test]
     async fn files_are_taken_in_order_capped_and_the_log_survives_reopen() {
         let data = tempfile::tempdir().unwrap();
         let cp = tempfile::tempdir().unwrap();
-        for (n, body) in [("b.json", "{\"id\":2}\n"), ("a.json", "{\"id\":1}\n"), ("c.json", "{\"id\":3}\n")] {
+        for (n, body) in [
+            ("b.json", "{\"id\":2}\n"),
+            ("a.json", "{\"id\":1}\n"),
+            ("c.json", "{\"id\":3}\n"),
+        ] {
             fs::write(data.path().join(n), body).unwrap();
         }
         fs::create_dir(data.path().join("_sluice")).unwrap();
         fs::write(data.path().join("_sluice/x.json"), "{\"id\":99}\n").unwrap();
-        let src = FileSource::json(data.path()).schema(schema()).max_files_per_trigger(2);
+        let src = FileSource::json(data.path())
+            .schema(schema())
+            .max_files_per_trigger(2);
         let mut r = src.open(ctx(cp.path())).unwrap();
-        assert_eq!(r.latest_offset(&Value::from(0)).await.unwrap(), Value::from(2));
+        assert_eq!(
+            r.latest_offset(&Value::from(0)).await.unwrap(),
+            Value::from(2)
+        );
         let b = r.read(&Value::from(0), &Value::from(2)).await.unwrap();
         assert_eq!(b.batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
         drop(r);
         fs::write(data.path().join("0.json"), "{\"id\":0}\n").unwrap();
         let mut r = src.open(ctx(cp.path())).unwrap();
         // "0.json" sorts first but arrived later: it is taken after c.json.
-        assert_eq!(r.latest_offset(&Value::from(2)).await.unwrap(), Value::from(4));
-        assert_eq!(r.latest_offset(&Value::from(4)).await.unwrap(), Value::from(4));
+        assert_eq!(
+            r.latest_offset(&Value::from(2)).await.unwrap(),
+            Value::from(4)
+        );
+        assert_eq!(
+            r.latest_offset(&Value::from(4)).await.unwrap(),
+            Value::from(4)
+        );
     }
 
     #[tokio::test]
     async fn a_bad_line_fails_with_file_and_line_or_is_dropped() {
         let data = tempfile::tempdir().unwrap();
         let cp = tempfile::tempdir().unwrap();
-        fs::write(data.path().join("a.json"), "{\"id\":1}\n{\"id\":\n{\"id\":3}\n").unwrap();
+        fs::write(
+            data.path().join("a.json"),
+            "{\"id\":1}\n{\"id\":\n{\"id\":3}\n",
+        )
+        .unwrap();
         let src = FileSource::json(data.path()).schema(schema());
         let mut r = src.open(ctx(cp.path())).unwrap();
         let end = r.latest_offset(&Value::from(0)).await.unwrap();
         let e = r.read(&Value::from(0), &end).await.unwrap_err().to_string();
         assert!(e.contains("a.json, line 2"), "{e}");
-        let mut r = src.clone().on_error(OnError::Drop).open(ctx(cp.path())).unwrap();
+        let mut r = src
+            .clone()
+            .on_error(OnError::Drop)
+            .open(ctx(cp.path()))
+            .unwrap();
         let b = r.read(&Value::from(0), &end).await.unwrap();
-        assert_eq!((b.batches.iter().map(|b| b.num_rows()).sum::<usize>(), b.dropped), (2, 1));
+        assert_eq!(
+            (
+                b.batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+                b.dropped
+            ),
+            (2, 1)
+        );
     }
 }

@@ -31,9 +31,10 @@ pub use file_sink::FileSink;
 pub use file_source::FileSource;
 pub use memory::{MemorySink, MemorySource, MemoryTable};
 pub use rate::RateSource;
-pub use sink::{ConsoleSink, ForeachBatchSink, Sink, sink_from_options};
-pub use source::{
-    DeadLetter, OnError, ReadBatch, Source, SourceContext, SourceReader, source_from_options,
+pub use sink::{ConsoleSink, ForeachBatchSink, sink_from_options};
+pub use sluice_common::connector::{
+    DeadLetter, OnError, ReadBatch, Sink, Source, SourceContext, SourceReader,
 };
+pub use source::source_from_options;
 
 pub use datafusion;

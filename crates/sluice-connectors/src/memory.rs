@@ -10,8 +10,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 use sluice_common::{BatchId, Error, Result};
 
-use crate::sink::Sink;
-use crate::source::{ReadBatch, Source, SourceContext, SourceReader, offset_u64};
+use sluice_common::connector::{ReadBatch, Sink, Source, SourceContext, SourceReader};
+
+use crate::source::offset_u64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere never leaves these vectors half-updated (each update
@@ -130,7 +131,9 @@ impl Source for MemorySource {
         "memory"
     }
     fn open(&self, _ctx: SourceContext) -> Result<Box<dyn SourceReader>> {
-        Ok(Box::new(MemoryReader { source: self.clone() }))
+        Ok(Box::new(MemoryReader {
+            source: self.clone(),
+        }))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -159,7 +162,10 @@ impl SourceReader for MemoryReader {
     }
 
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
-        let (s, e) = (offset_u64(&self.source.name, start)?, offset_u64(&self.source.name, end)?);
+        let (s, e) = (
+            offset_u64(&self.source.name, start)?,
+            offset_u64(&self.source.name, end)?,
+        );
         if e > self.source.len() {
             return Err(Error::data(format!(
                 "memory source '{}' holds {} rows but the batch needs rows up to {e}: memory sources do not survive a process restart",
@@ -223,7 +229,9 @@ impl MemoryTable {
 
     /// Every row as one batch.
     pub fn to_batch(&self) -> Result<Option<RecordBatch>> {
-        let Some(schema) = self.schema() else { return Ok(None) };
+        let Some(schema) = self.schema() else {
+            return Ok(None);
+        };
         Ok(Some(concat_batches(&schema, &self.rows())?))
     }
 
@@ -243,7 +251,10 @@ pub struct MemorySink {
 impl MemorySink {
     /// A memory sink writing to `table`.
     pub fn new(name: impl Into<String>, table: Arc<MemoryTable>) -> Self {
-        MemorySink { name: name.into(), table }
+        MemorySink {
+            name: name.into(),
+            table,
+        }
     }
 
     /// The table the sink writes.
@@ -262,7 +273,12 @@ impl Sink for MemorySink {
         self.table.bind_schema(&self.name, schema)
     }
 
-    async fn write(&self, id: BatchId, _schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+    async fn write(
+        &self,
+        id: BatchId,
+        _schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<()> {
         self.table.put(id, batches);
         Ok(())
     }
@@ -279,7 +295,11 @@ mod tests {
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
 
     fn batch(schema: &SchemaRef, v: &[i64]) -> RecordBatch {
-        RecordBatch::try_new(Arc::clone(schema), vec![Arc::new(Int64Array::from(v.to_vec()))]).unwrap()
+        RecordBatch::try_new(
+            Arc::clone(schema),
+            vec![Arc::new(Int64Array::from(v.to_vec()))],
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -300,7 +320,14 @@ mod tests {
         let vals: Vec<i64> = got
             .batches
             .iter()
-            .flat_map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec())
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
             .collect();
         assert_eq!(vals, vec![2, 3, 4]);
         assert!(r.read(&Value::from(4), &Value::from(9)).await.is_err());

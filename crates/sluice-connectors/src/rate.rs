@@ -15,7 +15,9 @@ use serde_json::Value;
 use sluice_common::durable;
 use sluice_common::{Clock, Error, Options, Result};
 
-use crate::source::{ReadBatch, Source, SourceContext, SourceReader, offset_u64};
+use sluice_common::connector::{ReadBatch, Source, SourceContext, SourceReader};
+
+use crate::source::offset_u64;
 
 /// Emits `rows_per_second` rows per second of the trigger clock.
 #[derive(Debug, Clone)]
@@ -40,22 +42,39 @@ impl RateSource {
     /// The schema every rate source has: `timestamp TIMESTAMP, value BIGINT`.
     pub fn fixed_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
-            Field::new("timestamp", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+            Field::new(
+                "timestamp",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
             Field::new("value", DataType::Int64, false),
         ]))
     }
 
     /// Builds the source from `CREATE SOURCE ... WITH (connector = 'rate', ...)`.
-    pub fn from_options(name: &str, declared: Option<SchemaRef>, options: &Options) -> Result<Self> {
+    pub fn from_options(
+        name: &str,
+        declared: Option<SchemaRef>,
+        options: &Options,
+    ) -> Result<Self> {
         options.check_known(&["connector", "rows_per_second", "max_rows_per_trigger"])?;
         let rps = options.get_usize("rows_per_second")?.unwrap_or(1);
         if rps == 0 {
-            return Err(Error::plan(format!("{}: rows_per_second must be at least 1", options.owner())));
+            return Err(Error::plan(format!(
+                "{}: rows_per_second must be at least 1",
+                options.owner()
+            )));
         }
         let mut s = RateSource::new(name, rps as u64);
-        s.max_rows_per_trigger = options.get_usize("max_rows_per_trigger")?.map(|n| n.max(1) as u64);
+        s.max_rows_per_trigger = options
+            .get_usize("max_rows_per_trigger")?
+            .map(|n| n.max(1) as u64);
         if let Some(d) = declared {
-            let names: Vec<_> = d.fields().iter().map(|f| f.name().to_ascii_lowercase()).collect();
+            let names: Vec<_> = d
+                .fields()
+                .iter()
+                .map(|f| f.name().to_ascii_lowercase())
+                .collect();
             if names != ["timestamp", "value"] {
                 return Err(Error::plan(format!(
                     "rate source '{name}' always has the columns (timestamp TIMESTAMP, value BIGINT); declare those or none"
@@ -85,7 +104,11 @@ impl Source for RateSource {
             durable::write_json(&path, &now, ctx.durability)?;
             now
         };
-        Ok(Box::new(RateReader { source: self.clone(), start_ms, clock: ctx.clock }))
+        Ok(Box::new(RateReader {
+            source: self.clone(),
+            start_ms,
+            clock: ctx.clock,
+        }))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -117,7 +140,10 @@ impl SourceReader for RateReader {
     }
 
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
-        let (s, e) = (offset_u64(&self.source.name, start)?, offset_u64(&self.source.name, end)?);
+        let (s, e) = (
+            offset_u64(&self.source.name, start)?,
+            offset_u64(&self.source.name, end)?,
+        );
         let rps = self.source.rows_per_second as i128;
         let values: Vec<i64> = (s..e).map(|i| i as i64).collect();
         let ts: Vec<i64> = (s..e)
@@ -125,9 +151,15 @@ impl SourceReader for RateReader {
             .collect();
         let batch = RecordBatch::try_new(
             Arc::clone(&self.source.schema),
-            vec![Arc::new(TimestampMillisecondArray::from(ts)), Arc::new(Int64Array::from(values))],
+            vec![
+                Arc::new(TimestampMillisecondArray::from(ts)),
+                Arc::new(Int64Array::from(values)),
+            ],
         )?;
-        Ok(ReadBatch { batches: vec![batch], ..ReadBatch::default() })
+        Ok(ReadBatch {
+            batches: vec![batch],
+            ..ReadBatch::default()
+        })
     }
 }
 
@@ -142,17 +174,31 @@ mod tests {
     async fn rows_follow_the_manual_clock_and_replay_identically() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(10_000);
-        let ctx = SourceContext { dir: dir.path().into(), durability: Durability::NoSync, clock: Arc::new(clock.clone()) };
+        let ctx = SourceContext {
+            dir: dir.path().into(),
+            durability: Durability::NoSync,
+            clock: Arc::new(clock.clone()),
+        };
         let src = RateSource::new("r", 4);
         let mut r = src.open(ctx.clone()).unwrap();
-        assert_eq!(r.latest_offset(&Value::from(0)).await.unwrap(), Value::from(0));
+        assert_eq!(
+            r.latest_offset(&Value::from(0)).await.unwrap(),
+            Value::from(0)
+        );
         clock.advance(Duration::from_millis(1_500));
-        assert_eq!(r.latest_offset(&Value::from(0)).await.unwrap(), Value::from(6));
+        assert_eq!(
+            r.latest_offset(&Value::from(0)).await.unwrap(),
+            Value::from(6)
+        );
         let a = r.read(&Value::from(2), &Value::from(6)).await.unwrap();
         let mut again = src.open(ctx).unwrap();
         let b = again.read(&Value::from(2), &Value::from(6)).await.unwrap();
         assert_eq!(a.batches, b.batches);
-        let ts = a.batches[0].column(0).as_any().downcast_ref::<TimestampMillisecondArray>().unwrap();
+        let ts = a.batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .unwrap();
         assert_eq!(ts.value(0), 10_500);
     }
 }

@@ -10,23 +10,9 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use sluice_common::{BatchId, Error, Options, Result};
 
-use crate::{FileSink, MemorySink, MemoryTable};
+use sluice_common::connector::Sink;
 
-/// Where a query's output goes. `write` must be idempotent per batch id: a
-/// batch re-run after a crash calls it again with the same id and rows, and
-/// the sink must end up holding them once.
-#[async_trait]
-pub trait Sink: Send + Sync + Debug {
-    /// The sink's name.
-    fn name(&self) -> &str;
-    /// Called once when a query starts, with the query's output schema; a
-    /// sink cleans up after an interrupted run here.
-    async fn open(&self, schema: &SchemaRef) -> Result<()>;
-    /// Writes the rows of batch `id`.
-    async fn write(&self, id: BatchId, schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()>;
-    /// The sink as `Any`, for downcasting.
-    fn as_any(&self) -> &dyn std::any::Any;
-}
+use crate::{FileSink, MemorySink, MemoryTable};
 
 /// Where the console sink prints.
 pub type SharedWriter = Arc<Mutex<dyn Write + Send>>;
@@ -44,7 +30,9 @@ pub struct ConsoleSink {
 
 impl Debug for ConsoleSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsoleSink").field("name", &self.name).finish()
+        f.debug_struct("ConsoleSink")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -56,7 +44,11 @@ impl ConsoleSink {
 
     /// A console sink printing to `out`.
     pub fn new(name: impl Into<String>, out: SharedWriter) -> Self {
-        ConsoleSink { name: name.into(), out, max_rows: 20 }
+        ConsoleSink {
+            name: name.into(),
+            out,
+            max_rows: 20,
+        }
     }
 
     /// Prints at most `n` rows per batch.
@@ -76,7 +68,12 @@ impl Sink for ConsoleSink {
         Ok(())
     }
 
-    async fn write(&self, id: BatchId, _schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+    async fn write(
+        &self,
+        id: BatchId,
+        _schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<()> {
         let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let mut shown = Vec::new();
         let mut left = self.max_rows;
@@ -96,9 +93,13 @@ impl Sink for ConsoleSink {
         } else {
             String::new()
         };
-        write!(out, "{rule}\nBatch: {id} ({}, {total} rows)\n{rule}\n{table}\n{more}", self.name)
-            .and_then(|_| out.flush())
-            .map_err(|e| Error::io("printing to the console", e))
+        write!(
+            out,
+            "{rule}\nBatch: {id} ({}, {total} rows)\n{rule}\n{table}\n{more}",
+            self.name
+        )
+        .and_then(|_| out.flush())
+        .map_err(|e| Error::io("printing to the console", e))
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -119,7 +120,9 @@ pub struct ForeachBatchSink {
 
 impl Debug for ForeachBatchSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ForeachBatchSink").field("name", &self.name).finish()
+        f.debug_struct("ForeachBatchSink")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -129,7 +132,10 @@ impl ForeachBatchSink {
         name: impl Into<String>,
         f: impl Fn(BatchId, &[RecordBatch]) -> Result<()> + Send + Sync + 'static,
     ) -> Self {
-        ForeachBatchSink { name: name.into(), f: Arc::new(f) }
+        ForeachBatchSink {
+            name: name.into(),
+            f: Arc::new(f),
+        }
     }
 }
 
@@ -143,7 +149,12 @@ impl Sink for ForeachBatchSink {
         Ok(())
     }
 
-    async fn write(&self, id: BatchId, _schema: &SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+    async fn write(
+        &self,
+        id: BatchId,
+        _schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<()> {
         (self.f)(id, &batches)
     }
 

@@ -1,1 +1,26 @@
-//! placeholder
+//! The streaming SQL front end of Sluice.
+//!
+//! The entry points of this crate are [`parse_script`] (a Sluice SQL script
+//! into [`Statement`]s), [`StreamTable`] (a stream as a DataFusion table whose
+//! scan yields the current micro-batch) and [`check_streaming_plan`] (whether
+//! a query can run incrementally, and a clear error when it cannot).
+//!
+//! ```
+//! use sluice_planner::{parse_script, Statement};
+//! let stmts = parse_script(
+//!     "CREATE SOURCE clicks (user_id BIGINT, ts TIMESTAMP) WITH (connector = 'memory');
+//!      CREATE SINK out WITH (connector = 'memory') AS SELECT user_id FROM clicks WHERE user_id > 0;",
+//! ).unwrap();
+//! assert!(matches!(stmts[0], Statement::CreateSource(_)));
+//! assert!(matches!(stmts[1], Statement::CreateSink(_)));
+//! ```
+
+pub mod explain;
+pub mod parser;
+pub mod stream_table;
+pub mod validate;
+
+pub use explain::{explain_streaming, fingerprint};
+pub use parser::{CreateSink, CreateSource, Statement, WatermarkDef, parse_script};
+pub use stream_table::{StreamTable, fork_streams, stream_tables};
+pub use validate::{OutputMode, check_streaming_plan};

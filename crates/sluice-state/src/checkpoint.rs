@@ -76,6 +76,12 @@ pub struct CommitEntry {
     pub committed_ms: i64,
     /// Rows the batch wrote to the sink.
     pub output_rows: u64,
+    /// The query's watermark after the batch (ms), if any source has one.
+    #[serde(default)]
+    pub watermark_ms: Option<i64>,
+    /// Per source with a watermark, the largest event time seen so far (ms).
+    #[serde(default)]
+    pub event_time_max_ms: BTreeMap<String, i64>,
 }
 
 /// How a checkpoint writes.
@@ -203,7 +209,10 @@ impl Checkpoint {
         let path = self.root.join("offsets").join(id.to_string());
         let e: OffsetEntry = durable::read_json(&path)?;
         if e.batch_id != id {
-            return Err(Error::checkpoint(&path, format!("holds batch {} instead of {id}", e.batch_id)));
+            return Err(Error::checkpoint(
+                &path,
+                format!("holds batch {} instead of {id}", e.batch_id),
+            ));
         }
         Ok(e)
     }
@@ -219,7 +228,10 @@ impl Checkpoint {
         let path = self.root.join("commits").join(id.to_string());
         let e: CommitEntry = durable::read_json(&path)?;
         if e.batch_id != id {
-            return Err(Error::checkpoint(&path, format!("holds batch {} instead of {id}", e.batch_id)));
+            return Err(Error::checkpoint(
+                &path,
+                format!("holds batch {} instead of {id}", e.batch_id),
+            ));
         }
         Ok(e)
     }
@@ -259,9 +271,14 @@ impl Checkpoint {
     fn purge_before(&self, keep_from: BatchId) {
         for log in ["offsets", "commits"] {
             let dir = self.root.join(log);
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
             for e in entries.flatten() {
-                if let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<BatchId>().ok())
+                if let Some(id) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<BatchId>().ok())
                     && id < keep_from
                 {
                     let _ = fs::remove_file(e.path());
@@ -308,7 +325,9 @@ fn acquire_lock(root: &Path) -> Result<File> {
             };
             return Err(Error::checkpoint(
                 root,
-                format!("it is in use by {who}; stop that query first or use another checkpoint directory"),
+                format!(
+                    "it is in use by {who}; stop that query first or use another checkpoint directory"
+                ),
             ));
         }
         Err(fs::TryLockError::Error(e)) => {
@@ -336,7 +355,10 @@ fn last_id(dir: &Path) -> Result<Option<BatchId>> {
             continue; // a temporary file of an interrupted write
         }
         let id: BatchId = name.parse().map_err(|_| {
-            Error::checkpoint(e.path(), "unexpected file in a log directory (names are batch ids)")
+            Error::checkpoint(
+                e.path(),
+                "unexpected file in a log directory (names are batch ids)",
+            )
         })?;
         max = max.max(Some(id));
     }
@@ -346,7 +368,13 @@ fn last_id(dir: &Path) -> Result<Option<BatchId>> {
 /// Makes a name safe as one path component.
 pub fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -355,7 +383,14 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> Result<Checkpoint> {
-        Checkpoint::open(dir, "q", "fp", &["src".into()], 0, CheckpointOptions::default())
+        Checkpoint::open(
+            dir,
+            "q",
+            "fp",
+            &["src".into()],
+            0,
+            CheckpointOptions::default(),
+        )
     }
 
     fn offsets(id: BatchId) -> OffsetEntry {
@@ -364,7 +399,10 @@ mod tests {
             timestamp_ms: 7,
             sources: BTreeMap::from([(
                 "src".to_string(),
-                SourceRange { start: id.into(), end: (id + 1).into() },
+                SourceRange {
+                    start: id.into(),
+                    end: (id + 1).into(),
+                },
             )]),
             watermark_ms: None,
             config: BTreeMap::new(),
@@ -387,7 +425,14 @@ mod tests {
         let cp = open(dir.path()).unwrap();
         assert_eq!(cp.resume().unwrap(), Resume::Fresh);
         cp.write_offsets(&offsets(0)).unwrap();
-        cp.write_commit(&CommitEntry { batch_id: 0, committed_ms: 1, output_rows: 2 }).unwrap();
+        cp.write_commit(&CommitEntry {
+            batch_id: 0,
+            committed_ms: 1,
+            output_rows: 2,
+            watermark_ms: None,
+            event_time_max_ms: BTreeMap::new(),
+        })
+        .unwrap();
         cp.write_offsets(&offsets(1)).unwrap();
         let id = cp.metadata().query_id.clone();
         drop(cp);
@@ -401,11 +446,22 @@ mod tests {
     fn other_sources_and_corrupt_metadata_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         drop(open(dir.path()).unwrap());
-        let e = Checkpoint::open(dir.path(), "q", "fp", &["other".into()], 0, CheckpointOptions::default())
-            .unwrap_err()
-            .to_string();
+        let e = Checkpoint::open(
+            dir.path(),
+            "q",
+            "fp",
+            &["other".into()],
+            0,
+            CheckpointOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("[src]") && e.contains("[other]"), "{e}");
-        fs::write(dir.path().join("metadata"), b"sluice/1 len=3 crc32=00000000\nabc").unwrap();
+        fs::write(
+            dir.path().join("metadata"),
+            b"sluice/1 len=3 crc32=00000000\nabc",
+        )
+        .unwrap();
         let e = open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("metadata") && e.contains("checksum"), "{e}");
     }
@@ -413,11 +469,21 @@ mod tests {
     #[test]
     fn old_entries_are_purged_past_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = CheckpointOptions { durability: Durability::NoSync, retain_batches: 2 };
+        let opts = CheckpointOptions {
+            durability: Durability::NoSync,
+            retain_batches: 2,
+        };
         let cp = Checkpoint::open(dir.path(), "q", "fp", &["src".into()], 0, opts).unwrap();
         for id in 0..5 {
             cp.write_offsets(&offsets(id)).unwrap();
-            cp.write_commit(&CommitEntry { batch_id: id, committed_ms: 0, output_rows: 0 }).unwrap();
+            cp.write_commit(&CommitEntry {
+                batch_id: id,
+                committed_ms: 0,
+                output_rows: 0,
+                watermark_ms: None,
+                event_time_max_ms: BTreeMap::new(),
+            })
+            .unwrap();
         }
         assert!(!dir.path().join("offsets/1").exists());
         assert!(dir.path().join("offsets/2").exists());

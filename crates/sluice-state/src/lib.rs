@@ -20,6 +20,5 @@ pub mod checkpoint;
 pub mod recovery;
 
 pub use checkpoint::{
-    Checkpoint, CheckpointOptions, CommitEntry, Metadata, OffsetEntry, SourceRange,
-    FORMAT_VERSION,
+    Checkpoint, CheckpointOptions, CommitEntry, FORMAT_VERSION, Metadata, OffsetEntry, SourceRange,
 };

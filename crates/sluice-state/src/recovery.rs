@@ -53,9 +53,15 @@ mod tests {
     #[test]
     fn consistent_states_resume_and_inconsistent_ones_are_refused() {
         assert_eq!(decide(None, None).unwrap(), Resume::Fresh);
-        assert_eq!(decide(Some(0), None).unwrap(), Resume::Rerun { batch_id: 0 });
+        assert_eq!(
+            decide(Some(0), None).unwrap(),
+            Resume::Rerun { batch_id: 0 }
+        );
         assert_eq!(decide(Some(5), Some(5)).unwrap(), Resume::Next { next: 6 });
-        assert_eq!(decide(Some(6), Some(5)).unwrap(), Resume::Rerun { batch_id: 6 });
+        assert_eq!(
+            decide(Some(6), Some(5)).unwrap(),
+            Resume::Rerun { batch_id: 6 }
+        );
         assert!(decide(Some(7), Some(5)).is_err());
         assert!(decide(Some(3), Some(5)).is_err());
         assert!(decide(None, Some(0)).is_err());

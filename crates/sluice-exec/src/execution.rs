@@ -1,0 +1,559 @@
+//! One query's micro-batch execution: the offset/commit protocol.
+//!
+//! Per batch N:
+//! 1. ask each source how far its data reaches (capped per trigger);
+//!    if no source moved, there is no batch;
+//! 2. write `offsets/N` — the ranges and the watermark — before anything runs;
+//! 3. read exactly those ranges into the query's stream tables;
+//! 4. re-execute the physical plan (planned once at start);
+//! 5. write the rows to the sink, idempotently keyed by N (and dead letters
+//!    to their sink);
+//! 6. write `commits/N`.
+//!
+//! A restart finds `offsets/N` without `commits/N` and re-runs N with the
+//! logged ranges and watermark, so the sink sees the same rows again under the
+//! same batch id and keeps them once.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch, StringArray};
+use datafusion::arrow::compute::{cast, max};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+};
+use datafusion::execution::TaskContext;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use serde_json::Value;
+use sluice_common::connector::{DeadLetter, Sink, SourceContext, SourceReader};
+use sluice_common::durable::Durability;
+use sluice_common::{BatchId, Clock, Error, Progress, Result, SourceProgress};
+use sluice_planner::{OutputMode, StreamTable, check_streaming_plan, fingerprint, fork_streams};
+use sluice_state::recovery::Resume;
+use sluice_state::{Checkpoint, CheckpointOptions, CommitEntry, OffsetEntry, SourceRange};
+
+use crate::fault::{Fault, FaultPoint};
+use crate::trigger::Trigger;
+
+/// How a query runs.
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    /// The query's name (its sink's name).
+    pub name: String,
+    /// The checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Sync checkpoint writes (default) or not.
+    pub durability: Durability,
+    /// When batches run.
+    pub trigger: Trigger,
+    /// How the sink receives results.
+    pub output_mode: OutputMode,
+    /// How often a batch that failed on a transient error is retried.
+    pub max_batch_retries: u32,
+    /// The first retry's delay; it doubles each time.
+    pub retry_backoff: Duration,
+    /// With no new data, how long the loop waits before looking again.
+    pub poll_interval: Duration,
+    /// Stop after this many batches (counting from this start).
+    pub max_batches: Option<u64>,
+    /// A crash to inject, for tests.
+    pub fault: Option<Fault>,
+}
+
+impl QueryConfig {
+    /// Defaults for query `name` checkpointed at `checkpoint`.
+    pub fn new(name: impl Into<String>, checkpoint: impl Into<PathBuf>) -> Self {
+        QueryConfig {
+            name: name.into(),
+            checkpoint: checkpoint.into(),
+            durability: Durability::Fsync,
+            trigger: Trigger::default(),
+            output_mode: OutputMode::Append,
+            max_batch_retries: 3,
+            retry_backoff: Duration::from_millis(100),
+            poll_interval: Duration::from_millis(50),
+            max_batches: None,
+            fault: Fault::from_env(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct StreamInput {
+    table: StreamTable,
+    reader: Box<dyn SourceReader>,
+    /// Where the next batch starts: the end of the last committed (or
+    /// planned) batch.
+    committed: Value,
+}
+
+/// The schema of dead-letter rows.
+pub fn dead_letter_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("location", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, false),
+        Field::new("raw", DataType::Utf8, false),
+    ]))
+}
+
+fn dead_letter_batch(letters: &[DeadLetter]) -> Result<RecordBatch> {
+    let col = |f: fn(&DeadLetter) -> &str| -> Arc<dyn Array> {
+        Arc::new(StringArray::from(letters.iter().map(f).collect::<Vec<_>>()))
+    };
+    Ok(RecordBatch::try_new(
+        dead_letter_schema(),
+        vec![
+            col(|d| &d.source),
+            col(|d| &d.location),
+            col(|d| &d.error),
+            col(|d| &d.raw),
+        ],
+    )?)
+}
+
+/// The micro-batch executor of one query.
+#[derive(Debug)]
+pub struct MicroBatchExecution {
+    config: QueryConfig,
+    checkpoint: Checkpoint,
+    inputs: Vec<StreamInput>,
+    sink: Arc<dyn Sink>,
+    output_schema: SchemaRef,
+    plan: Arc<dyn ExecutionPlan>,
+    task_ctx: Arc<TaskContext>,
+    next_batch: BatchId,
+    pending: Option<OffsetEntry>,
+    clock: Arc<dyn Clock>,
+    watermark_ms: Option<i64>,
+    event_time_max_ms: BTreeMap<String, i64>,
+    last_start_ms: Option<i64>,
+    progress: Arc<Mutex<VecDeque<Progress>>>,
+    batches_run: u64,
+}
+
+/// How many progress records are kept in memory.
+const RECENT_PROGRESS: usize = 100;
+
+impl MicroBatchExecution {
+    /// Plans `plan` once, opens (or recovers) its checkpoint, opens its
+    /// sources and sink.
+    pub async fn start(
+        plan: LogicalPlan,
+        state: &SessionState,
+        sink: Arc<dyn Sink>,
+        config: QueryConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let name = config.name.clone();
+        let ctx = |e: Error| e.context(format!("query '{name}'"));
+        let plan = state.optimize(&plan).map_err(Error::from)?;
+        check_streaming_plan(&name, &plan, config.output_mode)?;
+        let (plan, tables) = fork_streams(plan)?;
+        let physical = state
+            .create_physical_plan(&plan)
+            .await
+            .map_err(Error::from)?;
+        let output_schema = physical.schema();
+        let names: Vec<String> = tables
+            .iter()
+            .map(|t| t.source().name().to_string())
+            .collect();
+        let options = CheckpointOptions {
+            durability: config.durability,
+            ..CheckpointOptions::default()
+        };
+        let checkpoint = Checkpoint::open(
+            &config.checkpoint,
+            &name,
+            &fingerprint(&plan),
+            &names,
+            clock.now_millis(),
+            options,
+        )
+        .map_err(ctx)?;
+        let mut inputs = Vec::new();
+        for table in tables {
+            let src = Arc::clone(table.source());
+            let reader = src
+                .open(SourceContext {
+                    dir: checkpoint.source_dir(src.name()),
+                    durability: config.durability,
+                    clock: Arc::clone(&clock),
+                })
+                .map_err(ctx)?;
+            if let Some(dl) = table.dead_letter() {
+                dl.open(&dead_letter_schema()).await.map_err(ctx)?;
+            }
+            let committed = reader.initial_offset();
+            inputs.push(StreamInput {
+                table,
+                reader,
+                committed,
+            });
+        }
+        sink.open(&output_schema).await.map_err(ctx)?;
+        let mut exec = MicroBatchExecution {
+            checkpoint,
+            inputs,
+            sink,
+            output_schema,
+            plan: physical,
+            task_ctx: state.task_ctx(),
+            next_batch: 0,
+            pending: None,
+            clock,
+            watermark_ms: None,
+            event_time_max_ms: BTreeMap::new(),
+            last_start_ms: None,
+            progress: Arc::default(),
+            batches_run: 0,
+            config,
+        };
+        exec.recover().map_err(ctx)?;
+        Ok(exec)
+    }
+
+    /// Restores offsets and the watermark from the logs, and queues an
+    /// uncommitted batch for re-running.
+    fn recover(&mut self) -> Result<()> {
+        let last_committed = match self.checkpoint.resume()? {
+            Resume::Fresh => return Ok(()),
+            Resume::Next { next } => {
+                self.next_batch = next;
+                Some(next - 1)
+            }
+            Resume::Rerun { batch_id } => {
+                let entry = self.checkpoint.read_offsets(batch_id)?;
+                self.next_batch = batch_id;
+                self.pending = Some(entry);
+                batch_id.checked_sub(1)
+            }
+        };
+        if let Some(id) = last_committed {
+            let offsets = self.checkpoint.read_offsets(id)?;
+            let commit = self.checkpoint.read_commit(id)?;
+            for input in &mut self.inputs {
+                let name = input.table.source().name();
+                let range = offsets.sources.get(name).ok_or_else(|| {
+                    Error::checkpoint(
+                        self.checkpoint.root(),
+                        format!("offsets/{id} has no entry for source '{name}'"),
+                    )
+                })?;
+                input.committed = range.end.clone();
+            }
+            self.watermark_ms = commit.watermark_ms;
+            self.event_time_max_ms = commit.event_time_max_ms;
+        }
+        Ok(())
+    }
+
+    /// The query's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The query's id (fixed for the life of its checkpoint).
+    pub fn id(&self) -> &str {
+        &self.checkpoint.metadata().query_id
+    }
+
+    /// The shared list of recent progress records.
+    pub fn progress_handle(&self) -> Arc<Mutex<VecDeque<Progress>>> {
+        Arc::clone(&self.progress)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QueryConfig {
+        &self.config
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The output schema.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.output_schema
+    }
+
+    /// Batches run since this start.
+    pub fn batches_run(&self) -> u64 {
+        self.batches_run
+    }
+
+    /// Runs one micro-batch: the uncommitted batch first after a restart,
+    /// otherwise a new one if any source has new data. Returns its progress,
+    /// or `None` when there was nothing to do.
+    pub async fn run_batch(&mut self) -> Result<Option<Progress>> {
+        let started = Instant::now();
+        let start_ms = self.clock.now_millis();
+        let mut durations = BTreeMap::new();
+        let (entry, recovered) = match self.pending.take() {
+            Some(e) => (e, true),
+            None => {
+                let t = Instant::now();
+                let Some(entry) = self.plan_offsets(start_ms).await? else {
+                    return Ok(None);
+                };
+                durations.insert("offsets".to_string(), ms(t.elapsed()));
+                let t = Instant::now();
+                self.checkpoint.write_offsets(&entry)?;
+                durations.insert("offset_log".to_string(), ms(t.elapsed()));
+                (entry, false)
+            }
+        };
+        let id = entry.batch_id;
+        self.inject(FaultPoint::AfterOffsets, id)?;
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.execute(&entry, &mut durations).await {
+                Ok(o) => break o,
+                Err(e) if e.is_transient() && attempt < self.config.max_batch_retries => {
+                    attempt += 1;
+                    let delay = self.config.retry_backoff * 2u32.saturating_pow(attempt - 1);
+                    let until = self.clock.now_millis() + delay.as_millis() as i64;
+                    self.clock.wait_until(until).await;
+                }
+                Err(e) => {
+                    // Stays planned: a restart re-runs it with the same offsets.
+                    self.pending = Some(entry);
+                    for input in &self.inputs {
+                        input.table.clear_batch();
+                    }
+                    return Err(e.context(format!("query '{}', batch {id}", self.config.name)));
+                }
+            }
+        };
+        for input in &mut self.inputs {
+            if let Some(r) = entry.sources.get(input.table.source().name()) {
+                input.committed = r.end.clone();
+            }
+        }
+        self.next_batch = id + 1;
+        self.batches_run += 1;
+        durations.insert("total".to_string(), ms(started.elapsed()));
+        let total_s = started.elapsed().as_secs_f64().max(1e-9);
+        let since_last_s = self
+            .last_start_ms
+            .map(|l| ((start_ms - l) as f64 / 1000.0).max(1e-3))
+            .unwrap_or(total_s);
+        self.last_start_ms = Some(start_ms);
+        let progress = Progress {
+            name: self.config.name.clone(),
+            query_id: self.id().to_string(),
+            batch_id: id,
+            timestamp_ms: start_ms,
+            input_rows: outcome.input_rows,
+            output_rows: outcome.output_rows,
+            input_rows_per_second: outcome.input_rows as f64 / since_last_s,
+            processed_rows_per_second: outcome.input_rows as f64 / total_s,
+            durations_ms: durations,
+            sources: outcome.sources,
+            watermark_ms: entry.watermark_ms,
+            retries: attempt,
+            recovered,
+        };
+        // Informational: a failure to record progress never fails a committed batch.
+        let _ = self.checkpoint.append_progress(&progress);
+        let mut recent = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_PROGRESS {
+            recent.pop_front();
+        }
+        recent.push_back(progress.clone());
+        Ok(Some(progress))
+    }
+
+    /// Asks every source how far it reaches; `None` if nothing moved.
+    async fn plan_offsets(&mut self, now_ms: i64) -> Result<Option<OffsetEntry>> {
+        let mut sources = BTreeMap::new();
+        let mut moved = false;
+        for input in &mut self.inputs {
+            let name = input.table.source().name().to_string();
+            let end = input
+                .reader
+                .latest_offset(&input.committed)
+                .await
+                .map_err(|e| e.context(format!("source '{name}'")))?;
+            moved |= end != input.committed;
+            sources.insert(
+                name,
+                SourceRange {
+                    start: input.committed.clone(),
+                    end,
+                },
+            );
+        }
+        if !moved {
+            return Ok(None);
+        }
+        Ok(Some(OffsetEntry {
+            batch_id: self.next_batch,
+            timestamp_ms: now_ms,
+            sources,
+            watermark_ms: self.watermark_ms,
+            config: BTreeMap::from([(
+                "output_mode".to_string(),
+                self.config.output_mode.to_string(),
+            )]),
+        }))
+    }
+
+    async fn execute(
+        &mut self,
+        entry: &OffsetEntry,
+        durations: &mut BTreeMap<String, f64>,
+    ) -> Result<Outcome> {
+        let id = entry.batch_id;
+        let t = Instant::now();
+        let mut sources = Vec::new();
+        let mut input_rows = 0;
+        let mut event_max = self.event_time_max_ms.clone();
+        let mut dead: Vec<(Arc<dyn Sink>, Vec<DeadLetter>)> = Vec::new();
+        for input in &mut self.inputs {
+            let name = input.table.source().name().to_string();
+            let range = entry.sources.get(&name).ok_or_else(|| {
+                Error::checkpoint(
+                    self.checkpoint.root(),
+                    format!("offsets/{id} has no entry for source '{name}'"),
+                )
+            })?;
+            let read = input.reader.read(&range.start, &range.end).await?;
+            let rows: u64 = read.batches.iter().map(|b| b.num_rows() as u64).sum();
+            if let Some(wm) = input.table.watermark()
+                && let Some(m) = max_event_time(&read.batches, &wm.column)?
+            {
+                let e = event_max.entry(name.clone()).or_insert(m);
+                *e = (*e).max(m);
+            }
+            input_rows += rows;
+            sources.push(SourceProgress {
+                name: name.clone(),
+                start_offset: range.start.clone(),
+                end_offset: range.end.clone(),
+                input_rows: rows,
+                dropped_rows: read.dropped,
+                dead_letter_rows: read.dead_letters.len() as u64,
+            });
+            if let Some(dl) = input.table.dead_letter() {
+                dead.push((Arc::clone(dl), read.dead_letters));
+            } else if !read.dead_letters.is_empty() {
+                return Err(Error::internal(format!(
+                    "source '{name}' produced dead letters but has no dead-letter sink"
+                )));
+            }
+            input.table.set_batch(read.batches);
+        }
+        durations.insert("read".to_string(), ms(t.elapsed()));
+
+        let t = Instant::now();
+        let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
+        let result = collect(plan, Arc::clone(&self.task_ctx)).await;
+        for input in &self.inputs {
+            input.table.clear_batch();
+        }
+        let output = result.map_err(Error::from)?;
+        let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        durations.insert("execute".to_string(), ms(t.elapsed()));
+
+        let t = Instant::now();
+        self.sink.write(id, &self.output_schema, output).await?;
+        for (sink, letters) in dead {
+            let batches = if letters.is_empty() {
+                vec![]
+            } else {
+                vec![dead_letter_batch(&letters)?]
+            };
+            sink.write(id, &dead_letter_schema(), batches).await?;
+        }
+        durations.insert("sink".to_string(), ms(t.elapsed()));
+        self.inject(FaultPoint::AfterSink, id)?;
+
+        let watermark = self.watermark_after(&event_max);
+        let t = Instant::now();
+        self.checkpoint.write_commit(&CommitEntry {
+            batch_id: id,
+            committed_ms: self.clock.now_millis(),
+            output_rows,
+            watermark_ms: watermark,
+            event_time_max_ms: event_max.clone(),
+        })?;
+        durations.insert("commit_log".to_string(), ms(t.elapsed()));
+        self.event_time_max_ms = event_max;
+        self.watermark_ms = watermark;
+        self.inject(FaultPoint::AfterCommit, id)?;
+        Ok(Outcome {
+            input_rows,
+            output_rows,
+            sources,
+        })
+    }
+
+    /// The query watermark: per source `max event time - delay`, the minimum
+    /// over sources with a watermark, never decreasing.
+    fn watermark_after(&self, event_max: &BTreeMap<String, i64>) -> Option<i64> {
+        let mut query: Option<i64> = None;
+        for input in &self.inputs {
+            let Some(wm) = input.table.watermark() else {
+                continue;
+            };
+            let name = input.table.source().name();
+            let Some(m) = event_max.get(name) else {
+                // A watermarked source with no data yet holds the watermark back.
+                return self.watermark_ms;
+            };
+            let w = m - wm.delay.as_millis() as i64;
+            query = Some(query.map_or(w, |q| q.min(w)));
+        }
+        match (query, self.watermark_ms) {
+            (Some(q), Some(old)) => Some(q.max(old)),
+            (q, old) => q.or(old),
+        }
+    }
+
+    fn inject(&self, point: FaultPoint, id: BatchId) -> Result<()> {
+        match &self.config.fault {
+            Some(f) if f.point == point && f.batch_id == id => f.fire(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this start has run its `max_batches`.
+    pub fn reached_max_batches(&self) -> bool {
+        self.config
+            .max_batches
+            .is_some_and(|m| self.batches_run >= m)
+    }
+}
+
+struct Outcome {
+    input_rows: u64,
+    output_rows: u64,
+    sources: Vec<SourceProgress>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The largest value of timestamp column `column` over `batches`, in ms.
+fn max_event_time(batches: &[RecordBatch], column: &str) -> Result<Option<i64>> {
+    let mut out: Option<i64> = None;
+    for b in batches {
+        let Some(col) = b.column_by_name(column) else {
+            continue;
+        };
+        let col = cast(col, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        if let Some(m) = max(col.as_primitive::<TimestampMillisecondType>()) {
+            out = Some(out.map_or(m, |o| o.max(m)));
+        }
+    }
+    Ok(out)
+}

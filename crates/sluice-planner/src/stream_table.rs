@@ -1,0 +1,244 @@
+//! A stream as a DataFusion table whose scan yields the current micro-batch.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::{Transformed, TreeNodeRecursion};
+use datafusion::datasource::{TableType, provider_as_source, source_as_provider};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{Expr, LogicalPlan, TableScan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use sluice_common::connector::{Sink, Source};
+use sluice_common::{Clock, Error, Result};
+
+use crate::WatermarkDef;
+
+/// A streaming source registered as a table.
+///
+/// Planning sees an ordinary table; at run time each query gets its own copy
+/// ([`StreamTable::fork`]) whose *slot* the executor fills with the rows of
+/// the micro-batch before it re-executes the physical plan.
+#[derive(Debug, Clone)]
+pub struct StreamTable {
+    source: Arc<dyn Source>,
+    watermark: Arc<Mutex<Option<WatermarkDef>>>,
+    dead_letter: Option<Arc<dyn Sink>>,
+    clock: Arc<dyn Clock>,
+    slot: Arc<Slot>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    batches: Mutex<Vec<RecordBatch>>,
+}
+
+impl StreamTable {
+    /// A stream table over `source`.
+    pub fn new(source: Arc<dyn Source>, clock: Arc<dyn Clock>) -> Self {
+        StreamTable {
+            source,
+            watermark: Arc::default(),
+            dead_letter: None,
+            clock,
+            slot: Arc::default(),
+        }
+    }
+
+    /// The trigger clock of the context the stream was registered in.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Sets where the source's undecodable records go (`on_error = 'dead_letter'`).
+    pub fn with_dead_letter(mut self, sink: Arc<dyn Sink>) -> Self {
+        self.dead_letter = Some(sink);
+        self
+    }
+
+    /// The source.
+    pub fn source(&self) -> &Arc<dyn Source> {
+        &self.source
+    }
+
+    /// The dead-letter sink, if any.
+    pub fn dead_letter(&self) -> Option<&Arc<dyn Sink>> {
+        self.dead_letter.as_ref()
+    }
+
+    /// The watermark declaration, if any.
+    pub fn watermark(&self) -> Option<WatermarkDef> {
+        self.watermark
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Declares the event-time watermark of this stream.
+    pub fn set_watermark(&self, wm: WatermarkDef) -> Result<()> {
+        let schema = self.source.schema();
+        let field = schema
+            .fields()
+            .iter()
+            .find(|f| f.name() == &wm.column)
+            .ok_or_else(|| {
+                Error::plan(format!(
+                    "watermark on '{}': stream '{}' has no such column",
+                    wm.column,
+                    self.source.name()
+                ))
+            })?;
+        if !matches!(
+            field.data_type(),
+            datafusion::arrow::datatypes::DataType::Timestamp(_, _)
+        ) {
+            return Err(Error::plan(format!(
+                "watermark on '{}' of stream '{}': the column is {}, it must be a TIMESTAMP",
+                wm.column,
+                self.source.name(),
+                field.data_type()
+            )));
+        }
+        *self.watermark.lock().unwrap_or_else(|p| p.into_inner()) = Some(wm);
+        Ok(())
+    }
+
+    /// A copy with its own slot, for one query.
+    pub fn fork(&self) -> StreamTable {
+        StreamTable {
+            source: Arc::clone(&self.source),
+            watermark: Arc::new(Mutex::new(self.watermark())),
+            dead_letter: self.dead_letter.clone(),
+            clock: Arc::clone(&self.clock),
+            slot: Arc::default(),
+        }
+    }
+
+    /// Puts the rows of the current micro-batch in the slot.
+    pub fn set_batch(&self, batches: Vec<RecordBatch>) {
+        *self.slot.batches.lock().unwrap_or_else(|p| p.into_inner()) = batches;
+    }
+
+    /// Empties the slot.
+    pub fn clear_batch(&self) {
+        self.set_batch(Vec::new());
+    }
+}
+
+#[async_trait]
+impl TableProvider for StreamTable {
+    fn schema(&self) -> SchemaRef {
+        self.source.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let partition: Arc<dyn PartitionStream> = Arc::new(SlotPartition {
+            schema: self.source.schema(),
+            slot: Arc::clone(&self.slot),
+        });
+        // Bounded: each execution reads one micro-batch and ends.
+        Ok(Arc::new(StreamingTableExec::try_new(
+            self.source.schema(),
+            vec![partition],
+            projection,
+            [],
+            false,
+            limit,
+        )?))
+    }
+}
+
+#[derive(Debug)]
+struct SlotPartition {
+    schema: SchemaRef,
+    slot: Arc<Slot>,
+}
+
+impl PartitionStream for SlotPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self
+            .slot
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            futures::stream::iter(batches.into_iter().map(Ok)),
+        ))
+    }
+}
+
+/// The stream table a scan reads, if it reads one.
+pub fn as_stream_table(scan: &TableScan) -> Option<StreamTable> {
+    let provider = source_as_provider(&scan.source).ok()?;
+    let any: &dyn Any = provider.as_ref();
+    any.downcast_ref::<StreamTable>().cloned()
+}
+
+/// The stream tables a plan scans, in plan order, each once.
+pub fn stream_tables(plan: &LogicalPlan) -> Vec<StreamTable> {
+    let mut out: Vec<StreamTable> = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Some(t) = as_stream_table(scan)
+            && !out.iter().any(|o| Arc::ptr_eq(&o.slot, &t.slot))
+        {
+            out.push(t);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
+}
+
+/// Gives the query its own copy of every stream table it scans, so that two
+/// queries over one source never share a micro-batch slot. Returns the new
+/// plan and the copies (one per source; scans of the same source share it).
+pub fn fork_streams(plan: LogicalPlan) -> Result<(LogicalPlan, Vec<StreamTable>)> {
+    let mut forks: Vec<(StreamTable, StreamTable)> = Vec::new();
+    let plan = plan
+        .transform_up_with_subqueries(|node| {
+            let LogicalPlan::TableScan(scan) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            let Some(t) = as_stream_table(scan) else {
+                return Ok(Transformed::no(node));
+            };
+            let fork = match forks
+                .iter()
+                .find(|(orig, _)| Arc::ptr_eq(&orig.slot, &t.slot))
+            {
+                Some((_, f)) => f.clone(),
+                None => {
+                    let f = t.fork();
+                    forks.push((t, f.clone()));
+                    f
+                }
+            };
+            let mut scan = scan.clone();
+            scan.source = provider_as_source(Arc::new(fork));
+            Ok(Transformed::yes(LogicalPlan::TableScan(scan)))
+        })
+        .map_err(Error::from)?
+        .data;
+    Ok((plan, forks.into_iter().map(|(_, f)| f).collect()))
+}

@@ -1,0 +1,174 @@
+//! Streaming on DataFusion's own `DataFrame`: a stream read with
+//! [`StreamContext::read_stream`](crate::StreamContext::read_stream) is a
+//! `DataFrame` whose scan yields the current micro-batch, so every DataFusion
+//! transformation works; this trait adds the streaming verbs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::dataframe::DataFrame;
+use sluice_common::connector::Sink;
+use sluice_common::durable::Durability;
+use sluice_common::{Error, Result};
+use sluice_exec::{Fault, MicroBatchExecution, QueryConfig, StreamingQuery, Trigger};
+use sluice_planner::{OutputMode, WatermarkDef, fork_streams, stream_tables};
+
+/// Streaming verbs on a DataFusion [`DataFrame`].
+pub trait StreamingDataFrame: Sized {
+    /// Declares `column` of the stream this frame reads as its event time,
+    /// with the watermark trailing the largest event time seen by `delay`.
+    fn with_watermark(self, column: &str, delay: Duration) -> Result<DataFrame>;
+    /// Whether the frame reads a stream.
+    fn is_streaming(&self) -> bool;
+    /// Starts describing how to run this frame as a streaming query.
+    fn write_stream(self) -> DataStreamWriter;
+}
+
+impl StreamingDataFrame for DataFrame {
+    fn with_watermark(self, column: &str, delay: Duration) -> Result<DataFrame> {
+        let (state, plan) = self.into_parts();
+        // This frame gets its own copies of its streams, so the watermark is
+        // this frame's, not every reader's of the source.
+        let (plan, tables) = fork_streams(plan)?;
+        let mut set = false;
+        for t in &tables {
+            if t.source().schema().field_with_name(column).is_ok() {
+                t.set_watermark(WatermarkDef {
+                    column: column.to_string(),
+                    delay,
+                })?;
+                set = true;
+            }
+        }
+        if !set {
+            let names: Vec<_> = tables
+                .iter()
+                .map(|t| t.source().name().to_string())
+                .collect();
+            return Err(Error::plan(format!(
+                "with_watermark('{column}'): none of the streams this frame reads ({}) has that column",
+                names.join(", ")
+            )));
+        }
+        Ok(DataFrame::new(state, plan))
+    }
+
+    fn is_streaming(&self) -> bool {
+        !stream_tables(self.logical_plan()).is_empty()
+    }
+
+    fn write_stream(self) -> DataStreamWriter {
+        DataStreamWriter {
+            df: self,
+            name: None,
+            output_mode: OutputMode::Append,
+            trigger: Trigger::default(),
+            checkpoint: None,
+            durability: Durability::Fsync,
+            max_batches: None,
+            max_batch_retries: None,
+            fault: None,
+        }
+    }
+}
+
+/// How a streaming frame runs: output mode, trigger, checkpoint, sink.
+#[derive(Debug)]
+pub struct DataStreamWriter {
+    df: DataFrame,
+    name: Option<String>,
+    output_mode: OutputMode,
+    trigger: Trigger,
+    checkpoint: Option<PathBuf>,
+    durability: Durability,
+    max_batches: Option<u64>,
+    max_batch_retries: Option<u32>,
+    fault: Option<Fault>,
+}
+
+impl DataStreamWriter {
+    /// The query's name (default: the sink's name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// How the sink receives results (default: append).
+    pub fn output_mode(mut self, mode: OutputMode) -> Self {
+        self.output_mode = mode;
+        self
+    }
+
+    /// When batches run (default: each as soon as the previous one commits).
+    pub fn trigger(mut self, trigger: Trigger) -> Self {
+        self.trigger = trigger;
+        self
+    }
+
+    /// The checkpoint directory. Without one, a fresh temporary directory is
+    /// used and the query cannot be resumed.
+    pub fn checkpoint(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.checkpoint = Some(dir.into());
+        self
+    }
+
+    /// Whether checkpoint writes are fsynced (default) or only renamed.
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Stop after `n` batches.
+    pub fn max_batches(mut self, n: u64) -> Self {
+        self.max_batches = Some(n);
+        self
+    }
+
+    /// How often a batch failing on a transient error is retried (default 3).
+    pub fn max_batch_retries(mut self, n: u32) -> Self {
+        self.max_batch_retries = Some(n);
+        self
+    }
+
+    /// Injects a crash at a step of the commit protocol (tests).
+    pub fn inject_fault(mut self, fault: Fault) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+
+    /// Starts the query writing to `sink`.
+    pub async fn start(self, sink: impl Sink + 'static) -> Result<StreamingQuery> {
+        self.start_with(Arc::new(sink)).await
+    }
+
+    /// Starts the query writing to a shared sink.
+    pub async fn start_with(self, sink: Arc<dyn Sink>) -> Result<StreamingQuery> {
+        let (state, plan) = self.df.into_parts();
+        let tables = stream_tables(&plan);
+        let Some(first) = tables.first() else {
+            return Err(Error::plan(
+                "write_stream() on a frame that reads no stream: use DataFrame::collect() for a batch query",
+            ));
+        };
+        let clock = Arc::clone(first.clock());
+        let name = self.name.unwrap_or_else(|| sink.name().to_string());
+        let checkpoint = match self.checkpoint {
+            Some(c) => c,
+            None => std::env::temp_dir().join(format!("sluice-{}", uuid::Uuid::new_v4())),
+        };
+        let mut config = QueryConfig::new(name, checkpoint);
+        config.output_mode = self.output_mode;
+        config.trigger = self.trigger;
+        config.durability = self.durability;
+        config.max_batches = self.max_batches;
+        if let Some(r) = self.max_batch_retries {
+            config.max_batch_retries = r;
+        }
+        if self.fault.is_some() {
+            config.fault = self.fault;
+        }
+        let exec = MicroBatchExecution::start(plan, &state, sink, config, clock).await?;
+        Ok(StreamingQuery::start(exec))
+    }
+}
