@@ -1,1 +1,80 @@
-fn main() {}
+//! Runs every `.slt` file under `sql-tests/slt/` (or those whose path
+//! contains one of the arguments), each in a fresh database and temporary
+//! directory, and prints `N passed, N failed`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use sluice_sql_tests::SluiceDb;
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect(&p, out);
+        } else if p.extension().is_some_and(|e| e == "slt") {
+            out.push(p);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("slt");
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mut files = Vec::new();
+    collect(&root, &mut files);
+    files.retain(|f| {
+        filters.is_empty()
+            || filters
+                .iter()
+                .any(|x| f.to_string_lossy().contains(x.as_str()))
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let (mut passed, mut failed) = (0, 0);
+    for file in &files {
+        let shown = file
+            .strip_prefix(&root)
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        let outcome = runtime.block_on(async {
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let path = dir.path().to_path_buf();
+            let mut runner = sqllogictest::Runner::new(move || {
+                let path = path.clone();
+                async move { Ok::<_, sluice_sql_tests::TestError>(SluiceDb::new(&path)) }
+            });
+            runner
+                .run_file_async(file)
+                .await
+                .map_err(|e| e.display(true).to_string())
+        });
+        match outcome {
+            Ok(()) => {
+                println!("ok     {shown}");
+                passed += 1;
+            }
+            Err(e) => {
+                println!("FAILED {shown}\n{e}\n");
+                failed += 1;
+            }
+        }
+    }
+    println!("slt: {passed} passed, {failed} failed");
+    if failed > 0 || files.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -525,6 +525,16 @@ impl MicroBatchExecution {
         }
     }
 
+    /// Arms (or clears) a fault at a step of the commit protocol.
+    pub fn set_fault(&mut self, fault: Option<Fault>) {
+        self.config.fault = fault;
+    }
+
+    /// The checkpoint directory.
+    pub fn checkpoint_dir(&self) -> &std::path::Path {
+        self.checkpoint.root()
+    }
+
     /// Whether this start has run its `max_batches`.
     pub fn reached_max_batches(&self) -> bool {
         self.config

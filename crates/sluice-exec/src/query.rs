@@ -8,6 +8,7 @@ use tokio::sync::{Mutex as AsyncMutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::execution::MicroBatchExecution;
+use crate::fault::Fault;
 use crate::trigger::{Trigger, next_start_ms};
 
 /// The handle of a started query.
@@ -67,6 +68,11 @@ impl StreamingQuery {
     /// `None` if there was no new data.
     pub async fn run_batch(&self) -> Result<Option<Progress>> {
         self.exec.lock().await.run_batch().await
+    }
+
+    /// Arms (or clears) a fault at a step of the commit protocol (tests).
+    pub async fn inject_fault(&self, fault: Option<Fault>) {
+        self.exec.lock().await.set_fault(fault);
     }
 
     /// Runs batches until no source has new data.

@@ -93,8 +93,16 @@ fn reads_stream(plan: &LogicalPlan) -> Result<bool> {
     };
     match plan {
         LogicalPlan::Aggregate(a) => {
-            let keys: Vec<String> = a.group_expr.iter().map(|e| e.to_string()).collect();
-            let aggs: Vec<String> = a.aggr_expr.iter().map(|e| e.to_string()).collect();
+            let keys: Vec<String> = a
+                .group_expr
+                .iter()
+                .map(|e| e.schema_name().to_string())
+                .collect();
+            let aggs: Vec<String> = a
+                .aggr_expr
+                .iter()
+                .map(|e| e.schema_name().to_string())
+                .collect();
             let what = if aggs.is_empty() {
                 format!(
                     "SELECT DISTINCT / GROUP BY {} over a stream",

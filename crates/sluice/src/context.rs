@@ -242,6 +242,30 @@ impl StreamContext {
         Ok(t)
     }
 
+    /// Every memory table (memory sinks and dead-letter tables) by name.
+    pub fn memory_tables(&self) -> Vec<(String, Arc<MemoryTable>)> {
+        self.reg()
+            .memory_tables
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+
+    /// Registers an existing memory table under `name`, e.g. to keep a memory
+    /// sink's rows across a restart of its query in a new context.
+    pub fn adopt_memory_table(&self, name: &str, table: Arc<MemoryTable>) -> Result<()> {
+        if self.session.table_exist(name).map_err(Error::from)? {
+            return Err(Error::plan(format!(
+                "a table or source named '{name}' already exists"
+            )));
+        }
+        self.session
+            .register_table(name, Arc::new(MemorySinkTable::new(Arc::clone(&table))))
+            .map_err(Error::from)?;
+        self.reg().memory_tables.insert(name.to_string(), table);
+        Ok(())
+    }
+
     fn dead_letter_sink(&self, target: &str) -> Result<Arc<dyn Sink>> {
         if let Some((_, sink)) = self.reg().sinks.get(target) {
             return Ok(Arc::clone(sink));
@@ -283,16 +307,34 @@ impl StreamContext {
                     "output_mode",
                     &["append", "update", "complete", "changelog"],
                 )?;
+                let is_memory = cs
+                    .options
+                    .get("connector")
+                    .is_some_and(|c| c.eq_ignore_ascii_case("memory"));
+                let existed = self.reg().memory_tables.contains_key(&cs.name);
+                let mut table = None;
                 let sink = sink_from_options(&cs.name, &cs.options, || {
-                    self.memory_table(&cs.name)
-                        .unwrap_or_else(|_| MemoryTable::new())
+                    let t = MemoryTable::new();
+                    table = Some(Arc::clone(&t));
+                    t
                 })?;
+                // A memory sink is queryable by its name; a sink whose query
+                // fails to plan leaves nothing behind.
+                if let (true, Some(t)) = (is_memory && !existed, table) {
+                    self.adopt_memory_table(&cs.name, t)?;
+                }
                 self.reg()
                     .sinks
                     .insert(cs.name.clone(), (cs.options.clone(), Arc::clone(&sink)));
-                match cs.query {
-                    None => Ok(Outcome::Done),
-                    Some(q) => self.streaming_query(&cs.name, q).await.map(Outcome::Query),
+                let Some(q) = cs.query else {
+                    return Ok(Outcome::Done);
+                };
+                match self.streaming_query(&cs.name, q).await {
+                    Ok(p) => Ok(Outcome::Query(p)),
+                    Err(e) => {
+                        self.forget_sink(&cs.name, is_memory && !existed);
+                        Err(e)
+                    }
                 }
             }
             Statement::InsertInto { target, query } => self.insert_into(&target, query).await,
@@ -302,6 +344,17 @@ impl StreamContext {
             }
             Statement::Explain(inner) => self.explain(*inner).await,
             Statement::DataFusion(stmt) => self.batch_statement(*stmt).await,
+        }
+    }
+
+    fn forget_sink(&self, name: &str, drop_table: bool) {
+        let mut reg = self.reg();
+        reg.sinks.remove(name);
+        reg.query_names.remove(name);
+        if drop_table {
+            reg.memory_tables.remove(name);
+            drop(reg);
+            let _ = self.session.deregister_table(name);
         }
     }
 
@@ -338,6 +391,12 @@ impl StreamContext {
         };
         let settings = self.settings();
         let mode: OutputMode = options.get("output_mode").unwrap_or("append").parse()?;
+        // Refuse an unsupported query now, at CREATE SINK, not when it starts:
+        // the plan as written names operators as the user wrote them, the
+        // optimized one also shows subqueries turned into joins.
+        check_streaming_plan(sink_name, df.logical_plan(), mode)?;
+        let optimized = df.clone().into_optimized_plan().map_err(Error::from)?;
+        check_streaming_plan(sink_name, &optimized, mode)?;
         let trigger = match options.get("trigger") {
             Some(t) => t.parse()?,
             None => settings.trigger,

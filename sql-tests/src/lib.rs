@@ -1,0 +1,306 @@
+//! The streaming `.slt` runner of Sluice.
+//!
+//! The entry point of this crate is [`SluiceDb`], a `sqllogictest` database
+//! whose statements are Sluice SQL plus directives that drive a streaming
+//! test step by step, in the spirit of Spark's `StreamTest`:
+//!
+//! | directive | what it does |
+//! |---|---|
+//! | `INSERT INTO <memory source> VALUES ...` | adds rows to a source (plain SQL) |
+//! | `WRITE FILE '<path>'` + lines | writes a file (the lines after the first) |
+//! | `RUN ALL` | every query runs batches until no source has new data |
+//! | `RUN BATCH` | every query runs one batch |
+//! | `ADVANCE CLOCK <duration>` | moves the manual trigger clock |
+//! | `RESTART` | drops every query and the context, as a crash would, and starts them again from their checkpoints in a fresh context |
+//! | `INJECT FAULT <after-offsets\|after-sink\|after-commit> AT BATCH <n>` | the next run of batch n fails at that step |
+//! | `SHOW PROGRESS <query>` | one row per committed batch from the checkpoint's progress records |
+//!
+//! `$TMP` in any statement is replaced by the test file's own temporary
+//! directory; queries checkpoint to `$TMP/checkpoints/<query>`. Every
+//! streaming query is started with a manual trigger: batches run only when a
+//! directive says so, and the clock moves only by `ADVANCE CLOCK`, so every
+//! test is deterministic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sluice::deps::datafusion::arrow::record_batch::RecordBatch;
+use sluice::deps::datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use sluice::deps::datafusion::sql::parser::Statement as DFStatement;
+use sluice::deps::datafusion::sql::sqlparser::ast;
+use sluice::deps::sluice_common::options::parse_duration;
+use sluice::deps::sluice_planner::{Statement, parse_script};
+use sluice::deps::sluice_state::checkpoint::read_progress;
+use sluice::{Error, Fault, ManualClock, Outcome, StreamContext, StreamingQuery, Trigger};
+use sqllogictest::{DBOutput, DefaultColumnType};
+
+/// The error a test statement reports (its one-line message).
+#[derive(Debug)]
+pub struct TestError(pub String);
+
+impl std::fmt::Display for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TestError {}
+
+impl From<Error> for TestError {
+    fn from(e: Error) -> Self {
+        TestError(e.to_string())
+    }
+}
+
+/// The manual clock's start: 2026-01-01T00:00:00Z.
+pub const CLOCK_START_MS: i64 = 1_767_225_600_000;
+
+/// A streaming test database: one per `.slt` file.
+pub struct SluiceDb {
+    dir: PathBuf,
+    clock: ManualClock,
+    ctx: StreamContext,
+    queries: Vec<StreamingQuery>,
+    definitions: Vec<Statement>,
+}
+
+impl SluiceDb {
+    /// A fresh database working in `dir`.
+    pub fn new(dir: &Path) -> Self {
+        let clock = ManualClock::new(CLOCK_START_MS);
+        let ctx = Self::context(dir, &clock);
+        SluiceDb {
+            dir: dir.to_path_buf(),
+            clock,
+            ctx,
+            queries: Vec::new(),
+            definitions: Vec::new(),
+        }
+    }
+
+    fn context(dir: &Path, clock: &ManualClock) -> StreamContext {
+        let ctx = StreamContext::with_clock(Arc::new(clock.clone()));
+        ctx.update_settings(|s| {
+            s.checkpoint_root = Some(dir.join("checkpoints"));
+            s.trigger = Trigger::Manual;
+            s.durability = sluice::Durability::NoSync;
+        });
+        ctx
+    }
+
+    async fn start(&mut self, outcome: Outcome) -> Result<Option<Vec<RecordBatch>>, TestError> {
+        match outcome {
+            Outcome::Query(q) => {
+                let q = q.with_trigger(Trigger::Manual).start().await?;
+                self.queries.push(q);
+                Ok(None)
+            }
+            Outcome::Rows(r) => Ok(Some(r)),
+            Outcome::Explain(text) => Ok(Some(vec![text_batch(&text)?])),
+            Outcome::Done => Ok(None),
+        }
+    }
+
+    /// Whether `stmt` defines something a restarted context needs again.
+    fn is_definition(&self, stmt: &Statement) -> bool {
+        match stmt {
+            Statement::CreateSource(_) | Statement::CreateSink(_) | Statement::Set { .. } => true,
+            Statement::InsertInto { target, .. } => self.ctx.has_sink(target),
+            Statement::DataFusion(s) => {
+                matches!(s.as_ref(), DFStatement::CreateExternalTable(_))
+                    || matches!(s.as_ref(), DFStatement::Statement(st) if matches!(st.as_ref(), ast::Statement::CreateView { .. }))
+            }
+            Statement::Explain(_) => false,
+        }
+    }
+
+    async fn run_sql(&mut self, sql: &str) -> Result<Option<Vec<RecordBatch>>, TestError> {
+        let mut last = None;
+        for stmt in parse_script(sql)? {
+            let define = self.is_definition(&stmt);
+            let outcome = self.ctx.execute(stmt.clone()).await?;
+            if define {
+                self.definitions.push(stmt);
+            }
+            last = self.start(outcome).await?;
+        }
+        Ok(last)
+    }
+
+    async fn restart(&mut self) -> Result<(), TestError> {
+        // Dropping the queries releases their checkpoints, as a dead process would.
+        self.queries.clear();
+        let old = std::mem::replace(&mut self.ctx, Self::context(&self.dir, &self.clock));
+        // Sources and memory tables stand for the outside world (a directory,
+        // a broker, a table another system reads), which outlives the engine.
+        for (name, table) in old.memory_tables() {
+            self.ctx.adopt_memory_table(&name, table)?;
+        }
+        for stmt in self.definitions.clone() {
+            match &stmt {
+                Statement::CreateSource(cs) => {
+                    let src = old
+                        .source(&cs.name)
+                        .ok_or_else(|| TestError(format!("source {} vanished", cs.name)))?;
+                    let table = self.ctx.register_source(src)?;
+                    if let Some(wm) = cs.watermark.clone() {
+                        table.set_watermark(wm)?;
+                    }
+                }
+                _ => {
+                    let outcome = self.ctx.execute(stmt).await?;
+                    self.start(outcome).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn directive(
+        &mut self,
+        sql: &str,
+    ) -> Result<Option<Option<Vec<RecordBatch>>>, TestError> {
+        let first_line = sql
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .trim_end_matches(';');
+        let words: Vec<&str> = first_line.split_whitespace().collect();
+        let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+        let u: Vec<&str> = upper.iter().map(String::as_str).collect();
+        match u.as_slice() {
+            ["RUN", "ALL"] => {
+                for q in &self.queries {
+                    q.process_all_available().await?;
+                }
+            }
+            ["RUN", "BATCH"] => {
+                for q in &self.queries {
+                    q.run_batch().await?;
+                }
+            }
+            ["ADVANCE", "CLOCK", ..] => {
+                let d = parse_duration(&words[2..].join(" "))?;
+                self.clock.advance(d);
+            }
+            ["RESTART"] => self.restart().await?,
+            ["INJECT", "FAULT", _, "AT", "BATCH", _] => {
+                let (point, n) = (words[2], words[5]);
+                let fault = Fault::error_at(
+                    point.parse()?,
+                    n.parse()
+                        .map_err(|_| TestError(format!("bad batch id {n}")))?,
+                );
+                for q in &self.queries {
+                    q.inject_fault(Some(fault)).await;
+                }
+            }
+            ["WRITE", "FILE", ..] => {
+                let rel = words[2..].join(" ");
+                let rel = rel.trim_matches('\'');
+                let path = self.dir.join(rel);
+                let body: String = sql.lines().skip(1).map(|l| format!("{l}\n")).collect();
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| TestError(e.to_string()))?;
+                }
+                // Write then rename, as a well-behaved producer would, so a
+                // listing never sees half a file.
+                let tmp = path.with_file_name(format!(
+                    ".{}.tmp",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ));
+                std::fs::write(&tmp, body)
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .map_err(|e| TestError(e.to_string()))?;
+            }
+            ["SHOW", "PROGRESS", _] => {
+                let records = read_progress(&self.dir.join("checkpoints").join(words[2]))?;
+                let text: String = records
+                    .iter()
+                    .map(|p| {
+                        let dropped: u64 = p.sources.iter().map(|s| s.dropped_rows).sum();
+                        let dead: u64 = p.sources.iter().map(|s| s.dead_letter_rows).sum();
+                        format!(
+                            "{} {} {} {} {} {}\n",
+                            p.batch_id, p.input_rows, p.output_rows, dropped, dead, p.recovered
+                        )
+                    })
+                    .collect();
+                return Ok(Some(Some(vec![text_batch(&text)?])));
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(None))
+    }
+}
+
+/// One Utf8 column, one row per line of `text`.
+fn text_batch(text: &str) -> Result<RecordBatch, TestError> {
+    use sluice::deps::datafusion::arrow::array::StringArray;
+    let lines: Vec<&str> = text.lines().collect();
+    RecordBatch::try_from_iter([("line", Arc::new(StringArray::from(lines)) as _)])
+        .map_err(|e| TestError(e.to_string()))
+}
+
+fn to_output(batches: Vec<RecordBatch>) -> Result<DBOutput<DefaultColumnType>, TestError> {
+    let Some(first) = batches.first() else {
+        return Ok(DBOutput::Rows {
+            types: vec![],
+            rows: vec![],
+        });
+    };
+    let types = vec![DefaultColumnType::Any; first.num_columns()];
+    let opts = FormatOptions::default().with_null("NULL");
+    let mut rows = Vec::new();
+    for b in &batches {
+        let fmts: Vec<ArrayFormatter<'_>> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TestError(e.to_string()))?;
+        for r in 0..b.num_rows() {
+            rows.push(
+                fmts.iter()
+                    .map(|f| {
+                        let s = f.value(r).to_string();
+                        if s.is_empty() {
+                            "(empty)".to_string()
+                        } else {
+                            s
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok(DBOutput::Rows { types, rows })
+}
+
+#[async_trait]
+impl sqllogictest::AsyncDB for SluiceDb {
+    type Error = TestError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, TestError> {
+        let sql = sql.replace("$TMP", &self.dir.display().to_string());
+        let result = match self.directive(&sql).await? {
+            Some(r) => r,
+            None => self.run_sql(&sql).await?,
+        };
+        match result {
+            Some(rows) => to_output(rows),
+            None => Ok(DBOutput::StatementComplete(0)),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.queries.clear();
+    }
+
+    fn engine_name(&self) -> &str {
+        "sluice"
+    }
+}
