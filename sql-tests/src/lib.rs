@@ -171,14 +171,28 @@ impl SluiceDb {
         let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
         let u: Vec<&str> = upper.iter().map(String::as_str).collect();
         match u.as_slice() {
+            // Queries are independent: each runs even if another failed,
+            // and the first error is reported.
             ["RUN", "ALL"] => {
+                let mut first = None;
                 for q in &self.queries {
-                    q.process_all_available().await?;
+                    if let Err(e) = q.process_all_available().await {
+                        first.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = first {
+                    return Err(e.into());
                 }
             }
             ["RUN", "BATCH"] => {
+                let mut first = None;
                 for q in &self.queries {
-                    q.run_batch().await?;
+                    if let Err(e) = q.run_batch().await {
+                        first.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = first {
+                    return Err(e.into());
                 }
             }
             ["ADVANCE", "CLOCK", ..] => {

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::dataframe::DataFrame;
-use datafusion::execution::context::SessionContext;
+use datafusion::execution::context::{SessionConfig, SessionContext};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{self, Query};
 use sluice_common::connector::{Sink, Source};
@@ -149,8 +150,15 @@ impl StreamContext {
     /// A context whose triggers and processing time follow `clock` (a
     /// [`ManualClock`](sluice_common::ManualClock) in tests).
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        // Static tables and sink directories change while queries run: a
+        // listing must see new files, so DataFusion's file-list cache (which
+        // by default never expires) is off.
+        let runtime = RuntimeEnvBuilder::new()
+            .with_object_list_cache_limit(0)
+            .build_arc()
+            .unwrap_or_default();
         StreamContext {
-            session: SessionContext::new(),
+            session: SessionContext::new_with_config_rt(SessionConfig::new(), runtime),
             clock,
             registry: Arc::default(),
         }
@@ -311,12 +319,16 @@ impl StreamContext {
                     .options
                     .get("connector")
                     .is_some_and(|c| c.eq_ignore_ascii_case("memory"));
-                let existed = self.reg().memory_tables.contains_key(&cs.name);
+                let existing = self.reg().memory_tables.get(&cs.name).cloned();
+                let existed = existing.is_some();
                 let mut table = None;
                 let sink = sink_from_options(&cs.name, &cs.options, || {
-                    let t = MemoryTable::new();
-                    table = Some(Arc::clone(&t));
-                    t
+                    // A table adopted from an earlier context keeps its rows.
+                    existing.unwrap_or_else(|| {
+                        let t = MemoryTable::new();
+                        table = Some(Arc::clone(&t));
+                        t
+                    })
                 })?;
                 // A memory sink is queryable by its name; a sink whose query
                 // fails to plan leaves nothing behind.
