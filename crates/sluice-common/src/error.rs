@@ -103,12 +103,12 @@ impl Error {
 
     /// Whether retrying the same batch with the same offsets may succeed.
     pub fn is_transient(&self) -> bool {
-        match self.root() {
-            Error::Io { .. } => true,
-            Error::DataFusion(DataFusionError::IoError(_))
-            | Error::DataFusion(DataFusionError::ObjectStore(_)) => true,
-            _ => false,
-        }
+        matches!(
+            self.root(),
+            Error::Io { .. }
+                | Error::DataFusion(DataFusionError::IoError(_))
+                | Error::DataFusion(DataFusionError::ObjectStore(_))
+        )
     }
 }
 

@@ -68,6 +68,7 @@ impl StreamingDataFrame for DataFrame {
             durability: Durability::Fsync,
             max_batches: None,
             max_batch_retries: None,
+            retry_backoff: None,
             fault: None,
         }
     }
@@ -84,6 +85,7 @@ pub struct DataStreamWriter {
     durability: Durability,
     max_batches: Option<u64>,
     max_batch_retries: Option<u32>,
+    retry_backoff: Option<Duration>,
     fault: Option<Fault>,
 }
 
@@ -131,6 +133,13 @@ impl DataStreamWriter {
         self
     }
 
+    /// The delay before the first retry of a failed batch (doubling after;
+    /// measured on the trigger clock). Default 100 ms.
+    pub fn retry_backoff(mut self, d: Duration) -> Self {
+        self.retry_backoff = Some(d);
+        self
+    }
+
     /// Injects a crash at a step of the commit protocol (tests).
     pub fn inject_fault(mut self, fault: Fault) -> Self {
         self.fault = Some(fault);
@@ -164,6 +173,9 @@ impl DataStreamWriter {
         config.max_batches = self.max_batches;
         if let Some(r) = self.max_batch_retries {
             config.max_batch_retries = r;
+        }
+        if let Some(b) = self.retry_backoff {
+            config.retry_backoff = b;
         }
         if self.fault.is_some() {
             config.fault = self.fault;

@@ -1,0 +1,333 @@
+//! The DataFrame API: triggers on a manual clock, stop, retries of transient
+//! failures, fatal data errors, exactly-once delivery to a foreach-batch sink
+//! across an injected crash.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Int64Array, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde_json::Value;
+use sluice::deps::sluice_common::connector::{ReadBatch, SourceContext, SourceReader};
+use sluice::prelude::*;
+use sluice::{Durability, Fault, FaultPoint, ManualClock, Source};
+use tokio::sync::mpsc;
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]))
+}
+
+fn rows(v: &[i64]) -> RecordBatch {
+    RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(v.to_vec()))]).unwrap()
+}
+
+fn values(batches: &[RecordBatch]) -> Vec<i64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
+/// A sink that reports each batch on a channel: tests wait for batches by
+/// receiving, never by sleeping.
+fn channel_sink() -> (ForeachBatchSink, mpsc::UnboundedReceiver<(u64, Vec<i64>)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sink = ForeachBatchSink::new("chan", move |id, batches| {
+        let _ = tx.send((id, values(batches)));
+        Ok(())
+    });
+    (sink, rx)
+}
+
+/// A batch id and the values delivered with it.
+type Delivery = (u64, Vec<i64>);
+
+fn manual() -> (StreamContext, ManualClock) {
+    let clock = ManualClock::new(1_000_000);
+    (StreamContext::with_clock(Arc::new(clock.clone())), clock)
+}
+
+#[tokio::test]
+async fn processing_time_trigger_runs_on_the_manual_clock() {
+    let (ctx, clock) = manual();
+    let src = MemorySource::new("nums", schema());
+    src.append(rows(&[1, 2, 3])).unwrap();
+    let df = ctx.read_stream(src.clone()).await.unwrap();
+    let doubled = df.select(vec![(col("x") * lit(2)).alias("x")]).unwrap();
+    let (sink, mut rx) = channel_sink();
+    let dir = tempfile::tempdir().unwrap();
+    let q = doubled
+        .write_stream()
+        .trigger(Trigger::ProcessingTime(Duration::from_secs(5)))
+        .checkpoint(dir.path())
+        .durability(Durability::NoSync)
+        .max_batches(2)
+        .start(sink)
+        .await
+        .unwrap();
+    assert_eq!(rx.recv().await, Some((0, vec![2, 4, 6])));
+    src.append(rows(&[10])).unwrap();
+    clock.advance(Duration::from_secs(5));
+    assert_eq!(rx.recv().await, Some((1, vec![20])));
+    q.await_termination().await.unwrap();
+    let progress = q.recent_progress();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(progress[1].timestamp_ms, 1_005_000);
+    assert!(!q.is_active());
+}
+
+#[tokio::test]
+async fn available_now_runs_capped_batches_then_stops_and_once_runs_one() {
+    let (ctx, _clock) = manual();
+    let src = MemorySource::new("nums", schema()).with_max_rows_per_trigger(2);
+    src.append(rows(&[1, 2, 3, 4, 5])).unwrap();
+    let df = ctx.read_stream(src.clone()).await.unwrap();
+    let (sink, mut rx) = channel_sink();
+    let q = df
+        .clone()
+        .write_stream()
+        .trigger(Trigger::AvailableNow)
+        .start(sink)
+        .await
+        .unwrap();
+    q.await_termination().await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(b) = rx.try_recv() {
+        got.push(b);
+    }
+    assert_eq!(got, vec![(0, vec![1, 2]), (1, vec![3, 4]), (2, vec![5])]);
+
+    let (sink, mut rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::Once)
+        .start(sink)
+        .await
+        .unwrap();
+    q.await_termination().await.unwrap();
+    assert_eq!(rx.try_recv().ok(), Some((0, vec![1, 2])));
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn stop_ends_a_waiting_trigger_loop() {
+    let (ctx, _clock) = manual();
+    let src = MemorySource::new("nums", schema());
+    src.append(rows(&[7])).unwrap();
+    let df = ctx.read_stream(src).await.unwrap();
+    let (sink, mut rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::ProcessingTime(Duration::from_secs(3600)))
+        .start(sink)
+        .await
+        .unwrap();
+    assert_eq!(rx.recv().await, Some((0, vec![7])));
+    // The loop now waits an hour of a clock that never moves; stop wakes it.
+    q.stop().await.unwrap();
+    assert!(!q.is_active());
+}
+
+/// A source whose reads fail with an I/O error a given number of times.
+#[derive(Debug, Clone)]
+struct Flaky {
+    inner: MemorySource,
+    failures_left: Arc<Mutex<u32>>,
+}
+
+impl Source for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+    fn connector(&self) -> &str {
+        "test"
+    }
+    fn open(&self, ctx: SourceContext) -> sluice::Result<Box<dyn SourceReader>> {
+        Ok(Box::new(FlakyReader {
+            inner: self.inner.open(ctx)?,
+            failures_left: Arc::clone(&self.failures_left),
+        }))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[derive(Debug)]
+struct FlakyReader {
+    inner: Box<dyn SourceReader>,
+    failures_left: Arc<Mutex<u32>>,
+}
+
+#[async_trait]
+impl SourceReader for FlakyReader {
+    fn initial_offset(&self) -> Value {
+        self.inner.initial_offset()
+    }
+    async fn latest_offset(&mut self, start: &Value) -> sluice::Result<Value> {
+        self.inner.latest_offset(start).await
+    }
+    async fn read(&mut self, start: &Value, end: &Value) -> sluice::Result<ReadBatch> {
+        {
+            let mut left = self.failures_left.lock().unwrap();
+            if *left > 0 {
+                *left -= 1;
+                return Err(sluice::Error::io(
+                    "reading flaky storage",
+                    std::io::Error::other("connection reset"),
+                ));
+            }
+        }
+        self.inner.read(start, end).await
+    }
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_with_the_same_offsets() {
+    let (ctx, _clock) = manual();
+    let mem = MemorySource::new("inner", schema());
+    mem.append(rows(&[1, 2])).unwrap();
+    let flaky = Flaky {
+        inner: mem,
+        failures_left: Arc::new(Mutex::new(2)),
+    };
+    let df = ctx.read_stream(flaky.clone()).await.unwrap();
+    let (sink, mut rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::Manual)
+        .retry_backoff(Duration::ZERO)
+        .start(sink)
+        .await
+        .unwrap();
+    let p = q.run_batch().await.unwrap().unwrap();
+    assert_eq!((p.batch_id, p.retries, p.input_rows), (0, 2, 2));
+    assert_eq!(rx.try_recv().ok(), Some((0, vec![1, 2])));
+
+    // More failures than retries: the batch fails, and stays planned.
+    *flaky.failures_left.lock().unwrap() = 5;
+    flaky.inner.append(rows(&[3])).unwrap();
+    let e = q.run_batch().await.unwrap_err().to_string();
+    assert!(
+        e.contains("batch 1") && e.contains("connection reset"),
+        "{e}"
+    );
+    *flaky.failures_left.lock().unwrap() = 0;
+    flaky.inner.append(rows(&[4])).unwrap();
+    // The re-run reads exactly batch 1's logged range: row 3, not row 4.
+    let p = q.run_batch().await.unwrap().unwrap();
+    assert_eq!((p.batch_id, p.input_rows, p.recovered), (1, 1, true));
+    assert_eq!(rx.try_recv().ok(), Some((1, vec![3])));
+}
+
+#[tokio::test]
+async fn a_crash_after_the_sink_redelivers_the_same_batch_once_more() {
+    let (ctx, _clock) = manual();
+    let src = MemorySource::new("nums", schema());
+    src.append(rows(&[1])).unwrap();
+    src.append(rows(&[2])).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+    let make_sink = || {
+        let seen = Arc::clone(&seen);
+        ForeachBatchSink::new("log", move |id, b| {
+            seen.lock().unwrap().push((id, values(b)));
+            Ok(())
+        })
+    };
+    let df = ctx.read_stream(src.clone()).await.unwrap();
+    let q = df
+        .clone()
+        .write_stream()
+        .trigger(Trigger::Manual)
+        .checkpoint(dir.path())
+        .inject_fault(Fault::error_at(FaultPoint::AfterSink, 0))
+        .start(make_sink())
+        .await
+        .unwrap();
+    assert!(q.process_all_available().await.is_err());
+    drop(q);
+    src.append(rows(&[3])).unwrap();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::Manual)
+        .checkpoint(dir.path())
+        .start(make_sink())
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    // Batch 0 is delivered again with the same id and rows (a foreach-batch
+    // callback dedups by id); row 3 arrived after batch 0 was planned, so it
+    // is batch 1's.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(0, vec![1, 2]), (0, vec![1, 2]), (1, vec![3])]
+    );
+}
+
+#[tokio::test]
+async fn a_bad_record_stops_the_query_and_await_termination_reports_it() {
+    let (ctx, _clock) = manual();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.json"), "{\"x\": 1}\n{\"x\": [}\n").unwrap();
+    let df = ctx
+        .read_stream(FileSource::json(dir.path()).name("files").schema(schema()))
+        .await
+        .unwrap();
+    let (sink, _rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::AvailableNow)
+        .start(sink)
+        .await
+        .unwrap();
+    let e = q.await_termination().await.unwrap_err().to_string();
+    assert!(
+        e.contains("source 'files'") && e.contains("a.json, line 2"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn with_watermark_is_recorded_per_frame_and_progress_reports_it() {
+    let (ctx, _clock) = manual();
+    ctx.sql(
+        "CREATE SOURCE ev (id BIGINT, ts TIMESTAMP) WITH (connector = 'memory');
+             INSERT INTO ev VALUES (1, '2026-01-01T00:00:10'), (2, '2026-01-01T00:00:30');",
+    )
+    .await
+    .unwrap();
+    let df = ctx.session().table("ev").await.unwrap();
+    assert!(
+        df.clone()
+            .with_watermark("nope", Duration::from_secs(1))
+            .is_err()
+    );
+    let df = df.with_watermark("ts", Duration::from_secs(5)).unwrap();
+    let (sink, _rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::Manual)
+        .start(sink)
+        .await
+        .unwrap();
+    let p0 = q.run_batch().await.unwrap().unwrap();
+    assert_eq!(p0.watermark_ms, None, "no watermark before the first batch");
+    ctx.sql("INSERT INTO ev VALUES (3, '2026-01-01T00:00:20')")
+        .await
+        .unwrap();
+    let p1 = q.run_batch().await.unwrap().unwrap();
+    // max event time 00:00:30 minus 5 s
+    assert_eq!(p1.watermark_ms, Some(1_767_225_625_000));
+}
