@@ -33,7 +33,7 @@ enum Command {
     Run {
         /// The SQL file.
         file: PathBuf,
-        /// Checkpoint root: each query checkpoints to DIR/<sink name>; run
+        /// Checkpoint root: each query checkpoints to `DIR/<sink name>`; run
         /// again with the same DIR to resume. Default: a temporary directory.
         #[arg(long, value_name = "DIR")]
         checkpoint: Option<PathBuf>,
