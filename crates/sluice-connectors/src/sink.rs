@@ -208,3 +208,64 @@ pub fn sink_from_options(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    #[derive(Default)]
+    struct Buf(Vec<u8>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn console_prints_a_table_headed_by_the_batch_id_and_caps_rows() {
+        let buf = Arc::new(Mutex::new(Buf::default()));
+        let sink = ConsoleSink::new("c", buf.clone()).with_max_rows(2);
+        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![7, 8, 9]))],
+        )
+        .unwrap();
+        sink.write(4, &schema, vec![b]).await.unwrap();
+        let text = String::from_utf8(buf.lock().unwrap().0.clone()).unwrap();
+        assert!(text.contains("Batch: 4 (c, 3 rows)"), "{text}");
+        assert!(
+            text.contains("| 7 |") && text.contains("| 8 |") && !text.contains("| 9 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("only showing the first 2 of 3 rows"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_factory_names_unknown_connectors_and_options() {
+        let o = Options::from_pairs("sink 'k'", [("connector", "pigeon")]);
+        let e = sink_from_options("k", &o, MemoryTable::new)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown connector 'pigeon'"), "{e}");
+        let o = Options::from_pairs("sink 'k'", [("connector", "memory"), ("path", "x")]);
+        let e = sink_from_options("k", &o, MemoryTable::new)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown option 'path'"), "{e}");
+        let o = Options::from_pairs("sink 'k'", [("connector", "file"), ("format", "json")]);
+        let e = sink_from_options("k", &o, MemoryTable::new)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs the option 'path'"), "{e}");
+    }
+}

@@ -137,6 +137,14 @@ impl StreamingQuery {
     }
 }
 
+impl Drop for StreamingQuery {
+    /// A dropped handle stops its trigger loop after the batch in flight, so
+    /// no query runs on that nobody can stop.
+    fn drop(&mut self) {
+        let _ = self.stop_tx.send(true);
+    }
+}
+
 async fn trigger_loop(
     exec: Arc<AsyncMutex<MicroBatchExecution>>,
     trigger: Trigger,
