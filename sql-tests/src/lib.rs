@@ -173,21 +173,15 @@ impl SluiceDb {
         match u.as_slice() {
             // Queries are independent: each runs even if another failed,
             // and the first error is reported.
-            ["RUN", "ALL"] => {
+            ["RUN", mode @ ("ALL" | "BATCH")] => {
                 let mut first = None;
                 for q in &self.queries {
-                    if let Err(e) = q.process_all_available().await {
-                        first.get_or_insert(e);
-                    }
-                }
-                if let Some(e) = first {
-                    return Err(e.into());
-                }
-            }
-            ["RUN", "BATCH"] => {
-                let mut first = None;
-                for q in &self.queries {
-                    if let Err(e) = q.run_batch().await {
+                    let ran = if *mode == "ALL" {
+                        q.process_all_available().await
+                    } else {
+                        q.run_batch().await.map(drop)
+                    };
+                    if let Err(e) = ran {
                         first.get_or_insert(e);
                     }
                 }

@@ -206,42 +206,47 @@ impl Checkpoint {
 
     /// Reads `offsets/<id>`, checking that it is the entry for `id`.
     pub fn read_offsets(&self, id: BatchId) -> Result<OffsetEntry> {
-        let path = self.root.join("offsets").join(id.to_string());
-        let e: OffsetEntry = durable::read_json(&path)?;
-        if e.batch_id != id {
-            return Err(Error::checkpoint(
-                &path,
-                format!("holds batch {} instead of {id}", e.batch_id),
-            ));
-        }
-        Ok(e)
+        self.read_entry("offsets", id, |e: &OffsetEntry| e.batch_id)
     }
 
     /// Writes `offsets/<id>` (atomically, before the batch runs).
     pub fn write_offsets(&self, entry: &OffsetEntry) -> Result<()> {
-        let path = self.root.join("offsets").join(entry.batch_id.to_string());
-        durable::write_json(&path, entry, self.options.durability)
+        self.write_entry("offsets", entry.batch_id, entry)
     }
 
-    /// Reads `commits/<id>`.
+    /// Reads `commits/<id>`, checking that it is the entry for `id`.
     pub fn read_commit(&self, id: BatchId) -> Result<CommitEntry> {
-        let path = self.root.join("commits").join(id.to_string());
-        let e: CommitEntry = durable::read_json(&path)?;
-        if e.batch_id != id {
+        self.read_entry("commits", id, |e: &CommitEntry| e.batch_id)
+    }
+
+    /// Writes `commits/<id>`: from here on, batch `id` is done.
+    pub fn write_commit(&self, entry: &CommitEntry) -> Result<()> {
+        self.write_entry("commits", entry.batch_id, entry)?;
+        self.purge_before(entry.batch_id.saturating_sub(self.options.retain_batches));
+        Ok(())
+    }
+
+    fn read_entry<T: serde::de::DeserializeOwned>(
+        &self,
+        log: &str,
+        id: BatchId,
+        batch_id: impl FnOnce(&T) -> BatchId,
+    ) -> Result<T> {
+        let path = self.root.join(log).join(id.to_string());
+        let e: T = durable::read_json(&path)?;
+        let found = batch_id(&e);
+        if found != id {
             return Err(Error::checkpoint(
                 &path,
-                format!("holds batch {} instead of {id}", e.batch_id),
+                format!("holds batch {found} instead of {id}"),
             ));
         }
         Ok(e)
     }
 
-    /// Writes `commits/<id>`: from here on, batch `id` is done.
-    pub fn write_commit(&self, entry: &CommitEntry) -> Result<()> {
-        let path = self.root.join("commits").join(entry.batch_id.to_string());
-        durable::write_json(&path, entry, self.options.durability)?;
-        self.purge_before(entry.batch_id.saturating_sub(self.options.retain_batches));
-        Ok(())
+    fn write_entry<T: Serialize>(&self, log: &str, id: BatchId, entry: &T) -> Result<()> {
+        let path = self.root.join(log).join(id.to_string());
+        durable::write_json(&path, entry, self.options.durability)
     }
 
     /// The directory where source `name` keeps its own durable metadata.
