@@ -108,6 +108,9 @@ async fn run(
 ) -> sluice::Result<()> {
     let sql = read_sql(&file)?;
     let trigger: Option<Trigger> = trigger.map(|t| t.parse()).transpose()?;
+    // Listen for Ctrl-C before any query starts, so an early one still stops
+    // the queries cleanly instead of killing the process mid-batch.
+    let interrupt = Interrupt::listen()?;
     let ctx = StreamContext::new();
     let root = match checkpoint {
         Some(c) => c,
@@ -151,19 +154,43 @@ async fn run(
         }
         queries.push(q.start().await?);
     }
-    supervise(&queries).await
+    supervise(&queries, interrupt).await
 }
 
 /// Shows a status line, stops every query cleanly on Ctrl-C, and returns the
 /// first error.
-async fn supervise(queries: &[StreamingQuery]) -> sluice::Result<()> {
+/// Ctrl-C (SIGINT), listened for from the moment it is created.
+struct Interrupt {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn listen() -> sluice::Result<Self> {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .map_err(|e| sluice::Error::io("listening for Ctrl-C", e))?;
+            Ok(Interrupt { signal })
+        }
+        #[cfg(not(unix))]
+        Ok(Interrupt {})
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        self.signal.recv().await;
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> sluice::Result<()> {
     let live = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
-            _ = &mut ctrl_c => {
+            _ = interrupt.recv() => {
                 if live {
                     eprintln!();
                 }

@@ -64,15 +64,7 @@ fn write_input(dir: &Path, files: usize) {
 }
 
 fn committed(dir: &Path) -> Vec<String> {
-    let mut c: Vec<String> = fs::read_dir(dir.join("ckpt/out/commits"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    c.sort();
-    c
+    committed_of(dir, "out")
 }
 
 #[test]
@@ -265,4 +257,87 @@ fn explain_shows_the_incremental_plan_and_errors_are_one_line() {
         "{}",
         stderr(&out)
     );
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_after_the_current_batch_commits_and_a_rerun_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("in")).unwrap();
+    fs::write(dir.join("in/a.json"), "{\"id\": 1}\n{\"id\": 2}\n").unwrap();
+    fs::write(
+        dir.join("p.sql"),
+        "CREATE SOURCE ev (id BIGINT) WITH (connector = 'file', path = 'in', format = 'json');
+         CREATE SINK show WITH (connector = 'console') AS SELECT id * 10 AS id FROM ev;",
+    )
+    .unwrap();
+    // An hour-long trigger: after batch 0 the query waits, until Ctrl-C.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "p.sql", "--checkpoint", "ckpt", "--trigger", "1h"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.contains("| 20 |");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.starts_with("Batch: 0")), "{seen:?}");
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("stopping after the current batch commits"),
+        "{err}"
+    );
+    assert_eq!(committed_of(dir, "show"), vec!["0"]);
+
+    fs::write(dir.join("in/b.json"), "{\"id\": 3}\n").unwrap();
+    let again = sluice(
+        &[
+            "run",
+            "p.sql",
+            "--checkpoint",
+            "ckpt",
+            "--trigger",
+            "available-now",
+        ],
+        dir,
+        &[],
+    );
+    assert!(again.status.success(), "{}", stderr(&again));
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        text.contains("Batch: 1") && text.contains("| 30 |") && !text.contains("| 20 |"),
+        "{text}"
+    );
+}
+
+fn committed_of(dir: &Path, query: &str) -> Vec<String> {
+    let mut c: Vec<String> = fs::read_dir(dir.join("ckpt").join(query).join("commits"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    c.sort();
+    c
 }
