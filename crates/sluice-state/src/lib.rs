@@ -13,11 +13,14 @@
 //! assert_eq!(decide(Some(4), Some(3)).unwrap(), Resume::Rerun { batch_id: 4 });
 //! ```
 //!
-//! The versioned state store for stateful operators is not built yet (see
-//! `docs/architecture.md`): every query today is stateless.
+//! [`store::StateStore`] is the versioned, partitioned state store that
+//! stateful operators will keep their state in (deltas and snapshots as
+//! checksummed Arrow IPC files). No operator uses it yet: every query today
+//! is stateless (see `docs/architecture.md`).
 
 pub mod checkpoint;
 pub mod recovery;
+pub mod store;
 
 pub use checkpoint::{
     Checkpoint, CheckpointOptions, CommitEntry, FORMAT_VERSION, Metadata, OffsetEntry, SourceRange,

@@ -1,0 +1,534 @@
+//! The versioned state store of stateful operators.
+//!
+//! One [`StateStore`] holds one operator's state: rows of *key* columns
+//! (group key, window) and *value* columns (aggregate accumulator states),
+//! hash-partitioned into P partitions. It is versioned by batch id:
+//! [`StateStore::commit`] makes the changes since the last commit version N
+//! and writes, per partition, a delta of upserted and removed keys — and every
+//! K versions a full snapshot — as checksummed Arrow IPC files:
+//!
+//! ```text
+//! state/<operator>/<partition>/<N>.delta
+//! state/<operator>/<partition>/<N>.snapshot
+//! ```
+//!
+//! [`StateStore::load`] rebuilds any retained version from the newest snapshot
+//! at or before it plus the deltas after it. A batch re-run after a crash
+//! loads version N-1 and commits N again, so a crash between the state commit
+//! and the commit-log entry never applies a batch twice.
+//!
+//! The decisions (which files make up a version, which files retention may
+//! delete) are pure functions in [`plan`], tested without a disk.
+//!
+//! Not wired into any operator yet: the stateful operators that use it are
+//! still to be built.
+
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sluice_common::datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch};
+use sluice_common::datafusion::arrow::compute::filter_record_batch;
+use sluice_common::datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use sluice_common::datafusion::arrow::ipc::reader::StreamReader;
+use sluice_common::datafusion::arrow::ipc::writer::StreamWriter;
+use sluice_common::datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use sluice_common::durable::{self, Durability};
+use sluice_common::{BatchId, Error, Result};
+
+use plan::{FileKind, StateFile};
+
+/// How a state store writes and keeps its files.
+#[derive(Debug, Clone, Copy)]
+pub struct StateStoreOptions {
+    /// Number of hash partitions (fixed for the life of a checkpoint).
+    pub partitions: usize,
+    /// A snapshot every this many versions.
+    pub snapshot_interval: u64,
+    /// How many versions stay loadable.
+    pub retain_versions: u64,
+    /// Whether files are fsynced.
+    pub durability: Durability,
+}
+
+impl Default for StateStoreOptions {
+    fn default() -> Self {
+        StateStoreOptions {
+            partitions: 4,
+            snapshot_interval: 10,
+            retain_versions: 20,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// What a commit changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Keys live after the commit.
+    pub rows: u64,
+    /// Keys inserted or updated by this version.
+    pub updated: u64,
+    /// Keys removed by this version.
+    pub removed: u64,
+    /// Bytes written to disk by this commit.
+    pub bytes_written: u64,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    rows: HashMap<OwnedRow, OwnedRow>,
+    upserted: HashSet<OwnedRow>,
+    removed: HashSet<OwnedRow>,
+}
+
+/// One operator's keyed, versioned state.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: Option<PathBuf>,
+    options: StateStoreOptions,
+    key_schema: SchemaRef,
+    value_schema: SchemaRef,
+    keys: RowConverter,
+    values: RowConverter,
+    partitions: Vec<Partition>,
+    version: Option<BatchId>,
+}
+
+/// The column a delta file uses to mark removed keys.
+const DELETED: &str = "_deleted";
+
+impl StateStore {
+    /// A store for rows of `key_schema` + `value_schema`, kept under `dir`
+    /// (`None`: in memory only, for tests and for queries without a checkpoint).
+    pub fn new(
+        dir: Option<PathBuf>,
+        key_schema: SchemaRef,
+        value_schema: SchemaRef,
+        options: StateStoreOptions,
+    ) -> Result<Self> {
+        let conv = |s: &SchemaRef| {
+            RowConverter::new(
+                s.fields()
+                    .iter()
+                    .map(|f| SortField::new(f.data_type().clone()))
+                    .collect(),
+            )
+            .map_err(|e| Error::plan(format!("state of type {s} cannot be stored: {e}")))
+        };
+        if options.partitions == 0 {
+            return Err(Error::plan("a state store needs at least one partition"));
+        }
+        Ok(StateStore {
+            keys: conv(&key_schema)?,
+            values: conv(&value_schema)?,
+            dir,
+            partitions: (0..options.partitions)
+                .map(|_| Partition::default())
+                .collect(),
+            options,
+            key_schema,
+            value_schema,
+            version: None,
+        })
+    }
+
+    /// The version the store holds (`None`: empty, before version 0).
+    pub fn version(&self) -> Option<BatchId> {
+        self.version
+    }
+
+    /// Live keys.
+    pub fn len(&self) -> usize {
+        self.partitions.iter().map(|p| p.rows.len()).sum()
+    }
+
+    /// Whether no key is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Approximate bytes held in memory by the live rows.
+    pub fn memory_bytes(&self) -> usize {
+        self.partitions
+            .iter()
+            .flat_map(|p| p.rows.iter())
+            .map(|(k, v)| k.as_ref().len() + v.as_ref().len())
+            .sum()
+    }
+
+    fn partition_of(&self, key: &[u8]) -> usize {
+        // FNV-1a over the row-encoded key: stable within a process, and
+        // keys are re-hashed on load, so the on-disk split never has to match.
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in key {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % self.partitions.len() as u64) as usize
+    }
+
+    fn check(&self, batch: &RecordBatch, what: &str) -> Result<()> {
+        let expected = self.key_schema.fields().len()
+            + if what == "put" {
+                self.value_schema.fields().len()
+            } else {
+                0
+            };
+        if batch.num_columns() != expected {
+            return Err(Error::internal(format!(
+                "state {what}: {} columns given, {expected} expected",
+                batch.num_columns()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces rows: key columns first, then value columns.
+    pub fn put(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.check(batch, "put")?;
+        let nk = self.key_schema.fields().len();
+        let keys = self.keys.convert_columns(&batch.columns()[..nk])?;
+        let values = self.values.convert_columns(&batch.columns()[nk..])?;
+        for i in 0..batch.num_rows() {
+            let k = keys.row(i).owned();
+            let p = self.partition_of(k.as_ref());
+            let part = &mut self.partitions[p];
+            part.removed.remove(&k);
+            part.upserted.insert(k.clone());
+            part.rows.insert(k, values.row(i).owned());
+        }
+        Ok(())
+    }
+
+    /// The stored rows (keys, then values) of the given keys that exist.
+    pub fn get(&self, keys: &[ArrayRef]) -> Result<RecordBatch> {
+        let rows = self.keys.convert_columns(keys)?;
+        let mut found_k = Vec::new();
+        let mut found_v = Vec::new();
+        let mut seen = HashSet::new();
+        for i in 0..rows.num_rows() {
+            let k = rows.row(i);
+            let owned = k.owned();
+            if !seen.insert(owned.clone()) {
+                continue;
+            }
+            let p = self.partition_of(k.as_ref());
+            if let Some(v) = self.partitions[p].rows.get(&owned) {
+                found_k.push(owned);
+                found_v.push(v.clone());
+            }
+        }
+        self.to_batch(&found_k, &found_v)
+    }
+
+    /// Removes the keys for which `predicate` (over a batch of key columns)
+    /// is true, returning the removed rows (keys, then values).
+    pub fn remove_where(
+        &mut self,
+        predicate: impl Fn(&RecordBatch) -> Result<BooleanArray>,
+    ) -> Result<RecordBatch> {
+        let all = self.scan()?;
+        let nk = self.key_schema.fields().len();
+        let keys = all.project(&(0..nk).collect::<Vec<_>>())?;
+        let mask = predicate(&keys)?;
+        let gone = filter_record_batch(&all, &mask)?;
+        let rows = self.keys.convert_columns(&gone.columns()[..nk])?;
+        for i in 0..rows.num_rows() {
+            let k = rows.row(i).owned();
+            let p = self.partition_of(k.as_ref());
+            let part = &mut self.partitions[p];
+            if part.rows.remove(&k).is_some() {
+                part.upserted.remove(&k);
+                part.removed.insert(k);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Every live row (keys, then values).
+    pub fn scan(&self) -> Result<RecordBatch> {
+        let (k, v): (Vec<_>, Vec<_>) = self
+            .partitions
+            .iter()
+            .flat_map(|p| p.rows.iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .unzip();
+        self.to_batch(&k, &v)
+    }
+
+    /// The schema of [`StateStore::scan`]: key columns, then value columns.
+    pub fn row_schema(&self) -> SchemaRef {
+        let fields: Vec<Field> = self
+            .key_schema
+            .fields()
+            .iter()
+            .chain(self.value_schema.fields().iter())
+            .map(|f| f.as_ref().clone())
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
+
+    fn to_batch(&self, keys: &[OwnedRow], values: &[OwnedRow]) -> Result<RecordBatch> {
+        let mut cols = self.keys.convert_rows(keys.iter().map(|r| r.row()))?;
+        cols.extend(self.values.convert_rows(values.iter().map(|r| r.row()))?);
+        if cols.is_empty() {
+            return Ok(RecordBatch::new_empty(self.row_schema()));
+        }
+        Ok(RecordBatch::try_new(self.row_schema(), cols)?)
+    }
+
+    /// Makes the changes since the last commit version `version`, writing a
+    /// delta per changed partition (and a snapshot every K versions).
+    pub fn commit(&mut self, version: BatchId) -> Result<CommitStats> {
+        if let Some(v) = self.version
+            && version <= v
+        {
+            return Err(Error::internal(format!(
+                "state version {version} committed after {v}"
+            )));
+        }
+        let mut stats = CommitStats::default();
+        let snapshot = plan::is_snapshot_version(version, self.options.snapshot_interval);
+        for p in 0..self.partitions.len() {
+            let (upserted, removed) = {
+                let part = &mut self.partitions[p];
+                (
+                    std::mem::take(&mut part.upserted),
+                    std::mem::take(&mut part.removed),
+                )
+            };
+            stats.updated += upserted.len() as u64;
+            stats.removed += removed.len() as u64;
+            let Some(dir) = self.dir.clone() else {
+                continue;
+            };
+            let pdir = dir.join(p.to_string());
+            // A delta is written even when empty, so that every version has
+            // its file and loading can tell a gap from an idle partition.
+            let delta = self.delta_batch(p, &upserted, &removed)?;
+            stats.bytes_written += write_ipc(
+                &pdir.join(
+                    StateFile {
+                        version,
+                        kind: FileKind::Delta,
+                    }
+                    .name(),
+                ),
+                &delta,
+                self.options.durability,
+            )?;
+            if snapshot {
+                let part = &self.partitions[p];
+                let (k, v): (Vec<_>, Vec<_>) = part
+                    .rows
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .unzip();
+                let full = self.to_batch(&k, &v)?;
+                stats.bytes_written += write_ipc(
+                    &pdir.join(
+                        StateFile {
+                            version,
+                            kind: FileKind::Snapshot,
+                        }
+                        .name(),
+                    ),
+                    &full,
+                    self.options.durability,
+                )?;
+            }
+        }
+        stats.rows = self.len() as u64;
+        self.version = Some(version);
+        if let Some(dir) = &self.dir {
+            self.cleanup(dir, version);
+        }
+        Ok(stats)
+    }
+
+    fn delta_batch(
+        &self,
+        p: usize,
+        upserted: &HashSet<OwnedRow>,
+        removed: &HashSet<OwnedRow>,
+    ) -> Result<RecordBatch> {
+        let part = &self.partitions[p];
+        let mut keys: Vec<OwnedRow> = Vec::new();
+        let mut values: Vec<OwnedRow> = Vec::new();
+        let mut deleted = Vec::new();
+        for k in upserted {
+            if let Some(v) = part.rows.get(k) {
+                keys.push(k.clone());
+                values.push(v.clone());
+                deleted.push(false);
+            }
+        }
+        // A removed key carries placeholder values (those of any live row,
+        // or nulls): only its key and the mark are read back.
+        let filler = self.null_values()?;
+        for k in removed {
+            keys.push(k.clone());
+            values.push(filler.clone());
+            deleted.push(true);
+        }
+        let rows = self.to_batch(&keys, &values)?;
+        let mut fields: Vec<Field> = rows
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        fields.push(Field::new(DELETED, DataType::Boolean, false));
+        let mut cols = rows.columns().to_vec();
+        cols.push(Arc::new(BooleanArray::from(deleted)));
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+    }
+
+    fn null_values(&self) -> Result<OwnedRow> {
+        let cols: Vec<ArrayRef> = self
+            .value_schema
+            .fields()
+            .iter()
+            .map(|f| sluice_common::datafusion::arrow::array::new_null_array(f.data_type(), 1))
+            .collect();
+        Ok(self.values.convert_columns(&cols)?.row(0).owned())
+    }
+
+    /// Loads version `version` from disk (`None`: empty), replacing what the
+    /// store holds and dropping uncommitted changes.
+    pub fn load(&mut self, version: Option<BatchId>) -> Result<()> {
+        for p in &mut self.partitions {
+            *p = Partition::default();
+        }
+        self.version = version;
+        let (Some(version), Some(dir)) = (version, self.dir.clone()) else {
+            return Ok(());
+        };
+        let nk = self.key_schema.fields().len();
+        let nv = self.value_schema.fields().len();
+        for pdir in partition_dirs(&dir)? {
+            let files = plan::list(&pdir)?;
+            let needed = plan::files_for_version(&files, version)
+                .map_err(|e| Error::checkpoint(&pdir, e))?;
+            for f in needed {
+                let path = pdir.join(f.name());
+                let batch = read_ipc(&path)?;
+                let expected = nk + nv + usize::from(f.kind == FileKind::Delta);
+                if batch.num_columns() != expected {
+                    return Err(Error::checkpoint(
+                        &path,
+                        format!(
+                            "has {} columns, this operator's state has {expected}",
+                            batch.num_columns()
+                        ),
+                    ));
+                }
+                let keys = self
+                    .keys
+                    .convert_columns(&batch.columns()[..nk])
+                    .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+                let values = self
+                    .values
+                    .convert_columns(&batch.columns()[nk..nk + nv])
+                    .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+                let deleted = match f.kind {
+                    FileKind::Delta => Some(
+                        batch
+                            .column(nk + nv)
+                            .as_any()
+                            .downcast_ref::<BooleanArray>()
+                            .cloned()
+                            .ok_or_else(|| {
+                                Error::checkpoint(&path, "the _deleted column is not boolean")
+                            })?,
+                    ),
+                    FileKind::Snapshot => None,
+                };
+                for i in 0..batch.num_rows() {
+                    let k = keys.row(i).owned();
+                    let p = self.partition_of(k.as_ref());
+                    if deleted.as_ref().is_some_and(|d| d.value(i)) {
+                        self.partitions[p].rows.remove(&k);
+                    } else {
+                        self.partitions[p].rows.insert(k, values.row(i).owned());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes files no retained version needs (best effort: a failure
+    /// leaves extra files, never missing ones).
+    fn cleanup(&self, dir: &Path, version: BatchId) {
+        let Ok(pdirs) = partition_dirs(dir) else {
+            return;
+        };
+        let oldest = version.saturating_sub(self.options.retain_versions.saturating_sub(1));
+        for pdir in pdirs {
+            let Ok(files) = plan::list(&pdir) else {
+                continue;
+            };
+            for f in plan::removable(&files, oldest) {
+                let _ = fs::remove_file(pdir.join(f.name()));
+            }
+        }
+    }
+}
+
+fn partition_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<usize>().is_ok())
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn write_ipc(path: &Path, batch: &RecordBatch, durability: Durability) -> Result<u64> {
+    let mut buf = Vec::new();
+    {
+        let mut w = StreamWriter::try_new(&mut buf, &batch.schema())?;
+        w.write(batch)?;
+        w.finish()?;
+    }
+    let len = buf.len() as u64;
+    durable::write_framed(path, &buf, durability)?;
+    Ok(len)
+}
+
+fn read_ipc(path: &Path) -> Result<RecordBatch> {
+    let body = durable::read_framed(path)?;
+    let bad = |e: String| {
+        Error::checkpoint(
+            path,
+            format!("checksum is right but the Arrow data does not read: {e}"),
+        )
+    };
+    let reader =
+        StreamReader::try_new(std::io::Cursor::new(body), None).map_err(|e| bad(e.to_string()))?;
+    let schema = reader.schema();
+    let batches: Vec<RecordBatch> = reader
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(sluice_common::datafusion::arrow::compute::concat_batches(
+        &schema, &batches,
+    )?)
+}
+
+#[cfg(test)]
+mod tests;

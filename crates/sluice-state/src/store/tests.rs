@@ -1,0 +1,237 @@
+use std::collections::BTreeMap;
+
+use sluice_common::datafusion::arrow::array::{Array, AsArray, Int64Array, StringArray};
+use sluice_common::datafusion::arrow::datatypes::Int64Type;
+
+use super::*;
+
+fn key_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Utf8, false),
+        Field::new("window_start", DataType::Int64, false),
+    ]))
+}
+
+fn value_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(
+        "count",
+        DataType::Int64,
+        true,
+    )]))
+}
+
+fn store(dir: Option<&Path>, snapshot_interval: u64, retain: u64) -> StateStore {
+    let opts = StateStoreOptions {
+        partitions: 3,
+        snapshot_interval,
+        retain_versions: retain,
+        durability: Durability::NoSync,
+    };
+    StateStore::new(
+        dir.map(Path::to_path_buf),
+        key_schema(),
+        value_schema(),
+        opts,
+    )
+    .unwrap()
+}
+
+fn rows(data: &[(&str, i64, i64)]) -> RecordBatch {
+    let k: Vec<&str> = data.iter().map(|r| r.0).collect();
+    let w: Vec<i64> = data.iter().map(|r| r.1).collect();
+    let c: Vec<i64> = data.iter().map(|r| r.2).collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Utf8, false),
+        Field::new("window_start", DataType::Int64, false),
+        Field::new("count", DataType::Int64, true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(k)),
+            Arc::new(Int64Array::from(w)),
+            Arc::new(Int64Array::from(c)),
+        ],
+    )
+    .unwrap()
+}
+
+type Model = BTreeMap<(String, i64), i64>;
+
+fn contents(s: &StateStore) -> Model {
+    let b = s.scan().unwrap();
+    let k = b.column(0).as_string::<i32>();
+    let w = b.column(1).as_primitive::<Int64Type>();
+    let c = b.column(2).as_primitive::<Int64Type>();
+    (0..b.num_rows())
+        .map(|i| ((k.value(i).to_string(), w.value(i)), c.value(i)))
+        .collect()
+}
+
+#[test]
+fn put_get_and_evict_in_memory() {
+    let mut s = store(None, 10, 5);
+    s.put(&rows(&[("a", 0, 1), ("b", 0, 2), ("a", 10, 3)]))
+        .unwrap();
+    s.put(&rows(&[("a", 0, 5)])).unwrap();
+    assert_eq!(s.len(), 3);
+    let probe = rows(&[("a", 0, 0), ("zz", 0, 0), ("a", 0, 0)]);
+    let got = s.get(&probe.columns()[..2]).unwrap();
+    assert_eq!(got.num_rows(), 1);
+    assert_eq!(got.column(2).as_primitive::<Int64Type>().value(0), 5);
+    // Evict windows starting before 10, as a watermark would.
+    let gone = s
+        .remove_where(|keys| {
+            let w = keys.column(1).as_primitive::<Int64Type>();
+            Ok((0..w.len()).map(|i| Some(w.value(i) < 10)).collect())
+        })
+        .unwrap();
+    assert_eq!(gone.num_rows(), 2);
+    assert_eq!(contents(&s), Model::from([(("a".into(), 10), 3)]));
+    let stats = s.commit(0).unwrap();
+    // Keys put and removed within one version count as removed.
+    assert_eq!((stats.rows, stats.updated, stats.removed), (1, 1, 2));
+}
+
+#[test]
+fn every_retained_version_reloads_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 3, 100);
+    let mut history: Vec<Model> = Vec::new();
+    for v in 0..8u64 {
+        s.put(&rows(&[
+            ("k", v as i64 % 3, v as i64),
+            (&format!("n{v}"), 0, 1),
+        ]))
+        .unwrap();
+        if v % 2 == 1 {
+            s.remove_where(|keys| {
+                let k = keys.column(0).as_string::<i32>();
+                Ok((0..k.len())
+                    .map(|i| Some(k.value(i) == format!("n{}", v - 1)))
+                    .collect())
+            })
+            .unwrap();
+        }
+        s.commit(v).unwrap();
+        history.push(contents(&s));
+    }
+    assert!(dir.path().join("0/2.snapshot").exists());
+    for (v, expected) in history.iter().enumerate() {
+        let mut fresh = store(Some(dir.path()), 3, 100);
+        fresh.load(Some(v as u64)).unwrap();
+        assert_eq!(&contents(&fresh), expected, "version {v}");
+    }
+}
+
+#[test]
+fn a_rerun_batch_recommits_its_version_from_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 10, 100);
+    s.put(&rows(&[("a", 0, 1)])).unwrap();
+    s.commit(0).unwrap();
+    s.put(&rows(&[("a", 0, 2)])).unwrap();
+    s.commit(1).unwrap();
+    // Crash after the state commit of batch 1 but before its commit entry:
+    // the re-run loads version 0 and applies batch 1 once more.
+    let mut again = store(Some(dir.path()), 10, 100);
+    again.load(Some(0)).unwrap();
+    assert_eq!(contents(&again), Model::from([(("a".into(), 0), 1)]));
+    again.put(&rows(&[("a", 0, 2)])).unwrap();
+    again.commit(1).unwrap();
+    let mut check = store(Some(dir.path()), 10, 100);
+    check.load(Some(1)).unwrap();
+    assert_eq!(contents(&check), Model::from([(("a".into(), 0), 2)]));
+}
+
+#[test]
+fn retention_removes_old_files_and_keeps_retained_versions_loadable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 2, 3);
+    for v in 0..10u64 {
+        s.put(&rows(&[("a", v as i64, 1)])).unwrap();
+        s.commit(v).unwrap();
+    }
+    assert!(!dir.path().join("0/0.delta").exists());
+    for v in 7..10 {
+        let mut fresh = store(Some(dir.path()), 2, 3);
+        fresh.load(Some(v)).unwrap();
+        assert_eq!(fresh.len(), v as usize + 1);
+    }
+    let mut fresh = store(Some(dir.path()), 2, 3);
+    let e = fresh.load(Some(2)).unwrap_err().to_string();
+    assert!(e.contains("cannot be rebuilt"), "{e}");
+}
+
+#[test]
+fn a_corrupt_state_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 10, 100);
+    s.put(&rows(&[("a", 0, 1), ("b", 0, 1), ("c", 0, 1), ("d", 0, 1)]))
+        .unwrap();
+    s.commit(0).unwrap();
+    let victim = fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("0.delta"))
+        .find(|p| fs::metadata(p).map(|m| m.len() > 200).unwrap_or(false))
+        .unwrap();
+    let mut bytes = fs::read(&victim).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0x40;
+    fs::write(&victim, &bytes).unwrap();
+    let mut fresh = store(Some(dir.path()), 10, 100);
+    let e = fresh.load(Some(0)).unwrap_err().to_string();
+    assert!(e.contains("0.delta") && e.contains("checksum"), "{e}");
+}
+
+#[test]
+fn random_commits_crashes_and_loads_match_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seed = 0x853c_49e6_748f_ea9bu64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut s = store(Some(dir.path()), 4, 1000);
+    let mut model = Model::new();
+    let mut committed: Vec<Model> = Vec::new();
+    for v in 0..40u64 {
+        for _ in 0..(next() % 6) {
+            let k = format!("k{}", next() % 9);
+            let w = (next() % 3) as i64;
+            let c = (next() % 100) as i64;
+            s.put(&rows(&[(&k, w, c)])).unwrap();
+            model.insert((k, w), c);
+        }
+        if next() % 4 == 0 {
+            let cut = (next() % 3) as i64;
+            s.remove_where(|keys| {
+                let w = keys.column(1).as_primitive::<Int64Type>();
+                Ok((0..w.len()).map(|i| Some(w.value(i) < cut)).collect())
+            })
+            .unwrap();
+            model.retain(|(_, w), _| *w >= cut);
+        }
+        if next() % 5 == 0 && v > 0 {
+            // Crash before committing: restart from the last committed version.
+            let last = committed.len() as u64 - 1;
+            s = store(Some(dir.path()), 4, 1000);
+            s.load(Some(last)).unwrap();
+            model = committed[last as usize].clone();
+            assert_eq!(contents(&s), model);
+            committed.truncate(last as usize + 1);
+            continue;
+        }
+        let id = committed.len() as u64;
+        s.commit(id).unwrap();
+        committed.push(model.clone());
+    }
+    for (v, m) in committed.iter().enumerate() {
+        let mut fresh = store(Some(dir.path()), 4, 1000);
+        fresh.load(Some(v as u64)).unwrap();
+        assert_eq!(&contents(&fresh), m, "version {v}");
+    }
+}
