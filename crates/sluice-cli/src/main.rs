@@ -108,6 +108,11 @@ async fn run(
 ) -> sluice::Result<()> {
     let sql = read_sql(&file)?;
     let trigger: Option<Trigger> = trigger.map(|t| t.parse()).transpose()?;
+    if trigger == Some(Trigger::Manual) {
+        return Err(sluice::Error::plan(
+            "--trigger manual runs nothing by itself; use an interval such as 5s, once, or available-now",
+        ));
+    }
     // Listen for Ctrl-C before any query starts, so an early one still stops
     // the queries cleanly instead of killing the process mid-batch.
     let interrupt = Interrupt::listen()?;
@@ -205,6 +210,19 @@ async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> slui
                     let line: Vec<String> = queries.iter().map(status).collect();
                     eprint!("\r\x1b[2K{}", line.join(" | "));
                     let _ = std::io::stderr().flush();
+                }
+                // A query that failed stops the run: its error is the
+                // run's, and the others stop after their current batch.
+                for q in queries.iter().filter(|q| !q.is_active()) {
+                    if let Err(e) = q.await_termination().await {
+                        if live {
+                            eprintln!();
+                        }
+                        for other in queries {
+                            let _ = other.stop().await;
+                        }
+                        return Err(e);
+                    }
                 }
                 if queries.iter().all(|q| !q.is_active()) {
                     break;

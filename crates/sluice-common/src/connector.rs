@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::durable::Durability;
-use crate::{BatchId, Clock, Error, Options, Result};
+use crate::{BatchId, Clock, Error, Options, OutputMode, Result};
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -119,9 +119,10 @@ impl OnError {
 pub trait Sink: Send + Sync + Debug {
     /// The sink's name.
     fn name(&self) -> &str;
-    /// Called once when a query starts, with the query's output schema; a
-    /// sink cleans up after an interrupted run here.
-    async fn open(&self, schema: &SchemaRef) -> Result<()>;
+    /// Called once when a query starts, with the query's output schema and
+    /// output mode; a sink cleans up after an interrupted run here, and
+    /// refuses a mode it cannot honour.
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()>;
     /// Writes the rows of batch `id`.
     async fn write(&self, id: BatchId, schema: &SchemaRef, batches: Vec<RecordBatch>)
     -> Result<()>;

@@ -16,11 +16,13 @@ pub mod clock;
 pub mod connector;
 pub mod durable;
 pub mod error;
+pub mod mode;
 pub mod options;
 pub mod progress;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result, ResultExt};
+pub use mode::OutputMode;
 pub use options::Options;
 pub use progress::{Progress, SourceProgress};
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use datafusion::arrow::array::{ArrayRef, new_null_array};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::compute::{CastOptions, cast_with_options};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -101,8 +101,25 @@ fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
             }),
         }
     }
-    let batches = decode_chunk(format, schema, &good, false).unwrap_or_default();
-    Decoded { batches, bad }
+    match decode_chunk(format, schema, &good, false) {
+        Ok(batches) => Decoded { batches, bad },
+        // Each line decoded alone but not together: keep nothing of the file
+        // rather than a guess, and say so.
+        Err(e) => {
+            bad.push(BadRecord {
+                line: None,
+                error: format!(
+                    "the file's good lines do not decode together: {}",
+                    clean_arrow_error(&e)
+                ),
+                raw: String::new(),
+            });
+            Decoded {
+                batches: vec![],
+                bad,
+            }
+        }
+    }
 }
 
 fn decode_chunk(
@@ -176,7 +193,15 @@ fn conform_by_name(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatc
     for f in schema.fields() {
         let col = match batch.column_by_name(f.name()) {
             Some(c) if c.data_type() == f.data_type() => Arc::clone(c),
-            Some(c) => cast(c, f.data_type()).map_err(|e| {
+            Some(c) => cast_with_options(
+                c,
+                f.data_type(),
+                &CastOptions {
+                    safe: false,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| {
                 format!(
                     "column '{}' ({}) cannot be read as {}: {e}",
                     f.name(),

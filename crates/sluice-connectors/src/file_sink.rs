@@ -23,7 +23,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 use sluice_common::durable::{self, Durability};
-use sluice_common::{BatchId, Error, Options, Result};
+use sluice_common::{BatchId, Error, Options, OutputMode, Result};
 
 use crate::decode::Format;
 use sluice_common::connector::Sink;
@@ -175,7 +175,13 @@ impl Sink for FileSink {
         &self.name
     }
 
-    async fn open(&self, _schema: &SchemaRef) -> Result<()> {
+    async fn open(&self, _schema: &SchemaRef, mode: OutputMode) -> Result<()> {
+        if mode != OutputMode::Append {
+            return Err(Error::plan(format!(
+                "file sink '{}' supports output_mode = 'append' only (a file cannot be updated in place); use a memory, console or foreach_batch sink for {mode} mode",
+                self.name
+            )));
+        }
         let staging = self.meta_dir().join("staging");
         fs::create_dir_all(&staging)
             .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
@@ -261,7 +267,7 @@ mod tests {
         let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1, 2]))])
             .unwrap();
         let sink = FileSink::json(dir.path()).with_durability(Durability::NoSync);
-        sink.open(&schema).await.unwrap();
+        sink.open(&schema, OutputMode::Append).await.unwrap();
         sink.write(0, &schema, vec![b.clone()]).await.unwrap();
         sink.write(1, &schema, vec![]).await.unwrap();
         sink.write(0, &schema, vec![b]).await.unwrap();

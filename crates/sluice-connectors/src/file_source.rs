@@ -465,7 +465,8 @@ mod tests {
         drop(r);
         fs::write(data.path().join("0.json"), "{\"id\":0}\n").unwrap();
         let mut r = src.open(ctx(cp.path())).unwrap();
-        // "0.json" sorts first but arrived later: it is taken after c.json.
+        // "0.json" arrived after a.json and b.json were taken: it is taken
+        // now, with c.json, though its name sorts before theirs.
         assert_eq!(
             r.latest_offset(&Value::from(2)).await.unwrap(),
             Value::from(4)

@@ -8,7 +8,7 @@ use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::Value;
-use sluice_common::{BatchId, Error, Result};
+use sluice_common::{BatchId, Error, OutputMode, Result};
 
 use sluice_common::connector::{ReadBatch, Sink, Source, SourceContext, SourceReader};
 
@@ -87,6 +87,13 @@ impl MemorySource {
     }
 }
 
+/// Casting that fails on a value that does not convert, instead of making it NULL.
+const STRICT: datafusion::arrow::compute::CastOptions<'static> =
+    datafusion::arrow::compute::CastOptions {
+        safe: false,
+        format_options: datafusion::arrow::util::display::FormatOptions::new(),
+    };
+
 /// Casts `batch` to `schema` by position, naming the source on a mismatch.
 fn conform(source: &str, schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
     if batch.schema().fields().len() != schema.fields().len() {
@@ -101,13 +108,15 @@ fn conform(source: &str, schema: &SchemaRef, batch: RecordBatch) -> Result<Recor
         let c = if col.data_type() == field.data_type() {
             Arc::clone(col)
         } else {
-            datafusion::arrow::compute::cast(col, field.data_type()).map_err(|e| {
-                Error::plan(format!(
-                    "source '{source}': column '{}' expects {}: {e}",
-                    field.name(),
-                    field.data_type()
-                ))
-            })?
+            datafusion::arrow::compute::cast_with_options(col, field.data_type(), &STRICT).map_err(
+                |e| {
+                    Error::plan(format!(
+                        "source '{source}': column '{}' expects {}: {e}",
+                        field.name(),
+                        field.data_type()
+                    ))
+                },
+            )?
         };
         if !field.is_nullable() && c.null_count() > 0 {
             return Err(Error::plan(format!(
@@ -185,6 +194,7 @@ impl SourceReader for MemoryReader {
 /// A re-run batch replaces its own rows, so the table holds each batch once.
 #[derive(Debug)]
 pub struct MemoryTable {
+    mode: Mutex<OutputMode>,
     schema: Mutex<Option<SchemaRef>>,
     batches: Mutex<BTreeMap<BatchId, Vec<RecordBatch>>>,
 }
@@ -193,6 +203,7 @@ impl MemoryTable {
     /// An empty table whose schema is set by the first query that writes it.
     pub fn new() -> Arc<Self> {
         Arc::new(MemoryTable {
+            mode: Mutex::new(OutputMode::Append),
             schema: Mutex::new(None),
             batches: Mutex::new(BTreeMap::new()),
         })
@@ -217,9 +228,19 @@ impl MemoryTable {
         }
     }
 
-    /// Replaces the rows of batch `id`.
+    /// How the table takes batches: in complete mode each batch is the whole
+    /// result and replaces what the table held; otherwise batches accumulate.
+    pub fn set_mode(&self, mode: OutputMode) {
+        *lock(&self.mode) = mode;
+    }
+
+    /// Replaces the rows of batch `id` (all rows, in complete mode).
     pub fn put(&self, id: BatchId, batches: Vec<RecordBatch>) {
-        lock(&self.batches).insert(id, batches);
+        let mut all = lock(&self.batches);
+        if *lock(&self.mode) == OutputMode::Complete {
+            all.clear();
+        }
+        all.insert(id, batches);
     }
 
     /// Every row, in batch order.
@@ -269,8 +290,10 @@ impl Sink for MemorySink {
         &self.name
     }
 
-    async fn open(&self, schema: &SchemaRef) -> Result<()> {
-        self.table.bind_schema(&self.name, schema)
+    async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()> {
+        self.table.bind_schema(&self.name, schema)?;
+        self.table.set_mode(mode);
+        Ok(())
     }
 
     async fn write(

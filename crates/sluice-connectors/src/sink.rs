@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
-use sluice_common::{BatchId, Error, Options, Result};
+use sluice_common::{BatchId, Error, Options, OutputMode, Result};
 
 use sluice_common::connector::Sink;
 
@@ -64,7 +64,7 @@ impl Sink for ConsoleSink {
         &self.name
     }
 
-    async fn open(&self, _schema: &SchemaRef) -> Result<()> {
+    async fn open(&self, _schema: &SchemaRef, _mode: OutputMode) -> Result<()> {
         Ok(())
     }
 
@@ -145,7 +145,7 @@ impl Sink for ForeachBatchSink {
         &self.name
     }
 
-    async fn open(&self, _schema: &SchemaRef) -> Result<()> {
+    async fn open(&self, _schema: &SchemaRef, _mode: OutputMode) -> Result<()> {
         Ok(())
     }
 

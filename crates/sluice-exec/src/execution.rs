@@ -188,7 +188,9 @@ impl MicroBatchExecution {
                 })
                 .map_err(ctx)?;
             if let Some(dl) = table.dead_letter() {
-                dl.open(&dead_letter_schema()).await.map_err(ctx)?;
+                dl.open(&dead_letter_schema(), OutputMode::Append)
+                    .await
+                    .map_err(ctx)?;
             }
             let committed = reader.initial_offset();
             inputs.push(StreamInput {
@@ -197,7 +199,10 @@ impl MicroBatchExecution {
                 committed,
             });
         }
-        sink.open(&output_schema).await.map_err(ctx)?;
+        // A stateless query's update mode is append: every row is new.
+        sink.open(&output_schema, OutputMode::Append)
+            .await
+            .map_err(ctx)?;
         let mut exec = MicroBatchExecution {
             checkpoint,
             inputs,
@@ -311,6 +316,9 @@ impl MicroBatchExecution {
             }
         };
         let id = entry.batch_id;
+        // From here until its commit entry is written, the batch is planned:
+        // any failure leaves it to be re-run with exactly these offsets.
+        self.pending = Some(entry.clone());
         self.inject(FaultPoint::AfterOffsets, id)?;
         let mut attempt = 0;
         let outcome = loop {
@@ -323,8 +331,6 @@ impl MicroBatchExecution {
                     self.clock.wait_until(until).await;
                 }
                 Err(e) => {
-                    // Stays planned: a restart re-runs it with the same offsets.
-                    self.pending = Some(entry);
                     for input in &self.inputs {
                         input.table.clear_batch();
                     }
@@ -332,6 +338,7 @@ impl MicroBatchExecution {
                 }
             }
         };
+        self.pending = None;
         for input in &mut self.inputs {
             if let Some(r) = entry.sources.get(input.table.source().name()) {
                 input.committed = r.end.clone();
@@ -368,6 +375,8 @@ impl MicroBatchExecution {
             recent.pop_front();
         }
         recent.push_back(progress.clone());
+        drop(recent);
+        self.inject(FaultPoint::AfterCommit, id)?;
         Ok(Some(progress))
     }
 
@@ -488,7 +497,6 @@ impl MicroBatchExecution {
         durations.insert("commit_log".to_string(), ms(t.elapsed()));
         self.event_time_max_ms = event_max;
         self.watermark_ms = watermark;
-        self.inject(FaultPoint::AfterCommit, id)?;
         Ok(Outcome {
             input_rows,
             output_rows,
@@ -518,9 +526,14 @@ impl MicroBatchExecution {
         }
     }
 
-    fn inject(&self, point: FaultPoint, id: BatchId) -> Result<()> {
-        match &self.config.fault {
-            Some(f) if f.point == point && f.batch_id == id => f.fire(),
+    /// Fires the armed fault if it is for this step of this batch; it fires
+    /// once, so the re-run after it goes through.
+    fn inject(&mut self, point: FaultPoint, id: BatchId) -> Result<()> {
+        match self.config.fault {
+            Some(f) if f.point == point && f.batch_id == id => {
+                self.config.fault = None;
+                f.fire()
+            }
             _ => Ok(()),
         }
     }

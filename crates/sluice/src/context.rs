@@ -37,6 +37,8 @@ pub struct Settings {
     pub durability: Durability,
     /// Retries of a batch failing on a transient error.
     pub max_batch_retries: u32,
+    /// The delay before the first retry (doubling after), on the trigger clock.
+    pub retry_backoff: std::time::Duration,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             trigger: Trigger::default(),
             durability: Durability::Fsync,
             max_batch_retries: 3,
+            retry_backoff: std::time::Duration::from_millis(100),
         }
     }
 }
@@ -157,8 +160,13 @@ impl StreamContext {
             .with_object_list_cache_limit(0)
             .build_arc()
             .unwrap_or_default();
+        // The physical plan is re-executed every batch; a filter derived at
+        // run time from one batch's rows (DataFusion's dynamic filters) must
+        // never prune the next batch, so they are off.
+        let config = SessionConfig::new()
+            .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
         StreamContext {
-            session: SessionContext::new_with_config_rt(SessionConfig::new(), runtime),
+            session: SessionContext::new_with_config_rt(config, runtime),
             clock,
             registry: Arc::default(),
         }
@@ -391,16 +399,8 @@ impl StreamContext {
                 "the query of sink '{sink_name}' reads no stream (only static tables): run it as a batch query, or read a source created with CREATE SOURCE"
             )));
         }
-        let name = {
-            let mut reg = self.reg();
-            let n = reg.query_names.entry(sink_name.to_string()).or_insert(0);
-            *n += 1;
-            if *n == 1 {
-                sink_name.to_string()
-            } else {
-                format!("{sink_name}_{n}")
-            }
-        };
+        let name = sink_name.to_string();
+        self.reg().query_names.insert(name.clone(), 1);
         let settings = self.settings();
         let mode: OutputMode = options.get("output_mode").unwrap_or("append").parse()?;
         // Refuse an unsupported query now, at CREATE SINK, not when it starts:
@@ -419,7 +419,8 @@ impl StreamContext {
             .output_mode(mode)
             .trigger(trigger)
             .durability(settings.durability)
-            .max_batch_retries(settings.max_batch_retries);
+            .max_batch_retries(settings.max_batch_retries)
+            .retry_backoff(settings.retry_backoff);
         if let Some(dir) = options.get("checkpoint") {
             writer = writer.checkpoint(dir);
         } else if let Some(root) = &settings.checkpoint_root {
@@ -430,6 +431,13 @@ impl StreamContext {
 
     async fn insert_into(&self, target: &str, query: Box<Query>) -> Result<Outcome> {
         if self.reg().sinks.contains_key(target) {
+            if self.reg().query_names.contains_key(target) {
+                // Sinks key their output by batch id, and every query counts
+                // its own batches: two queries would overwrite each other.
+                return Err(Error::not_supported(format!(
+                    "a second query into sink '{target}': each sink takes one query; combine them with UNION ALL in one INSERT INTO {target}"
+                )));
+            }
             return self
                 .streaming_query(target, query)
                 .await
@@ -526,10 +534,10 @@ impl StreamContext {
                     .map_err(Error::from)?;
                 return Ok(Outcome::Rows(rows));
             }
-            other => {
-                return Err(Error::plan(format!(
-                    "EXPLAIN of {other:?} is not meaningful"
-                )));
+            _ => {
+                return Err(Error::plan(
+                    "EXPLAIN takes CREATE SINK ... AS <query>, INSERT INTO <sink> <query>, or a batch query",
+                ));
             }
         };
         let df = self.plan_query(q).await?;

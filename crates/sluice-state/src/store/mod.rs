@@ -410,7 +410,20 @@ impl StateStore {
         };
         let nk = self.key_schema.fields().len();
         let nv = self.value_schema.fields().len();
-        for pdir in partition_dirs(&dir)? {
+        let pdirs = partition_dirs(&dir)?;
+        // Every commit writes a file in every partition, so a committed
+        // version with fewer partition directories has lost state.
+        if pdirs.len() != self.options.partitions {
+            return Err(Error::checkpoint(
+                &dir,
+                format!(
+                    "state version {version} needs {} partition directories, found {}",
+                    self.options.partitions,
+                    pdirs.len()
+                ),
+            ));
+        }
+        for pdir in pdirs {
             let files = plan::list(&pdir)?;
             let needed = plan::files_for_version(&files, version)
                 .map_err(|e| Error::checkpoint(&pdir, e))?;
