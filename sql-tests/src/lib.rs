@@ -13,7 +13,8 @@
 //! | `ADVANCE CLOCK <duration>` | moves the manual trigger clock |
 //! | `RESTART` | drops every query and the context, as a crash would, and starts them again from their checkpoints in a fresh context |
 //! | `INJECT FAULT <after-offsets\|after-sink\|after-commit> AT BATCH <n>` | the next run of batch n fails at that step |
-//! | `SHOW PROGRESS <query>` | one row per committed batch from the checkpoint's progress records |
+//! | `SHOW PROGRESS <query>` | per committed batch: id, input rows, output rows, dropped, dead-lettered, re-run? |
+//! | `SHOW STATE PROGRESS <query>` | per committed batch: id, input rows, late rows, state keys, keys updated, keys removed |
 //!
 //! `$TMP` in any statement is replaced by the test file's own temporary
 //! directory; queries checkpoint to `$TMP/checkpoints/<query>`. Every
@@ -224,6 +225,20 @@ impl SluiceDb {
                 std::fs::write(&tmp, body)
                     .and_then(|_| std::fs::rename(&tmp, &path))
                     .map_err(|e| TestError(e.to_string()))?;
+            }
+            ["SHOW", "STATE", "PROGRESS", _] => {
+                let records = read_progress(&self.dir.join("checkpoints").join(words[3]))?;
+                let text: String = records
+                    .iter()
+                    .map(|p| {
+                        let s = p.state.clone().unwrap_or_default();
+                        format!(
+                            "{} {} {} {} {} {}\n",
+                            p.batch_id, p.input_rows, p.late_rows, s.rows, s.updated, s.removed
+                        )
+                    })
+                    .collect();
+                return Ok(Some(Some(vec![text_batch(&text)?])));
             }
             ["SHOW", "PROGRESS", _] => {
                 let records = read_progress(&self.dir.join("checkpoints").join(words[2]))?;

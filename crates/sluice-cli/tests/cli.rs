@@ -248,7 +248,10 @@ fn explain_shows_the_incremental_plan_and_errors_are_one_line() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     let last = err.trim_end().lines().last().unwrap_or_default();
-    assert!(last.contains("not supported yet: aggregate"), "{err}");
+    assert!(
+        last.contains("output mode append on the aggregate"),
+        "{err}"
+    );
 
     let out = sluice(&["run", "missing.sql"], dir, &[]);
     assert_eq!(out.status.code(), Some(1));

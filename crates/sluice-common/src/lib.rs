@@ -24,7 +24,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result, ResultExt};
 pub use mode::OutputMode;
 pub use options::Options;
-pub use progress::{Progress, SourceProgress};
+pub use progress::{Progress, SourceProgress, StateProgress};
 
 /// The id of a micro-batch: 0, 1, 2, ... within one query's checkpoint.
 pub type BatchId = u64;

@@ -34,6 +34,12 @@ pub struct Progress {
     pub watermark_ms: Option<i64>,
     /// How often the batch was retried after a transient error.
     pub retries: u32,
+    /// Rows left out because their window had closed before the batch began.
+    #[serde(default)]
+    pub late_rows: u64,
+    /// The state of the query's stateful operator, if it has one.
+    #[serde(default)]
+    pub state: Option<StateProgress>,
     /// Whether this batch re-ran a batch that had been planned but not committed.
     pub recovered: bool,
 }
@@ -53,4 +59,21 @@ pub struct SourceProgress {
     pub dropped_rows: u64,
     /// Rows that could not be decoded and went to the dead-letter table.
     pub dead_letter_rows: u64,
+}
+
+/// A stateful operator's state after a batch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateProgress {
+    /// The operator, e.g. `aggregate count(*) GROUP BY [window_start, window_end, k]`.
+    pub operator: String,
+    /// Keys held after the batch.
+    pub rows: u64,
+    /// Keys inserted or updated by the batch.
+    pub updated: u64,
+    /// Keys removed (evicted) by the batch.
+    pub removed: u64,
+    /// Approximate bytes of state in memory.
+    pub memory_bytes: u64,
+    /// Bytes of state files the batch wrote.
+    pub bytes_written: u64,
 }

@@ -32,11 +32,12 @@ use datafusion::physical_plan::{ExecutionPlan, collect};
 use serde_json::Value;
 use sluice_common::connector::{DeadLetter, Sink, SourceContext, SourceReader};
 use sluice_common::durable::Durability;
-use sluice_common::{BatchId, Clock, Error, Progress, Result, SourceProgress};
+use sluice_common::{BatchId, Clock, Error, Progress, Result, SourceProgress, StateProgress};
 use sluice_planner::{OutputMode, StreamTable, check_streaming_plan, fingerprint, fork_streams};
 use sluice_state::recovery::Resume;
 use sluice_state::{Checkpoint, CheckpointOptions, CommitEntry, OffsetEntry, SourceRange};
 
+use crate::aggregate::AggregateOperator;
 use crate::fault::{Fault, FaultPoint};
 use crate::trigger::Trigger;
 
@@ -126,6 +127,7 @@ pub struct MicroBatchExecution {
     sink: Arc<dyn Sink>,
     output_schema: SchemaRef,
     plan: Arc<dyn ExecutionPlan>,
+    aggregate: Option<AggregateOperator>,
     task_ctx: Arc<TaskContext>,
     next_batch: BatchId,
     pending: Option<OffsetEntry>,
@@ -153,13 +155,25 @@ impl MicroBatchExecution {
         let name = config.name.clone();
         let ctx = |e: Error| e.context(format!("query '{name}'"));
         let plan = state.optimize(&plan).map_err(Error::from)?;
-        check_streaming_plan(&name, &plan, config.output_mode)?;
+        let shape = check_streaming_plan(&name, &plan, config.output_mode)?;
         let (plan, tables) = fork_streams(plan)?;
         let physical = state
             .create_physical_plan(&plan)
             .await
             .map_err(Error::from)?;
         let output_schema = physical.schema();
+        let aggregate = match shape.aggregate {
+            Some(_) => Some(
+                AggregateOperator::plan(
+                    &physical,
+                    config.output_mode,
+                    config.checkpoint.join("state").join("aggregate"),
+                    config.durability,
+                )
+                .map_err(ctx)?,
+            ),
+            None => None,
+        };
         let names: Vec<String> = tables
             .iter()
             .map(|t| t.source().name().to_string())
@@ -200,15 +214,18 @@ impl MicroBatchExecution {
             });
         }
         // A stateless query's update mode is append: every row is new.
-        sink.open(&output_schema, OutputMode::Append)
-            .await
-            .map_err(ctx)?;
+        let sink_mode = match aggregate {
+            Some(_) => config.output_mode,
+            None => OutputMode::Append,
+        };
+        sink.open(&output_schema, sink_mode).await.map_err(ctx)?;
         let mut exec = MicroBatchExecution {
             checkpoint,
             inputs,
             sink,
             output_schema,
             plan: physical,
+            aggregate,
             task_ctx: state.task_ctx(),
             next_batch: 0,
             pending: None,
@@ -228,7 +245,7 @@ impl MicroBatchExecution {
     /// uncommitted batch for re-running.
     fn recover(&mut self) -> Result<()> {
         let last_committed = match self.checkpoint.resume()? {
-            Resume::Fresh => return Ok(()),
+            Resume::Fresh => None,
             Resume::Next { next } => {
                 self.next_batch = next;
                 Some(next - 1)
@@ -255,6 +272,9 @@ impl MicroBatchExecution {
             }
             self.watermark_ms = commit.watermark_ms;
             self.event_time_max_ms = commit.event_time_max_ms;
+        }
+        if let Some(agg) = &mut self.aggregate {
+            agg.load(last_committed)?;
         }
         Ok(())
     }
@@ -366,6 +386,8 @@ impl MicroBatchExecution {
             sources: outcome.sources,
             watermark_ms: entry.watermark_ms,
             retries: attempt,
+            late_rows: outcome.late_rows,
+            state: outcome.state,
             recovered,
         };
         // Informational: a failure to record progress never fails a committed batch.
@@ -462,15 +484,48 @@ impl MicroBatchExecution {
         }
         durations.insert("read".to_string(), ms(t.elapsed()));
 
+        // Windows close against the watermark at the end of the batch.
+        let watermark = self.watermark_after(&event_max);
         let t = Instant::now();
-        let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
-        let result = collect(plan, Arc::clone(&self.task_ctx)).await;
+        let mut late_rows = 0;
+        let mut state = None;
+        let result = match &mut self.aggregate {
+            None => {
+                let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
+                collect(plan, Arc::clone(&self.task_ctx))
+                    .await
+                    .map_err(Error::from)
+            }
+            Some(agg) => match agg.prepare(id) {
+                Err(e) => Err(e),
+                Ok(()) => agg
+                    .run(&self.task_ctx, entry.watermark_ms, watermark)
+                    .await
+                    .map(|o| {
+                        late_rows = o.late_rows;
+                        o.rows
+                    }),
+            },
+        };
         for input in &self.inputs {
             input.table.clear_batch();
         }
-        let output = result.map_err(Error::from)?;
+        let output = result?;
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         durations.insert("execute".to_string(), ms(t.elapsed()));
+        if let Some(agg) = &mut self.aggregate {
+            let t = Instant::now();
+            let stats = agg.commit(id)?;
+            durations.insert("state_commit".to_string(), ms(t.elapsed()));
+            state = Some(StateProgress {
+                operator: agg.description.clone(),
+                rows: stats.rows,
+                updated: stats.updated,
+                removed: stats.removed,
+                memory_bytes: agg.memory_bytes(),
+                bytes_written: stats.bytes_written,
+            });
+        }
 
         let t = Instant::now();
         self.sink.write(id, &self.output_schema, output).await?;
@@ -485,7 +540,6 @@ impl MicroBatchExecution {
         durations.insert("sink".to_string(), ms(t.elapsed()));
         self.inject(FaultPoint::AfterSink, id)?;
 
-        let watermark = self.watermark_after(&event_max);
         let t = Instant::now();
         self.checkpoint.write_commit(&CommitEntry {
             batch_id: id,
@@ -500,6 +554,8 @@ impl MicroBatchExecution {
         Ok(Outcome {
             input_rows,
             output_rows,
+            late_rows,
+            state,
             sources,
         })
     }
@@ -559,6 +615,8 @@ impl MicroBatchExecution {
 struct Outcome {
     input_rows: u64,
     output_rows: u64,
+    late_rows: u64,
+    state: Option<StateProgress>,
     sources: Vec<SourceProgress>,
 }
 

@@ -11,6 +11,7 @@
 //! assert_eq!("available-now".parse::<Trigger>().unwrap(), Trigger::AvailableNow);
 //! ```
 
+mod aggregate;
 pub mod execution;
 pub mod fault;
 pub mod query;

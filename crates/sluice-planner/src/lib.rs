@@ -19,8 +19,10 @@ pub mod explain;
 pub mod parser;
 pub mod stream_table;
 pub mod validate;
+pub mod windows;
 
 pub use explain::{explain_streaming, fingerprint};
 pub use parser::{CreateSink, CreateSource, Statement, WatermarkDef, parse_script};
-pub use stream_table::{StreamTable, fork_streams, stream_tables};
-pub use validate::{OutputMode, check_streaming_plan};
+pub use stream_table::{BatchSlot, StreamTable, fork_streams, stream_tables};
+pub use validate::{AggregateShape, OutputMode, PlanShape, WINDOW_END, check_streaming_plan};
+pub use windows::rewrite_windows;

@@ -133,9 +133,14 @@ fn parse_statement(p: &mut DFParser<'_>) -> Result<Statement> {
         p.parser.next_token();
         return parse_set(p);
     }
-    let stmt = p
+    let mut stmt = p
         .parse_statement()
         .map_err(|e| Error::plan(df_message(&e)))?;
+    if let DFStatement::Statement(s) = &mut stmt
+        && let ast::Statement::Query(q) = s.as_mut()
+    {
+        crate::windows::rewrite_windows(q)?;
+    }
     if let DFStatement::Statement(s) = &stmt
         && let ast::Statement::Insert(insert) = s.as_ref()
     {
@@ -143,10 +148,11 @@ fn parse_statement(p: &mut DFParser<'_>) -> Result<Statement> {
             ast::TableObject::TableName(n) => object_name(n),
             other => return Err(Error::plan(format!("cannot INSERT INTO {other}"))),
         };
-        let query = insert
+        let mut query = insert
             .source
             .clone()
             .ok_or_else(|| Error::plan(format!("INSERT INTO {target} needs VALUES or a SELECT")))?;
+        crate::windows::rewrite_windows(&mut query)?;
         if !insert.columns.is_empty() {
             return Err(Error::not_supported(format!(
                 "a column list in INSERT INTO {target} (...): give every column in order"
@@ -286,7 +292,9 @@ fn parse_create_sink(p: &mut DFParser<'_>) -> Result<CreateSink> {
     let options = parse_with_options(p, &format!("sink '{name}'"))?;
     let query = if word_is(&p.parser.peek_token().token, "AS") {
         p.parser.next_token();
-        Some(p.parser.parse_query().map_err(parse_error)?)
+        let mut q = p.parser.parse_query().map_err(parse_error)?;
+        crate::windows::rewrite_windows(&mut q)?;
+        Some(q)
     } else {
         None
     };

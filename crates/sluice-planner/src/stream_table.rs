@@ -30,12 +30,50 @@ pub struct StreamTable {
     watermark: Arc<Mutex<Option<WatermarkDef>>>,
     dead_letter: Option<Arc<dyn Sink>>,
     clock: Arc<dyn Clock>,
-    slot: Arc<Slot>,
+    slot: Arc<BatchSlot>,
 }
 
+/// Rows that an executor puts in place before it runs a plan whose scan
+/// ([`BatchSlot::scan`]) reads them: how a re-executed physical plan sees
+/// each micro-batch's rows.
 #[derive(Debug, Default)]
-struct Slot {
+pub struct BatchSlot {
     batches: Mutex<Vec<RecordBatch>>,
+}
+
+impl BatchSlot {
+    /// An empty slot.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Replaces the slot's rows.
+    pub fn set(&self, batches: Vec<RecordBatch>) {
+        *self.batches.lock().unwrap_or_else(|p| p.into_inner()) = batches;
+    }
+
+    /// A one-partition scan of `schema` reading whatever the slot holds at
+    /// execution time.
+    pub fn scan(
+        self: &Arc<Self>,
+        schema: SchemaRef,
+        projection: Option<&Vec<usize>>,
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let partition: Arc<dyn PartitionStream> = Arc::new(SlotPartition {
+            schema: Arc::clone(&schema),
+            slot: Arc::clone(self),
+        });
+        // Bounded: each execution reads the slot once and ends.
+        Ok(Arc::new(StreamingTableExec::try_new(
+            schema,
+            vec![partition],
+            projection,
+            [],
+            false,
+            limit,
+        )?))
+    }
 }
 
 impl StreamTable {
@@ -121,7 +159,7 @@ impl StreamTable {
 
     /// Puts the rows of the current micro-batch in the slot.
     pub fn set_batch(&self, batches: Vec<RecordBatch>) {
-        *self.slot.batches.lock().unwrap_or_else(|p| p.into_inner()) = batches;
+        self.slot.set(batches);
     }
 
     /// Empties the slot.
@@ -147,26 +185,14 @@ impl TableProvider for StreamTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
-        let partition: Arc<dyn PartitionStream> = Arc::new(SlotPartition {
-            schema: self.source.schema(),
-            slot: Arc::clone(&self.slot),
-        });
-        // Bounded: each execution reads one micro-batch and ends.
-        Ok(Arc::new(StreamingTableExec::try_new(
-            self.source.schema(),
-            vec![partition],
-            projection,
-            [],
-            false,
-            limit,
-        )?))
+        self.slot.scan(self.source.schema(), projection, limit)
     }
 }
 
 #[derive(Debug)]
 struct SlotPartition {
     schema: SchemaRef,
-    slot: Arc<Slot>,
+    slot: Arc<BatchSlot>,
 }
 
 impl PartitionStream for SlotPartition {

@@ -1,52 +1,101 @@
 //! Checks that a query over streams can run incrementally, naming the
-//! operator and the fix when it cannot.
+//! operator, the mode and the fix when it cannot.
 //!
-//! Today every streaming query is stateless: each micro-batch's output
-//! depends only on that micro-batch's rows (and static tables). Operators
-//! that would need state carried across batches are refused at planning with
-//! a "not supported yet" error, never run with a wrong answer.
+//! A streaming query is either stateless — each micro-batch's output depends
+//! only on that micro-batch's rows and static tables — or it has exactly one
+//! grouped aggregate over its streams, whose state the executor keeps in the
+//! state store, with only projections and filters (e.g. `HAVING`) above it.
+//! Everything else that would need state (DISTINCT, window functions, ORDER
+//! BY, LIMIT, stream–stream joins, a second aggregate) is refused at planning
+//! with a "not supported yet" error, never run with a wrong answer.
 
-use datafusion::logical_expr::{JoinType, LogicalPlan};
+use datafusion::logical_expr::{Expr, JoinType, LogicalPlan};
 pub use sluice_common::OutputMode;
 use sluice_common::{Error, Result};
 
-use crate::stream_table::as_stream_table;
+use crate::stream_table::{as_stream_table, stream_tables};
 
-/// Checks that `plan` reads at least one stream, keeps no state, and suits
-/// `mode`. `name` is the query's name, for messages.
-pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) -> Result<()> {
-    if !reads_stream(plan)? {
+/// The name of the column that ends an event-time window (from `TUMBLE`).
+pub const WINDOW_END: &str = "window_end";
+
+/// What kind of incremental plan a query needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlanShape {
+    /// The grouped aggregate over streams, if any.
+    pub aggregate: Option<AggregateShape>,
+}
+
+/// The one stateful aggregate of a query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateShape {
+    /// The group keys, as written.
+    pub keys: Vec<String>,
+    /// The aggregate functions, as written.
+    pub aggregates: Vec<String>,
+    /// Whether the keys include an event-time window (`window_end`).
+    pub windowed: bool,
+}
+
+/// Checks that `plan` reads at least one stream, can run incrementally, and
+/// suits `mode`; returns its shape. `name` is the query's name, for messages.
+pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) -> Result<PlanShape> {
+    let mut shape = PlanShape::default();
+    if !walk(plan, true, &mut shape)? {
         return Err(Error::plan(format!(
             "query '{name}' reads no stream (only static tables): run it as a batch query, or read a source created with CREATE SOURCE"
         )));
     }
-    match mode {
-        OutputMode::Append | OutputMode::Update => Ok(()),
-        OutputMode::Complete => Err(Error::plan(format!(
+    let has_watermark = stream_tables(plan).iter().any(|t| t.watermark().is_some());
+    match (&shape.aggregate, mode) {
+        (None, OutputMode::Append | OutputMode::Update) => Ok(shape),
+        (None, OutputMode::Complete) => Err(Error::plan(format!(
             "query '{name}': output mode complete re-emits the whole result table and needs an aggregate; this query is stateless (projection/filter/join), so use output_mode = 'append' or 'update'"
         ))),
-        OutputMode::Changelog => Err(Error::not_supported(format!(
-            "query '{name}': output mode changelog arrives with stateful queries; a stateless query's rows are all inserts, so use output_mode = 'append'"
+        (_, OutputMode::Changelog) => Err(Error::not_supported(format!(
+            "query '{name}': output mode changelog; use 'update' (changed rows) or 'complete' (the whole result)"
         ))),
+        (Some(a), OutputMode::Append) if !(a.windowed && has_watermark) => {
+            Err(Error::plan(format!(
+                "query '{name}': output mode append on the aggregate {} GROUP BY {} emits a row once and never changes it, so it needs an event-time window (GROUP BY window_start, window_end of TUMBLE(...)) and a WATERMARK on the stream's time column; {}or use output_mode = 'update' or 'complete'",
+                a.aggregates.join(", "),
+                if a.keys.is_empty() {
+                    "()".to_string()
+                } else {
+                    a.keys.join(", ")
+                },
+                match (a.windowed, has_watermark) {
+                    (false, _) => "the aggregate has no window; ",
+                    (true, false) => "no source declares a watermark; ",
+                    _ => "",
+                }
+            )))
+        }
+        (Some(_), _) => Ok(shape),
     }
 }
 
-/// Whether `plan` reads a stream; fails on an operator that would need state.
-fn reads_stream(plan: &LogicalPlan) -> Result<bool> {
+/// Whether `plan` reads a stream. `chain` says whether every operator from
+/// the root down to here is one an aggregate may have above it (projection,
+/// filter, alias). Fails on an operator that would need state.
+fn walk(plan: &LogicalPlan, chain: bool, shape: &mut PlanShape) -> Result<bool> {
     if let LogicalPlan::TableScan(scan) = plan {
         return Ok(as_stream_table(scan).is_some());
     }
+    let passes_chain = chain
+        && matches!(
+            plan,
+            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_)
+        );
     let mut flags = Vec::new();
     for input in plan.inputs() {
-        flags.push(reads_stream(input)?);
+        flags.push(walk(input, passes_chain, shape)?);
     }
-    let any = flags.iter().any(|f| *f);
-    if !any {
+    if !flags.iter().any(|f| *f) {
         return Ok(false);
     }
     let stateful = |what: String, fix: &str| {
         Err(Error::not_supported(format!(
-            "{what} keeps state across micro-batches, and stateful streaming operators are not built yet; {fix}"
+            "{what} keeps state across micro-batches; {fix}"
         )))
     };
     match plan {
@@ -61,36 +110,67 @@ fn reads_stream(plan: &LogicalPlan) -> Result<bool> {
                 .iter()
                 .map(|e| e.schema_name().to_string())
                 .collect();
-            let what = if aggs.is_empty() {
-                format!(
-                    "SELECT DISTINCT / GROUP BY {} over a stream",
-                    keys.join(", ")
-                )
-            } else if keys.is_empty() {
-                format!("aggregate {} over a stream", aggs.join(", "))
-            } else {
-                format!(
-                    "aggregate {} GROUP BY {} over a stream",
-                    aggs.join(", "),
-                    keys.join(", ")
-                )
-            };
-            stateful(what, "aggregate the sink's output as a batch query instead")
+            if aggs.is_empty() {
+                return stateful(
+                    format!(
+                        "SELECT DISTINCT / GROUP BY {} without an aggregate function over a stream",
+                        keys.join(", ")
+                    ),
+                    "streaming deduplication is not built yet; add an aggregate such as count(*)",
+                );
+            }
+            if a.group_expr
+                .iter()
+                .any(|e| matches!(e, Expr::GroupingSet(_)))
+            {
+                return stateful(
+                    "GROUPING SETS / ROLLUP / CUBE over a stream".into(),
+                    "they are not built yet for streams; group by plain keys",
+                );
+            }
+            if shape.aggregate.is_some() {
+                return stateful(
+                    format!(
+                        "a second aggregate ({}) over an aggregated stream",
+                        aggs.join(", ")
+                    ),
+                    "one aggregate per streaming query is supported; aggregate the sink's output as a batch query instead",
+                );
+            }
+            if !chain {
+                return stateful(
+                    format!(
+                        "the aggregate {} followed by an operator other than a projection or filter (another aggregate, a join, a sort, ...)",
+                        aggs.join(", ")
+                    ),
+                    "only projections and filters (HAVING) may follow a streaming aggregate",
+                );
+            }
+            let windowed = a.group_expr.iter().any(|e| match e {
+                Expr::Column(c) => c.name == WINDOW_END,
+                _ => false,
+            });
+            shape.aggregate = Some(AggregateShape {
+                keys,
+                aggregates: aggs,
+                windowed,
+            });
+            Ok(true)
         }
         LogicalPlan::Distinct(_) => stateful(
             "DISTINCT over a stream".into(),
-            "deduplicate the sink's output as a batch query instead",
+            "streaming deduplication is not built yet; deduplicate the sink's output as a batch query instead",
         ),
         LogicalPlan::Window(w) => stateful(
             format!(
                 "window function {} over a stream",
                 w.window_expr
                     .iter()
-                    .map(|e| e.to_string())
+                    .map(|e| e.schema_name().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            "compute it over the sink's output as a batch query instead",
+            "it is not built yet for streams; compute it over the sink's output as a batch query instead",
         ),
         LogicalPlan::Sort(_) => stateful(
             "ORDER BY over a stream".into(),
@@ -105,7 +185,7 @@ fn reads_stream(plan: &LogicalPlan) -> Result<bool> {
             if left && right {
                 return stateful(
                     "a join of two streams".into(),
-                    "join a stream with a static table (CREATE EXTERNAL TABLE) instead",
+                    "stream-stream joins are not built yet; join a stream with a static table (CREATE EXTERNAL TABLE) instead",
                 );
             }
             let ok = match j.join_type {

@@ -272,9 +272,14 @@ impl StateStore {
         Arc::new(Schema::new(fields))
     }
 
-    fn to_batch(&self, keys: &[OwnedRow], values: &[OwnedRow]) -> Result<RecordBatch> {
+    fn to_columns(&self, keys: &[OwnedRow], values: &[OwnedRow]) -> Result<Vec<ArrayRef>> {
         let mut cols = self.keys.convert_rows(keys.iter().map(|r| r.row()))?;
         cols.extend(self.values.convert_rows(values.iter().map(|r| r.row()))?);
+        Ok(cols)
+    }
+
+    fn to_batch(&self, keys: &[OwnedRow], values: &[OwnedRow]) -> Result<RecordBatch> {
+        let cols = self.to_columns(keys, values)?;
         if cols.is_empty() {
             return Ok(RecordBatch::new_empty(self.row_schema()));
         }
@@ -367,23 +372,23 @@ impl StateStore {
                 deleted.push(false);
             }
         }
-        // A removed key carries placeholder values (those of any live row,
-        // or nulls): only its key and the mark are read back.
+        // A removed key carries null values: only its key and the mark are
+        // read back.
         let filler = self.null_values()?;
         for k in removed {
             keys.push(k.clone());
             values.push(filler.clone());
             deleted.push(true);
         }
-        let rows = self.to_batch(&keys, &values)?;
-        let mut fields: Vec<Field> = rows
-            .schema()
+        // Value columns are nullable here: a removed key's values are nulls.
+        let mut cols = self.to_columns(&keys, &values)?;
+        let mut fields: Vec<Field> = self
+            .row_schema()
             .fields()
             .iter()
             .map(|f| f.as_ref().clone().with_nullable(true))
             .collect();
         fields.push(Field::new(DELETED, DataType::Boolean, false));
-        let mut cols = rows.columns().to_vec();
         cols.push(Arc::new(BooleanArray::from(deleted)));
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
     }

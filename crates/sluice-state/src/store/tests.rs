@@ -43,7 +43,7 @@ fn rows(data: &[(&str, i64, i64)]) -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
         Field::new("k", DataType::Utf8, false),
         Field::new("window_start", DataType::Int64, false),
-        Field::new("count", DataType::Int64, true),
+        Field::new("count", DataType::Int64, false),
     ]));
     RecordBatch::try_new(
         schema,

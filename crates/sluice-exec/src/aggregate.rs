@@ -1,0 +1,423 @@
+//! The stateful grouped aggregate of a streaming query.
+//!
+//! DataFusion plans the whole query once; this module cuts its physical plan
+//! at the aggregate into three parts and runs them per micro-batch:
+//!
+//! ```text
+//!  upper plan (projection, HAVING)      <- reads the emitted rows
+//!        |
+//!  Final        (state -> values)       <- emitted keys' states
+//!  PartialReduce(state + state -> state) <- stored states of the batch's keys + the batch's partial states
+//!  Partial      (rows -> state)         <- the batch's on-time rows
+//!        |
+//!  input plan (scan, filter, join, window columns)
+//! ```
+//!
+//! The merged states go to the [`StateStore`], keyed by the group key
+//! (window included). So any aggregate whose accumulator can export and
+//! merge its state — count, sum, avg, min, max, count(DISTINCT), approx_*,
+//! stddev, ... — runs incrementally, using DataFusion's own accumulators.
+//!
+//! Output modes: `update` emits the keys this batch changed; `complete`
+//! emits every key; `append` emits a window once the watermark passes its
+//! end, then evicts it. With a window and a watermark, rows whose window had
+//! closed at the start of the batch are late: not aggregated, counted
+//! (except in complete mode, which never closes a window).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use sluice_common::durable::Durability;
+use sluice_common::{BatchId, Error, OutputMode, Result};
+use sluice_planner::{BatchSlot, WINDOW_END};
+use sluice_state::store::{CommitStats, StateStore, StateStoreOptions};
+
+/// A plan fed from a slot.
+#[derive(Debug)]
+struct Stage {
+    slot: Arc<BatchSlot>,
+    plan: Arc<dyn ExecutionPlan>,
+}
+
+impl Stage {
+    async fn run(
+        &self,
+        rows: Vec<RecordBatch>,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<Vec<RecordBatch>> {
+        self.slot.set(rows);
+        let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
+        let out = collect(plan, Arc::clone(ctx)).await;
+        self.slot.set(Vec::new());
+        out.map_err(Error::from)
+    }
+}
+
+/// What one batch of the aggregate produced.
+#[derive(Debug, Default)]
+pub(crate) struct AggregateOutput {
+    /// Rows for the sink (after the plan above the aggregate).
+    pub rows: Vec<RecordBatch>,
+    /// On-time rows aggregated.
+    pub aggregated_rows: u64,
+    /// Late rows left out.
+    pub late_rows: u64,
+}
+
+/// The stateful aggregate of one query.
+#[derive(Debug)]
+pub(crate) struct AggregateOperator {
+    input: Arc<dyn ExecutionPlan>,
+    partial: Stage,
+    reduce: Stage,
+    finalize: Stage,
+    upper: Stage,
+    agg_schema: SchemaRef,
+    partial_schema: SchemaRef,
+    /// Group key columns (0: a global aggregate, stored under one constant key).
+    n_keys: usize,
+    window_end: Option<(usize, Arc<dyn PhysicalExpr>)>,
+    mode: OutputMode,
+    store: StateStore,
+    dirty: bool,
+    /// Human-readable description for EXPLAIN and errors.
+    pub description: String,
+}
+
+fn is_agg(plan: &Arc<dyn ExecutionPlan>) -> Option<&AggregateExec> {
+    let any: &dyn std::any::Any = plan.as_ref();
+    any.downcast_ref::<AggregateExec>()
+}
+
+/// The first aggregate in `plan`, top down.
+fn find_top(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    if is_agg(plan).is_some() {
+        return Some(Arc::clone(plan));
+    }
+    plan.children().into_iter().find_map(find_top)
+}
+
+impl AggregateOperator {
+    /// Cuts `physical` at its aggregate. `state_dir` holds the state store.
+    pub(crate) fn plan(
+        physical: &Arc<dyn ExecutionPlan>,
+        mode: OutputMode,
+        state_dir: PathBuf,
+        durability: Durability,
+    ) -> Result<Self> {
+        let top = find_top(physical).ok_or_else(|| {
+            Error::internal("the query has an aggregate but its physical plan has none")
+        })?;
+        let top_agg = is_agg(&top).expect("found as an aggregate");
+        // The aggregate that holds the expressions over raw rows: the Partial
+        // under a Final, or a Single on its own.
+        let src: Arc<dyn ExecutionPlan> = match top_agg.mode() {
+            AggregateMode::Single | AggregateMode::SinglePartitioned => Arc::clone(&top),
+            AggregateMode::Final | AggregateMode::FinalPartitioned => {
+                let mut node = Arc::clone(top_agg.input());
+                loop {
+                    if is_agg(&node).is_some() {
+                        break node;
+                    }
+                    let children = node.children();
+                    if children.len() != 1 {
+                        return Err(Error::internal(format!(
+                            "unexpected plan under the final aggregate: {}",
+                            node.name()
+                        )));
+                    }
+                    node = Arc::clone(children[0]);
+                }
+            }
+            other => {
+                return Err(Error::internal(format!(
+                    "unexpected aggregate mode {other:?} at the top"
+                )));
+            }
+        };
+        let src_agg = is_agg(&src).expect("found as an aggregate");
+        if !matches!(
+            src_agg.mode(),
+            AggregateMode::Partial | AggregateMode::Single | AggregateMode::SinglePartitioned
+        ) {
+            return Err(Error::internal(format!(
+                "expected a partial aggregate, found {:?}",
+                src_agg.mode()
+            )));
+        }
+        if src_agg.group_expr().has_grouping_set() {
+            return Err(Error::not_supported("GROUPING SETS over a stream"));
+        }
+        let input = Arc::clone(src_agg.input());
+        if find_top(&input).is_some() {
+            return Err(Error::not_supported(
+                "a second aggregate under a streaming aggregate",
+            ));
+        }
+        let input_schema = src_agg.input_schema();
+        let group_by = src_agg.group_expr().clone();
+        let aggr = src_agg.aggr_expr().to_vec();
+        let n = aggr.len();
+        let unmergeable = |e: datafusion::error::DataFusionError| {
+            Error::not_supported(format!(
+                "an aggregate whose state cannot be merged across micro-batches ({}): {e}",
+                aggr.iter()
+                    .map(|a| a.name().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        };
+
+        let slot = BatchSlot::new();
+        let partial_plan: Arc<dyn ExecutionPlan> = Arc::new(
+            AggregateExec::try_new(
+                AggregateMode::Partial,
+                group_by.clone(),
+                aggr.clone(),
+                src_agg.filter_expr().to_vec(),
+                slot.scan(Arc::clone(&input_schema), None, None)?,
+                Arc::clone(&input_schema),
+            )
+            .map_err(unmergeable)?,
+        );
+        let partial_schema = partial_plan.schema();
+        let partial = Stage {
+            slot,
+            plan: partial_plan,
+        };
+        let stage = |mode: AggregateMode| -> Result<Stage> {
+            let slot = BatchSlot::new();
+            let plan = AggregateExec::try_new(
+                mode,
+                group_by.as_final(),
+                aggr.clone(),
+                vec![None; n],
+                slot.scan(Arc::clone(&partial_schema), None, None)?,
+                Arc::clone(&input_schema),
+            )
+            .map_err(unmergeable)?;
+            Ok(Stage {
+                slot,
+                plan: Arc::new(plan),
+            })
+        };
+        let reduce = stage(AggregateMode::PartialReduce)?;
+        let finalize = stage(AggregateMode::Final)?;
+
+        let agg_schema = top.schema();
+        let upper_slot = BatchSlot::new();
+        let leaf = upper_slot.scan(Arc::clone(&agg_schema), None, None)?;
+        let upper_plan = Arc::clone(physical)
+            .transform_down(|node| {
+                if std::ptr::addr_eq(Arc::as_ptr(&node), Arc::as_ptr(&top)) {
+                    Ok(Transformed::yes(Arc::clone(&leaf)))
+                } else {
+                    Ok(Transformed::no(node))
+                }
+            })
+            .map_err(Error::from)?
+            .data;
+
+        let n_keys = group_by.expr().len();
+        let window_end = group_by
+            .expr()
+            .iter()
+            .position(|(_, name)| name == WINDOW_END)
+            .map(|i| (i, Arc::clone(&group_by.expr()[i].0)));
+        let fields = partial_schema.fields();
+        let key_schema: SchemaRef = if n_keys == 0 {
+            Arc::new(Schema::new(vec![Field::new(
+                "__all",
+                DataType::Boolean,
+                false,
+            )]))
+        } else {
+            Arc::new(Schema::new(fields[..n_keys].to_vec()))
+        };
+        let value_schema = Arc::new(Schema::new(fields[n_keys..].to_vec()));
+        let options = StateStoreOptions {
+            durability,
+            ..StateStoreOptions::default()
+        };
+        let store = StateStore::new(Some(state_dir), key_schema, value_schema, options)?;
+        let description = format!(
+            "aggregate {} GROUP BY [{}]",
+            aggr.iter()
+                .map(|a| a.name().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            group_by
+                .expr()
+                .iter()
+                .map(|(_, n)| n.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(AggregateOperator {
+            input,
+            partial,
+            reduce,
+            finalize,
+            upper: Stage {
+                slot: upper_slot,
+                plan: upper_plan,
+            },
+            agg_schema,
+            partial_schema,
+            n_keys,
+            window_end,
+            mode,
+            store,
+            dirty: false,
+            description,
+        })
+    }
+
+    /// Loads the state as of `version` (the last committed batch).
+    pub(crate) fn load(&mut self, version: Option<BatchId>) -> Result<()> {
+        self.store.load(version)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Makes sure the store holds exactly the state before batch `id`.
+    pub(crate) fn prepare(&mut self, id: BatchId) -> Result<()> {
+        let before = id.checked_sub(1);
+        if self.dirty || self.store.version() != before {
+            self.load(before)?;
+        }
+        Ok(())
+    }
+
+    /// Commits the state of batch `id`.
+    pub(crate) fn commit(&mut self, id: BatchId) -> Result<CommitStats> {
+        let stats = self.store.commit(id)?;
+        self.dirty = false;
+        Ok(stats)
+    }
+
+    /// Approximate bytes of state in memory.
+    pub(crate) fn memory_bytes(&self) -> u64 {
+        self.store.memory_bytes() as u64
+    }
+
+    /// Stored rows as the store sees them: a constant key for a global aggregate.
+    fn store_rows(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        if self.n_keys > 0 {
+            return Ok(batch.clone());
+        }
+        let mut cols: Vec<ArrayRef> =
+            vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()]))];
+        cols.extend(batch.columns().iter().cloned());
+        Ok(RecordBatch::try_new(self.store.row_schema(), cols)?)
+    }
+
+    /// Stored rows back in the partial-state schema.
+    fn state_rows(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let skip = usize::from(self.n_keys == 0);
+        Ok(RecordBatch::try_new(
+            Arc::clone(&self.partial_schema),
+            batch.columns()[skip..].to_vec(),
+        )?)
+    }
+
+    fn keys_of(&self, batch: &RecordBatch) -> Vec<ArrayRef> {
+        if self.n_keys == 0 {
+            vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()]))]
+        } else {
+            batch.columns()[..self.n_keys].to_vec()
+        }
+    }
+
+    /// Runs the aggregate over the rows the query's stream slots hold.
+    /// `wm_start` is the watermark at the start of the batch (decides late
+    /// rows), `wm_end` the one at its end (closes windows).
+    pub(crate) async fn run(
+        &mut self,
+        ctx: &Arc<TaskContext>,
+        wm_start: Option<i64>,
+        wm_end: Option<i64>,
+    ) -> Result<AggregateOutput> {
+        self.dirty = true;
+        let plan = reset_plan_states(Arc::clone(&self.input)).map_err(Error::from)?;
+        let raw = collect(plan, Arc::clone(ctx)).await.map_err(Error::from)?;
+        let closes = self.mode != OutputMode::Complete;
+        let mut out = AggregateOutput::default();
+        let mut on_time = Vec::with_capacity(raw.len());
+        for batch in raw {
+            match (&self.window_end, wm_start) {
+                (Some((_, expr)), Some(wm)) if closes => {
+                    let end = expr.evaluate(&batch)?.into_array(batch.num_rows())?;
+                    let keep = window_after(&end, wm)?;
+                    let kept = filter_record_batch(&batch, &keep)?;
+                    out.late_rows += (batch.num_rows() - kept.num_rows()) as u64;
+                    on_time.push(kept);
+                }
+                _ => on_time.push(batch),
+            }
+        }
+        out.aggregated_rows = on_time.iter().map(|b| b.num_rows() as u64).sum();
+
+        let partial = self.partial.run(on_time, ctx).await?;
+        let partial = concat_batches(&self.partial_schema, &partial)?;
+        let stored = self.store.get(&self.keys_of(&partial))?;
+        let stored = self.state_rows(&stored)?;
+        let merged = self.reduce.run(vec![stored, partial], ctx).await?;
+        let merged = concat_batches(&self.partial_schema, &merged)?;
+        self.store.put(&self.store_rows(&merged)?)?;
+
+        let mut emit: Vec<RecordBatch> = match self.mode {
+            OutputMode::Update => vec![merged],
+            OutputMode::Complete => {
+                let all = self.store.scan()?;
+                vec![self.state_rows(&all)?]
+            }
+            _ => vec![],
+        };
+        if let (Some((i, _)), Some(wm), true) = (&self.window_end, wm_end, closes) {
+            let i = *i;
+            let closed = self.store.remove_where(|keys| {
+                let keep = window_after(keys.column(i), wm)?;
+                Ok(datafusion::arrow::compute::not(&keep)?)
+            })?;
+            if self.mode == OutputMode::Append {
+                emit.push(self.state_rows(&closed)?);
+            }
+        }
+        let values = self.finalize.run(emit, ctx).await?;
+        // Conform to the schema the plan above was built for (same types;
+        // nullability as DataFusion's own final aggregate declared it).
+        let values: Vec<RecordBatch> = values
+            .into_iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| RecordBatch::try_new(Arc::clone(&self.agg_schema), b.columns().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        out.rows = if values.is_empty() {
+            vec![]
+        } else {
+            self.upper.run(values, ctx).await?
+        };
+        Ok(out)
+    }
+}
+
+/// `true` where the window end (a timestamp) is after `wm` (ms): the window
+/// is still open.
+fn window_after(end: &ArrayRef, wm: i64) -> Result<BooleanArray> {
+    let ms = cast(end, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+    let ms = ms.as_primitive::<TimestampMillisecondType>();
+    Ok((0..ms.len())
+        .map(|i| Some(ms.is_null(i) || ms.value(i) > wm))
+        .collect())
+}

@@ -1,0 +1,142 @@
+//! Window table functions in `FROM`: `TUMBLE(t, ts, size)` becomes a
+//! subquery over `t` that adds `window_start` and `window_end`, so that a
+//! windowed aggregate is an ordinary `GROUP BY window_start, window_end, ...`
+//! that DataFusion plans and the streaming executor keeps state for.
+//!
+//! `HOP` and `SESSION` are recognised and refused as not built yet.
+
+use std::ops::ControlFlow;
+
+use datafusion::sql::sqlparser::ast::{
+    FunctionArg, FunctionArgExpr, Query, TableFactor, VisitMut, VisitorMut,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use sluice_common::{Error, Result};
+
+/// Rewrites every window table function of `query` in place.
+pub fn rewrite_windows(query: &mut Query) -> Result<()> {
+    let mut v = Rewriter;
+    match query.visit(&mut v) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(e) => Err(e),
+    }
+}
+
+struct Rewriter;
+
+impl VisitorMut for Rewriter {
+    type Break = Error;
+
+    fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<Error> {
+        let TableFactor::Table {
+            name,
+            args: Some(args),
+            alias,
+            ..
+        } = tf
+        else {
+            return ControlFlow::Continue(());
+        };
+        let func = name.to_string().to_ascii_uppercase();
+        if !matches!(func.as_str(), "TUMBLE" | "HOP" | "SESSION") {
+            return ControlFlow::Continue(());
+        }
+        let args: Vec<String> = args
+            .args
+            .iter()
+            .map(|a| match a {
+                FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => e.to_string(),
+                other => other.to_string(),
+            })
+            .collect();
+        match rewrite(&func, &args, alias.as_ref().map(|a| a.name.to_string())) {
+            Ok(new) => {
+                *tf = new;
+                ControlFlow::Continue(())
+            }
+            Err(e) => ControlFlow::Break(e),
+        }
+    }
+}
+
+fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFactor> {
+    match func {
+        "TUMBLE" => {
+            let [table, ts, size] = args else {
+                return Err(Error::plan(format!(
+                    "TUMBLE takes (table, time column, size), e.g. TUMBLE(bids, ts, INTERVAL '10' SECOND); got {} arguments",
+                    args.len()
+                )));
+            };
+            let alias = alias.unwrap_or_else(|| table.clone());
+            // date_bin aligns windows to the Unix epoch, as Spark and Flink do.
+            let start = format!("date_bin({size}, {ts}, TIMESTAMP '1970-01-01T00:00:00')");
+            let sql = format!(
+                "SELECT * FROM (SELECT *, {start} AS window_start, {start} + {size} AS window_end FROM {table}) AS {alias}"
+            );
+            let mut q = Parser::new(&GenericDialect {})
+                .try_with_sql(&sql)
+                .and_then(|mut p| p.parse_query())
+                .map_err(|e| Error::plan(format!("TUMBLE({}): {e}", args.join(", "))))?;
+            match q.body.as_mut() {
+                datafusion::sql::sqlparser::ast::SetExpr::Select(s) => {
+                    Ok(s.from.remove(0).relation)
+                }
+                _ => Err(Error::internal("TUMBLE rewrite did not produce a SELECT")),
+            }
+        }
+        other => Err(Error::not_supported(format!(
+            "{other} windows; TUMBLE(table, time column, size) is built"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::sql::sqlparser::ast::Statement;
+
+    fn rewritten(sql: &str) -> Result<String> {
+        let mut stmt = Parser::parse_sql(&GenericDialect {}, sql)
+            .unwrap()
+            .remove(0);
+        let Statement::Query(q) = &mut stmt else {
+            panic!()
+        };
+        rewrite_windows(q)?;
+        Ok(stmt.to_string())
+    }
+
+    #[test]
+    fn tumble_becomes_a_subquery_with_window_columns() {
+        let s = rewritten(
+            "SELECT window_start, count(*) FROM TUMBLE(bids, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end",
+        )
+        .unwrap();
+        assert!(s.contains("date_bin(INTERVAL '10' SECOND, ts"), "{s}");
+        assert!(s.contains("AS window_end FROM bids) AS bids"), "{s}");
+        let s = rewritten(
+            "SELECT * FROM TUMBLE(bids, ts, INTERVAL '1' MINUTE) AS b JOIN t ON b.x = t.x",
+        )
+        .unwrap();
+        assert!(s.contains(") AS b JOIN t"), "{s}");
+    }
+
+    #[test]
+    fn other_windows_and_bad_arguments_are_refused() {
+        assert!(
+            rewritten("SELECT * FROM HOP(b, ts, INTERVAL '1' SECOND, INTERVAL '5' SECOND)")
+                .unwrap_err()
+                .to_string()
+                .contains("not supported yet: HOP windows")
+        );
+        assert!(
+            rewritten("SELECT * FROM TUMBLE(b, ts)")
+                .unwrap_err()
+                .to_string()
+                .contains("TUMBLE takes")
+        );
+        assert!(rewritten("SELECT * FROM generate_series(1, 3)").is_ok());
+    }
+}
