@@ -7,14 +7,15 @@ use std::sync::Arc;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 
-use crate::OutputMode;
 use crate::stream_table::stream_tables;
+use crate::{OutputMode, PlanShape};
 
 /// The text of `EXPLAIN` for query `name`.
 pub fn explain_streaming(
     name: &str,
     plan: &LogicalPlan,
     physical: &Arc<dyn ExecutionPlan>,
+    shape: &PlanShape,
     mode: OutputMode,
     sink: &str,
     trigger: &str,
@@ -43,16 +44,49 @@ pub fn explain_streaming(
         if watermarks.is_empty() {
             "none".to_string()
         } else {
-            format!(
-                "min({}) (recorded, not yet used: no operator keeps state)",
-                watermarks.join(", ")
-            )
+            format!("min({})", watermarks.join(", "))
         }
     );
-    let _ = writeln!(
-        s,
-        "  state: none (stateless: each micro-batch is computed from its own rows and static tables)"
-    );
+    match &shape.aggregate {
+        None => {
+            let _ = writeln!(
+                s,
+                "  state: none (stateless: each micro-batch is computed from its own rows and static tables)"
+            );
+        }
+        Some(a) => {
+            let _ = writeln!(
+                s,
+                "  state: aggregate {} keyed by [{}] (state/aggregate/<partition>/<batch>.delta|.snapshot)",
+                a.aggregates.join(", "),
+                a.keys.join(", ")
+            );
+            let _ = writeln!(
+                s,
+                "    per batch: Partial(on-time rows) -> PartialReduce(+ stored states of the same keys) -> store -> Final(keys to emit)"
+            );
+            let (evict, late) = match (a.windowed, mode) {
+                (true, OutputMode::Append) => (
+                    "emit a window once window_end <= watermark (end of batch), then remove it",
+                    "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
+                ),
+                (true, OutputMode::Update) => (
+                    "remove a window once window_end <= watermark (end of batch)",
+                    "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
+                ),
+                (true, _) => (
+                    "none: complete mode keeps every window",
+                    "none: no window ever closes",
+                ),
+                (false, _) => (
+                    "none: unwindowed state is kept for every key",
+                    "none: there is no window to close",
+                ),
+            };
+            let _ = writeln!(s, "    eviction: {evict}");
+            let _ = writeln!(s, "    late rows: {late}");
+        }
+    }
     let _ = writeln!(s, "  per micro-batch logical plan:");
     for line in plan.display_indent().to_string().lines() {
         let _ = writeln!(s, "    {line}");

@@ -544,7 +544,7 @@ impl StreamContext {
         let mode: OutputMode = options.get("output_mode").unwrap_or("append").parse()?;
         let (state, plan) = df.into_parts();
         let plan = state.optimize(&plan).map_err(Error::from)?;
-        check_streaming_plan(&name, &plan, mode)?;
+        let shape = check_streaming_plan(&name, &plan, mode)?;
         let (plan, _) = fork_streams(plan)?;
         let physical = state
             .create_physical_plan(&plan)
@@ -559,6 +559,7 @@ impl StreamContext {
             &name,
             &plan,
             &physical,
+            &shape,
             mode,
             &sink,
             &trigger.to_string(),
