@@ -49,6 +49,15 @@ enum Command {
         /// The SQL file.
         file: PathBuf,
     },
+    /// Print a query's state (group keys and aggregate states) from its
+    /// checkpoint directory, as of the last committed batch or `--version`.
+    State {
+        /// The query's checkpoint directory (e.g. `ckpt/<sink name>`).
+        dir: PathBuf,
+        /// The batch id to read the state as of.
+        #[arg(long, value_name = "N")]
+        version: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +84,7 @@ fn main() -> ExitCode {
                 max_batches,
             } => run(file, checkpoint, trigger, max_batches).await,
             Command::Explain { file } => explain(file).await,
+            Command::State { dir, version } => state(dir, version),
         }
     });
     match result {
@@ -265,6 +275,39 @@ fn status(q: &StreamingQuery) -> String {
             p.durations_ms.get("total").copied().unwrap_or(0.0)
         ),
     }
+}
+
+fn state(dir: PathBuf, version: Option<u64>) -> sluice::Result<()> {
+    use sluice::deps::sluice_common::durable::read_json;
+    use sluice::deps::sluice_state::checkpoint::{Metadata, last_committed};
+    use sluice::deps::sluice_state::store::read_state;
+    let meta: Metadata = read_json(&dir.join("metadata"))?;
+    let state_dir = dir.join("state").join("aggregate");
+    if !state_dir.join("meta").exists() {
+        println!("query '{}' keeps no state (it is stateless)", meta.name);
+        return Ok(());
+    }
+    let last = last_committed(&dir)?.ok_or_else(|| {
+        sluice::Error::plan(format!(
+            "query '{}' has not committed a batch yet",
+            meta.name
+        ))
+    })?;
+    let v = version.unwrap_or(last);
+    if v > last {
+        return Err(sluice::Error::plan(format!(
+            "batch {v} has not committed (the last committed batch of '{}' is {last})",
+            meta.name
+        )));
+    }
+    let (batch, keys) = read_state(&state_dir, v)?;
+    println!(
+        "query '{}', state as of batch {v}: {} keys (the first {keys} columns are the key; the rest are aggregate states)",
+        meta.name,
+        batch.num_rows()
+    );
+    println!("{}", pretty_format_batches(&[batch])?);
+    Ok(())
 }
 
 async fn explain(file: PathBuf) -> sluice::Result<()> {

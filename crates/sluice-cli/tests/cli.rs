@@ -436,6 +436,33 @@ fn a_windowed_aggregate_survives_crashes_at_every_step_with_the_same_output() {
             "{\"window_start\":\"1970-01-01T00:00:20\",\"k\":\"b\",\"n\":1}",
         ]
     );
+    // `sluice state` reads what is left: the windows not yet closed.
+    let out = sluice(&["state", "ckpt/counts"], clean.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("state as of batch 3: 1 keys"), "{text}");
+    assert!(
+        text.contains("| 1970-01-01T00:00:50 | 1970-01-01T00:01:00 | z |"),
+        "{text}"
+    );
+    let out = sluice(
+        &["state", "ckpt/counts", "--version", "0"],
+        clean.path(),
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("state as of batch 0: 3 keys"), "{text}");
+    let out = sluice(
+        &["state", "ckpt/counts", "--version", "9"],
+        clean.path(),
+        &[],
+    );
+    assert!(
+        stderr(&out).contains("batch 9 has not committed"),
+        "{}",
+        stderr(&out)
+    );
+
     let crashed = tempfile::tempdir().unwrap();
     let got = windowed_run(
         crashed.path(),

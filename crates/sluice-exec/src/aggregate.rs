@@ -33,9 +33,11 @@ use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
 };
 use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use sluice_common::durable::Durability;
@@ -75,6 +77,45 @@ pub(crate) struct AggregateOutput {
     pub late_rows: u64,
 }
 
+/// Turns stored aggregate states into aggregate values, outside the query:
+/// for `SELECT * FROM state('<query>')`.
+#[derive(Debug, Clone)]
+pub struct StateFinalizer {
+    group_by: PhysicalGroupBy,
+    aggr: Vec<Arc<AggregateFunctionExpr>>,
+    input_schema: SchemaRef,
+    partial_schema: SchemaRef,
+    agg_schema: SchemaRef,
+    global: bool,
+}
+
+impl StateFinalizer {
+    /// The schema of the values: group keys, then one column per aggregate.
+    pub fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.agg_schema)
+    }
+
+    /// A plan computing the values of `stored` (rows as the state store
+    /// holds them: keys, then states).
+    pub fn plan(&self, stored: RecordBatch) -> Result<Arc<dyn ExecutionPlan>> {
+        let cols = stored.columns()[usize::from(self.global)..].to_vec();
+        let rows = RecordBatch::try_new(Arc::clone(&self.partial_schema), cols)?;
+        let input = MemorySourceConfig::try_new_exec(
+            &[vec![rows]],
+            Arc::clone(&self.partial_schema),
+            None,
+        )?;
+        Ok(Arc::new(AggregateExec::try_new(
+            AggregateMode::Final,
+            self.group_by.clone(),
+            self.aggr.clone(),
+            vec![None; self.aggr.len()],
+            input,
+            Arc::clone(&self.input_schema),
+        )?))
+    }
+}
+
 /// The stateful aggregate of one query.
 #[derive(Debug)]
 pub(crate) struct AggregateOperator {
@@ -93,6 +134,7 @@ pub(crate) struct AggregateOperator {
     dirty: bool,
     /// Human-readable description for EXPLAIN and errors.
     pub description: String,
+    finalizer: StateFinalizer,
 }
 
 fn is_agg(plan: &Arc<dyn ExecutionPlan>) -> Option<&AggregateExec> {
@@ -264,7 +306,16 @@ impl AggregateOperator {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let finalizer = StateFinalizer {
+            group_by: group_by.as_final(),
+            aggr: aggr.clone(),
+            input_schema: Arc::clone(&input_schema),
+            partial_schema: Arc::clone(&partial_schema),
+            agg_schema: Arc::clone(&agg_schema),
+            global: n_keys == 0,
+        };
         Ok(AggregateOperator {
+            finalizer,
             input,
             partial,
             reduce,
@@ -282,6 +333,11 @@ impl AggregateOperator {
             dirty: false,
             description,
         })
+    }
+
+    /// What turns this operator's stored states into values.
+    pub(crate) fn finalizer(&self) -> StateFinalizer {
+        self.finalizer.clone()
     }
 
     /// Loads the state as of `version` (the last committed batch).

@@ -594,6 +594,11 @@ impl MicroBatchExecution {
         }
     }
 
+    /// What turns the query's stored states into values, if it keeps state.
+    pub fn state_finalizer(&self) -> Option<crate::aggregate::StateFinalizer> {
+        self.aggregate.as_ref().map(|a| a.finalizer())
+    }
+
     /// Arms (or clears) a fault at a step of the commit protocol.
     pub fn set_fault(&mut self, fault: Option<Fault>) {
         self.config.fault = fault;

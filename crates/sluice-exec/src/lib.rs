@@ -11,12 +11,13 @@
 //! assert_eq!("available-now".parse::<Trigger>().unwrap(), Trigger::AvailableNow);
 //! ```
 
-mod aggregate;
+pub mod aggregate;
 pub mod execution;
 pub mod fault;
 pub mod query;
 pub mod trigger;
 
+pub use aggregate::StateFinalizer;
 pub use execution::{MicroBatchExecution, QueryConfig, dead_letter_schema};
 pub use fault::{CRASH_EXIT_CODE, Fault, FaultPoint};
 pub use query::StreamingQuery;

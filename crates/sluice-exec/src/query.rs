@@ -7,6 +7,7 @@ use sluice_common::{Error, Progress, Result};
 use tokio::sync::{Mutex as AsyncMutex, watch};
 use tokio::task::JoinHandle;
 
+use crate::aggregate::StateFinalizer;
 use crate::execution::MicroBatchExecution;
 use crate::fault::Fault;
 use crate::trigger::{Trigger, next_start_ms};
@@ -21,6 +22,8 @@ use crate::trigger::{Trigger, next_start_ms};
 pub struct StreamingQuery {
     name: String,
     id: String,
+    checkpoint: std::path::PathBuf,
+    finalizer: Option<StateFinalizer>,
     exec: Arc<AsyncMutex<MicroBatchExecution>>,
     progress: Arc<Mutex<VecDeque<Progress>>>,
     stop_tx: watch::Sender<bool>,
@@ -33,6 +36,8 @@ impl StreamingQuery {
         let name = exec.name().to_string();
         let id = exec.id().to_string();
         let progress = exec.progress_handle();
+        let checkpoint = exec.checkpoint_dir().to_path_buf();
+        let finalizer = exec.state_finalizer();
         let trigger = exec.config().trigger;
         let exec = Arc::new(AsyncMutex::new(exec));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -47,6 +52,8 @@ impl StreamingQuery {
         StreamingQuery {
             name,
             id,
+            checkpoint,
+            finalizer,
             exec,
             progress,
             stop_tx,
@@ -57,6 +64,16 @@ impl StreamingQuery {
     /// The query's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The query's checkpoint directory.
+    pub fn checkpoint_dir(&self) -> &std::path::Path {
+        &self.checkpoint
+    }
+
+    /// What turns the query's stored states into values, if it keeps state.
+    pub fn state_finalizer(&self) -> Option<&StateFinalizer> {
+        self.finalizer.as_ref()
     }
 
     /// The query's id, fixed for the life of its checkpoint.

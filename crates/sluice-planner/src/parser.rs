@@ -19,7 +19,7 @@ use datafusion::sql::planner::{PlannerContext, SqlToRel};
 use datafusion::sql::sqlparser::ast::{self, Query, SetExpr};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::ParserError;
-use datafusion::sql::sqlparser::tokenizer::Token;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use sluice_common::{Error, Options, Result};
 
 /// An event-time watermark declaration: `WATERMARK FOR ts AS ts - INTERVAL ...`.
@@ -86,7 +86,8 @@ pub enum Statement {
 /// Parses every statement of `sql`.
 pub fn parse_script(sql: &str) -> Result<Vec<Statement>> {
     let dialect = GenericDialect {};
-    let mut p = DFParserBuilder::new(sql)
+    let sql = rewrite_version_as_of(sql);
+    let mut p = DFParserBuilder::new(sql.as_str())
         .with_dialect(&dialect)
         .build()
         .map_err(|e| Error::plan(df_message(&e)))?;
@@ -106,6 +107,62 @@ pub fn parse_script(sql: &str) -> Result<Vec<Statement>> {
         }
     }
     Ok(out)
+}
+
+/// `state('q') VERSION AS OF 42` becomes `state('q', 42)`: the generic
+/// dialect has no table versioning, and `state` is a table function.
+fn rewrite_version_as_of(sql: &str) -> String {
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize() else {
+        // Let the parser report the error on the original text.
+        return sql.to_string();
+    };
+    let solid: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !matches!(tokens[i], Token::Whitespace(_)))
+        .collect();
+    let mut out = tokens.clone();
+    let mut edits: Vec<(usize, usize, usize, String)> = Vec::new(); // (rparen, first, last, n)
+    for w in 0..solid.len() {
+        let at = |k: usize| solid.get(w + k).map(|&i| &tokens[i]);
+        let (Some(v), Some(a), Some(o), Some(Token::Number(n, _))) = (at(0), at(1), at(2), at(3))
+        else {
+            continue;
+        };
+        if !(word_is(v, "VERSION") && word_is(a, "AS") && word_is(o, "OF")) || w == 0 {
+            continue;
+        }
+        let r = solid[w - 1];
+        if tokens[r] != Token::RParen {
+            continue;
+        }
+        let mut depth = 0i32;
+        let mut l = None;
+        for k in (0..w).rev() {
+            match tokens[solid[k]] {
+                Token::RParen => depth += 1,
+                Token::LParen => {
+                    depth -= 1;
+                    if depth == 0 {
+                        l = Some(k);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(l) = l
+            && l > 0
+            && word_is(&tokens[solid[l - 1]], "state")
+        {
+            edits.push((r, solid[w], solid[w + 3], n.clone()));
+        }
+    }
+    for (r, first, last, n) in edits.into_iter().rev() {
+        for t in &mut out[first..=last] {
+            *t = Token::Whitespace(datafusion::sql::sqlparser::tokenizer::Whitespace::Space);
+        }
+        out.insert(r, Token::make_word(&format!(", {n}"), None));
+    }
+    out.iter().map(|t| t.to_string()).collect()
 }
 
 fn word_is(t: &Token, w: &str) -> bool {
@@ -519,6 +576,15 @@ mod tests {
         assert!(matches!(&stmts[4], Statement::InsertInto { target, .. } if target == "later"));
         assert!(matches!(&stmts[5], Statement::Explain(_)));
         assert!(matches!(&stmts[6], Statement::DataFusion(_)));
+    }
+
+    #[test]
+    fn version_as_of_on_state_becomes_an_argument() {
+        let got = rewrite_version_as_of("SELECT * FROM state('q') VERSION AS OF 42 WHERE x = 1");
+        let words: Vec<&str> = got.split_whitespace().collect();
+        assert_eq!(words.join(" "), "SELECT * FROM state('q', 42) WHERE x = 1");
+        let other = "SELECT version AS of FROM t";
+        assert_eq!(rewrite_version_as_of(other), other);
     }
 
     #[test]

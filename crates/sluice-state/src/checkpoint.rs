@@ -293,6 +293,12 @@ impl Checkpoint {
     }
 }
 
+/// The newest committed batch of the checkpoint at `root`, read without
+/// taking its lock (for reading a running query's state).
+pub fn last_committed(root: &Path) -> Result<Option<BatchId>> {
+    last_id(&root.join("commits"))
+}
+
 /// Reads the progress records of the checkpoint at `root`, oldest first,
 /// skipping a torn last line.
 pub fn read_progress(root: &Path) -> Result<Vec<Progress>> {

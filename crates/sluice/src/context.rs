@@ -23,6 +23,7 @@ use sluice_planner::{
 
 use crate::dataframe::{DataStreamWriter, StreamingDataFrame};
 use crate::memory_table::MemorySinkTable;
+use crate::state_table::{QueryState, StateFunction};
 
 /// Settings that `SET` changes and that queries started afterwards use.
 #[derive(Debug, Clone)]
@@ -81,6 +82,7 @@ pub struct PendingQuery {
     pub name: String,
     writer: DataStreamWriter,
     sink: Arc<dyn Sink>,
+    started: Arc<Mutex<BTreeMap<String, QueryState>>>,
 }
 
 impl PendingQuery {
@@ -104,10 +106,23 @@ impl PendingQuery {
 
     /// Starts the query.
     pub async fn start(self) -> Result<StreamingQuery> {
-        self.writer
+        let q = self
+            .writer
             .start_with(self.sink)
             .await
-            .map_err(|e| e.context(format!("starting query '{}'", self.name)))
+            .map_err(|e| e.context(format!("starting query '{}'", self.name)))?;
+        // `state('<name>')` reads this query's state from now on.
+        self.started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                self.name,
+                QueryState {
+                    checkpoint: q.checkpoint_dir().to_path_buf(),
+                    finalizer: q.state_finalizer().cloned(),
+                },
+            );
+        Ok(q)
     }
 }
 
@@ -127,6 +142,10 @@ pub struct StreamContext {
     session: SessionContext,
     clock: Arc<dyn Clock>,
     registry: Arc<Mutex<Registry>>,
+    /// Queries started from this context, for `state('<name>')`.
+    started: Arc<Mutex<BTreeMap<String, QueryState>>>,
+    /// The checkpoint root as `state()` sees it.
+    checkpoint_root: Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl std::fmt::Debug for StreamContext {
@@ -165,10 +184,22 @@ impl StreamContext {
         // never prune the next batch, so they are off.
         let config = SessionConfig::new()
             .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
+        let session = SessionContext::new_with_config_rt(config, runtime);
+        let started: Arc<Mutex<BTreeMap<String, QueryState>>> = Arc::default();
+        let checkpoint_root: Arc<Mutex<Option<PathBuf>>> = Arc::default();
+        session.register_udtf(
+            "state",
+            Arc::new(StateFunction {
+                queries: Arc::clone(&started),
+                checkpoint_root: Arc::clone(&checkpoint_root),
+            }),
+        );
         StreamContext {
-            session: SessionContext::new_with_config_rt(config, runtime),
+            session,
             clock,
             registry: Arc::default(),
+            started,
+            checkpoint_root,
         }
     }
 
@@ -189,7 +220,15 @@ impl StreamContext {
 
     /// Changes the settings.
     pub fn update_settings(&self, f: impl FnOnce(&mut Settings)) {
-        f(&mut self.reg().settings);
+        let root = {
+            let mut reg = self.reg();
+            f(&mut reg.settings);
+            reg.settings.checkpoint_root.clone()
+        };
+        *self
+            .checkpoint_root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = root;
     }
 
     fn reg(&self) -> MutexGuard<'_, Registry> {
@@ -426,7 +465,12 @@ impl StreamContext {
         } else if let Some(root) = &settings.checkpoint_root {
             writer = writer.checkpoint(root.join(&name));
         }
-        Ok(Box::new(PendingQuery { name, writer, sink }))
+        Ok(Box::new(PendingQuery {
+            name,
+            writer,
+            sink,
+            started: Arc::clone(&self.started),
+        }))
     }
 
     async fn insert_into(&self, target: &str, query: Box<Query>) -> Result<Outcome> {
@@ -482,7 +526,13 @@ impl StreamContext {
         let bad = |what: &str| Error::plan(format!("SET {key} = '{value}': expected {what}"));
         let mut reg = self.reg();
         match key {
-            "checkpoint_root" => reg.settings.checkpoint_root = Some(PathBuf::from(value)),
+            "checkpoint_root" => {
+                reg.settings.checkpoint_root = Some(PathBuf::from(value));
+                *self
+                    .checkpoint_root
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(PathBuf::from(value));
+            }
             "trigger" => reg.settings.trigger = value.parse()?,
             "checkpoint_sync" => {
                 reg.settings.durability = match value.to_ascii_lowercase().as_str() {

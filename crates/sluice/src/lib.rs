@@ -36,6 +36,7 @@
 pub mod context;
 pub mod dataframe;
 pub mod memory_table;
+mod state_table;
 
 pub use context::{Outcome, PendingQuery, Settings, StreamContext};
 pub use dataframe::{DataStreamWriter, StreamingDataFrame};

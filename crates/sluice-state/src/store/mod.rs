@@ -122,6 +122,9 @@ impl StateStore {
         if options.partitions == 0 {
             return Err(Error::plan("a state store needs at least one partition"));
         }
+        if let Some(dir) = &dir {
+            check_or_write_meta(dir, &key_schema, &value_schema, options)?;
+        }
         Ok(StateStore {
             keys: conv(&key_schema)?,
             values: conv(&value_schema)?,
@@ -496,6 +499,88 @@ impl StateStore {
             }
         }
     }
+}
+
+/// `<dir>/meta`: what a state directory holds, so that it can be read
+/// without the query that wrote it and a mismatch is caught.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Meta {
+    partitions: usize,
+    key_columns: usize,
+    /// The row schema (keys, then values) as an Arrow IPC stream with no rows.
+    schema_ipc: Vec<u8>,
+}
+
+fn check_or_write_meta(
+    dir: &Path,
+    key_schema: &SchemaRef,
+    value_schema: &SchemaRef,
+    options: StateStoreOptions,
+) -> Result<()> {
+    let fields: Vec<Field> = key_schema
+        .fields()
+        .iter()
+        .chain(value_schema.fields().iter())
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let schema = Schema::new(fields);
+    let mut schema_ipc = Vec::new();
+    {
+        let mut w = StreamWriter::try_new(&mut schema_ipc, &schema)?;
+        w.finish()?;
+    }
+    let meta = Meta {
+        partitions: options.partitions,
+        key_columns: key_schema.fields().len(),
+        schema_ipc,
+    };
+    let path = dir.join("meta");
+    if !path.exists() {
+        return durable::write_json(&path, &meta, options.durability);
+    }
+    let found: Meta = durable::read_json(&path)?;
+    if found.partitions != meta.partitions {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "the state was written with {} partitions but this query uses {}; the partition count is fixed for the life of a checkpoint",
+                found.partitions, meta.partitions
+            ),
+        ));
+    }
+    if found.key_columns != meta.key_columns || read_schema(&path, &found.schema_ipc)? != schema {
+        return Err(Error::checkpoint(
+            &path,
+            "the state was written by a query with other group keys or aggregates; use a new checkpoint directory for the changed query",
+        ));
+    }
+    Ok(())
+}
+
+fn read_schema(path: &Path, ipc: &[u8]) -> Result<Schema> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(ipc), None)
+        .map_err(|e| Error::checkpoint(path, format!("the stored schema does not read: {e}")))?;
+    Ok(reader.schema().as_ref().clone())
+}
+
+/// Reads version `version` of the state directory `dir` without the query
+/// that wrote it: every live row, key columns first, then the aggregate
+/// states; and how many leading columns are keys.
+pub fn read_state(dir: &Path, version: BatchId) -> Result<(RecordBatch, usize)> {
+    let path = dir.join("meta");
+    let meta: Meta = durable::read_json(&path)?;
+    let schema = read_schema(&path, &meta.schema_ipc)?;
+    let fields = schema.fields();
+    let key_schema = Arc::new(Schema::new(fields[..meta.key_columns].to_vec()));
+    let value_schema = Arc::new(Schema::new(fields[meta.key_columns..].to_vec()));
+    let options = StateStoreOptions {
+        partitions: meta.partitions,
+        ..StateStoreOptions::default()
+    };
+    let mut store = StateStore::new(None, key_schema, value_schema, options)?;
+    store.dir = Some(dir.to_path_buf());
+    store.load(Some(version))?;
+    Ok((store.scan()?, meta.key_columns))
 }
 
 fn partition_dirs(dir: &Path) -> Result<Vec<PathBuf>> {

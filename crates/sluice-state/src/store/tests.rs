@@ -235,3 +235,44 @@ fn random_commits_crashes_and_loads_match_a_model() {
         assert_eq!(&contents(&fresh), m, "version {v}");
     }
 }
+
+#[test]
+fn a_state_directory_reads_alone_and_refuses_another_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 10, 100);
+    s.put(&rows(&[("a", 0, 4), ("b", 10, 5)])).unwrap();
+    s.commit(0).unwrap();
+    s.put(&rows(&[("a", 0, 6)])).unwrap();
+    s.commit(1).unwrap();
+    let (batch, keys) = read_state(dir.path(), 0).unwrap();
+    assert_eq!((batch.num_rows(), keys), (2, 2));
+    let (batch, _) = read_state(dir.path(), 1).unwrap();
+    let c = batch.column(2).as_primitive::<Int64Type>();
+    assert_eq!(c.values().iter().sum::<i64>(), 11);
+
+    let opts = StateStoreOptions {
+        partitions: 5,
+        ..StateStoreOptions::default()
+    };
+    let e = StateStore::new(
+        Some(dir.path().to_path_buf()),
+        key_schema(),
+        value_schema(),
+        opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("written with 3 partitions but this query uses 5"),
+        "{e}"
+    );
+    let other = Arc::new(Schema::new(vec![Field::new("sum", DataType::Int64, false)]));
+    let opts = StateStoreOptions {
+        partitions: 3,
+        ..StateStoreOptions::default()
+    };
+    let e = StateStore::new(Some(dir.path().to_path_buf()), key_schema(), other, opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other group keys or aggregates"), "{e}");
+}
