@@ -26,7 +26,7 @@ pub struct Progress {
     pub input_rows_per_second: f64,
     /// Input rows per second of this batch's own processing time.
     pub processed_rows_per_second: f64,
-    /// Milliseconds spent per phase: `offsets`, `offset_log`, `read`, `execute`, `sink`, `commit_log`, `total`.
+    /// Milliseconds spent per phase: `offsets`, `offset_log`, `read`, `execute`, `state_commit`, `sink`, `commit_log`, `total`.
     pub durations_ms: BTreeMap<String, f64>,
     /// Per source: offsets, rows read, bad rows.
     pub sources: Vec<SourceProgress>,
@@ -64,7 +64,7 @@ pub struct SourceProgress {
 /// A stateful operator's state after a batch.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateProgress {
-    /// The operator, e.g. `aggregate count(*) GROUP BY [window_start, window_end, k]`.
+    /// The operator, e.g. `aggregate count(Int64(1)) GROUP BY [window_start, window_end, k]`.
     pub operator: String,
     /// Keys held after the batch.
     pub rows: u64,

@@ -201,12 +201,9 @@ impl AggregateOperator {
         if src_agg.group_expr().has_grouping_set() {
             return Err(Error::not_supported("GROUPING SETS over a stream"));
         }
+        // Aggregates over static tables may stand below (e.g. a joined
+        // subquery): they are re-run with the rest of the input each batch.
         let input = Arc::clone(src_agg.input());
-        if find_top(&input).is_some() {
-            return Err(Error::not_supported(
-                "a second aggregate under a streaming aggregate",
-            ));
-        }
         let input_schema = src_agg.input_schema();
         let group_by = src_agg.group_expr().clone();
         let aggr = src_agg.aggr_expr().to_vec();

@@ -5,7 +5,8 @@
 //!    if no source moved, there is no batch;
 //! 2. write `offsets/N` — the ranges and the watermark — before anything runs;
 //! 3. read exactly those ranges into the query's stream tables;
-//! 4. re-execute the physical plan (planned once at start);
+//! 4. re-execute the physical plan (planned once at start) — or, for a query
+//!    with an aggregate, run it against its state and commit state version N;
 //! 5. write the rows to the sink, idempotently keyed by N (and dead letters
 //!    to their sink);
 //! 6. write `commits/N`.
@@ -162,18 +163,6 @@ impl MicroBatchExecution {
             .await
             .map_err(Error::from)?;
         let output_schema = physical.schema();
-        let aggregate = match shape.aggregate {
-            Some(_) => Some(
-                AggregateOperator::plan(
-                    &physical,
-                    config.output_mode,
-                    config.checkpoint.join("state").join("aggregate"),
-                    config.durability,
-                )
-                .map_err(ctx)?,
-            ),
-            None => None,
-        };
         let names: Vec<String> = tables
             .iter()
             .map(|t| t.source().name().to_string())
@@ -191,6 +180,19 @@ impl MicroBatchExecution {
             options,
         )
         .map_err(ctx)?;
+        // Planned once the checkpoint's lock is held: it writes state metadata.
+        let aggregate = match shape.aggregate {
+            Some(_) => Some(
+                AggregateOperator::plan(
+                    &physical,
+                    config.output_mode,
+                    config.checkpoint.join("state").join("aggregate"),
+                    config.durability,
+                )
+                .map_err(ctx)?,
+            ),
+            None => None,
+        };
         let mut inputs = Vec::new();
         for table in tables {
             let src = Arc::clone(table.source());

@@ -65,7 +65,7 @@ pub fn explain_streaming(
                 s,
                 "    per batch: Partial(on-time rows) -> PartialReduce(+ stored states of the same keys) -> store -> Final(keys to emit)"
             );
-            let (evict, late) = match (a.windowed, mode) {
+            let (evict, late) = match (a.windowed && a.watermarked, mode) {
                 (true, OutputMode::Append) => (
                     "emit a window once window_end <= watermark (end of batch), then remove it",
                     "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
@@ -77,6 +77,10 @@ pub fn explain_streaming(
                 (true, _) => (
                     "none: complete mode keeps every window",
                     "none: no window ever closes",
+                ),
+                (false, _) if a.windowed => (
+                    "none: without a watermark no window ever closes, and its state is kept",
+                    "none: without a watermark no row is late",
                 ),
                 (false, _) => (
                     "none: unwindowed state is kept for every key",

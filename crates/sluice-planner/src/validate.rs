@@ -34,6 +34,8 @@ pub struct AggregateShape {
     pub aggregates: Vec<String>,
     /// Whether the keys include an event-time window (`window_end`).
     pub windowed: bool,
+    /// Whether some source of the query declares a watermark.
+    pub watermarked: bool,
 }
 
 /// Checks that `plan` reads at least one stream, can run incrementally, and
@@ -46,6 +48,9 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         )));
     }
     let has_watermark = stream_tables(plan).iter().any(|t| t.watermark().is_some());
+    if let Some(a) = &mut shape.aggregate {
+        a.watermarked = has_watermark;
+    }
     match (&shape.aggregate, mode) {
         (None, OutputMode::Append | OutputMode::Update) => Ok(shape),
         (None, OutputMode::Complete) => Err(Error::plan(format!(
@@ -128,15 +133,6 @@ fn walk(plan: &LogicalPlan, chain: bool, shape: &mut PlanShape) -> Result<bool> 
                     "they are not built yet for streams; group by plain keys",
                 );
             }
-            if shape.aggregate.is_some() {
-                return stateful(
-                    format!(
-                        "a second aggregate ({}) over an aggregated stream",
-                        aggs.join(", ")
-                    ),
-                    "one aggregate per streaming query is supported; aggregate the sink's output as a batch query instead",
-                );
-            }
             if !chain {
                 return stateful(
                     format!(
@@ -154,6 +150,7 @@ fn walk(plan: &LogicalPlan, chain: bool, shape: &mut PlanShape) -> Result<bool> 
                 keys,
                 aggregates: aggs,
                 windowed,
+                watermarked: false,
             });
             Ok(true)
         }

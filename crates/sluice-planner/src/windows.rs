@@ -69,7 +69,13 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
                     args.len()
                 )));
             };
-            let alias = alias.unwrap_or_else(|| table.clone());
+            // A subquery as the table needs a name of its own.
+            let (table, default_alias) = if table.trim_start().starts_with('(') {
+                (format!("{table} AS __tumble_input"), "tumble".to_string())
+            } else {
+                (table.clone(), table.clone())
+            };
+            let alias = alias.unwrap_or(default_alias);
             // date_bin aligns windows to the Unix epoch, as Spark and Flink do.
             let start = format!("date_bin({size}, {ts}, TIMESTAMP '1970-01-01T00:00:00')");
             let sql = format!(

@@ -13,10 +13,9 @@
 //! assert_eq!(decide(Some(4), Some(3)).unwrap(), Resume::Rerun { batch_id: 4 });
 //! ```
 //!
-//! [`store::StateStore`] is the versioned, partitioned state store that
-//! stateful operators will keep their state in (deltas and snapshots as
-//! checksummed Arrow IPC files). No operator uses it yet: every query today
-//! is stateless (see `docs/architecture.md`).
+//! [`store::StateStore`] is the versioned, partitioned state store the
+//! stateful aggregate keeps its state in (deltas and snapshots as checksummed
+//! Arrow IPC files, under `state/aggregate/` of the query's checkpoint).
 
 pub mod checkpoint;
 pub mod recovery;

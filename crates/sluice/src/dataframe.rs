@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
+use datafusion::functions::datetime::expr_fn::date_bin;
+use datafusion::prelude::{ident, lit};
 use sluice_common::connector::Sink;
 use sluice_common::durable::Durability;
 use sluice_common::{Error, Result};
@@ -19,6 +22,11 @@ pub trait StreamingDataFrame: Sized {
     /// Declares `column` of the stream this frame reads as its event time,
     /// with the watermark trailing the largest event time seen by `delay`.
     fn with_watermark(self, column: &str, delay: Duration) -> Result<DataFrame>;
+    /// Adds `window_start` and `window_end`: the tumbling window of `size`
+    /// (aligned to the Unix epoch) that timestamp column `column` falls in —
+    /// what `TUMBLE(t, column, size)` adds in SQL. Group by both (and any
+    /// keys) for a windowed aggregate.
+    fn tumble(self, column: &str, size: Duration) -> Result<DataFrame>;
     /// Whether the frame reads a stream.
     fn is_streaming(&self) -> bool;
     /// Starts describing how to run this frame as a streaming query.
@@ -52,6 +60,23 @@ impl StreamingDataFrame for DataFrame {
             )));
         }
         Ok(DataFrame::new(state, plan))
+    }
+
+    fn tumble(self, column: &str, size: Duration) -> Result<DataFrame> {
+        let nanos = i64::try_from(size.as_nanos())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                Error::plan(format!(
+                    "tumble('{column}'): the size must be positive and finite, got {size:?}"
+                ))
+            })?;
+        let size = lit(ScalarValue::new_interval_mdn(0, 0, nanos));
+        let epoch = lit(ScalarValue::TimestampNanosecond(Some(0), None));
+        let start = date_bin(size.clone(), ident(column), epoch);
+        Ok(self
+            .with_column("window_start", start.clone())?
+            .with_column("window_end", start + size)?)
     }
 
     fn is_streaming(&self) -> bool {

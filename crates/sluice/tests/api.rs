@@ -11,7 +11,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde_json::Value;
 use sluice::deps::sluice_common::connector::{ReadBatch, SourceContext, SourceReader};
 use sluice::prelude::*;
-use sluice::{Durability, Fault, FaultPoint, ManualClock, Source};
+use sluice::{Durability, Fault, FaultPoint, ManualClock, OutputMode, Source, StreamingDataFrame};
 use tokio::sync::mpsc;
 
 fn schema() -> SchemaRef {
@@ -330,4 +330,65 @@ async fn with_watermark_is_recorded_per_frame_and_progress_reports_it() {
     let p1 = q.run_batch().await.unwrap().unwrap();
     // max event time 00:00:30 minus 5 s
     assert_eq!(p1.watermark_ms, Some(1_767_225_625_000));
+}
+
+#[tokio::test]
+async fn a_windowed_aggregate_from_the_dataframe_api_emits_closed_windows() {
+    use datafusion::functions_aggregate::expr_fn::count;
+    let (ctx, _clock) = manual();
+    ctx.sql("CREATE SOURCE clicks (usr VARCHAR, ts TIMESTAMP) WITH (connector = 'memory');
+             INSERT INTO clicks VALUES ('a', '1970-01-01T00:00:01'), ('a', '1970-01-01T00:00:04'), ('b', '1970-01-01T00:00:07'), ('a', '1970-01-01T00:00:12');")
+        .await
+        .unwrap();
+    let counts = ctx
+        .session()
+        .table("clicks")
+        .await
+        .unwrap()
+        .with_watermark("ts", Duration::from_secs(5))
+        .unwrap()
+        .tumble("ts", Duration::from_secs(10))
+        .unwrap()
+        .aggregate(
+            vec![col("window_start"), col("window_end"), col("usr")],
+            vec![count(lit(1)).alias("n")],
+        )
+        .unwrap();
+    let table = MemoryTable::new();
+    let q = counts
+        .write_stream()
+        .output_mode(OutputMode::Append)
+        .trigger(Trigger::Manual)
+        .start(MemorySink::new("counts", Arc::clone(&table)))
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    assert_eq!(
+        table.rows().iter().map(|b| b.num_rows()).sum::<usize>(),
+        0,
+        "no window closed yet"
+    );
+    ctx.sql("INSERT INTO clicks VALUES ('b', '1970-01-01T00:00:09'), ('a', '1970-01-01T00:00:16'), ('b', '1970-01-01T00:00:21')")
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    let out = table.to_batch().unwrap().unwrap();
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&[out])
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("| 1970-01-01T00:00:00 | 1970-01-01T00:00:10 | a   | 2 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| 1970-01-01T00:00:00 | 1970-01-01T00:00:10 | b   | 2 |"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 6, "{text}");
+    let p = q.last_progress().unwrap();
+    assert_eq!(p.state.as_ref().map(|s| s.rows), Some(2));
+
+    // A non-positive size is refused.
+    let df = ctx.session().table("clicks").await.unwrap();
+    assert!(df.tumble("ts", Duration::ZERO).is_err());
 }

@@ -20,8 +20,9 @@
 //! The decisions (which files make up a version, which files retention may
 //! delete) are pure functions in [`plan`], tested without a disk.
 //!
-//! Not wired into any operator yet: the stateful operators that use it are
-//! still to be built.
+//! The stateful aggregate (`sluice-exec`) is its user; `<dir>/meta` records
+//! the partition count and row schema, so a state directory can be read on
+//! its own ([`read_state`]) and a mismatched query is refused.
 
 pub mod plan;
 
