@@ -85,7 +85,11 @@ impl Sink for ConsoleSink {
             shown.push(b.slice(0, n));
             left -= n;
         }
-        let table = pretty_format_batches(&shown)?;
+        let table = if total == 0 {
+            "(no rows)".to_string()
+        } else {
+            pretty_format_batches(&shown)?.to_string()
+        };
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let rule = "-".repeat(43);
         let more = if total > self.max_rows {
