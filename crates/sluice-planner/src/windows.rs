@@ -3,7 +3,8 @@
 //! windowed aggregate is an ordinary `GROUP BY window_start, window_end, ...`
 //! that DataFusion plans and the streaming executor keeps state for.
 //!
-//! `HOP` and `SESSION` are recognised and refused as not built yet.
+//! `HOP(t, ts, slide, size)` gives each row one copy per window it falls in.
+//! `SESSION` is recognised and refused as not built yet.
 
 use std::ops::ControlFlow;
 
@@ -61,42 +62,71 @@ impl VisitorMut for Rewriter {
 }
 
 fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFactor> {
-    match func {
-        "TUMBLE" => {
-            let [table, ts, size] = args else {
-                return Err(Error::plan(format!(
-                    "TUMBLE takes (table, time column, size), e.g. TUMBLE(bids, ts, INTERVAL '10' SECOND); got {} arguments",
-                    args.len()
-                )));
-            };
-            // A subquery as the table needs a name of its own.
-            let (table, default_alias) = if table.trim_start().starts_with('(') {
-                (format!("{table} AS __tumble_input"), "tumble".to_string())
-            } else {
-                (table.clone(), table.clone())
-            };
-            let alias = alias.unwrap_or(default_alias);
+    let (table, windows) = match (func, args) {
+        ("TUMBLE", [table, ts, size]) => {
             // date_bin aligns windows to the Unix epoch, as Spark and Flink do.
-            let start = format!("date_bin({size}, {ts}, TIMESTAMP '1970-01-01T00:00:00')");
-            let sql = format!(
-                "SELECT * FROM (SELECT *, {start} AS window_start, {start} + {size} AS window_end FROM {table}) AS {alias}"
+            let start = format!("date_bin({size}, {ts}, {EPOCH})");
+            let body = format!(
+                "SELECT *, {start} AS window_start, {start} + {size} AS window_end FROM {{input}}"
             );
-            let mut q = Parser::new(&GenericDialect {})
-                .try_with_sql(&sql)
-                .and_then(|mut p| p.parse_query())
-                .map_err(|e| Error::plan(format!("TUMBLE({}): {e}", args.join(", "))))?;
-            match q.body.as_mut() {
-                datafusion::sql::sqlparser::ast::SetExpr::Select(s) => {
-                    Ok(s.from.remove(0).relation)
-                }
-                _ => Err(Error::internal("TUMBLE rewrite did not produce a SELECT")),
-            }
+            (table, body)
         }
-        other => Err(Error::not_supported(format!(
-            "{other} windows; TUMBLE(table, time column, size) is built"
-        ))),
+        ("TUMBLE", _) => {
+            return Err(Error::plan(format!(
+                "TUMBLE takes (table, time column, size), e.g. TUMBLE(bids, ts, INTERVAL '10' SECOND); got {} arguments",
+                args.len()
+            )));
+        }
+        ("HOP", [table, ts, slide, size]) => {
+            // A row is in every window [s, s + size) with s a multiple of
+            // slide and ts - size < s <= ts: generate the candidates from
+            // the last one back, and keep those that contain ts.
+            let last = format!("date_bin({slide}, {ts}, {EPOCH})");
+            let body = format!(
+                "SELECT * EXCLUDE (__hop_start), __hop_start AS window_start, __hop_start + {size} AS window_end FROM \
+                 (SELECT *, unnest(generate_series({last} - {size}, {last}, {slide})) AS __hop_start FROM {{input}}) \
+                 WHERE __hop_start + {size} > {ts}"
+            );
+            (table, body)
+        }
+        ("HOP", _) => {
+            return Err(Error::plan(format!(
+                "HOP takes (table, time column, slide, size), e.g. HOP(bids, ts, INTERVAL '5' SECOND, INTERVAL '10' SECOND); got {} arguments",
+                args.len()
+            )));
+        }
+        (other, _) => {
+            return Err(Error::not_supported(format!(
+                "{other} windows; TUMBLE(table, ts, size) and HOP(table, ts, slide, size) are built"
+            )));
+        }
+    };
+    // A subquery as the table needs a name of its own.
+    let (input, default_alias) = if table.trim_start().starts_with('(') {
+        (
+            format!("{table} AS __window_input"),
+            func.to_ascii_lowercase(),
+        )
+    } else {
+        (table.clone(), table.clone())
+    };
+    let alias = alias.unwrap_or(default_alias);
+    let sql = format!(
+        "SELECT * FROM ({}) AS {alias}",
+        windows.replace("{input}", &input)
+    );
+    let mut q = Parser::new(&GenericDialect {})
+        .try_with_sql(&sql)
+        .and_then(|mut p| p.parse_query())
+        .map_err(|e| Error::plan(format!("{func}({}): {e}", args.join(", "))))?;
+    match q.body.as_mut() {
+        datafusion::sql::sqlparser::ast::SetExpr::Select(s) => Ok(s.from.remove(0).relation),
+        _ => Err(Error::internal("window rewrite did not produce a SELECT")),
     }
 }
+
+/// The origin windows are aligned to.
+const EPOCH: &str = "TIMESTAMP '1970-01-01T00:00:00'";
 
 #[cfg(test)]
 mod tests {
@@ -131,12 +161,13 @@ mod tests {
 
     #[test]
     fn other_windows_and_bad_arguments_are_refused() {
+        let e = rewritten("SELECT * FROM SESSION(b, ts, INTERVAL '1' SECOND)").unwrap_err();
         assert!(
-            rewritten("SELECT * FROM HOP(b, ts, INTERVAL '1' SECOND, INTERVAL '5' SECOND)")
-                .unwrap_err()
-                .to_string()
-                .contains("not supported yet: HOP windows")
+            e.to_string().contains("not supported yet: SESSION windows"),
+            "{e}"
         );
+        let e = rewritten("SELECT * FROM HOP(b, ts, INTERVAL '1' SECOND)").unwrap_err();
+        assert!(e.to_string().contains("HOP takes"), "{e}");
         assert!(
             rewritten("SELECT * FROM TUMBLE(b, ts)")
                 .unwrap_err()
