@@ -3,6 +3,7 @@
 //! ```text
 //! sluice run pipeline.sql [--checkpoint DIR] [--trigger 5s|once|available-now] [--max-batches N]
 //! sluice explain pipeline.sql
+//! sluice state CHECKPOINT_DIR [--version N]
 //! ```
 //!
 //! Errors are one line on standard error and a non-zero exit code.

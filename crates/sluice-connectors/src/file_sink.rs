@@ -176,9 +176,9 @@ impl Sink for FileSink {
     }
 
     async fn open(&self, _schema: &SchemaRef, mode: OutputMode) -> Result<()> {
-        if mode != OutputMode::Append {
+        if matches!(mode, OutputMode::Update | OutputMode::Complete) {
             return Err(Error::plan(format!(
-                "file sink '{}' supports output_mode = 'append' only (a file cannot be updated in place); use a memory, console or foreach_batch sink for {mode} mode",
+                "file sink '{}' supports output_mode = 'append' or 'changelog' only (a file cannot be updated in place); use a memory, console or foreach_batch sink for {mode} mode",
                 self.name
             )));
         }

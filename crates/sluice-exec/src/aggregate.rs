@@ -27,11 +27,17 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
+use std::collections::HashMap;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array,
+};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+use datafusion::arrow::compute::{interleave, take_record_batch};
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
 };
+use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::TaskContext;
@@ -257,7 +263,7 @@ impl AggregateOperator {
         let agg_schema = top.schema();
         let upper_slot = BatchSlot::new();
         let leaf = upper_slot.scan(Arc::clone(&agg_schema), None, None)?;
-        let upper_plan = Arc::clone(physical)
+        let upper_plan: Arc<dyn ExecutionPlan> = Arc::clone(physical)
             .transform_down(|node| {
                 if std::ptr::addr_eq(Arc::as_ptr(&node), Arc::as_ptr(&top)) {
                     Ok(Transformed::yes(Arc::clone(&leaf)))
@@ -268,6 +274,20 @@ impl AggregateOperator {
             .map_err(Error::from)?
             .data;
 
+        if mode == OutputMode::Changelog {
+            // Old and new values go through the plan above separately and are
+            // paired by position: only a projection keeps them aligned.
+            let mut node = Arc::clone(&upper_plan);
+            while !std::ptr::addr_eq(Arc::as_ptr(&node), Arc::as_ptr(&leaf)) {
+                if node.name() != "ProjectionExec" || node.children().len() != 1 {
+                    return Err(Error::not_supported(format!(
+                        "output mode changelog with {} above the aggregate (e.g. HAVING); use update mode, or filter downstream",
+                        node.name()
+                    )));
+                }
+                node = Arc::clone(node.children()[0]);
+            }
+        }
         let n_keys = group_by.expr().len();
         let window_end = group_by
             .expr()
@@ -426,9 +446,11 @@ impl AggregateOperator {
         let partial = concat_batches(&self.partial_schema, &partial)?;
         let stored = self.store.get(&self.keys_of(&partial))?;
         let stored = self.state_rows(&stored)?;
+        let before = stored.clone();
         let merged = self.reduce.run(vec![stored, partial], ctx).await?;
         let merged = concat_batches(&self.partial_schema, &merged)?;
         self.store.put(&self.store_rows(&merged)?)?;
+        let changes = (self.mode == OutputMode::Changelog).then(|| merged.clone());
 
         let mut emit: Vec<RecordBatch> = match self.mode {
             OutputMode::Update => vec![merged],
@@ -448,21 +470,122 @@ impl AggregateOperator {
                 emit.push(self.state_rows(&closed)?);
             }
         }
-        let values = self.finalize.run(emit, ctx).await?;
-        // Conform to the schema the plan above was built for (same types;
-        // nullability as DataFusion's own final aggregate declared it).
+        if let Some(after) = changes {
+            let old = self.values(vec![before], ctx).await?;
+            let new = self.values(vec![after], ctx).await?;
+            out.rows = self.changelog(old, new, ctx).await?;
+            return Ok(out);
+        }
+        let values = self.values(emit, ctx).await?;
+        out.rows = if values.num_rows() == 0 {
+            vec![]
+        } else {
+            self.upper.run(vec![values], ctx).await?
+        };
+        Ok(out)
+    }
+
+    /// Final aggregate values of stored-state rows, in the schema the plan
+    /// above was built for (same types; nullability as DataFusion's own
+    /// final aggregate declared it).
+    async fn values(
+        &self,
+        states: Vec<RecordBatch>,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<RecordBatch> {
+        let values = self.finalize.run(states, ctx).await?;
         let values: Vec<RecordBatch> = values
             .into_iter()
             .filter(|b| b.num_rows() > 0)
             .map(|b| RecordBatch::try_new(Arc::clone(&self.agg_schema), b.columns().to_vec()))
             .collect::<std::result::Result<_, _>>()?;
-        out.rows = if values.is_empty() {
-            vec![]
-        } else {
-            self.upper.run(values, ctx).await?
-        };
-        Ok(out)
+        Ok(concat_batches(&self.agg_schema, &values)?)
     }
+
+    /// The schema the sink receives: the plan's, with `_op` first in
+    /// changelog mode.
+    pub(crate) fn output_schema(&self) -> SchemaRef {
+        let upper = self.upper.plan.schema();
+        if self.mode != OutputMode::Changelog {
+            return upper;
+        }
+        with_op_field(&upper)
+    }
+
+    /// Runs the (projection-only) plan above the aggregate over `values`.
+    async fn project(&self, values: RecordBatch, ctx: &Arc<TaskContext>) -> Result<RecordBatch> {
+        let schema = self.upper.plan.schema();
+        if values.num_rows() == 0 {
+            return Ok(RecordBatch::new_empty(schema));
+        }
+        let rows = self.upper.run(vec![values], ctx).await?;
+        Ok(concat_batches(&schema, &rows)?)
+    }
+
+    /// `-U old, +U new` for keys that had a value, `+I new` for new keys.
+    async fn changelog(
+        &self,
+        old: RecordBatch,
+        new: RecordBatch,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<Vec<RecordBatch>> {
+        if new.num_rows() == 0 {
+            return Ok(vec![]);
+        }
+        let n = self.n_keys;
+        let matches: Vec<Option<u32>> = if n == 0 {
+            vec![(old.num_rows() > 0).then_some(0)]
+        } else {
+            let conv = RowConverter::new(
+                self.agg_schema.fields()[..n]
+                    .iter()
+                    .map(|f| SortField::new(f.data_type().clone()))
+                    .collect(),
+            )?;
+            let old_keys = conv.convert_columns(&old.columns()[..n])?;
+            let new_keys = conv.convert_columns(&new.columns()[..n])?;
+            let index: HashMap<_, u32> = (0..old.num_rows())
+                .map(|i| (old_keys.row(i).owned(), i as u32))
+                .collect();
+            (0..new.num_rows())
+                .map(|j| index.get(&new_keys.row(j).owned()).copied())
+                .collect()
+        };
+        let old_idx: UInt32Array = matches.iter().flatten().copied().collect();
+        let old_sel = take_record_batch(&old, &old_idx)?;
+        let upper_old = self.project(old_sel, ctx).await?;
+        let upper_new = self.project(new, ctx).await?;
+        let mut picks: Vec<(usize, usize)> = Vec::new();
+        let mut ops: Vec<&str> = Vec::new();
+        let mut k = 0;
+        for (j, m) in matches.iter().enumerate() {
+            if m.is_some() {
+                picks.push((0, k));
+                ops.push("-U");
+                k += 1;
+                picks.push((1, j));
+                ops.push("+U");
+            } else {
+                picks.push((1, j));
+                ops.push("+I");
+            }
+        }
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from(ops))];
+        for c in 0..upper_old.num_columns() {
+            cols.push(interleave(
+                &[upper_old.column(c).as_ref(), upper_new.column(c).as_ref()],
+                &picks,
+            )?);
+        }
+        Ok(vec![RecordBatch::try_new(self.output_schema(), cols)?])
+    }
+}
+
+/// `schema` with the changelog's `_op` column (`+I`, `-U`, `+U`, `-D`) first.
+pub(crate) fn with_op_field(schema: &SchemaRef) -> SchemaRef {
+    let mut fields = vec![Arc::new(Field::new("_op", DataType::Utf8, false))];
+    fields.extend(schema.fields().iter().cloned());
+    Arc::new(Schema::new(fields))
 }
 
 /// `true` where the window end (a timestamp) is after `wm` (ms): the window

@@ -38,7 +38,7 @@ use sluice_planner::{OutputMode, StreamTable, check_streaming_plan, fingerprint,
 use sluice_state::recovery::Resume;
 use sluice_state::{Checkpoint, CheckpointOptions, CommitEntry, OffsetEntry, SourceRange};
 
-use crate::aggregate::AggregateOperator;
+use crate::aggregate::{AggregateOperator, with_op_field};
 use crate::fault::{Fault, FaultPoint};
 use crate::trigger::Trigger;
 
@@ -162,7 +162,6 @@ impl MicroBatchExecution {
             .create_physical_plan(&plan)
             .await
             .map_err(Error::from)?;
-        let output_schema = physical.schema();
         let names: Vec<String> = tables
             .iter()
             .map(|t| t.source().name().to_string())
@@ -215,10 +214,16 @@ impl MicroBatchExecution {
                 committed,
             });
         }
-        // A stateless query's update mode is append: every row is new.
-        let sink_mode = match aggregate {
-            Some(_) => config.output_mode,
-            None => OutputMode::Append,
+        let output_schema = match (&aggregate, config.output_mode) {
+            (Some(a), _) => a.output_schema(),
+            (None, OutputMode::Changelog) => with_op_field(&physical.schema()),
+            (None, _) => physical.schema(),
+        };
+        // A stateless query's update mode is append: every row is new (and
+        // in changelog mode, an insert).
+        let sink_mode = match (&aggregate, config.output_mode) {
+            (Some(_), mode) | (None, mode @ OutputMode::Changelog) => mode,
+            (None, _) => OutputMode::Append,
         };
         sink.open(&output_schema, sink_mode).await.map_err(ctx)?;
         let mut exec = MicroBatchExecution {
@@ -494,9 +499,16 @@ impl MicroBatchExecution {
         let result = match &mut self.aggregate {
             None => {
                 let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
-                collect(plan, Arc::clone(&self.task_ctx))
+                let rows = collect(plan, Arc::clone(&self.task_ctx))
                     .await
-                    .map_err(Error::from)
+                    .map_err(Error::from);
+                match (rows, self.config.output_mode) {
+                    (Ok(rows), OutputMode::Changelog) => rows
+                        .into_iter()
+                        .map(|b| inserts(&self.output_schema, b))
+                        .collect(),
+                    (rows, _) => rows,
+                }
             }
             Some(agg) => match agg.prepare(id) {
                 Err(e) => Err(e),
@@ -629,6 +641,14 @@ struct Outcome {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A stateless query's rows as changelog inserts: `_op = '+I'` first.
+fn inserts(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
+    let mut cols: Vec<Arc<dyn Array>> =
+        vec![Arc::new(StringArray::from(vec!["+I"; batch.num_rows()]))];
+    cols.extend(batch.columns().iter().cloned());
+    Ok(RecordBatch::try_new(Arc::clone(schema), cols)?)
 }
 
 /// The largest value of timestamp column `column` over `batches`, in ms.

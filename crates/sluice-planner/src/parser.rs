@@ -112,7 +112,12 @@ pub fn parse_script(sql: &str) -> Result<Vec<Statement>> {
 /// `state('q') VERSION AS OF 42` becomes `state('q', 42)`: the generic
 /// dialect has no table versioning, and `state` is a table function.
 fn rewrite_version_as_of(sql: &str) -> String {
-    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize() else {
+    // Tokens keep their text as written (no unescaping), so a rebuilt
+    // script says exactly what the original said.
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql)
+        .with_unescape(false)
+        .tokenize()
+    else {
         // Let the parser report the error on the original text.
         return sql.to_string();
     };
@@ -155,6 +160,9 @@ fn rewrite_version_as_of(sql: &str) -> String {
         {
             edits.push((r, solid[w], solid[w + 3], n.clone()));
         }
+    }
+    if edits.is_empty() {
+        return sql.to_string();
     }
     for (r, first, last, n) in edits.into_iter().rev() {
         for t in &mut out[first..=last] {
@@ -585,6 +593,14 @@ mod tests {
         assert_eq!(words.join(" "), "SELECT * FROM state('q', 42) WHERE x = 1");
         let other = "SELECT version AS of FROM t";
         assert_eq!(rewrite_version_as_of(other), other);
+        // Escaped quotes survive, with or without a rewrite.
+        let quoted = "SELECT 'O''Brien', \"a\"\"b\" FROM state('q') VERSION AS OF 1";
+        let got = rewrite_version_as_of(quoted);
+        assert!(
+            got.contains("'O''Brien'") && got.contains("\"a\"\"b\""),
+            "{got}"
+        );
+        assert_eq!(rewrite_version_as_of("SELECT 'it''s'"), "SELECT 'it''s'");
     }
 
     #[test]

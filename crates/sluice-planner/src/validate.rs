@@ -56,9 +56,7 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         (None, OutputMode::Complete) => Err(Error::plan(format!(
             "query '{name}': output mode complete re-emits the whole result table and needs an aggregate; this query is stateless (projection/filter/join), so use output_mode = 'append' or 'update'"
         ))),
-        (_, OutputMode::Changelog) => Err(Error::not_supported(format!(
-            "query '{name}': output mode changelog; use 'update' (changed rows) or 'complete' (the whole result)"
-        ))),
+        (_, OutputMode::Changelog) => Ok(shape),
         (Some(a), OutputMode::Append) if !(a.windowed && has_watermark) => {
             Err(Error::plan(format!(
                 "query '{name}': output mode append on the aggregate {} GROUP BY {} emits a row once and never changes it, so it needs an event-time window (GROUP BY window_start, window_end of TUMBLE(...)) and a WATERMARK on the stream's time column; {}or use output_mode = 'update' or 'complete'",

@@ -67,6 +67,9 @@ impl TableFunctionImpl for StateFunction {
                 )));
             }
         };
+        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+            return Err(arg_err(format!("state('{name}'): not a query name")));
+        }
         let known = self
             .queries
             .lock()
