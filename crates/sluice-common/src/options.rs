@@ -44,6 +44,11 @@ impl Options {
         self.values.insert(key.to_ascii_lowercase(), value.into());
     }
 
+    /// Removes `key`, returning its value.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        self.values.remove(&key.to_ascii_lowercase())
+    }
+
     /// The raw value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values

@@ -135,6 +135,11 @@ pub struct MicroBatchExecution {
     clock: Arc<dyn Clock>,
     watermark_ms: Option<i64>,
     event_time_max_ms: BTreeMap<String, i64>,
+    /// Per source, when a batch last read rows from it (trigger clock).
+    last_data_ms: BTreeMap<String, i64>,
+    /// When this start of the query began (trigger clock): a source that
+    /// never had data is idle from here.
+    started_ms: i64,
     last_start_ms: Option<i64>,
     progress: Arc<Mutex<VecDeque<Progress>>>,
     batches_run: u64,
@@ -226,6 +231,7 @@ impl MicroBatchExecution {
             (None, _) => OutputMode::Append,
         };
         sink.open(&output_schema, sink_mode).await.map_err(ctx)?;
+        let started_ms = clock.now_millis();
         let mut exec = MicroBatchExecution {
             checkpoint,
             inputs,
@@ -239,6 +245,8 @@ impl MicroBatchExecution {
             clock,
             watermark_ms: None,
             event_time_max_ms: BTreeMap::new(),
+            last_data_ms: BTreeMap::new(),
+            started_ms,
             last_start_ms: None,
             progress: Arc::default(),
             batches_run: 0,
@@ -279,6 +287,7 @@ impl MicroBatchExecution {
             }
             self.watermark_ms = commit.watermark_ms;
             self.event_time_max_ms = commit.event_time_max_ms;
+            self.last_data_ms = commit.last_data_ms;
         }
         if let Some(agg) = &mut self.aggregate {
             agg.load(last_committed)?;
@@ -454,6 +463,7 @@ impl MicroBatchExecution {
         let mut sources = Vec::new();
         let mut input_rows = 0;
         let mut event_max = self.event_time_max_ms.clone();
+        let mut last_data = self.last_data_ms.clone();
         let mut dead: Vec<(Arc<dyn Sink>, Vec<DeadLetter>)> = Vec::new();
         for input in &mut self.inputs {
             let name = input.table.source().name().to_string();
@@ -472,6 +482,9 @@ impl MicroBatchExecution {
                 *e = (*e).max(m);
             }
             input_rows += rows;
+            if rows > 0 {
+                last_data.insert(name.clone(), entry.timestamp_ms);
+            }
             sources.push(SourceProgress {
                 name: name.clone(),
                 start_offset: range.start.clone(),
@@ -492,7 +505,7 @@ impl MicroBatchExecution {
         durations.insert("read".to_string(), ms(t.elapsed()));
 
         // Windows close against the watermark at the end of the batch.
-        let watermark = self.watermark_after(&event_max);
+        let watermark = self.watermark_after(&event_max, &last_data, entry.timestamp_ms);
         let t = Instant::now();
         let mut late_rows = 0;
         let mut state = None;
@@ -561,9 +574,11 @@ impl MicroBatchExecution {
             output_rows,
             watermark_ms: watermark,
             event_time_max_ms: event_max.clone(),
+            last_data_ms: last_data.clone(),
         })?;
         durations.insert("commit_log".to_string(), ms(t.elapsed()));
         self.event_time_max_ms = event_max;
+        self.last_data_ms = last_data;
         self.watermark_ms = watermark;
         Ok(Outcome {
             input_rows,
@@ -575,16 +590,29 @@ impl MicroBatchExecution {
     }
 
     /// The query watermark: per source `max event time - delay`, the minimum
-    /// over sources with a watermark, never decreasing.
-    fn watermark_after(&self, event_max: &BTreeMap<String, i64>) -> Option<i64> {
+    /// over sources with a watermark, never decreasing. A source idle for its
+    /// `idle_timeout` (no rows by the time `now_ms`) stops holding it back; a
+    /// source that has seen no data yet and is not idle holds it where it is.
+    fn watermark_after(
+        &self,
+        event_max: &BTreeMap<String, i64>,
+        last_data: &BTreeMap<String, i64>,
+        now_ms: i64,
+    ) -> Option<i64> {
         let mut query: Option<i64> = None;
         for input in &self.inputs {
             let Some(wm) = input.table.watermark() else {
                 continue;
             };
             let name = input.table.source().name();
+            let since = last_data.get(name).copied().unwrap_or(self.started_ms);
+            if wm
+                .idle_timeout
+                .is_some_and(|t| now_ms - since > t.as_millis() as i64)
+            {
+                continue;
+            }
             let Some(m) = event_max.get(name) else {
-                // A watermarked source with no data yet holds the watermark back.
                 return self.watermark_ms;
             };
             let w = m - wm.delay.as_millis() as i64;

@@ -29,6 +29,9 @@ pub struct WatermarkDef {
     pub column: String,
     /// How far behind the largest event time seen the watermark trails.
     pub delay: Duration,
+    /// After this much processing time without new rows, the source no
+    /// longer holds the query's watermark back (`idle_timeout` option).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `CREATE SOURCE name (columns) WITH (options)`.
@@ -253,7 +256,9 @@ fn parse_create_source(p: &mut DFParser<'_>) -> Result<CreateSource> {
         }
     }
     let owner = format!("source '{name}'");
-    let options = parse_with_options(p, &owner)?;
+    let mut options = parse_with_options(p, &owner)?;
+    let idle_timeout = options.get_duration("idle_timeout")?;
+    options.remove("idle_timeout");
     let provider = NoTables::default();
     let planner = SqlToRel::new(&provider);
     let schema = if columns.is_empty() {
@@ -265,14 +270,16 @@ fn parse_create_source(p: &mut DFParser<'_>) -> Result<CreateSource> {
         Some(Arc::new(s))
     };
     let watermark = match watermark_sql {
+        None if idle_timeout.is_some() => {
+            return Err(Error::plan(format!(
+                "{owner}: idle_timeout applies to a watermark; declare one with WATERMARK FOR <column> AS ..."
+            )));
+        }
         None => None,
-        Some((col, expr)) => Some(watermark_def(
-            &planner,
-            &owner,
-            schema.as_ref(),
-            &col,
-            expr,
-        )?),
+        Some((col, expr)) => Some(WatermarkDef {
+            idle_timeout,
+            ..watermark_def(&planner, &owner, schema.as_ref(), &col, expr)?
+        }),
     };
     Ok(CreateSource {
         name,
@@ -335,6 +342,7 @@ fn watermark_def(
     Ok(WatermarkDef {
         column: field.name().clone(),
         delay,
+        idle_timeout: None,
     })
 }
 
@@ -565,7 +573,8 @@ mod tests {
             s.watermark,
             Some(WatermarkDef {
                 column: "ts".into(),
-                delay: Duration::from_secs(5)
+                delay: Duration::from_secs(5),
+                idle_timeout: None,
             })
         );
         assert_eq!(s.options.get("bootstrap.servers"), Some("127.0.0.1:9092"));

@@ -82,6 +82,10 @@ pub struct CommitEntry {
     /// Per source with a watermark, the largest event time seen so far (ms).
     #[serde(default)]
     pub event_time_max_ms: BTreeMap<String, i64>,
+    /// Per source, the trigger-clock time of the last batch that read rows
+    /// from it (ms), for `idle_timeout`.
+    #[serde(default)]
+    pub last_data_ms: BTreeMap<String, i64>,
 }
 
 /// How a checkpoint writes.
@@ -442,6 +446,7 @@ mod tests {
             output_rows: 2,
             watermark_ms: None,
             event_time_max_ms: BTreeMap::new(),
+            last_data_ms: BTreeMap::new(),
         })
         .unwrap();
         cp.write_offsets(&offsets(1)).unwrap();
@@ -493,6 +498,7 @@ mod tests {
                 output_rows: 0,
                 watermark_ms: None,
                 event_time_max_ms: BTreeMap::new(),
+                last_data_ms: BTreeMap::new(),
             })
             .unwrap();
         }

@@ -45,6 +45,7 @@ impl StreamingDataFrame for DataFrame {
                 t.set_watermark(WatermarkDef {
                     column: column.to_string(),
                     delay,
+                    idle_timeout: None,
                 })?;
                 set = true;
             }
