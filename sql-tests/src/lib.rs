@@ -16,6 +16,11 @@
 //! | `SHOW PROGRESS <query>` | per committed batch: id, input rows, output rows, dropped, dead-lettered, re-run? |
 //! | `SHOW STATE PROGRESS <query>` | per committed batch: id, input rows, late rows, state keys, keys updated, keys removed |
 //!
+//! Every file also runs as a *restart variant* ([`Variant::Restarts`]) and,
+//! when it says `# variant: random-splits`, with random micro-batch splits
+//! ([`Variant::Splits`]); `# variant: no-restarts` opts a file out of the
+//! restart variant.
+//!
 //! `$TMP` in any statement is replaced by the test file's own temporary
 //! directory; queries checkpoint to `$TMP/checkpoints/<query>`. Every
 //! streaming query is started with a manual trigger: batches run only when a
@@ -123,10 +128,11 @@ impl SluiceDb {
         for stmt in parse_script(sql)? {
             let define = self.is_definition(&stmt);
             let outcome = self.ctx.execute(stmt.clone()).await?;
+            last = self.start(outcome).await?;
+            // Only what took effect is replayed by RESTART.
             if define {
                 self.definitions.push(stmt);
             }
-            last = self.start(outcome).await?;
         }
         Ok(last)
     }
@@ -327,5 +333,96 @@ impl sqllogictest::AsyncDB for SluiceDb {
 
     fn engine_name(&self) -> &str {
         "sluice"
+    }
+}
+
+/// How a test file is run.
+#[derive(Debug, Clone, Copy)]
+pub enum Variant {
+    /// The file as written.
+    Plain,
+    /// A `RESTART` after every successful `RUN ALL` / `RUN BATCH`.
+    Restarts,
+    /// Input split into random smaller batches with this seed.
+    Splits(u64),
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Variant::Plain => Ok(()),
+            Variant::Restarts => f.write_str(" [restart after every batch]"),
+            Variant::Splits(seed) => write!(f, " [random splits, SLT_SEED={seed}]"),
+        }
+    }
+}
+
+/// The variants a file runs as (see the crate docs).
+pub fn variants(name: &str, text: &str) -> Vec<Variant> {
+    let mut v = vec![Variant::Plain];
+    if !text.lines().any(|l| l.trim() == "# variant: no-restarts") {
+        v.push(Variant::Restarts);
+    }
+    if text.lines().any(|l| l.trim() == "# variant: random-splits") {
+        let seed = std::env::var("SLT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+                })
+            });
+        v.push(Variant::Splits(seed));
+    }
+    v
+}
+
+/// The file's text as the variant runs it.
+pub fn transform(text: &str, variant: Variant) -> String {
+    match variant {
+        Variant::Plain => text.to_string(),
+        Variant::Splits(seed) => format!("statement ok\nSET split_seed = {seed}\n\n{text}"),
+        Variant::Restarts => {
+            let lines: Vec<&str> = text.lines().collect();
+            let mut out = String::new();
+            let mut i = 0;
+            while i < lines.len() {
+                out.push_str(lines[i]);
+                out.push('\n');
+                let runs = lines[i].trim() == "statement ok"
+                    && lines.get(i + 1).is_some_and(|l| {
+                        let u = l.trim().to_ascii_uppercase();
+                        u == "RUN ALL" || u == "RUN BATCH"
+                    })
+                    && lines.get(i + 2).is_none_or(|l| l.trim().is_empty());
+                if runs {
+                    out.push_str(lines[i + 1]);
+                    out.push_str("\n\nstatement ok\nRESTART\n");
+                    i += 2;
+                    continue;
+                }
+                i += 1;
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_restart_variant_restarts_after_each_successful_run_only() {
+        let text =
+            "statement ok\nRUN ALL\n\nstatement error boom\nRUN ALL\n\nstatement ok\nRUN BATCH";
+        let t = transform(text, Variant::Restarts);
+        assert_eq!(t.matches("RESTART").count(), 2, "{t}");
+        assert!(
+            t.contains(
+                "statement error boom\nRUN ALL\n\nstatement ok\nRUN BATCH\n\nstatement ok\nRESTART"
+            ),
+            "{t}"
+        );
     }
 }

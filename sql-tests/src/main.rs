@@ -1,11 +1,20 @@
 //! Runs every `.slt` file under `sql-tests/slt/` (or those whose path
 //! contains one of the arguments), each in a fresh database and temporary
 //! directory, and prints `N passed, N failed`.
+//!
+//! Every file also runs as a *restart variant*: a `RESTART` (a fresh
+//! context recovering every query from its checkpoint, as after a crash)
+//! after each `RUN ALL` / `RUN BATCH`; every assertion must still hold. A file
+//! whose results legitimately differ opts out with a `# variant: no-restarts`
+//! line. A file with a `# variant: random-splits` line also runs with its
+//! input split into random smaller micro-batches (seeded from the file name,
+//! or `SLT_SEED`; the seed is printed), for results that must not depend on
+//! where batch boundaries fall.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use sluice_sql_tests::SluiceDb;
+use sluice_sql_tests::{SluiceDb, transform, variants};
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -48,26 +57,38 @@ fn main() -> ExitCode {
             .unwrap_or(file)
             .display()
             .to_string();
-        let outcome = runtime.block_on(async {
-            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-            let path = dir.path().to_path_buf();
-            let mut runner = sqllogictest::Runner::new(move || {
-                let path = path.clone();
-                async move { Ok::<_, sluice_sql_tests::TestError>(SluiceDb::new(&path)) }
-            });
-            runner
-                .run_file_async(file)
-                .await
-                .map_err(|e| e.display(true).to_string())
-        });
-        match outcome {
-            Ok(()) => {
-                println!("ok     {shown}");
-                passed += 1;
-            }
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
             Err(e) => {
-                println!("FAILED {shown}\n{e}\n");
+                println!("FAILED {shown}: cannot read it: {e}");
                 failed += 1;
+                continue;
+            }
+        };
+        for variant in variants(&shown, &text) {
+            let outcome = runtime.block_on(async {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let script = dir.path().join("test.slt");
+                std::fs::write(&script, transform(&text, variant)).map_err(|e| e.to_string())?;
+                let path = dir.path().to_path_buf();
+                let mut runner = sqllogictest::Runner::new(move || {
+                    let path = path.clone();
+                    async move { Ok::<_, sluice_sql_tests::TestError>(SluiceDb::new(&path)) }
+                });
+                runner
+                    .run_file_async(&script)
+                    .await
+                    .map_err(|e| e.display(true).to_string())
+            });
+            match outcome {
+                Ok(()) => {
+                    println!("ok     {shown}{variant}");
+                    passed += 1;
+                }
+                Err(e) => {
+                    println!("FAILED {shown}{variant}\n{e}\n");
+                    failed += 1;
+                }
             }
         }
     }

@@ -18,9 +18,10 @@
 //! merge its state — count, sum, avg, min, max, count(DISTINCT), approx_*,
 //! stddev, ... — runs incrementally, using DataFusion's own accumulators.
 //!
-//! Output modes: `update` emits the keys this batch changed; `complete`
-//! emits every key; `append` emits a window once the watermark passes its
-//! end, then evicts it. With a window and a watermark, rows whose window had
+//! Output modes: `update` emits the keys this batch changed; `changelog`
+//! emits them as `-U` old value / `+U` new value (`+I` for a new key);
+//! `complete` emits every key; `append` emits a window once the watermark
+//! passes its end, then evicts it. With a window and a watermark, rows whose window had
 //! closed at the start of the batch are late: not aggregated, counted
 //! (except in complete mode, which never closes a window).
 
@@ -471,7 +472,13 @@ impl AggregateOperator {
             }
         }
         if let Some(after) = changes {
-            let old = self.values(vec![before], ctx).await?;
+            // A global aggregate's Final gives a row even over no state: a
+            // key that had none has no old value.
+            let old = if before.num_rows() == 0 {
+                RecordBatch::new_empty(Arc::clone(&self.agg_schema))
+            } else {
+                self.values(vec![before], ctx).await?
+            };
             let new = self.values(vec![after], ctx).await?;
             out.rows = self.changelog(old, new, ctx).await?;
             return Ok(out);
@@ -581,7 +588,7 @@ impl AggregateOperator {
     }
 }
 
-/// `schema` with the changelog's `_op` column (`+I`, `-U`, `+U`, `-D`) first.
+/// `schema` with the changelog's `_op` column (`+I`, `-U`, `+U`) first.
 pub(crate) fn with_op_field(schema: &SchemaRef) -> SchemaRef {
     let mut fields = vec![Arc::new(Field::new("_op", DataType::Utf8, false))];
     fields.extend(schema.fields().iter().cloned());

@@ -65,6 +65,10 @@ pub struct QueryConfig {
     pub max_batches: Option<u64>,
     /// A crash to inject, for tests.
     pub fault: Option<Fault>,
+    /// Tests: split the available input into random smaller batches (seeded),
+    /// to check that results do not depend on where batches fall. Applies to
+    /// sources whose offsets are counts (memory, file, rate).
+    pub split_seed: Option<u64>,
 }
 
 impl QueryConfig {
@@ -81,6 +85,7 @@ impl QueryConfig {
             poll_interval: Duration::from_millis(50),
             max_batches: None,
             fault: Fault::from_env(),
+            split_seed: None,
         }
     }
 }
@@ -429,6 +434,16 @@ impl MicroBatchExecution {
                 .latest_offset(&input.committed)
                 .await
                 .map_err(|e| e.context(format!("source '{name}'")))?;
+            let end = match (
+                self.config.split_seed,
+                input.committed.as_u64(),
+                end.as_u64(),
+            ) {
+                (Some(seed), Some(s), Some(e)) if e > s + 1 => {
+                    Value::from(s + 1 + split_draw(seed, self.next_batch, &name) % (e - s))
+                }
+                _ => end,
+            };
             moved |= end != input.committed;
             sources.insert(
                 name,
@@ -669,6 +684,17 @@ struct Outcome {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A deterministic draw from (seed, batch, source), for random splits.
+fn split_draw(seed: u64, batch: BatchId, source: &str) -> u64 {
+    let mut h = seed ^ batch.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in source.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
 }
 
 /// A stateless query's rows as changelog inserts: `_op = '+I'` first.

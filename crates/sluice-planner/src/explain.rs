@@ -70,7 +70,7 @@ pub fn explain_streaming(
                     "emit a window once window_end <= watermark (end of batch), then remove it",
                     "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
                 ),
-                (true, OutputMode::Update) => (
+                (true, OutputMode::Update | OutputMode::Changelog) => (
                     "remove a window once window_end <= watermark (end of batch)",
                     "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
                 ),

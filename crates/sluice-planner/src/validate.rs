@@ -56,6 +56,11 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         (None, OutputMode::Complete) => Err(Error::plan(format!(
             "query '{name}': output mode complete re-emits the whole result table and needs an aggregate; this query is stateless (projection/filter/join), so use output_mode = 'append' or 'update'"
         ))),
+        (Some(_), OutputMode::Changelog) if filter_above_aggregate(plan) => {
+            Err(Error::not_supported(format!(
+                "query '{name}': output mode changelog with a filter (e.g. HAVING) above the aggregate; use update mode, or filter downstream"
+            )))
+        }
         (_, OutputMode::Changelog) => Ok(shape),
         (Some(a), OutputMode::Append) if !(a.windowed && has_watermark) => {
             Err(Error::plan(format!(
@@ -74,6 +79,17 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
             )))
         }
         (Some(_), _) => Ok(shape),
+    }
+}
+
+/// Whether a filter stands between the root and the aggregate.
+fn filter_above_aggregate(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Filter(_) => true,
+        LogicalPlan::Projection(_) | LogicalPlan::SubqueryAlias(_) => {
+            plan.inputs().into_iter().any(filter_above_aggregate)
+        }
+        _ => false,
     }
 }
 

@@ -79,12 +79,14 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
         }
         ("HOP", [table, ts, slide, size]) => {
             // A row is in every window [s, s + size) with s a multiple of
-            // slide and ts - size < s <= ts: generate the candidates from
-            // the last one back, and keep those that contain ts.
+            // slide and ts - size < s <= ts: generate the grid points from
+            // the one at or before ts - size up to the one at or before ts,
+            // and keep the windows that contain ts.
+            let first = format!("date_bin({slide}, {ts} - {size}, {EPOCH})");
             let last = format!("date_bin({slide}, {ts}, {EPOCH})");
             let body = format!(
                 "SELECT * EXCLUDE (__hop_start), __hop_start AS window_start, __hop_start + {size} AS window_end FROM \
-                 (SELECT *, unnest(generate_series({last} - {size}, {last}, {slide})) AS __hop_start FROM {{input}}) \
+                 (SELECT *, unnest(generate_series({first}, {last}, {slide})) AS __hop_start FROM {{input}}) \
                  WHERE __hop_start + {size} > {ts}"
             );
             (table, body)

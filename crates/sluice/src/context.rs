@@ -40,6 +40,9 @@ pub struct Settings {
     pub max_batch_retries: u32,
     /// The delay before the first retry (doubling after), on the trigger clock.
     pub retry_backoff: std::time::Duration,
+    /// Tests: split the available input into random smaller batches with
+    /// this seed (`SET split_seed = n`).
+    pub split_seed: Option<u64>,
 }
 
 impl Default for Settings {
@@ -50,6 +53,7 @@ impl Default for Settings {
             durability: Durability::Fsync,
             max_batch_retries: 3,
             retry_backoff: std::time::Duration::from_millis(100),
+            split_seed: None,
         }
     }
 }
@@ -60,6 +64,7 @@ pub const SETTINGS: &[&str] = &[
     "trigger",
     "checkpoint_sync",
     "max_batch_retries",
+    "split_seed",
 ];
 
 /// What executing one statement produced.
@@ -459,7 +464,8 @@ impl StreamContext {
             .trigger(trigger)
             .durability(settings.durability)
             .max_batch_retries(settings.max_batch_retries)
-            .retry_backoff(settings.retry_backoff);
+            .retry_backoff(settings.retry_backoff)
+            .random_splits(settings.split_seed);
         if let Some(dir) = options.get("checkpoint") {
             writer = writer.checkpoint(dir);
         } else if let Some(root) = &settings.checkpoint_root {
@@ -540,6 +546,9 @@ impl StreamContext {
                     "false" => Durability::NoSync,
                     _ => return Err(bad("true or false")),
                 }
+            }
+            "split_seed" => {
+                reg.settings.split_seed = Some(value.parse().map_err(|_| bad("a number"))?)
             }
             "max_batch_retries" => {
                 reg.settings.max_batch_retries = value.parse().map_err(|_| bad("a count"))?

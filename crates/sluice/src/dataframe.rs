@@ -96,6 +96,7 @@ impl StreamingDataFrame for DataFrame {
             max_batch_retries: None,
             retry_backoff: None,
             fault: None,
+            split_seed: None,
         }
     }
 }
@@ -113,6 +114,7 @@ pub struct DataStreamWriter {
     max_batch_retries: Option<u32>,
     retry_backoff: Option<Duration>,
     fault: Option<Fault>,
+    split_seed: Option<u64>,
 }
 
 impl DataStreamWriter {
@@ -166,6 +168,13 @@ impl DataStreamWriter {
         self
     }
 
+    /// Tests: splits the available input into random smaller batches,
+    /// seeded, to check that results do not depend on batch boundaries.
+    pub fn random_splits(mut self, seed: Option<u64>) -> Self {
+        self.split_seed = seed;
+        self
+    }
+
     /// Injects a crash at a step of the commit protocol (tests).
     pub fn inject_fault(mut self, fault: Fault) -> Self {
         self.fault = Some(fault);
@@ -203,6 +212,7 @@ impl DataStreamWriter {
         if let Some(b) = self.retry_backoff {
             config.retry_backoff = b;
         }
+        config.split_seed = self.split_seed;
         if self.fault.is_some() {
             config.fault = self.fault;
         }

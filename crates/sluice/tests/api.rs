@@ -392,3 +392,28 @@ async fn a_windowed_aggregate_from_the_dataframe_api_emits_closed_windows() {
     let df = ctx.session().table("clicks").await.unwrap();
     assert!(df.tumble("ts", Duration::ZERO).is_err());
 }
+
+#[tokio::test]
+async fn random_splits_run_more_batches_with_the_same_result() {
+    let (ctx, _clock) = manual();
+    let src = MemorySource::new("nums", schema());
+    src.append(rows(&(1..=40).collect::<Vec<_>>())).unwrap();
+    let df = ctx.read_stream(src).await.unwrap();
+    let (sink, mut rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::Manual)
+        .random_splits(Some(7))
+        .start(sink)
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    let mut got = Vec::new();
+    let mut batches = 0;
+    while let Ok((_, v)) = rx.try_recv() {
+        got.extend(v);
+        batches += 1;
+    }
+    assert!(batches > 2, "{batches} batches");
+    assert_eq!(got, (1..=40).collect::<Vec<_>>());
+}
