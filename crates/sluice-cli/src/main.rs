@@ -204,6 +204,7 @@ impl Interrupt {
 async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> sluice::Result<()> {
     let live = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut warned = std::collections::BTreeSet::new();
     loop {
         tokio::select! {
             _ = interrupt.recv() => {
@@ -217,6 +218,17 @@ async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> slui
                 break;
             }
             _ = tick.tick() => {
+                for q in queries {
+                    if q.last_progress().is_some_and(|p| p.falling_behind) && warned.insert(q.name().to_string()) {
+                        if live {
+                            eprintln!();
+                        }
+                        eprintln!(
+                            "sluice: warning: query '{}' takes longer per batch than its trigger interval; its backlog grows",
+                            q.name()
+                        );
+                    }
+                }
                 if live {
                     let line: Vec<String> = queries.iter().map(status).collect();
                     eprint!("\r\x1b[2K{}", line.join(" | "));
@@ -269,11 +281,16 @@ fn status(q: &StreamingQuery) -> String {
     match q.last_progress() {
         None => format!("{}: waiting for data", q.name()),
         Some(p) => format!(
-            "{}: batch {} | {:.0} rows/s | {:.1} ms",
+            "{}: batch {} | {:.0} rows/s | {:.1} ms{}",
             q.name(),
             p.batch_id,
             p.processed_rows_per_second,
-            p.durations_ms.get("total").copied().unwrap_or(0.0)
+            p.durations_ms.get("total").copied().unwrap_or(0.0),
+            if p.falling_behind {
+                " | FALLING BEHIND the trigger"
+            } else {
+                ""
+            }
         ),
     }
 }

@@ -40,6 +40,10 @@ pub struct Progress {
     /// The state of the query's stateful operator, if it has one.
     #[serde(default)]
     pub state: Option<StateProgress>,
+    /// Whether the batch took longer than the processing-time trigger's
+    /// interval: batches cannot keep up, and the backlog grows.
+    #[serde(default)]
+    pub falling_behind: bool,
     /// Whether this batch re-ran a batch that had been planned but not committed.
     pub recovered: bool,
 }

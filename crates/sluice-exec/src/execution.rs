@@ -407,6 +407,10 @@ impl MicroBatchExecution {
             sources: outcome.sources,
             watermark_ms: entry.watermark_ms,
             retries: attempt,
+            falling_behind: match self.config.trigger {
+                Trigger::ProcessingTime(iv) => !iv.is_zero() && started.elapsed() > iv,
+                _ => false,
+            },
             late_rows: outcome.late_rows,
             state: outcome.state,
             recovered,

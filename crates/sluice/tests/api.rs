@@ -417,3 +417,31 @@ async fn random_splits_run_more_batches_with_the_same_result() {
     assert!(batches > 2, "{batches} batches");
     assert_eq!(got, (1..=40).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn progress_says_when_batches_cannot_keep_up_with_the_trigger() {
+    let (ctx, _clock) = manual();
+    let src = MemorySource::new("nums", schema());
+    src.append(rows(&[1])).unwrap();
+    let df = ctx.read_stream(src).await.unwrap();
+    for (interval, behind) in [
+        (Duration::from_nanos(1), true),
+        (Duration::from_secs(3600), false),
+    ] {
+        let (sink, _rx) = channel_sink();
+        let q = df
+            .clone()
+            .write_stream()
+            .trigger(Trigger::ProcessingTime(interval))
+            .max_batches(1)
+            .start(sink)
+            .await
+            .unwrap();
+        q.await_termination().await.unwrap();
+        assert_eq!(
+            q.last_progress().unwrap().falling_behind,
+            behind,
+            "{interval:?}"
+        );
+    }
+}
