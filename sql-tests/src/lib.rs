@@ -14,6 +14,7 @@
 //! | `RESTART` | drops every query and the context, as a crash would, and starts them again from their checkpoints in a fresh context |
 //! | `INJECT FAULT <after-offsets\|after-sink\|after-commit> AT BATCH <n>` | the next run of batch n fails at that step |
 //! | `SHOW PROGRESS <query>` | per committed batch: id, input rows, output rows, dropped, dead-lettered, re-run? |
+//! | `CHECK <sink> AGAINST BATCH` | the sink's final result equals its query run by DataFusion as one batch query over all the input |
 //! | `SHOW STATE PROGRESS <query>` | per committed batch: id, input rows, late rows, state keys, keys updated, keys removed |
 //!
 //! Every file also runs as a *restart variant* ([`Variant::Restarts`]) and,
@@ -232,6 +233,7 @@ impl SluiceDb {
                     .and_then(|_| std::fs::rename(&tmp, &path))
                     .map_err(|e| TestError(e.to_string()))?;
             }
+            ["CHECK", _, "AGAINST", "BATCH"] => self.check_against_batch(words[1]).await?,
             ["SHOW", "STATE", "PROGRESS", _] => {
                 let records = read_progress(&self.dir.join("checkpoints").join(words[3]))?;
                 let text: String = records
@@ -264,6 +266,159 @@ impl SluiceDb {
             _ => return Ok(None),
         }
         Ok(Some(None))
+    }
+}
+
+impl SluiceDb {
+    /// Compares what sink `name` holds with its query run by DataFusion as
+    /// one batch query over every row its (memory) sources received:
+    /// append — every emitted row; complete — the last result; changelog —
+    /// the changes applied (+I/+U add a row, -U/-D remove one). Update mode
+    /// has no key-free final table, so it is refused.
+    async fn check_against_batch(&self, name: &str) -> Result<(), TestError> {
+        let err = |m: String| TestError(format!("CHECK {name} AGAINST BATCH: {m}"));
+        let (query, options) = self
+            .definitions
+            .iter()
+            .find_map(|d| match d {
+                Statement::CreateSink(cs) if cs.name == name => {
+                    cs.query.clone().map(|q| (q, cs.options.clone()))
+                }
+                Statement::InsertInto { target, query } if target == name => self
+                    .definitions
+                    .iter()
+                    .find_map(|d| match d {
+                        Statement::CreateSink(cs) if &cs.name == target => Some(cs.options.clone()),
+                        _ => None,
+                    })
+                    .map(|o| (query.clone(), o)),
+                _ => None,
+            })
+            .ok_or_else(|| err("no query writes to it".into()))?;
+        let mode = options
+            .get("output_mode")
+            .unwrap_or("append")
+            .to_ascii_lowercase();
+        let table = self
+            .ctx
+            .memory_tables()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| err("it is not a memory sink".into()))?;
+
+        // The batch side: a plain DataFusion context where each stream is a
+        // table of every row it received, and static tables are as defined.
+        let batch_ctx = sluice::deps::datafusion::prelude::SessionContext::new();
+        for d in &self.definitions {
+            match d {
+                Statement::CreateSource(cs) => {
+                    let src = self
+                        .ctx
+                        .source(&cs.name)
+                        .ok_or_else(|| err(format!("source {} vanished", cs.name)))?;
+                    let mem = src
+                        .as_any()
+                        .downcast_ref::<sluice::MemorySource>()
+                        .ok_or_else(|| {
+                            err(format!("source '{}' is not a memory source", cs.name))
+                        })?;
+                    let t = sluice::deps::datafusion::datasource::MemTable::try_new(
+                        src.schema(),
+                        vec![mem.all_rows()],
+                    )
+                    .map_err(|e| err(e.to_string()))?;
+                    batch_ctx
+                        .register_table(cs.name.as_str(), Arc::new(t))
+                        .map_err(|e| err(e.to_string()))?;
+                }
+                Statement::DataFusion(stmt) => {
+                    let plan = batch_ctx
+                        .state()
+                        .statement_to_plan(stmt.as_ref().clone())
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    batch_ctx
+                        .execute_logical_plan(plan)
+                        .await
+                        .map_err(|e| err(e.to_string()))?
+                        .collect()
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                }
+                _ => {}
+            }
+        }
+        let stmt = DFStatement::Statement(Box::new(ast::Statement::Query(query)));
+        let plan = batch_ctx
+            .state()
+            .statement_to_plan(stmt)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let batch = batch_ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .collect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut expected = rows_of(&batch)?;
+
+        let mut got = match mode.as_str() {
+            // A complete-mode memory table holds only the last result.
+            "append" | "complete" => rows_of(&table.rows())?,
+            "changelog" => {
+                let mut live: Vec<Vec<String>> = Vec::new();
+                for row in rows_of(&table.rows())? {
+                    let (op, rest) = row
+                        .split_first()
+                        .ok_or_else(|| err("an empty changelog row".into()))?;
+                    match op.as_str() {
+                        "+I" | "+U" => live.push(rest.to_vec()),
+                        _ => {
+                            let at = live.iter().position(|r| r == rest).ok_or_else(|| {
+                                err(format!("{op} of a row never inserted: {rest:?}"))
+                            })?;
+                            live.remove(at);
+                        }
+                    }
+                }
+                live
+            }
+            other => {
+                return Err(err(format!(
+                    "{other} mode has no key-free final table; check complete, append or changelog sinks"
+                )));
+            }
+        };
+        expected.sort();
+        got.sort();
+        if got != expected {
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|r| !got.contains(r))
+                .take(5)
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|r| !expected.contains(r))
+                .take(5)
+                .collect();
+            return Err(err(format!(
+                "streaming gave {} rows, batch {}; missing from streaming: {missing:?}; not in batch: {extra:?}",
+                got.len(),
+                expected.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Rows as formatted strings, for comparison.
+fn rows_of(batches: &[RecordBatch]) -> Result<Vec<Vec<String>>, TestError> {
+    match to_output(batches.to_vec())? {
+        DBOutput::Rows { rows, .. } => Ok(rows),
+        _ => Ok(vec![]),
     }
 }
 

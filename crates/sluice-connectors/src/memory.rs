@@ -68,6 +68,11 @@ impl MemorySource {
         self.len() == 0
     }
 
+    /// Every row appended so far.
+    pub fn all_rows(&self) -> Vec<RecordBatch> {
+        lock(&self.rows).clone()
+    }
+
     fn slice(&self, start: u64, end: u64) -> Vec<RecordBatch> {
         let rows = lock(&self.rows);
         let mut out = Vec::new();

@@ -142,8 +142,8 @@ pub struct MicroBatchExecution {
     event_time_max_ms: BTreeMap<String, i64>,
     /// Per source, when a batch last read rows from it (trigger clock).
     last_data_ms: BTreeMap<String, i64>,
-    /// When this start of the query began (trigger clock): a source that
-    /// never had data is idle from here.
+    /// When the query's checkpoint was created (trigger clock): a source
+    /// that never had data is idle from here.
     started_ms: i64,
     last_start_ms: Option<i64>,
     progress: Arc<Mutex<VecDeque<Progress>>>,
@@ -236,7 +236,9 @@ impl MicroBatchExecution {
             (None, _) => OutputMode::Append,
         };
         sink.open(&output_schema, sink_mode).await.map_err(ctx)?;
-        let started_ms = clock.now_millis();
+        // A source that never had data is idle from when the query was first
+        // created, so a re-run after any restart decides idleness alike.
+        let started_ms = checkpoint.metadata().created_ms;
         let mut exec = MicroBatchExecution {
             checkpoint,
             inputs,
@@ -494,14 +496,19 @@ impl MicroBatchExecution {
             })?;
             let read = input.reader.read(&range.start, &range.end).await?;
             let rows: u64 = read.batches.iter().map(|b| b.num_rows() as u64).sum();
-            if let Some(wm) = input.table.watermark()
-                && let Some(m) = max_event_time(&read.batches, &wm.column)?
-            {
-                let e = event_max.entry(name.clone()).or_insert(m);
-                *e = (*e).max(m);
+            // For idleness, a watermarked source has data when it brings an
+            // event time (rows with a NULL time cannot move its watermark).
+            let mut had_data = rows > 0;
+            if let Some(wm) = input.table.watermark() {
+                let seen = max_event_time(&read.batches, &wm.column)?;
+                had_data = seen.is_some();
+                if let Some(m) = seen {
+                    let e = event_max.entry(name.clone()).or_insert(m);
+                    *e = (*e).max(m);
+                }
             }
             input_rows += rows;
-            if rows > 0 {
+            if had_data {
                 last_data.insert(name.clone(), entry.timestamp_ms);
             }
             sources.push(SourceProgress {

@@ -444,7 +444,6 @@ impl StreamContext {
             )));
         }
         let name = sink_name.to_string();
-        self.reg().query_names.insert(name.clone(), 1);
         let settings = self.settings();
         let mode: OutputMode = options.get("output_mode").unwrap_or("append").parse()?;
         // Refuse an unsupported query now, at CREATE SINK, not when it starts:
@@ -471,6 +470,8 @@ impl StreamContext {
         } else if let Some(root) = &settings.checkpoint_root {
             writer = writer.checkpoint(root.join(&name));
         }
+        // Only a query that planned takes the sink.
+        self.reg().query_names.insert(name.clone(), 1);
         Ok(Box::new(PendingQuery {
             name,
             writer,
