@@ -333,35 +333,15 @@ impl SluiceDb {
                         .map_err(|e| err(e.to_string()))?;
                 }
                 Statement::DataFusion(stmt) => {
-                    let plan = batch_ctx
-                        .state()
-                        .statement_to_plan(stmt.as_ref().clone())
+                    run_batch(&batch_ctx, stmt.as_ref().clone())
                         .await
-                        .map_err(|e| err(e.to_string()))?;
-                    batch_ctx
-                        .execute_logical_plan(plan)
-                        .await
-                        .map_err(|e| err(e.to_string()))?
-                        .collect()
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
+                        .map_err(err)?;
                 }
                 _ => {}
             }
         }
         let stmt = DFStatement::Statement(Box::new(ast::Statement::Query(query)));
-        let plan = batch_ctx
-            .state()
-            .statement_to_plan(stmt)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let batch = batch_ctx
-            .execute_logical_plan(plan)
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .collect()
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let batch = run_batch(&batch_ctx, stmt).await.map_err(err)?;
         let mut expected = rows_of(&batch)?;
 
         let mut got = match mode.as_str() {
@@ -412,6 +392,23 @@ impl SluiceDb {
         }
         Ok(())
     }
+}
+
+/// Plans and runs one statement in a plain DataFusion context.
+async fn run_batch(
+    ctx: &sluice::deps::datafusion::prelude::SessionContext,
+    stmt: DFStatement,
+) -> Result<Vec<RecordBatch>, String> {
+    let plan = ctx
+        .state()
+        .statement_to_plan(stmt)
+        .await
+        .map_err(|e| e.to_string())?;
+    let df = ctx
+        .execute_logical_plan(plan)
+        .await
+        .map_err(|e| e.to_string())?;
+    df.collect().await.map_err(|e| e.to_string())
 }
 
 /// Rows as formatted strings, for comparison.
