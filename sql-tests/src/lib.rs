@@ -154,9 +154,7 @@ impl SluiceDb {
                         .source(&cs.name)
                         .ok_or_else(|| TestError(format!("source {} vanished", cs.name)))?;
                     let table = self.ctx.register_source(src)?;
-                    if let Some(wm) = cs.watermark.clone() {
-                        table.set_watermark(wm)?;
-                    }
+                    self.ctx.apply_source_clauses(&table, cs)?;
                 }
                 _ => {
                     let outcome = self.ctx.execute(stmt).await?;

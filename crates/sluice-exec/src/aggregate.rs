@@ -82,6 +82,8 @@ pub(crate) struct AggregateOutput {
     pub aggregated_rows: u64,
     /// Late rows left out.
     pub late_rows: u64,
+    /// The late rows themselves, as they reached the aggregate.
+    pub late: Vec<RecordBatch>,
 }
 
 /// Turns stored aggregate states into aggregate values, outside the query:
@@ -353,6 +355,11 @@ impl AggregateOperator {
         })
     }
 
+    /// The schema of the rows that reach the aggregate (and of late rows).
+    pub(crate) fn input_schema(&self) -> SchemaRef {
+        self.input.schema()
+    }
+
     /// What turns this operator's stored states into values.
     pub(crate) fn finalizer(&self) -> StateFinalizer {
         self.finalizer.clone()
@@ -435,7 +442,12 @@ impl AggregateOperator {
                     let end = expr.evaluate(&batch)?.into_array(batch.num_rows())?;
                     let keep = window_after(&end, wm)?;
                     let kept = filter_record_batch(&batch, &keep)?;
-                    out.late_rows += (batch.num_rows() - kept.num_rows()) as u64;
+                    let late = batch.num_rows() - kept.num_rows();
+                    if late > 0 {
+                        out.late_rows += late as u64;
+                        let gone = datafusion::arrow::compute::not(&keep)?;
+                        out.late.push(filter_record_batch(&batch, &gone)?);
+                    }
                     on_time.push(kept);
                 }
                 _ => on_time.push(batch),

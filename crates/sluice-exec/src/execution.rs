@@ -134,6 +134,8 @@ pub struct MicroBatchExecution {
     output_schema: SchemaRef,
     plan: Arc<dyn ExecutionPlan>,
     aggregate: Option<AggregateOperator>,
+    /// Where the aggregate's late rows go, if the stream asked for it.
+    late_sink: Option<Arc<dyn Sink>>,
     task_ctx: Arc<TaskContext>,
     next_batch: BatchId,
     pending: Option<OffsetEntry>,
@@ -224,6 +226,22 @@ impl MicroBatchExecution {
                 committed,
             });
         }
+        let asked: Vec<Arc<dyn Sink>> = inputs.iter().filter_map(|i| i.table.late_rows()).collect();
+        let late_sink = match (&aggregate, asked.first()) {
+            (Some(agg), Some(sink)) => {
+                if inputs.len() > 1 {
+                    return Err(ctx(Error::not_supported(
+                        "late_rows on a query reading several streams: a late row reaches the aggregate without its source",
+                    )));
+                }
+                sink.open(&agg.input_schema(), OutputMode::Append)
+                    .await
+                    .map_err(ctx)?;
+                Some(Arc::clone(sink))
+            }
+            // A query without an aggregate has no late rows.
+            _ => None,
+        };
         let output_schema = match (&aggregate, config.output_mode) {
             (Some(a), _) => a.output_schema(),
             (None, OutputMode::Changelog) => with_op_field(&physical.schema()),
@@ -246,6 +264,7 @@ impl MicroBatchExecution {
             output_schema,
             plan: physical,
             aggregate,
+            late_sink,
             task_ctx: state.task_ctx(),
             next_batch: 0,
             pending: None,
@@ -534,6 +553,7 @@ impl MicroBatchExecution {
         let watermark = self.watermark_after(&event_max, &last_data, entry.timestamp_ms);
         let t = Instant::now();
         let mut late_rows = 0;
+        let mut late = Vec::new();
         let mut state = None;
         let result = match &mut self.aggregate {
             None => {
@@ -556,6 +576,7 @@ impl MicroBatchExecution {
                     .await
                     .map(|o| {
                         late_rows = o.late_rows;
+                        late = o.late;
                         o.rows
                     }),
             },
@@ -582,6 +603,10 @@ impl MicroBatchExecution {
 
         let t = Instant::now();
         self.sink.write(id, &self.output_schema, output).await?;
+        if let (Some(ls), Some(agg)) = (&self.late_sink, &self.aggregate) {
+            // Written every batch (empty too): keyed by batch id like any sink.
+            ls.write(id, &agg.input_schema(), late).await?;
+        }
         for (sink, letters) in dead {
             let batches = if letters.is_empty() {
                 vec![]

@@ -43,6 +43,8 @@ pub struct CreateSource {
     pub schema: Option<SchemaRef>,
     /// The watermark declaration, if any.
     pub watermark: Option<WatermarkDef>,
+    /// Where late rows go (`late_rows = '<sink or table>'`), if anywhere.
+    pub late_rows: Option<String>,
     /// The `WITH (...)` options.
     pub options: Options,
 }
@@ -259,6 +261,7 @@ fn parse_create_source(p: &mut DFParser<'_>) -> Result<CreateSource> {
     let mut options = parse_with_options(p, &owner)?;
     let idle_timeout = options.get_duration("idle_timeout")?;
     options.remove("idle_timeout");
+    let late_rows = options.remove("late_rows");
     let provider = NoTables::default();
     let planner = SqlToRel::new(&provider);
     let schema = if columns.is_empty() {
@@ -281,10 +284,16 @@ fn parse_create_source(p: &mut DFParser<'_>) -> Result<CreateSource> {
             ..watermark_def(&planner, &owner, schema.as_ref(), &col, expr)?
         }),
     };
+    if late_rows.is_some() && watermark.is_none() {
+        return Err(Error::plan(format!(
+            "{owner}: late_rows needs a watermark (rows are late against it); declare one with WATERMARK FOR <column> AS ..."
+        )));
+    }
     Ok(CreateSource {
         name,
         schema,
         watermark,
+        late_rows,
         options,
     })
 }

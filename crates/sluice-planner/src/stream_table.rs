@@ -29,6 +29,7 @@ pub struct StreamTable {
     source: Arc<dyn Source>,
     watermark: Arc<Mutex<Option<WatermarkDef>>>,
     dead_letter: Option<Arc<dyn Sink>>,
+    late_rows: Arc<Mutex<Option<Arc<dyn Sink>>>>,
     clock: Arc<dyn Clock>,
     slot: Arc<BatchSlot>,
 }
@@ -83,6 +84,7 @@ impl StreamTable {
             source,
             watermark: Arc::default(),
             dead_letter: None,
+            late_rows: Arc::default(),
             clock,
             slot: Arc::default(),
         }
@@ -107,6 +109,19 @@ impl StreamTable {
     /// The dead-letter sink, if any.
     pub fn dead_letter(&self) -> Option<&Arc<dyn Sink>> {
         self.dead_letter.as_ref()
+    }
+
+    /// Where this stream's late rows go, if anywhere.
+    pub fn late_rows(&self) -> Option<Arc<dyn Sink>> {
+        self.late_rows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sends this stream's late rows to `sink`.
+    pub fn set_late_rows(&self, sink: Arc<dyn Sink>) {
+        *self.late_rows.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }
 
     /// The watermark declaration, if any.
@@ -152,6 +167,7 @@ impl StreamTable {
             source: Arc::clone(&self.source),
             watermark: Arc::new(Mutex::new(self.watermark())),
             dead_letter: self.dead_letter.clone(),
+            late_rows: Arc::new(Mutex::new(self.late_rows())),
             clock: Arc::clone(&self.clock),
             slot: Arc::default(),
         }

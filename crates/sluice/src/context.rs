@@ -17,8 +17,8 @@ use sluice_common::{Clock, Error, Options, Result, SystemClock};
 use sluice_connectors::{MemorySource, MemoryTable, sink_from_options, source_from_options};
 use sluice_exec::{StreamingQuery, Trigger, dead_letter_schema};
 use sluice_planner::{
-    OutputMode, Statement, StreamTable, check_streaming_plan, explain_streaming, fork_streams,
-    parse_script, stream_tables,
+    CreateSource, OutputMode, Statement, StreamTable, check_streaming_plan, explain_streaming,
+    fork_streams, parse_script, stream_tables,
 };
 
 use crate::dataframe::{DataStreamWriter, StreamingDataFrame};
@@ -326,6 +326,29 @@ impl StreamContext {
         Ok(())
     }
 
+    /// Applies a `CREATE SOURCE`'s watermark and `late_rows` to a registered
+    /// stream (also when a source is registered again, as after a restart).
+    pub fn apply_source_clauses(&self, table: &StreamTable, cs: &CreateSource) -> Result<()> {
+        if let Some(wm) = cs.watermark.clone() {
+            table.set_watermark(wm)?;
+        }
+        if let Some(target) = &cs.late_rows {
+            let sink = match self.reg().sinks.get(target) {
+                Some((_, s)) => Some(Arc::clone(s)),
+                None => None,
+            };
+            let sink = match sink {
+                Some(s) => s,
+                None => Arc::new(sluice_connectors::MemorySink::new(
+                    target,
+                    self.memory_table(target)?,
+                )),
+            };
+            table.set_late_rows(sink);
+        }
+        Ok(())
+    }
+
     fn dead_letter_sink(&self, target: &str) -> Result<Arc<dyn Sink>> {
         if let Some((_, sink)) = self.reg().sinks.get(target) {
             return Ok(Arc::clone(sink));
@@ -349,11 +372,9 @@ impl StreamContext {
     pub async fn execute(&self, stmt: Statement) -> Result<Outcome> {
         match stmt {
             Statement::CreateSource(cs) => {
-                let source = source_from_options(&cs.name, cs.schema, &cs.options)?;
+                let source = source_from_options(&cs.name, cs.schema.clone(), &cs.options)?;
                 let table = self.register_source(source)?;
-                if let Some(wm) = cs.watermark {
-                    table.set_watermark(wm)?;
-                }
+                self.apply_source_clauses(&table, &cs)?;
                 Ok(Outcome::Done)
             }
             Statement::CreateSink(cs) => {
