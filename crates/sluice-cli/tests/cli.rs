@@ -377,8 +377,9 @@ fn windowed_run(dir: &Path, crashes: &[&str]) -> Vec<String> {
     fs::create_dir_all(dir.join("in")).unwrap();
     fs::write(
         dir.join("w.sql"),
-        "CREATE SOURCE ev (k VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
-           WITH (connector = 'file', path = 'in', format = 'json', max_files_per_trigger = 1);
+        "CREATE SINK late WITH (connector = 'file', path = 'late', format = 'json');
+         CREATE SOURCE ev (k VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+           WITH (connector = 'file', path = 'in', format = 'json', max_files_per_trigger = 1, late_rows = 'late');
          CREATE SINK counts WITH (connector = 'file', path = 'out', format = 'json', output_mode = 'append') AS
          SELECT window_start, k, count(*) AS n FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;",
     )
@@ -463,6 +464,21 @@ fn a_windowed_aggregate_survives_crashes_at_every_step_with_the_same_output() {
         stderr(&out)
     );
 
+    // Each window came out in the batch whose watermark closed it.
+    let part = |n: u32| {
+        fs::read_to_string(clean.path().join(format!("out/part-{n:06}.json"))).unwrap_or_default()
+    };
+    assert!(part(0).is_empty() && part(1).contains("00:00:00") && !part(1).contains("00:00:10"));
+    assert!(part(2).contains("00:00:10") && !part(2).contains("00:00:20"));
+    assert!(part(3).contains("00:00:20"));
+    // The late a@3 was counted and written to the late-row sink.
+    let late = sink_rows(&clean.path().join("late"));
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert!(
+        late[0].contains("\"k\":\"a\"") && late[0].contains("00:00:00"),
+        "{late:?}"
+    );
+
     let crashed = tempfile::tempdir().unwrap();
     let got = windowed_run(
         crashed.path(),
@@ -475,4 +491,9 @@ fn a_windowed_aggregate_survives_crashes_at_every_step_with_the_same_output() {
         ],
     );
     assert_eq!(got, expected);
+    assert_eq!(
+        sink_rows(&crashed.path().join("late")),
+        late,
+        "late rows once, across crashes"
+    );
 }
