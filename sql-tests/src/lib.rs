@@ -372,16 +372,32 @@ impl SluiceDb {
         expected.sort();
         got.sort();
         if got != expected {
-            let missing: Vec<_> = expected
-                .iter()
-                .filter(|r| !got.contains(r))
-                .take(5)
-                .collect();
-            let extra: Vec<_> = got
-                .iter()
-                .filter(|r| !expected.contains(r))
-                .take(5)
-                .collect();
+            // Multiset differences of the two sorted lists.
+            let (mut missing, mut extra) = (Vec::new(), Vec::new());
+            let (mut i, mut j) = (0, 0);
+            while i < expected.len() || j < got.len() {
+                match (expected.get(i), got.get(j)) {
+                    (Some(e), Some(g)) if e == g => {
+                        i += 1;
+                        j += 1;
+                    }
+                    (Some(e), Some(g)) if e < g => {
+                        missing.push(e);
+                        i += 1;
+                    }
+                    (Some(e), None) => {
+                        missing.push(e);
+                        i += 1;
+                    }
+                    (_, Some(g)) => {
+                        extra.push(g);
+                        j += 1;
+                    }
+                    (None, None) => break,
+                }
+            }
+            missing.truncate(5);
+            extra.truncate(5);
             return Err(err(format!(
                 "streaming gave {} rows, batch {}; missing from streaming: {missing:?}; not in batch: {extra:?}",
                 got.len(),

@@ -173,8 +173,6 @@ async fn run(
     supervise(&queries, interrupt).await
 }
 
-/// Shows a status line, stops every query cleanly on Ctrl-C, and returns the
-/// first error.
 /// Ctrl-C (SIGINT), listened for from the moment it is created.
 struct Interrupt {
     #[cfg(unix)]
@@ -201,6 +199,8 @@ impl Interrupt {
     }
 }
 
+/// Shows a status line, stops every query cleanly on Ctrl-C, and returns the
+/// first error.
 async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> sluice::Result<()> {
     let live = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
