@@ -497,3 +497,91 @@ fn a_windowed_aggregate_survives_crashes_at_every_step_with_the_same_output() {
         "late rows once, across crashes"
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_checkpoint_file_of_any_kind_is_named_and_nothing_runs() {
+    let clean = tempfile::tempdir().unwrap();
+    windowed_run(clean.path(), &[]);
+    // A crash after the sink of batch 4 leaves a manifest to re-read.
+    fs::write(
+        clean.path().join("in/9.json"),
+        "{\"k\": \"q\", \"ts\": \"1970-01-01T00:00:59Z\"}\n",
+    )
+    .unwrap();
+    let args = [
+        "run",
+        "w.sql",
+        "--checkpoint",
+        "ckpt",
+        "--trigger",
+        "available-now",
+    ];
+    let crashed = sluice(&args, clean.path(), &[("SLUICE_CRASH_AT", "after-sink:4")]);
+    assert_eq!(crashed.status.code(), Some(86), "{}", stderr(&crashed));
+    let state_delta = fs::read_dir(clean.path().join("ckpt/counts/state/aggregate/0"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            format!(
+                "ckpt/counts/state/aggregate/0/{}",
+                e.file_name().to_string_lossy()
+            )
+        })
+        .find(|n| n.ends_with("3.delta"))
+        .unwrap();
+    let kinds = [
+        "ckpt/counts/metadata".to_string(),
+        "ckpt/counts/offsets/4".to_string(),
+        "ckpt/counts/commits/3".to_string(),
+        "ckpt/counts/sources/ev/files/0".to_string(),
+        "ckpt/counts/state/aggregate/meta".to_string(),
+        state_delta,
+        "out/_sluice/manifest/4".to_string(),
+    ];
+    for (i, file) in kinds.iter().enumerate() {
+        for damage in ["flip", "truncate"] {
+            let dir = tempfile::tempdir().unwrap();
+            copy_dir(clean.path(), dir.path());
+            let path = dir.path().join(file);
+            let mut bytes = fs::read(&path).unwrap();
+            match damage {
+                "flip" => {
+                    let at = bytes.len() - 2;
+                    bytes[at] ^= 0x20;
+                }
+                _ => bytes.truncate(bytes.len() * 2 / 3),
+            }
+            fs::write(&path, &bytes).unwrap();
+            let before = sink_rows(&dir.path().join("out"));
+            let out = sluice(&args, dir.path(), &[]);
+            let err = stderr(&out);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{file} ({damage}, case {i}): {err}"
+            );
+            assert!(
+                err.contains(file.as_str()),
+                "{file} ({damage}) not named: {err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+            assert_eq!(
+                sink_rows(&dir.path().join("out")),
+                before,
+                "{file} ({damage}): the sink changed"
+            );
+        }
+    }
+}
