@@ -88,6 +88,7 @@ pub struct PendingQuery {
     writer: DataStreamWriter,
     sink: Arc<dyn Sink>,
     started: Arc<Mutex<BTreeMap<String, QueryState>>>,
+    registry: Arc<Mutex<Registry>>,
 }
 
 impl PendingQuery {
@@ -111,11 +112,18 @@ impl PendingQuery {
 
     /// Starts the query.
     pub async fn start(self) -> Result<StreamingQuery> {
-        let q = self
-            .writer
-            .start_with(self.sink)
-            .await
-            .map_err(|e| e.context(format!("starting query '{}'", self.name)))?;
+        let q = match self.writer.start_with(self.sink).await {
+            Ok(q) => q,
+            Err(e) => {
+                // A query that did not start leaves its sink free for another.
+                self.registry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .query_names
+                    .remove(&self.name);
+                return Err(e.context(format!("starting query '{}'", self.name)));
+            }
+        };
         // `state('<name>')` reads this query's state from now on.
         self.started
             .lock()
@@ -374,7 +382,12 @@ impl StreamContext {
             Statement::CreateSource(cs) => {
                 let source = source_from_options(&cs.name, cs.schema.clone(), &cs.options)?;
                 let table = self.register_source(source)?;
-                self.apply_source_clauses(&table, &cs)?;
+                if let Err(e) = self.apply_source_clauses(&table, &cs) {
+                    // A source whose clauses failed is not left half-defined.
+                    self.reg().sources.remove(&cs.name);
+                    let _ = self.session.deregister_table(cs.name.as_str());
+                    return Err(e);
+                }
                 Ok(Outcome::Done)
             }
             Statement::CreateSink(cs) => {
@@ -498,6 +511,7 @@ impl StreamContext {
             writer,
             sink,
             started: Arc::clone(&self.started),
+            registry: Arc::clone(&self.registry),
         }))
     }
 
