@@ -28,17 +28,19 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use datafusion::arrow::array::Int64Array;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array,
 };
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
 use datafusion::arrow::compute::{interleave, take_record_batch};
+use datafusion::arrow::datatypes::Int64Type;
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
 };
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::TaskContext;
@@ -138,6 +140,8 @@ pub(crate) struct AggregateOperator {
     /// Group key columns (0: a global aggregate, stored under one constant key).
     n_keys: usize,
     window_end: Option<(usize, Arc<dyn PhysicalExpr>)>,
+    /// For session windows: where window_start and window_end are among the keys.
+    session: Option<(usize, usize)>,
     mode: OutputMode,
     store: StateStore,
     dirty: bool,
@@ -166,6 +170,7 @@ impl AggregateOperator {
         mode: OutputMode,
         state_dir: PathBuf,
         durability: Durability,
+        session: bool,
     ) -> Result<Self> {
         let top = find_top(physical).ok_or_else(|| {
             Error::internal("the query has an aggregate but its physical plan has none")
@@ -292,6 +297,16 @@ impl AggregateOperator {
             }
         }
         let n_keys = group_by.expr().len();
+        let key_at = |name: &str| group_by.expr().iter().position(|(_, n)| n == name);
+        let session = match (session, key_at("window_start"), key_at(WINDOW_END)) {
+            (false, _, _) => None,
+            (true, Some(s), Some(e)) => Some((s, e)),
+            (true, _, _) => {
+                return Err(Error::plan(
+                    "a session window's aggregate must GROUP BY both window_start and window_end",
+                ));
+            }
+        };
         let window_end = group_by
             .expr()
             .iter()
@@ -348,6 +363,7 @@ impl AggregateOperator {
             partial_schema,
             n_keys,
             window_end,
+            session,
             mode,
             store,
             dirty: false,
@@ -457,8 +473,13 @@ impl AggregateOperator {
 
         let partial = self.partial.run(on_time, ctx).await?;
         let partial = concat_batches(&self.partial_schema, &partial)?;
-        let stored = self.store.get(&self.keys_of(&partial))?;
-        let stored = self.state_rows(&stored)?;
+        let (stored, partial) = match self.session {
+            Some((ws, we)) => self.merge_sessions(partial, ws, we)?,
+            None => {
+                let stored = self.store.get(&self.keys_of(&partial))?;
+                (self.state_rows(&stored)?, partial)
+            }
+        };
         let before = stored.clone();
         let merged = self.reduce.run(vec![stored, partial], ctx).await?;
         let merged = concat_batches(&self.partial_schema, &merged)?;
@@ -502,6 +523,135 @@ impl AggregateOperator {
             self.upper.run(vec![values], ctx).await?
         };
         Ok(out)
+    }
+
+    /// Session windows: gives the batch's sessions and the stored sessions
+    /// of the same keys the bounds of the merged sessions they fall in (two
+    /// sessions merge when one starts before the other ends), and takes
+    /// those stored sessions out of the store — they come back merged.
+    fn merge_sessions(
+        &mut self,
+        partial: RecordBatch,
+        ws: usize,
+        we: usize,
+    ) -> Result<(RecordBatch, RecordBatch)> {
+        let others: Vec<usize> = (0..self.n_keys).filter(|i| *i != ws && *i != we).collect();
+        // No other keys: every session shares one (constant) key.
+        let fields: Vec<SortField> = if others.is_empty() {
+            vec![SortField::new(DataType::Boolean)]
+        } else {
+            others
+                .iter()
+                .map(|i| SortField::new(self.partial_schema.field(*i).data_type().clone()))
+                .collect()
+        };
+        let conv = RowConverter::new(fields)?;
+        let key_rows = |b: &RecordBatch| {
+            let cols: Vec<ArrayRef> = if others.is_empty() {
+                vec![Arc::new(BooleanArray::from(vec![true; b.num_rows()]))]
+            } else {
+                others.iter().map(|i| Arc::clone(b.column(*i))).collect()
+            };
+            conv.convert_columns(&cols)
+        };
+        let p_keys = key_rows(&partial)?;
+        let wanted: HashSet<_> = (0..partial.num_rows())
+            .map(|i| p_keys.row(i).owned())
+            .collect();
+        let all = self.state_rows(&self.store.scan()?)?;
+        let a_keys = key_rows(&all)?;
+        let take: BooleanArray = (0..all.num_rows())
+            .map(|i| Some(wanted.contains(&a_keys.row(i).owned())))
+            .collect();
+        let stored = filter_record_batch(&all, &take)?;
+        let s_keys = key_rows(&stored)?;
+
+        let bounds = |b: &RecordBatch, i: usize| -> Result<Int64Array> {
+            Ok(cast(b.column(i), &DataType::Int64)?
+                .as_primitive::<Int64Type>()
+                .clone())
+        };
+        let (ss, se, ps, pe) = (
+            bounds(&stored, ws)?,
+            bounds(&stored, we)?,
+            bounds(&partial, ws)?,
+            bounds(&partial, we)?,
+        );
+        // Per key, every session (from the store: side 0, from the batch: side 1).
+        let mut groups: HashMap<OwnedRow, Vec<(i64, i64, usize, usize)>> = HashMap::new();
+        for (side, keys, s, e) in [(0, &s_keys, &ss, &se), (1, &p_keys, &ps, &pe)] {
+            for i in 0..s.len() {
+                if s.is_valid(i) && e.is_valid(i) {
+                    groups.entry(keys.row(i).owned()).or_default().push((
+                        s.value(i),
+                        e.value(i),
+                        side,
+                        i,
+                    ));
+                }
+            }
+        }
+        let mut new_bounds: [Vec<Option<(i64, i64)>>; 2] =
+            [vec![None; ss.len()], vec![None; ps.len()]];
+        for sessions in groups.values_mut() {
+            sessions.sort();
+            let mut run: Vec<(usize, usize)> = Vec::new();
+            let (mut lo, mut hi) = (sessions[0].0, sessions[0].1);
+            for &(s, e, side, i) in sessions.iter() {
+                if s >= hi && !run.is_empty() {
+                    for (side, i) in run.drain(..) {
+                        new_bounds[side][i] = Some((lo, hi));
+                    }
+                    lo = s;
+                    hi = e;
+                }
+                hi = hi.max(e);
+                run.push((side, i));
+            }
+            for (side, i) in run {
+                new_bounds[side][i] = Some((lo, hi));
+            }
+        }
+        let rebuild = |b: &RecordBatch,
+                       nb: &[Option<(i64, i64)>],
+                       s: &Int64Array,
+                       e: &Int64Array|
+         -> Result<RecordBatch> {
+            let starts: Int64Array = (0..b.num_rows())
+                .map(|i| nb[i].map(|x| x.0).or(s.is_valid(i).then(|| s.value(i))))
+                .collect();
+            let ends: Int64Array = (0..b.num_rows())
+                .map(|i| nb[i].map(|x| x.1).or(e.is_valid(i).then(|| e.value(i))))
+                .collect();
+            let mut cols = b.columns().to_vec();
+            cols[ws] = cast(&starts, b.column(ws).data_type())?;
+            cols[we] = cast(&ends, b.column(we).data_type())?;
+            Ok(RecordBatch::try_new(
+                Arc::clone(&self.partial_schema),
+                cols,
+            )?)
+        };
+        let stored_new = rebuild(&stored, &new_bounds[0], &ss, &se)?;
+        let partial_new = rebuild(&partial, &new_bounds[1], &ps, &pe)?;
+        // The stored sessions that took part leave the store; merged, they return.
+        let full = RowConverter::new(
+            (0..self.n_keys)
+                .map(|i| SortField::new(self.partial_schema.field(i).data_type().clone()))
+                .collect(),
+        )?;
+        let gone_rows = full.convert_columns(&stored.columns()[..self.n_keys])?;
+        let gone: HashSet<OwnedRow> = (0..stored.num_rows())
+            .map(|i| gone_rows.row(i).owned())
+            .collect();
+        if !gone.is_empty() {
+            self.store.remove_where(|keys| {
+                let rows = full.convert_columns(keys.columns())?;
+                Ok((0..keys.num_rows())
+                    .map(|i| Some(gone.contains(&rows.row(i).owned())))
+                    .collect())
+            })?;
+        }
+        Ok((stored_new, partial_new))
     }
 
     /// Final aggregate values of stored-state rows, in the schema the plan

@@ -193,12 +193,13 @@ impl MicroBatchExecution {
         .map_err(ctx)?;
         // Planned once the checkpoint's lock is held: it writes state metadata.
         let aggregate = match shape.aggregate {
-            Some(_) => Some(
+            Some(a) => Some(
                 AggregateOperator::plan(
                     &physical,
                     config.output_mode,
                     config.checkpoint.join("state").join("aggregate"),
                     config.durability,
+                    a.session,
                 )
                 .map_err(ctx)?,
             ),

@@ -9,6 +9,7 @@
 //! BY, LIMIT, stream–stream joins, a second aggregate) is refused at planning
 //! with a "not supported yet" error, never run with a wrong answer.
 
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan};
 pub use sluice_common::OutputMode;
 use sluice_common::{Error, Result};
@@ -36,6 +37,8 @@ pub struct AggregateShape {
     pub windowed: bool,
     /// Whether some source of the query declares a watermark.
     pub watermarked: bool,
+    /// Whether the window is a session window (sessions merge).
+    pub session: bool,
 }
 
 /// Checks that `plan` reads at least one stream, can run incrementally, and
@@ -55,6 +58,9 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         (None, OutputMode::Append | OutputMode::Update) => Ok(shape),
         (None, OutputMode::Complete) => Err(Error::plan(format!(
             "query '{name}': output mode complete re-emits the whole result table and needs an aggregate; this query is stateless (projection/filter/join), so use output_mode = 'append' or 'update'"
+        ))),
+        (Some(a), OutputMode::Changelog) if a.session => Err(Error::not_supported(format!(
+            "query '{name}': output mode changelog on session windows (a merge would retract sessions); use update, append or complete"
         ))),
         (Some(_), OutputMode::Changelog) if filter_above_aggregate(plan) => {
             Err(Error::not_supported(format!(
@@ -80,6 +86,25 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         }
         (Some(_), _) => Ok(shape),
     }
+}
+
+/// Whether `plan` computes a session window's end.
+pub fn uses_session_end(plan: &LogicalPlan) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|node| {
+        for e in node.expressions() {
+            let _ = e.apply(|x| {
+                if let Expr::ScalarFunction(f) = x
+                    && f.name() == crate::windows::SESSION_END
+                {
+                    found = true;
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }
 
 /// Whether a filter stands between the root and the aggregate.
@@ -165,6 +190,7 @@ fn walk(plan: &LogicalPlan, chain: bool, shape: &mut PlanShape) -> Result<bool> 
                 aggregates: aggs,
                 windowed,
                 watermarked: false,
+                session: uses_session_end(&a.input),
             });
             Ok(true)
         }

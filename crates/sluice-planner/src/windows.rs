@@ -4,10 +4,15 @@
 //! that DataFusion plans and the streaming executor keeps state for.
 //!
 //! `HOP(t, ts, slide, size)` gives each row one copy per window it falls in.
-//! `SESSION` is recognised and refused as not built yet.
+//! `SESSION(t, ts, gap)` gives each row the session `[ts, ts + gap)`, marked
+//! by [`SESSION_END`]; the aggregate merges overlapping sessions per key.
 
 use std::ops::ControlFlow;
 
+use datafusion::arrow::datatypes::DataType;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use datafusion::sql::sqlparser::ast::{
     FunctionArg, FunctionArgExpr, Query, TableFactor, VisitMut, VisitorMut,
 };
@@ -91,6 +96,20 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
             );
             (table, body)
         }
+        ("SESSION", [table, ts, gap]) => {
+            // Each row opens a session [ts, ts + gap); the aggregate merges
+            // overlapping sessions of the same key, across batches too.
+            let body = format!(
+                "SELECT *, {ts} AS window_start, {SESSION_END}({ts}, {gap}) AS window_end FROM {{input}}"
+            );
+            (table, body)
+        }
+        ("SESSION", _) => {
+            return Err(Error::plan(format!(
+                "SESSION takes (table, time column, gap), e.g. SESSION(clicks, ts, INTERVAL '30' MINUTE); got {} arguments",
+                args.len()
+            )));
+        }
         ("HOP", _) => {
             return Err(Error::plan(format!(
                 "HOP takes (table, time column, slide, size), e.g. HOP(bids, ts, INTERVAL '5' SECOND, INTERVAL '10' SECOND); got {} arguments",
@@ -98,9 +117,7 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
             )));
         }
         (other, _) => {
-            return Err(Error::not_supported(format!(
-                "{other} windows; TUMBLE(table, ts, size) and HOP(table, ts, slide, size) are built"
-            )));
+            return Err(Error::internal(format!("{other} is not a window function")));
         }
     };
     // A subquery as the table needs a name of its own.
@@ -124,6 +141,53 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
     match q.body.as_mut() {
         datafusion::sql::sqlparser::ast::SetExpr::Select(s) => Ok(s.from.remove(0).relation),
         _ => Err(Error::internal("window rewrite did not produce a SELECT")),
+    }
+}
+
+/// The function that ends a session window: `ts + gap`. Its name marks a
+/// session window in a plan, so the aggregate knows to merge sessions.
+pub const SESSION_END: &str = "sluice_session_end";
+
+/// `sluice_session_end(ts, gap)` = `ts + gap`.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct SessionEnd {
+    signature: Signature,
+}
+
+impl SessionEnd {
+    /// The function, to register in a session.
+    pub fn udf() -> ScalarUDF {
+        ScalarUDF::new_from_impl(SessionEnd {
+            signature: Signature::any(2, Volatility::Immutable),
+        })
+    }
+}
+
+impl ScalarUDFImpl for SessionEnd {
+    fn name(&self) -> &str {
+        SESSION_END
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
+        Ok(arg_types[0].clone())
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::common::Result<ColumnarValue> {
+        let [ts, gap] = args.args.as_slice() else {
+            return datafusion::common::internal_err!("{SESSION_END} takes two arguments");
+        };
+        let ts = ts.to_array(args.number_rows)?;
+        let gap = gap.to_array(args.number_rows)?;
+        Ok(ColumnarValue::Array(
+            datafusion::arrow::compute::kernels::numeric::add(&ts, &gap)?,
+        ))
     }
 }
 
@@ -163,11 +227,8 @@ mod tests {
 
     #[test]
     fn other_windows_and_bad_arguments_are_refused() {
-        let e = rewritten("SELECT * FROM SESSION(b, ts, INTERVAL '1' SECOND)").unwrap_err();
-        assert!(
-            e.to_string().contains("not supported yet: SESSION windows"),
-            "{e}"
-        );
+        let e = rewritten("SELECT * FROM SESSION(b, ts)").unwrap_err();
+        assert!(e.to_string().contains("SESSION takes"), "{e}");
         let e = rewritten("SELECT * FROM HOP(b, ts, INTERVAL '1' SECOND)").unwrap_err();
         assert!(e.to_string().contains("HOP takes"), "{e}");
         assert!(
