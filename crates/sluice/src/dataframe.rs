@@ -15,7 +15,7 @@ use sluice_common::connector::Sink;
 use sluice_common::durable::Durability;
 use sluice_common::{Error, Result};
 use sluice_exec::{Fault, MicroBatchExecution, QueryConfig, StreamingQuery, Trigger};
-use sluice_planner::{OutputMode, WatermarkDef, fork_streams, stream_tables};
+use sluice_planner::{OutputMode, SessionEnd, WatermarkDef, fork_streams, stream_tables};
 
 /// Streaming verbs on a DataFusion [`DataFrame`].
 pub trait StreamingDataFrame: Sized {
@@ -27,6 +27,11 @@ pub trait StreamingDataFrame: Sized {
     /// what `TUMBLE(t, column, size)` adds in SQL. Group by both (and any
     /// keys) for a windowed aggregate.
     fn tumble(self, column: &str, size: Duration) -> Result<DataFrame>;
+    /// Adds `window_start` and `window_end` for session windows with `gap`
+    /// on timestamp column `column` — what `SESSION(t, column, gap)` adds in
+    /// SQL. Group by both (and any keys): sessions of a key that come closer
+    /// than the gap merge, across batches too.
+    fn session(self, column: &str, gap: Duration) -> Result<DataFrame>;
     /// Whether the frame reads a stream.
     fn is_streaming(&self) -> bool;
     /// Starts describing how to run this frame as a streaming query.
@@ -64,20 +69,20 @@ impl StreamingDataFrame for DataFrame {
     }
 
     fn tumble(self, column: &str, size: Duration) -> Result<DataFrame> {
-        let nanos = i64::try_from(size.as_nanos())
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                Error::plan(format!(
-                    "tumble('{column}'): the size must be positive and finite, got {size:?}"
-                ))
-            })?;
-        let size = lit(ScalarValue::new_interval_mdn(0, 0, nanos));
+        let size = interval("tumble", column, size)?;
         let epoch = lit(ScalarValue::TimestampNanosecond(Some(0), None));
         let start = date_bin(size.clone(), ident(column), epoch);
         Ok(self
             .with_column("window_start", start.clone())?
             .with_column("window_end", start + size)?)
+    }
+
+    fn session(self, column: &str, gap: Duration) -> Result<DataFrame> {
+        let gap = interval("session", column, gap)?;
+        let end = SessionEnd::udf().call(vec![ident(column), gap]);
+        Ok(self
+            .with_column("window_start", ident(column))?
+            .with_column("window_end", end)?)
     }
 
     fn is_streaming(&self) -> bool {
@@ -99,6 +104,19 @@ impl StreamingDataFrame for DataFrame {
             split_seed: None,
         }
     }
+}
+
+/// A positive duration as an interval literal, for window helpers.
+fn interval(helper: &str, column: &str, d: Duration) -> Result<datafusion::prelude::Expr> {
+    let nanos = i64::try_from(d.as_nanos())
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            Error::plan(format!(
+                "{helper}('{column}'): the size must be positive and finite, got {d:?}"
+            ))
+        })?;
+    Ok(lit(ScalarValue::new_interval_mdn(0, 0, nanos)))
 }
 
 /// How a streaming frame runs: output mode, trigger, checkpoint, sink.

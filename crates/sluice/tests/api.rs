@@ -445,3 +445,55 @@ async fn progress_says_when_batches_cannot_keep_up_with_the_trigger() {
         );
     }
 }
+
+#[tokio::test]
+async fn session_windows_from_the_dataframe_api_merge_across_batches() {
+    use datafusion::functions_aggregate::expr_fn::count;
+    let (ctx, _clock) = manual();
+    ctx.sql(
+        "CREATE SOURCE clicks (usr VARCHAR, ts TIMESTAMP) WITH (connector = 'memory');
+             INSERT INTO clicks VALUES ('a', '1970-01-01T00:00:01'), ('a', '1970-01-01T00:00:20');",
+    )
+    .await
+    .unwrap();
+    let sessions = ctx
+        .session()
+        .table("clicks")
+        .await
+        .unwrap()
+        .session("ts", Duration::from_secs(10))
+        .unwrap()
+        .aggregate(
+            vec![col("usr"), col("window_start"), col("window_end")],
+            vec![count(lit(1)).alias("n")],
+        )
+        .unwrap();
+    let table = MemoryTable::new();
+    let q = sessions
+        .write_stream()
+        .output_mode(OutputMode::Complete)
+        .trigger(Trigger::Manual)
+        .start(MemorySink::new("s", Arc::clone(&table)))
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    assert_eq!(
+        table.to_batch().unwrap().unwrap().num_rows(),
+        2,
+        "two sessions"
+    );
+    // 10.5 s is within the gap of both sessions [1 s, 11 s) and [20 s, 30 s).
+    ctx.sql("INSERT INTO clicks VALUES ('a', '1970-01-01T00:00:10.500')")
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    let out = table.to_batch().unwrap().unwrap();
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&[out])
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("| a   | 1970-01-01T00:00:01 | 1970-01-01T00:00:30 | 3 |"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 5, "{text}");
+}
