@@ -10,7 +10,8 @@ use std::time::Duration;
 use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
 use datafusion::functions::datetime::expr_fn::date_bin;
-use datafusion::prelude::{ident, lit};
+use datafusion::functions_nested::expr_fn::gen_series;
+use datafusion::prelude::{col, ident, lit};
 use sluice_common::connector::Sink;
 use sluice_common::durable::Durability;
 use sluice_common::{Error, Result};
@@ -27,6 +28,11 @@ pub trait StreamingDataFrame: Sized {
     /// what `TUMBLE(t, column, size)` adds in SQL. Group by both (and any
     /// keys) for a windowed aggregate.
     fn tumble(self, column: &str, size: Duration) -> Result<DataFrame>;
+    /// One row per hopping window of `size` every `slide` (aligned to the
+    /// Unix epoch) that timestamp column `column` falls in, with
+    /// `window_start` and `window_end` — what `HOP(t, column, slide, size)`
+    /// gives in SQL.
+    fn hop(self, column: &str, slide: Duration, size: Duration) -> Result<DataFrame>;
     /// Adds `window_start` and `window_end` for session windows with `gap`
     /// on timestamp column `column` — what `SESSION(t, column, gap)` adds in
     /// SQL. Group by both (and any keys): sessions of a key that come closer
@@ -75,6 +81,31 @@ impl StreamingDataFrame for DataFrame {
         Ok(self
             .with_column("window_start", start.clone())?
             .with_column("window_end", start + size)?)
+    }
+
+    fn hop(self, column: &str, slide: Duration, size: Duration) -> Result<DataFrame> {
+        let slide = interval("hop", column, slide)?;
+        let size = interval("hop", column, size)?;
+        let epoch = lit(ScalarValue::TimestampNanosecond(Some(0), None));
+        // The slide-grid starts from the one at or before ts - size up to the
+        // one at or before ts; keep the windows that hold ts.
+        let first = date_bin(slide.clone(), ident(column) - size.clone(), epoch.clone());
+        let last = date_bin(slide.clone(), ident(column), epoch);
+        let names: Vec<String> = self
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let starts = self
+            .with_column("__hop_start", gen_series(first, last, slide))?
+            .unnest_columns(&["__hop_start"])?
+            .filter((col("__hop_start") + size.clone()).gt(ident(column)))?;
+        let mut exprs: Vec<datafusion::prelude::Expr> =
+            names.iter().map(|n| ident(n.as_str())).collect();
+        exprs.push(col("__hop_start").alias("window_start"));
+        exprs.push((col("__hop_start") + size).alias("window_end"));
+        Ok(starts.select(exprs)?)
     }
 
     fn session(self, column: &str, gap: Duration) -> Result<DataFrame> {

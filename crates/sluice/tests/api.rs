@@ -497,3 +497,52 @@ async fn session_windows_from_the_dataframe_api_merge_across_batches() {
     );
     assert_eq!(text.lines().count(), 5, "{text}");
 }
+
+#[tokio::test]
+async fn hop_windows_from_the_dataframe_api_count_a_row_in_each_window() {
+    use datafusion::functions_aggregate::expr_fn::count;
+    let (ctx, _clock) = manual();
+    ctx.sql(
+        "CREATE SOURCE t (k VARCHAR, ts TIMESTAMP) WITH (connector = 'memory');
+             INSERT INTO t VALUES ('a', '1970-01-01T00:00:12');",
+    )
+    .await
+    .unwrap();
+    let counts = ctx
+        .session()
+        .table("t")
+        .await
+        .unwrap()
+        .hop("ts", Duration::from_secs(10), Duration::from_secs(15))
+        .unwrap()
+        .aggregate(
+            vec![col("window_start"), col("window_end")],
+            vec![count(lit(1)).alias("n")],
+        )
+        .unwrap();
+    let table = MemoryTable::new();
+    let q = counts
+        .write_stream()
+        .output_mode(OutputMode::Complete)
+        .trigger(Trigger::Manual)
+        .start(MemorySink::new("h", Arc::clone(&table)))
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&[table
+        .to_batch()
+        .unwrap()
+        .unwrap()])
+    .unwrap()
+    .to_string();
+    // 12 s is in [0 s, 15 s) and [10 s, 25 s).
+    assert!(
+        text.contains("| 1970-01-01T00:00:00 | 1970-01-01T00:00:15 | 1 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| 1970-01-01T00:00:10 | 1970-01-01T00:00:25 | 1 |"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 6, "{text}");
+}
