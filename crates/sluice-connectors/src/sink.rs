@@ -168,7 +168,13 @@ impl Sink for ForeachBatchSink {
 }
 
 /// The options every sink accepts besides its connector's own.
-pub const COMMON_SINK_OPTIONS: &[&str] = &["connector", "output_mode", "checkpoint", "trigger"];
+pub const COMMON_SINK_OPTIONS: &[&str] = &[
+    "connector",
+    "output_mode",
+    "checkpoint",
+    "trigger",
+    "state_ttl",
+];
 
 /// Builds a sink from a `CREATE SINK` statement's options. `memory_table`
 /// gives the table a memory sink named `name` writes to.

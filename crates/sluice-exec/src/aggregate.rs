@@ -98,6 +98,8 @@ pub struct StateFinalizer {
     partial_schema: SchemaRef,
     agg_schema: SchemaRef,
     global: bool,
+    /// Whether stored rows end with the TTL's last-update column.
+    ttl: bool,
 }
 
 impl StateFinalizer {
@@ -109,7 +111,8 @@ impl StateFinalizer {
     /// A plan computing the values of `stored` (rows as the state store
     /// holds them: keys, then states).
     pub fn plan(&self, stored: RecordBatch) -> Result<Arc<dyn ExecutionPlan>> {
-        let cols = stored.columns()[usize::from(self.global)..].to_vec();
+        let end = stored.num_columns() - usize::from(self.ttl);
+        let cols = stored.columns()[usize::from(self.global)..end].to_vec();
         let rows = RecordBatch::try_new(Arc::clone(&self.partial_schema), cols)?;
         let input = MemorySourceConfig::try_new_exec(
             &[vec![rows]],
@@ -142,6 +145,8 @@ pub(crate) struct AggregateOperator {
     window_end: Option<(usize, Arc<dyn PhysicalExpr>)>,
     /// For session windows: where window_start and window_end are among the keys.
     session: Option<(usize, usize)>,
+    /// Keys not updated for this long (ms of trigger clock) are dropped.
+    ttl: Option<i64>,
     mode: OutputMode,
     store: StateStore,
     dirty: bool,
@@ -171,6 +176,7 @@ impl AggregateOperator {
         state_dir: PathBuf,
         durability: Durability,
         session: bool,
+        ttl: Option<std::time::Duration>,
     ) -> Result<Self> {
         let top = find_top(physical).ok_or_else(|| {
             Error::internal("the query has an aggregate but its physical plan has none")
@@ -322,7 +328,12 @@ impl AggregateOperator {
         } else {
             Arc::new(Schema::new(fields[..n_keys].to_vec()))
         };
-        let value_schema = Arc::new(Schema::new(fields[n_keys..].to_vec()));
+        let mut values: Vec<_> = fields[n_keys..].to_vec();
+        if ttl.is_some() {
+            // When each key was last updated (trigger clock, ms), for the TTL.
+            values.push(Arc::new(Field::new(UPDATED, DataType::Int64, false)));
+        }
+        let value_schema = Arc::new(Schema::new(values));
         let options = StateStoreOptions {
             durability,
             ..StateStoreOptions::default()
@@ -348,6 +359,7 @@ impl AggregateOperator {
             partial_schema: Arc::clone(&partial_schema),
             agg_schema: Arc::clone(&agg_schema),
             global: n_keys == 0,
+            ttl: ttl.is_some(),
         };
         Ok(AggregateOperator {
             finalizer,
@@ -364,6 +376,7 @@ impl AggregateOperator {
             n_keys,
             window_end,
             session,
+            ttl: ttl.map(|d| d.as_millis() as i64),
             mode,
             store,
             dirty: false,
@@ -410,22 +423,25 @@ impl AggregateOperator {
     }
 
     /// Stored rows as the store sees them: a constant key for a global aggregate.
-    fn store_rows(&self, batch: &RecordBatch) -> Result<RecordBatch> {
-        if self.n_keys > 0 {
-            return Ok(batch.clone());
+    fn store_rows(&self, batch: &RecordBatch, now_ms: i64) -> Result<RecordBatch> {
+        let mut cols: Vec<ArrayRef> = Vec::new();
+        if self.n_keys == 0 {
+            cols.push(Arc::new(BooleanArray::from(vec![true; batch.num_rows()])));
         }
-        let mut cols: Vec<ArrayRef> =
-            vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()]))];
         cols.extend(batch.columns().iter().cloned());
+        if self.ttl.is_some() {
+            cols.push(Arc::new(Int64Array::from(vec![now_ms; batch.num_rows()])));
+        }
         Ok(RecordBatch::try_new(self.store.row_schema(), cols)?)
     }
 
     /// Stored rows back in the partial-state schema.
     fn state_rows(&self, batch: &RecordBatch) -> Result<RecordBatch> {
         let skip = usize::from(self.n_keys == 0);
+        let end = batch.num_columns() - usize::from(self.ttl.is_some());
         Ok(RecordBatch::try_new(
             Arc::clone(&self.partial_schema),
-            batch.columns()[skip..].to_vec(),
+            batch.columns()[skip..end].to_vec(),
         )?)
     }
 
@@ -445,6 +461,7 @@ impl AggregateOperator {
         ctx: &Arc<TaskContext>,
         wm_start: Option<i64>,
         wm_end: Option<i64>,
+        now_ms: i64,
     ) -> Result<AggregateOutput> {
         self.dirty = true;
         let plan = reset_plan_states(Arc::clone(&self.input)).map_err(Error::from)?;
@@ -483,7 +500,7 @@ impl AggregateOperator {
         let before = stored.clone();
         let merged = self.reduce.run(vec![stored, partial], ctx).await?;
         let merged = concat_batches(&self.partial_schema, &merged)?;
-        self.store.put(&self.store_rows(&merged)?)?;
+        self.store.put(&self.store_rows(&merged, now_ms)?)?;
         let changes = (self.mode == OutputMode::Changelog).then(|| merged.clone());
 
         let mut emit: Vec<RecordBatch> = match self.mode {
@@ -503,6 +520,17 @@ impl AggregateOperator {
             if self.mode == OutputMode::Append {
                 emit.push(self.state_rows(&closed)?);
             }
+        }
+        if let Some(ttl) = self.ttl {
+            // Keys nobody updated for the TTL go, without a row to the sink.
+            self.store.remove_where(|live| {
+                let updated = live
+                    .column(live.num_columns() - 1)
+                    .as_primitive::<Int64Type>();
+                Ok((0..live.num_rows())
+                    .map(|i| Some(updated.value(i) < now_ms - ttl))
+                    .collect())
+            })?;
         }
         if let Some(after) = changes {
             // A global aggregate's Final gives a row even over no state: a
@@ -644,10 +672,11 @@ impl AggregateOperator {
             .map(|i| gone_rows.row(i).owned())
             .collect();
         if !gone.is_empty() {
-            self.store.remove_where(|keys| {
-                let rows = full.convert_columns(keys.columns())?;
-                Ok((0..keys.num_rows())
-                    .map(|i| Some(gone.contains(&rows.row(i).owned())))
+            let n_keys = self.n_keys;
+            self.store.remove_where(|live| {
+                let keys = full.convert_columns(&live.columns()[..n_keys])?;
+                Ok((0..live.num_rows())
+                    .map(|i| Some(gone.contains(&keys.row(i).owned())))
                     .collect())
             })?;
         }
@@ -749,6 +778,9 @@ impl AggregateOperator {
         Ok(vec![RecordBatch::try_new(self.output_schema(), cols)?])
     }
 }
+
+/// The state column holding when a key was last updated, with a TTL.
+const UPDATED: &str = "__updated_ms";
 
 /// `schema` with the changelog's `_op` column (`+I`, `-U`, `+U`) first.
 pub(crate) fn with_op_field(schema: &SchemaRef) -> SchemaRef {

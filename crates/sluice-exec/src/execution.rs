@@ -69,6 +69,8 @@ pub struct QueryConfig {
     /// to check that results do not depend on where batches fall. Applies to
     /// sources whose offsets are counts (memory, file, rate).
     pub split_seed: Option<u64>,
+    /// Drop an aggregate's keys not updated for this long (trigger clock).
+    pub state_ttl: Option<Duration>,
 }
 
 impl QueryConfig {
@@ -86,6 +88,7 @@ impl QueryConfig {
             max_batches: None,
             fault: Fault::from_env(),
             split_seed: None,
+            state_ttl: None,
         }
     }
 }
@@ -200,6 +203,7 @@ impl MicroBatchExecution {
                     config.checkpoint.join("state").join("aggregate"),
                     config.durability,
                     a.session,
+                    config.state_ttl,
                 )
                 .map_err(ctx)?,
             ),
@@ -573,7 +577,12 @@ impl MicroBatchExecution {
             Some(agg) => match agg.prepare(id) {
                 Err(e) => Err(e),
                 Ok(()) => agg
-                    .run(&self.task_ctx, entry.watermark_ms, watermark)
+                    .run(
+                        &self.task_ctx,
+                        entry.watermark_ms,
+                        watermark,
+                        entry.timestamp_ms,
+                    )
                     .await
                     .map(|o| {
                         late_rows = o.late_rows;

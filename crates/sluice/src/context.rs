@@ -499,7 +499,8 @@ impl StreamContext {
             .durability(settings.durability)
             .max_batch_retries(settings.max_batch_retries)
             .retry_backoff(settings.retry_backoff)
-            .random_splits(settings.split_seed);
+            .random_splits(settings.split_seed)
+            .state_ttl(options.get_duration("state_ttl")?);
         if let Some(dir) = options.get("checkpoint") {
             writer = writer.checkpoint(dir);
         } else if let Some(root) = &settings.checkpoint_root {

@@ -133,6 +133,7 @@ impl StreamingDataFrame for DataFrame {
             retry_backoff: None,
             fault: None,
             split_seed: None,
+            state_ttl: None,
         }
     }
 }
@@ -164,6 +165,7 @@ pub struct DataStreamWriter {
     retry_backoff: Option<Duration>,
     fault: Option<Fault>,
     split_seed: Option<u64>,
+    state_ttl: Option<Duration>,
 }
 
 impl DataStreamWriter {
@@ -224,6 +226,13 @@ impl DataStreamWriter {
         self
     }
 
+    /// Drops the aggregate's keys that no batch updated for `ttl` of trigger
+    /// time (for unwindowed aggregates, whose keys no watermark evicts).
+    pub fn state_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.state_ttl = ttl;
+        self
+    }
+
     /// Injects a crash at a step of the commit protocol (tests).
     pub fn inject_fault(mut self, fault: Fault) -> Self {
         self.fault = Some(fault);
@@ -262,6 +271,7 @@ impl DataStreamWriter {
             config.retry_backoff = b;
         }
         config.split_seed = self.split_seed;
+        config.state_ttl = self.state_ttl;
         if self.fault.is_some() {
             config.fault = self.fault;
         }

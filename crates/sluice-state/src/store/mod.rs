@@ -229,16 +229,15 @@ impl StateStore {
         self.to_batch(&found_k, &found_v)
     }
 
-    /// Removes the keys for which `predicate` (over a batch of key columns)
-    /// is true, returning the removed rows (keys, then values).
+    /// Removes the rows for which `predicate` (over a batch of live rows:
+    /// key columns, then value columns) is true, returning them.
     pub fn remove_where(
         &mut self,
         predicate: impl Fn(&RecordBatch) -> Result<BooleanArray>,
     ) -> Result<RecordBatch> {
         let all = self.scan()?;
         let nk = self.key_schema.fields().len();
-        let keys = all.project(&(0..nk).collect::<Vec<_>>())?;
-        let mask = predicate(&keys)?;
+        let mask = predicate(&all)?;
         let gone = filter_record_batch(&all, &mask)?;
         let rows = self.keys.convert_columns(&gone.columns()[..nk])?;
         for i in 0..rows.num_rows() {
