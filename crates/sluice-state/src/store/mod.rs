@@ -97,6 +97,8 @@ pub struct StateStore {
     values: RowConverter,
     partitions: Vec<Partition>,
     version: Option<BatchId>,
+    /// The background removal of files past retention, if running.
+    cleanup: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The column a delta file uses to mark removed keys.
@@ -137,6 +139,7 @@ impl StateStore {
             key_schema,
             value_schema,
             version: None,
+            cleanup: None,
         })
     }
 
@@ -301,6 +304,8 @@ impl StateStore {
         }
         let mut stats = CommitStats::default();
         let snapshot = plan::is_snapshot_version(version, self.options.snapshot_interval);
+        // Build every file of this version first, then write them all at once.
+        let mut files: Vec<(PathBuf, RecordBatch)> = Vec::new();
         for p in 0..self.partitions.len() {
             let (upserted, removed) = {
                 let part = &mut self.partitions[p];
@@ -318,17 +323,8 @@ impl StateStore {
             // A delta is written even when empty, so that every version has
             // its file and loading can tell a gap from an idle partition.
             let delta = self.delta_batch(p, &upserted, &removed)?;
-            stats.bytes_written += write_ipc(
-                &pdir.join(
-                    StateFile {
-                        version,
-                        kind: FileKind::Delta,
-                    }
-                    .name(),
-                ),
-                &delta,
-                self.options.durability,
-            )?;
+            let name = |kind| StateFile { version, kind }.name();
+            files.push((pdir.join(name(FileKind::Delta)), delta));
             if snapshot {
                 let part = &self.partitions[p];
                 let (k, v): (Vec<_>, Vec<_>) = part
@@ -336,26 +332,48 @@ impl StateStore {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .unzip();
-                let full = self.to_batch(&k, &v)?;
-                stats.bytes_written += write_ipc(
-                    &pdir.join(
-                        StateFile {
-                            version,
-                            kind: FileKind::Snapshot,
-                        }
-                        .name(),
-                    ),
-                    &full,
-                    self.options.durability,
-                )?;
+                files.push((pdir.join(name(FileKind::Snapshot)), self.to_batch(&k, &v)?));
             }
+        }
+        // Partitions are written in parallel: their fsyncs overlap.
+        let durability = self.options.durability;
+        let written: Vec<Result<u64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = files
+                .iter()
+                .map(|(path, batch)| scope.spawn(move || write_ipc(path, batch, durability)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::internal("a state writer thread panicked")))
+                })
+                .collect()
+        });
+        for w in written {
+            stats.bytes_written += w?;
         }
         stats.rows = self.len() as u64;
         self.version = Some(version);
         if let Some(dir) = &self.dir {
-            self.cleanup(dir, version);
+            self.start_cleanup(dir.clone(), version);
         }
         Ok(stats)
+    }
+
+    /// Removes, off the batch's path, the files no retained version needs;
+    /// the previous cleanup is waited for first, so at most one runs.
+    fn start_cleanup(&mut self, dir: PathBuf, version: BatchId) {
+        self.wait_cleanup();
+        let oldest = version.saturating_sub(self.options.retain_versions.saturating_sub(1));
+        self.cleanup = Some(std::thread::spawn(move || cleanup(&dir, oldest)));
+    }
+
+    /// Waits for the background cleanup, if one is running.
+    pub fn wait_cleanup(&mut self) {
+        if let Some(h) = self.cleanup.take() {
+            let _ = h.join();
+        }
     }
 
     fn delta_batch(
@@ -482,21 +500,20 @@ impl StateStore {
         }
         Ok(())
     }
+}
 
-    /// Removes files no retained version needs (best effort: a failure
-    /// leaves extra files, never missing ones).
-    fn cleanup(&self, dir: &Path, version: BatchId) {
-        let Ok(pdirs) = partition_dirs(dir) else {
-            return;
+/// Removes files no version at or after `oldest` needs (best effort: a
+/// failure leaves extra files, never missing ones).
+fn cleanup(dir: &Path, oldest: BatchId) {
+    let Ok(pdirs) = partition_dirs(dir) else {
+        return;
+    };
+    for pdir in pdirs {
+        let Ok(files) = plan::list(&pdir) else {
+            continue;
         };
-        let oldest = version.saturating_sub(self.options.retain_versions.saturating_sub(1));
-        for pdir in pdirs {
-            let Ok(files) = plan::list(&pdir) else {
-                continue;
-            };
-            for f in plan::removable(&files, oldest) {
-                let _ = fs::remove_file(pdir.join(f.name()));
-            }
+        for f in plan::removable(&files, oldest) {
+            let _ = fs::remove_file(pdir.join(f.name()));
         }
     }
 }

@@ -152,6 +152,7 @@ fn retention_removes_old_files_and_keeps_retained_versions_loadable() {
         s.put(&rows(&[("a", v as i64, 1)])).unwrap();
         s.commit(v).unwrap();
     }
+    s.wait_cleanup();
     assert!(!dir.path().join("0/0.delta").exists());
     for v in 7..10 {
         let mut fresh = store(Some(dir.path()), 2, 3);
