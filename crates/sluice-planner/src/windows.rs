@@ -14,7 +14,8 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 use datafusion::sql::sqlparser::ast::{
-    FunctionArg, FunctionArgExpr, Query, TableFactor, VisitMut, VisitorMut,
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, Query, Select,
+    SelectItem, SetExpr, TableFactor, Value, VisitMut, VisitorMut,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -22,6 +23,7 @@ use sluice_common::{Error, Result};
 
 /// Rewrites every window table function of `query` in place.
 pub fn rewrite_windows(query: &mut Query) -> Result<()> {
+    rewrite_window_grouping(query)?;
     let mut v = Rewriter;
     match query.visit(&mut v) {
         ControlFlow::Continue(()) => Ok(()),
@@ -30,6 +32,169 @@ pub fn rewrite_windows(query: &mut Query) -> Result<()> {
 }
 
 struct Rewriter;
+
+/// Spark's grouping function: `GROUP BY window(ts, '10 seconds' [, '5 seconds'])`
+/// becomes `FROM TUMBLE(t, ts, ...)` (or `HOP`) with `GROUP BY window_start,
+/// window_end`; in the select list `window.start` / `window.end` become
+/// `window_start` / `window_end`, and `window` a struct of both.
+fn rewrite_window_grouping(query: &mut Query) -> Result<()> {
+    rewrite_set_expr(query.body.as_mut())
+}
+
+fn rewrite_set_expr(body: &mut SetExpr) -> Result<()> {
+    match body {
+        SetExpr::Select(select) => rewrite_select(select),
+        SetExpr::Query(q) => rewrite_window_grouping(q),
+        SetExpr::SetOperation { left, right, .. } => {
+            rewrite_set_expr(left)?;
+            rewrite_set_expr(right)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `window(col, 'size' [, 'slide'])` as (col, size, slide).
+fn window_call(e: &Expr) -> Option<(String, String, Option<String>)> {
+    let Expr::Function(f) = e else { return None };
+    if !f.name.to_string().eq_ignore_ascii_case("window") {
+        return None;
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    let args: Vec<&Expr> = list
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let text = |e: &Expr| match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    match args.as_slice() {
+        [c, size] => Some((c.to_string(), text(size)?, None)),
+        [c, size, slide] => Some((c.to_string(), text(size)?, Some(text(slide)?))),
+        _ => None,
+    }
+}
+
+fn rewrite_select(select: &mut Select) -> Result<()> {
+    for twj in &mut select.from {
+        if let TableFactor::Derived { subquery, .. } = &mut twj.relation {
+            rewrite_window_grouping(subquery)?;
+        }
+    }
+    let GroupByExpr::Expressions(keys, _) = &mut select.group_by else {
+        return Ok(());
+    };
+    let Some(at) = keys.iter().position(|k| window_call(k).is_some()) else {
+        return Ok(());
+    };
+    let (ts, size, slide) = window_call(&keys[at]).expect("found above");
+    let [twj] = select.from.as_mut_slice() else {
+        return Err(Error::not_supported(
+            "window() with several tables in FROM; use TUMBLE(...) or HOP(...) in FROM instead",
+        ));
+    };
+    if !twj.joins.is_empty() {
+        return Err(Error::not_supported(
+            "window() over a join; use TUMBLE(...) or HOP(...) in FROM instead",
+        ));
+    }
+    let (table, alias) = match &twj.relation {
+        TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } => (name.to_string(), alias.as_ref().map(|a| a.name.to_string())),
+        TableFactor::Derived {
+            subquery, alias, ..
+        } => (
+            format!("({subquery})"),
+            alias.as_ref().map(|a| a.name.to_string()),
+        ),
+        other => return Err(Error::not_supported(format!("window() over {other}"))),
+    };
+    let interval = |d: &str| format!("INTERVAL '{}'", d.replace('\'', "''"));
+    twj.relation = match &slide {
+        None => rewrite("TUMBLE", &[table, ts, interval(&size)], alias)?,
+        Some(slide) => rewrite("HOP", &[table, ts, interval(slide), interval(&size)], alias)?,
+    };
+    keys.splice(
+        at..=at,
+        [
+            Expr::Identifier(Ident::new("window_start")),
+            Expr::Identifier(Ident::new("window_end")),
+        ],
+    );
+    let as_struct = || {
+        Parser::new(&GenericDialect {})
+            .try_with_sql("named_struct('start', window_start, 'end', window_end)")
+            .and_then(|mut p| p.parse_expr())
+            .map_err(|e| Error::internal(format!("window struct: {e}")))
+    };
+    for item in &mut select.projection {
+        let (expr, unnamed) = match item {
+            SelectItem::UnnamedExpr(e) => (e, true),
+            SelectItem::ExprWithAlias { expr, .. } => (expr, false),
+            _ => continue,
+        };
+        let whole = window_call(expr).is_some()
+            || matches!(expr, Expr::Identifier(i) if i.value.eq_ignore_ascii_case("window"));
+        if whole {
+            let s = as_struct()?;
+            *item = if unnamed {
+                SelectItem::ExprWithAlias {
+                    expr: s,
+                    alias: Ident::new("window"),
+                }
+            } else {
+                let SelectItem::ExprWithAlias { alias, .. } = item else {
+                    unreachable!()
+                };
+                SelectItem::ExprWithAlias {
+                    expr: s,
+                    alias: alias.clone(),
+                }
+            };
+            continue;
+        }
+        let _ = expr.visit(&mut FieldRefs);
+    }
+    if let Some(h) = &mut select.having {
+        let _ = h.visit(&mut FieldRefs);
+    }
+    Ok(())
+}
+
+/// `window.start` / `window.end` as the window columns.
+struct FieldRefs;
+
+impl VisitorMut for FieldRefs {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        if let Expr::CompoundIdentifier(parts) = e
+            && let [w, field] = parts.as_slice()
+            && w.value.eq_ignore_ascii_case("window")
+        {
+            let name = match field.value.to_ascii_lowercase().as_str() {
+                "start" => "window_start",
+                "end" => "window_end",
+                _ => return ControlFlow::Continue(()),
+            };
+            *e = Expr::Identifier(Ident::new(name));
+        }
+        ControlFlow::Continue(())
+    }
+}
 
 impl VisitorMut for Rewriter {
     type Break = Error;
