@@ -53,10 +53,12 @@ fn rewrite_set_expr(body: &mut SetExpr) -> Result<()> {
     }
 }
 
-/// `window(col, 'size' [, 'slide'])` as (col, size, slide).
-fn window_call(e: &Expr) -> Option<(String, String, Option<String>)> {
+/// `window(col, 'size' [, 'slide'])` or `session_window(col, 'gap')` as
+/// (function, col, size or gap, slide).
+fn window_call(e: &Expr) -> Option<(String, String, String, Option<String>)> {
     let Expr::Function(f) = e else { return None };
-    if !f.name.to_string().eq_ignore_ascii_case("window") {
+    let func = f.name.to_string().to_ascii_lowercase();
+    if func != "window" && func != "session_window" {
         return None;
     }
     let FunctionArguments::List(list) = &f.args else {
@@ -78,8 +80,10 @@ fn window_call(e: &Expr) -> Option<(String, String, Option<String>)> {
         _ => None,
     };
     match args.as_slice() {
-        [c, size] => Some((c.to_string(), text(size)?, None)),
-        [c, size, slide] => Some((c.to_string(), text(size)?, Some(text(slide)?))),
+        [c, size] => Some((func, c.to_string(), text(size)?, None)),
+        [c, size, slide] if func == "window" => {
+            Some((func, c.to_string(), text(size)?, Some(text(slide)?)))
+        }
         _ => None,
     }
 }
@@ -96,7 +100,7 @@ fn rewrite_select(select: &mut Select) -> Result<()> {
     let Some(at) = keys.iter().position(|k| window_call(k).is_some()) else {
         return Ok(());
     };
-    let (ts, size, slide) = window_call(&keys[at]).expect("found above");
+    let (func, ts, size, slide) = window_call(&keys[at]).expect("found above");
     let [twj] = select.from.as_mut_slice() else {
         return Err(Error::not_supported(
             "window() with several tables in FROM; use TUMBLE(...) or HOP(...) in FROM instead",
@@ -123,9 +127,10 @@ fn rewrite_select(select: &mut Select) -> Result<()> {
         other => return Err(Error::not_supported(format!("window() over {other}"))),
     };
     let interval = |d: &str| format!("INTERVAL '{}'", d.replace('\'', "''"));
-    twj.relation = match &slide {
-        None => rewrite("TUMBLE", &[table, ts, interval(&size)], alias)?,
-        Some(slide) => rewrite("HOP", &[table, ts, interval(slide), interval(&size)], alias)?,
+    twj.relation = match (func.as_str(), &slide) {
+        ("session_window", _) => rewrite("SESSION", &[table, ts, interval(&size)], alias)?,
+        (_, None) => rewrite("TUMBLE", &[table, ts, interval(&size)], alias)?,
+        (_, Some(slide)) => rewrite("HOP", &[table, ts, interval(slide), interval(&size)], alias)?,
     };
     keys.splice(
         at..=at,
@@ -147,13 +152,13 @@ fn rewrite_select(select: &mut Select) -> Result<()> {
             _ => continue,
         };
         let whole = window_call(expr).is_some()
-            || matches!(expr, Expr::Identifier(i) if i.value.eq_ignore_ascii_case("window"));
+            || matches!(expr, Expr::Identifier(i) if i.value.eq_ignore_ascii_case(&func));
         if whole {
             let s = as_struct()?;
             *item = if unnamed {
                 SelectItem::ExprWithAlias {
                     expr: s,
-                    alias: Ident::new("window"),
+                    alias: Ident::new(func.clone()),
                 }
             } else {
                 let SelectItem::ExprWithAlias { alias, .. } = item else {
@@ -183,7 +188,8 @@ impl VisitorMut for FieldRefs {
     fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
         if let Expr::CompoundIdentifier(parts) = e
             && let [w, field] = parts.as_slice()
-            && w.value.eq_ignore_ascii_case("window")
+            && (w.value.eq_ignore_ascii_case("window")
+                || w.value.eq_ignore_ascii_case("session_window"))
         {
             let name = match field.value.to_ascii_lowercase().as_str() {
                 "start" => "window_start",
