@@ -239,7 +239,7 @@ impl MicroBatchExecution {
                         "late_rows on a query reading several streams: a late row reaches the aggregate without its source",
                     )));
                 }
-                sink.open(&agg.input_schema(), OutputMode::Append)
+                sink.open(&late_schema(&agg.input_schema()), OutputMode::Append)
                     .await
                     .map_err(ctx)?;
                 Some(Arc::clone(sink))
@@ -615,7 +615,30 @@ impl MicroBatchExecution {
         self.sink.write(id, &self.output_schema, output).await?;
         if let (Some(ls), Some(agg)) = (&self.late_sink, &self.aggregate) {
             // Written every batch (empty too): keyed by batch id like any sink.
-            ls.write(id, &agg.input_schema(), late).await?;
+            // The one stream's name and the batch's offset range say where
+            // the rows came from.
+            let input = &self.inputs[0];
+            let name = input.table.source().name();
+            let range = entry
+                .sources
+                .get(name)
+                .map(|r| format!("[{}, {})", r.start, r.end))
+                .unwrap_or_default();
+            let schema = late_schema(&agg.input_schema());
+            let rows = late
+                .into_iter()
+                .map(|b| {
+                    let n = b.num_rows();
+                    let mut cols = b.columns().to_vec();
+                    cols.push(Arc::new(StringArray::from(vec![name; n])));
+                    cols.push(Arc::new(datafusion::arrow::array::UInt64Array::from(
+                        vec![id; n],
+                    )));
+                    cols.push(Arc::new(StringArray::from(vec![range.as_str(); n])));
+                    RecordBatch::try_new(Arc::clone(&schema), cols)
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            ls.write(id, &schema, rows).await?;
         }
         for (sink, letters) in dead {
             let batches = if letters.is_empty() {
@@ -730,6 +753,16 @@ struct Outcome {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The schema of late rows: as they reached the aggregate, then the source,
+/// the batch and the batch's offset range for that source.
+fn late_schema(input: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new("_source", DataType::Utf8, false)));
+    fields.push(Arc::new(Field::new("_batch_id", DataType::UInt64, false)));
+    fields.push(Arc::new(Field::new("_offsets", DataType::Utf8, false)));
+    Arc::new(Schema::new(fields))
 }
 
 /// A deterministic draw from (seed, batch, source), for random splits.
