@@ -67,6 +67,11 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
                 "query '{name}': output mode changelog with a filter (e.g. HAVING) above the aggregate; use update mode, or filter downstream"
             )))
         }
+        (_, OutputMode::Changelog) if plan.schema().fields().iter().any(|f| f.name() == "_op") => {
+            Err(Error::plan(format!(
+                "query '{name}': output mode changelog adds an _op column, and the query already has one; rename it"
+            )))
+        }
         (_, OutputMode::Changelog) => Ok(shape),
         (Some(a), OutputMode::Append) if !(a.windowed && has_watermark) => {
             Err(Error::plan(format!(
