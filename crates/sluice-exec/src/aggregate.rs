@@ -501,6 +501,17 @@ impl AggregateOperator {
         let merged = self.reduce.run(vec![stored, partial], ctx).await?;
         let merged = concat_batches(&self.partial_schema, &merged)?;
         self.store.put(&self.store_rows(&merged, now_ms)?)?;
+        if let Some(ttl) = self.ttl {
+            // Keys nobody updated for the TTL go, without a row to the sink.
+            self.store.remove_where(|live| {
+                let updated = live
+                    .column(live.num_columns() - 1)
+                    .as_primitive::<Int64Type>();
+                Ok((0..live.num_rows())
+                    .map(|i| Some(updated.value(i) < now_ms - ttl))
+                    .collect())
+            })?;
+        }
         let changes = (self.mode == OutputMode::Changelog).then(|| merged.clone());
 
         let mut emit: Vec<RecordBatch> = match self.mode {
@@ -520,17 +531,6 @@ impl AggregateOperator {
             if self.mode == OutputMode::Append {
                 emit.push(self.state_rows(&closed)?);
             }
-        }
-        if let Some(ttl) = self.ttl {
-            // Keys nobody updated for the TTL go, without a row to the sink.
-            self.store.remove_where(|live| {
-                let updated = live
-                    .column(live.num_columns() - 1)
-                    .as_primitive::<Int64Type>();
-                Ok((0..live.num_rows())
-                    .map(|i| Some(updated.value(i) < now_ms - ttl))
-                    .collect())
-            })?;
         }
         if let Some(after) = changes {
             // A global aggregate's Final gives a row even over no state: a
@@ -623,22 +623,20 @@ impl AggregateOperator {
             [vec![None; ss.len()], vec![None; ps.len()]];
         for sessions in groups.values_mut() {
             sessions.sort();
+            // Only a run of sessions that the batch touches changes: a
+            // stored session no batch session reaches stays as it is.
             let mut run: Vec<(usize, usize)> = Vec::new();
             let (mut lo, mut hi) = (sessions[0].0, sessions[0].1);
             for &(s, e, side, i) in sessions.iter() {
                 if s >= hi && !run.is_empty() {
-                    for (side, i) in run.drain(..) {
-                        new_bounds[side][i] = Some((lo, hi));
-                    }
+                    close_run(&mut run, (lo, hi), &mut new_bounds);
                     lo = s;
                     hi = e;
                 }
                 hi = hi.max(e);
                 run.push((side, i));
             }
-            for (side, i) in run {
-                new_bounds[side][i] = Some((lo, hi));
-            }
+            close_run(&mut run, (lo, hi), &mut new_bounds);
         }
         let rebuild = |b: &RecordBatch,
                        nb: &[Option<(i64, i64)>],
@@ -659,6 +657,16 @@ impl AggregateOperator {
                 cols,
             )?)
         };
+        // The stored sessions that take part: those in a run with the batch's.
+        let involved: BooleanArray = new_bounds[0].iter().map(|b| Some(b.is_some())).collect();
+        let stored = filter_record_batch(&stored, &involved)?;
+        let (ss, se) = (bounds(&stored, ws)?, bounds(&stored, we)?);
+        let kept: Vec<Option<(i64, i64)>> = new_bounds[0]
+            .iter()
+            .filter(|b| b.is_some())
+            .copied()
+            .collect();
+        new_bounds[0] = kept;
         let stored_new = rebuild(&stored, &new_bounds[0], &ss, &se)?;
         let partial_new = rebuild(&partial, &new_bounds[1], &ps, &pe)?;
         // The stored sessions that took part leave the store; merged, they return.
@@ -777,6 +785,22 @@ impl AggregateOperator {
         }
         Ok(vec![RecordBatch::try_new(self.output_schema(), cols)?])
     }
+}
+
+/// Gives every session of a finished run the run's bounds, if a session of
+/// the batch (side 1) is among them; a run of stored sessions alone is left
+/// untouched.
+fn close_run(
+    run: &mut Vec<(usize, usize)>,
+    bounds: (i64, i64),
+    new_bounds: &mut [Vec<Option<(i64, i64)>>; 2],
+) {
+    if run.iter().any(|(side, _)| *side == 1) {
+        for &(side, i) in run.iter() {
+            new_bounds[side][i] = Some(bounds);
+        }
+    }
+    run.clear();
 }
 
 /// The state column holding when a key was last updated, with a TTL.
