@@ -47,6 +47,30 @@ fn channel_sink() -> (ForeachBatchSink, mpsc::UnboundedReceiver<(u64, Vec<i64>)>
     (sink, rx)
 }
 
+/// Starts `df` on a manual trigger into a fresh memory table.
+async fn start_into_table(
+    df: datafusion::dataframe::DataFrame,
+    mode: OutputMode,
+) -> (sluice::StreamingQuery, Arc<MemoryTable>) {
+    let table = MemoryTable::new();
+    let q = df
+        .write_stream()
+        .output_mode(mode)
+        .trigger(Trigger::Manual)
+        .start(MemorySink::new("out", Arc::clone(&table)))
+        .await
+        .unwrap();
+    (q, table)
+}
+
+/// A memory table's rows as a printed table.
+fn table_text(table: &MemoryTable) -> String {
+    let rows = table.to_batch().unwrap().unwrap();
+    datafusion::arrow::util::pretty::pretty_format_batches(&[rows])
+        .unwrap()
+        .to_string()
+}
+
 /// A batch id and the values delivered with it.
 type Delivery = (u64, Vec<i64>);
 
@@ -354,14 +378,7 @@ async fn a_windowed_aggregate_from_the_dataframe_api_emits_closed_windows() {
             vec![count(lit(1)).alias("n")],
         )
         .unwrap();
-    let table = MemoryTable::new();
-    let q = counts
-        .write_stream()
-        .output_mode(OutputMode::Append)
-        .trigger(Trigger::Manual)
-        .start(MemorySink::new("counts", Arc::clone(&table)))
-        .await
-        .unwrap();
+    let (q, table) = start_into_table(counts, OutputMode::Append).await;
     q.process_all_available().await.unwrap();
     assert_eq!(
         table.rows().iter().map(|b| b.num_rows()).sum::<usize>(),
@@ -372,10 +389,7 @@ async fn a_windowed_aggregate_from_the_dataframe_api_emits_closed_windows() {
         .await
         .unwrap();
     q.process_all_available().await.unwrap();
-    let out = table.to_batch().unwrap().unwrap();
-    let text = datafusion::arrow::util::pretty::pretty_format_batches(&[out])
-        .unwrap()
-        .to_string();
+    let text = table_text(&table);
     assert!(
         text.contains("| 1970-01-01T00:00:00 | 1970-01-01T00:00:10 | a   | 2 |"),
         "{text}"
@@ -468,14 +482,7 @@ async fn session_windows_from_the_dataframe_api_merge_across_batches() {
             vec![count(lit(1)).alias("n")],
         )
         .unwrap();
-    let table = MemoryTable::new();
-    let q = sessions
-        .write_stream()
-        .output_mode(OutputMode::Complete)
-        .trigger(Trigger::Manual)
-        .start(MemorySink::new("s", Arc::clone(&table)))
-        .await
-        .unwrap();
+    let (q, table) = start_into_table(sessions, OutputMode::Complete).await;
     q.process_all_available().await.unwrap();
     assert_eq!(
         table.to_batch().unwrap().unwrap().num_rows(),
@@ -487,10 +494,7 @@ async fn session_windows_from_the_dataframe_api_merge_across_batches() {
         .await
         .unwrap();
     q.process_all_available().await.unwrap();
-    let out = table.to_batch().unwrap().unwrap();
-    let text = datafusion::arrow::util::pretty::pretty_format_batches(&[out])
-        .unwrap()
-        .to_string();
+    let text = table_text(&table);
     assert!(
         text.contains("| a   | 1970-01-01T00:00:01 | 1970-01-01T00:00:30 | 3 |"),
         "{text}"
@@ -520,21 +524,9 @@ async fn hop_windows_from_the_dataframe_api_count_a_row_in_each_window() {
             vec![count(lit(1)).alias("n")],
         )
         .unwrap();
-    let table = MemoryTable::new();
-    let q = counts
-        .write_stream()
-        .output_mode(OutputMode::Complete)
-        .trigger(Trigger::Manual)
-        .start(MemorySink::new("h", Arc::clone(&table)))
-        .await
-        .unwrap();
+    let (q, table) = start_into_table(counts, OutputMode::Complete).await;
     q.process_all_available().await.unwrap();
-    let text = datafusion::arrow::util::pretty::pretty_format_batches(&[table
-        .to_batch()
-        .unwrap()
-        .unwrap()])
-    .unwrap()
-    .to_string();
+    let text = table_text(&table);
     // 12 s is in [0 s, 15 s) and [10 s, 25 s).
     assert!(
         text.contains("| 1970-01-01T00:00:00 | 1970-01-01T00:00:15 | 1 |"),
