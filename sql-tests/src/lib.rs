@@ -14,13 +14,23 @@
 //! | `RESTART` | drops every query and the context, as a crash would, and starts them again from their checkpoints in a fresh context |
 //! | `INJECT FAULT <after-offsets\|after-sink\|after-commit> AT BATCH <n>` | the next run of batch n fails at that step |
 //! | `SHOW PROGRESS <query>` | per committed batch: id, input rows, output rows, dropped, dead-lettered, re-run? |
-//! | `CHECK <sink> AGAINST BATCH` | the sink's final result equals its query run by DataFusion as one batch query over all the input |
+//! | `CHECK <sink> AGAINST BATCH` [+ lines of SQL] | the sink's final result equals its query (or the SQL given, for what plain SQL says differently, such as session windows) run by DataFusion as one batch query over all on-time input |
+//! | `CHECK ALL AGAINST BATCH [EXCEPT s ...]` | drains every query, then checks every sink but those named |
 //! | `SHOW STATE PROGRESS <query>` | per committed batch: id, input rows, late rows, state keys, keys updated, keys removed |
 //!
-//! Every file also runs as a *restart variant* ([`Variant::Restarts`]) and,
-//! when it says `# variant: random-splits`, with random micro-batch splits
-//! ([`Variant::Splits`]); `# variant: no-restarts` opts a file out of the
-//! restart variant.
+//! Every file runs as written, as a *restart variant* ([`Variant::Restarts`])
+//! and with random micro-batch splits ([`Variant::Splits`]); each run ends
+//! with `CHECK ALL AGAINST BATCH`, the differential check of
+//! [`batch_check`](crate::batch_check): append sinks must hold exactly the
+//! batch rows of the windows the final watermark closed, update sinks the
+//! last row per group key, complete sinks the last result, changelog sinks
+//! the changes applied; rows the stream counted late (read back from the
+//! source's `late_rows` table) are taken out of the batch query's aggregate
+//! input. A file opts out per sink with `# no-batch-check <sink>: <reason>`
+//! (the reason is required), out of variants with `# variant: no-restarts`
+//! or `# variant: no-random-splits`. In the split variant only the file's
+//! statements run, unless it says `# variant: random-splits`: then its query
+//! results must hold under any split too.
 //!
 //! `$TMP` in any statement is replaced by the test file's own temporary
 //! directory; queries checkpoint to `$TMP/checkpoints/<query>`. Every
@@ -30,6 +40,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+pub mod batch_check;
 
 use async_trait::async_trait;
 use sluice::deps::datafusion::arrow::record_batch::RecordBatch;
@@ -231,7 +243,20 @@ impl SluiceDb {
                     .and_then(|_| std::fs::rename(&tmp, &path))
                     .map_err(|e| TestError(e.to_string()))?;
             }
-            ["CHECK", _, "AGAINST", "BATCH"] => self.check_against_batch(words[1]).await?,
+            ["CHECK", "ALL", "AGAINST", "BATCH", rest @ ..] => {
+                let except: Vec<&str> = match rest {
+                    [] => vec![],
+                    ["EXCEPT", ..] => words[5..].to_vec(),
+                    _ => return Err(TestError(format!("bad CHECK ALL: {first_line}"))),
+                };
+                self.check_all(&except).await?
+            }
+            ["CHECK", _, "AGAINST", "BATCH"] => {
+                // Lines after the first, if any, are a hand-written batch query.
+                let reference: String = sql.lines().skip(1).map(|l| format!("{l}\n")).collect();
+                let reference = Some(reference.as_str()).filter(|r| !r.trim().is_empty());
+                self.check_against_batch(words[1], reference).await?
+            }
             ["SHOW", "STATE", "PROGRESS", _] => {
                 let records = read_progress(&self.dir.join("checkpoints").join(words[3]))?;
                 let text: String = records
@@ -267,149 +292,8 @@ impl SluiceDb {
     }
 }
 
-impl SluiceDb {
-    /// Compares what sink `name` holds with its query run by DataFusion as
-    /// one batch query over every row its (memory) sources received:
-    /// append — every emitted row; complete — the last result; changelog —
-    /// the changes applied (+I/+U add a row, -U/-D remove one). Update mode
-    /// has no key-free final table, so it is refused.
-    async fn check_against_batch(&self, name: &str) -> Result<(), TestError> {
-        let err = |m: String| TestError(format!("CHECK {name} AGAINST BATCH: {m}"));
-        let (query, options) = self
-            .definitions
-            .iter()
-            .find_map(|d| match d {
-                Statement::CreateSink(cs) if cs.name == name => {
-                    cs.query.clone().map(|q| (q, cs.options.clone()))
-                }
-                Statement::InsertInto { target, query } if target == name => self
-                    .definitions
-                    .iter()
-                    .find_map(|d| match d {
-                        Statement::CreateSink(cs) if &cs.name == target => Some(cs.options.clone()),
-                        _ => None,
-                    })
-                    .map(|o| (query.clone(), o)),
-                _ => None,
-            })
-            .ok_or_else(|| err("no query writes to it".into()))?;
-        let mode = options
-            .get("output_mode")
-            .unwrap_or("append")
-            .to_ascii_lowercase();
-        let table = self
-            .ctx
-            .memory_tables()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| err("it is not a memory sink".into()))?;
-
-        // The batch side: a plain DataFusion context where each stream is a
-        // table of every row it received, and static tables are as defined.
-        let batch_ctx = sluice::deps::datafusion::prelude::SessionContext::new();
-        for d in &self.definitions {
-            match d {
-                Statement::CreateSource(cs) => {
-                    let src = self
-                        .ctx
-                        .source(&cs.name)
-                        .ok_or_else(|| err(format!("source {} vanished", cs.name)))?;
-                    let mem = src
-                        .as_any()
-                        .downcast_ref::<sluice::MemorySource>()
-                        .ok_or_else(|| {
-                            err(format!("source '{}' is not a memory source", cs.name))
-                        })?;
-                    let t = sluice::deps::datafusion::datasource::MemTable::try_new(
-                        src.schema(),
-                        vec![mem.all_rows()],
-                    )
-                    .map_err(|e| err(e.to_string()))?;
-                    batch_ctx
-                        .register_table(cs.name.as_str(), Arc::new(t))
-                        .map_err(|e| err(e.to_string()))?;
-                }
-                Statement::DataFusion(stmt) => {
-                    run_batch(&batch_ctx, stmt.as_ref().clone())
-                        .await
-                        .map_err(err)?;
-                }
-                _ => {}
-            }
-        }
-        let stmt = DFStatement::Statement(Box::new(ast::Statement::Query(query)));
-        let batch = run_batch(&batch_ctx, stmt).await.map_err(err)?;
-        let mut expected = rows_of(&batch)?;
-
-        let mut got = match mode.as_str() {
-            // A complete-mode memory table holds only the last result.
-            "append" | "complete" => rows_of(&table.rows())?,
-            "changelog" => {
-                let mut live: Vec<Vec<String>> = Vec::new();
-                for row in rows_of(&table.rows())? {
-                    let (op, rest) = row
-                        .split_first()
-                        .ok_or_else(|| err("an empty changelog row".into()))?;
-                    match op.as_str() {
-                        "+I" | "+U" => live.push(rest.to_vec()),
-                        _ => {
-                            let at = live.iter().position(|r| r == rest).ok_or_else(|| {
-                                err(format!("{op} of a row never inserted: {rest:?}"))
-                            })?;
-                            live.remove(at);
-                        }
-                    }
-                }
-                live
-            }
-            other => {
-                return Err(err(format!(
-                    "{other} mode has no key-free final table; check complete, append or changelog sinks"
-                )));
-            }
-        };
-        expected.sort();
-        got.sort();
-        if got != expected {
-            // Multiset differences of the two sorted lists.
-            let (mut missing, mut extra) = (Vec::new(), Vec::new());
-            let (mut i, mut j) = (0, 0);
-            while i < expected.len() || j < got.len() {
-                match (expected.get(i), got.get(j)) {
-                    (Some(e), Some(g)) if e == g => {
-                        i += 1;
-                        j += 1;
-                    }
-                    (Some(e), Some(g)) if e < g => {
-                        missing.push(e);
-                        i += 1;
-                    }
-                    (Some(e), None) => {
-                        missing.push(e);
-                        i += 1;
-                    }
-                    (_, Some(g)) => {
-                        extra.push(g);
-                        j += 1;
-                    }
-                    (None, None) => break,
-                }
-            }
-            missing.truncate(5);
-            extra.truncate(5);
-            return Err(err(format!(
-                "streaming gave {} rows, batch {}; missing from streaming: {missing:?}; not in batch: {extra:?}",
-                got.len(),
-                expected.len()
-            )));
-        }
-        Ok(())
-    }
-}
-
 /// Plans and runs one statement in a plain DataFusion context.
-async fn run_batch(
+pub(crate) async fn run_batch(
     ctx: &sluice::deps::datafusion::prelude::SessionContext,
     stmt: DFStatement,
 ) -> Result<Vec<RecordBatch>, String> {
@@ -426,7 +310,7 @@ async fn run_batch(
 }
 
 /// Rows as formatted strings, for comparison.
-fn rows_of(batches: &[RecordBatch]) -> Result<Vec<Vec<String>>, TestError> {
+pub(crate) fn rows_of(batches: &[RecordBatch]) -> Result<Vec<Vec<String>>, TestError> {
     match to_output(batches.to_vec())? {
         DBOutput::Rows { rows, .. } => Ok(rows),
         _ => Ok(vec![]),
@@ -509,8 +393,15 @@ pub enum Variant {
     Plain,
     /// A `RESTART` after every successful `RUN ALL` / `RUN BATCH`.
     Restarts,
-    /// Input split into random smaller batches with this seed.
-    Splits(u64),
+    /// Input split into random smaller batches with this seed. With
+    /// `strict`, every assertion of the file must hold; otherwise only its
+    /// statements run and the final batch check decides.
+    Splits {
+        /// The seed of the split sizes (`SLT_SEED` replays one).
+        seed: u64,
+        /// Whether the file's own query results must hold too.
+        strict: bool,
+    },
 }
 
 impl std::fmt::Display for Variant {
@@ -518,18 +409,34 @@ impl std::fmt::Display for Variant {
         match self {
             Variant::Plain => Ok(()),
             Variant::Restarts => f.write_str(" [restart after every batch]"),
-            Variant::Splits(seed) => write!(f, " [random splits, SLT_SEED={seed}]"),
+            Variant::Splits { seed, strict: true } => {
+                write!(f, " [random splits, SLT_SEED={seed}]")
+            }
+            Variant::Splits {
+                seed,
+                strict: false,
+            } => {
+                write!(f, " [random splits, final check only, SLT_SEED={seed}]")
+            }
         }
     }
+}
+
+/// A `# <marker>: <reason>` line's reason, if the file has the marker.
+fn marked<'a>(text: &'a str, marker: &str) -> Option<&'a str> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix('#'))
+        .find_map(|l| l.trim().strip_prefix(marker))
+        .map(|rest| rest.trim_start_matches(':').trim())
 }
 
 /// The variants a file runs as (see the crate docs).
 pub fn variants(name: &str, text: &str) -> Vec<Variant> {
     let mut v = vec![Variant::Plain];
-    if !text.lines().any(|l| l.trim() == "# variant: no-restarts") {
+    if marked(text, "variant: no-restarts").is_none() {
         v.push(Variant::Restarts);
     }
-    if text.lines().any(|l| l.trim() == "# variant: random-splits") {
+    if marked(text, "variant: no-random-splits").is_none() {
         let seed = std::env::var("SLT_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -538,16 +445,70 @@ pub fn variants(name: &str, text: &str) -> Vec<Variant> {
                     (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
                 })
             });
-        v.push(Variant::Splits(seed));
+        let strict = marked(text, "variant: random-splits").is_some();
+        v.push(Variant::Splits { seed, strict });
     }
     v
 }
 
-/// The file's text as the variant runs it.
-pub fn transform(text: &str, variant: Variant) -> String {
-    match variant {
+/// The sinks a file exempts from the final batch check, each with
+/// `# no-batch-check <sink>: <reason>`; a missing reason is an error.
+pub fn batch_check_exemptions(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let Some(rest) = l.trim().strip_prefix("# no-batch-check ") else {
+            continue;
+        };
+        match rest.split_once(':') {
+            Some((sink, reason)) if !reason.trim().is_empty() && !sink.trim().is_empty() => {
+                out.push(sink.trim().to_string())
+            }
+            _ => {
+                return Err(format!(
+                    "`{l}` needs a sink and a reason: `# no-batch-check <sink>: <why>`"
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The file's text as the variant runs it: the variant's changes, then a
+/// final `CHECK ALL AGAINST BATCH` of every sink not exempted.
+pub fn transform(text: &str, variant: Variant) -> Result<String, String> {
+    let body = match variant {
         Variant::Plain => text.to_string(),
-        Variant::Splits(seed) => format!("statement ok\nSET split_seed = {seed}\n\n{text}"),
+        Variant::Splits { seed, strict } => {
+            let body = if strict {
+                text.to_string()
+            } else {
+                // Results of single steps, expected errors and the faults
+                // they expect depend on where batches end; what is left to
+                // hold is the final result.
+                let mut kept = Vec::new();
+                let mut skipping = false;
+                for l in text.lines() {
+                    let t = l.trim();
+                    if t.is_empty() {
+                        skipping = false;
+                    } else if t.starts_with("query ")
+                        || t.starts_with("statement error")
+                        || t.to_ascii_uppercase().starts_with("INJECT FAULT")
+                    {
+                        skipping = true;
+                        // The directive's `statement ok` header goes too.
+                        if t.starts_with("INJECT") && kept.last() == Some(&"statement ok") {
+                            kept.pop();
+                        }
+                    }
+                    if !skipping {
+                        kept.push(l);
+                    }
+                }
+                kept.join("\n")
+            };
+            format!("statement ok\nSET split_seed = {seed}\n\n{body}")
+        }
         Variant::Restarts => {
             let lines: Vec<&str> = text.lines().collect();
             let mut out = String::new();
@@ -571,7 +532,17 @@ pub fn transform(text: &str, variant: Variant) -> String {
             }
             out
         }
-    }
+    };
+    let except = batch_check_exemptions(text)?;
+    let except = if except.is_empty() {
+        String::new()
+    } else {
+        format!(" EXCEPT {}", except.join(" "))
+    };
+    Ok(format!(
+        "{}\n\nstatement ok\nCHECK ALL AGAINST BATCH{except}\n",
+        body.trim_end()
+    ))
 }
 
 #[cfg(test)]
@@ -582,7 +553,7 @@ mod tests {
     fn the_restart_variant_restarts_after_each_successful_run_only() {
         let text =
             "statement ok\nRUN ALL\n\nstatement error boom\nRUN ALL\n\nstatement ok\nRUN BATCH";
-        let t = transform(text, Variant::Restarts);
+        let t = transform(text, Variant::Restarts).unwrap();
         assert_eq!(t.matches("RESTART").count(), 2, "{t}");
         assert!(
             t.contains(

@@ -2,14 +2,12 @@
 //! contains one of the arguments), each in a fresh database and temporary
 //! directory, and prints `N passed, N failed`.
 //!
-//! Every file also runs as a *restart variant*: a `RESTART` (a fresh
-//! context recovering every query from its checkpoint, as after a crash)
-//! after each `RUN ALL` / `RUN BATCH`; every assertion must still hold. A file
-//! whose results legitimately differ opts out with a `# variant: no-restarts`
-//! line. A file with a `# variant: random-splits` line also runs with its
-//! input split into random smaller micro-batches (seeded from the file name,
-//! or `SLT_SEED`; the seed is printed), for results that must not depend on
-//! where batch boundaries fall.
+//! Every file also runs as a *restart variant* (a `RESTART`, a fresh context
+//! recovering every query from its checkpoint as after a crash, after each
+//! `RUN ALL` / `RUN BATCH`) and a *random-splits variant* (input split into
+//! random smaller micro-batches, seeded from the file name or `SLT_SEED`; the
+//! seed is printed), and every run ends by checking each sink against the
+//! same query run as one batch query (see the library's docs).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -69,7 +67,7 @@ fn main() -> ExitCode {
             let outcome = runtime.block_on(async {
                 let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
                 let script = dir.path().join("test.slt");
-                std::fs::write(&script, transform(&text, variant)).map_err(|e| e.to_string())?;
+                std::fs::write(&script, transform(&text, variant)?).map_err(|e| e.to_string())?;
                 let path = dir.path().to_path_buf();
                 let mut runner = sqllogictest::Runner::new(move || {
                     let path = path.clone();

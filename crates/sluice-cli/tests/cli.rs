@@ -31,6 +31,11 @@ fn sink_rows(dir: &Path) -> Vec<String> {
         if name.starts_with('_') || name.starts_with('.') {
             continue;
         }
+        // Late rows of each query go to a subdirectory named after it.
+        if e.path().is_dir() {
+            rows.extend(sink_rows(&e.path()));
+            continue;
+        }
         rows.extend(
             fs::read_to_string(e.path())
                 .unwrap()

@@ -128,4 +128,11 @@ pub trait Sink: Send + Sync + Debug {
     -> Result<()>;
     /// The sink as `Any`, for downcasting.
     fn as_any(&self) -> &dyn std::any::Any;
+    /// The sink as one of several queries writing it sees it (late rows of
+    /// every query reading a source go to that source's one `late_rows`
+    /// target): its own batch-id space, so the queries' batches do not
+    /// replace each other's. `None`: the sink needs no such scope.
+    fn for_query(&self, _query: &str) -> Option<Arc<dyn Sink>> {
+        None
+    }
 }

@@ -251,6 +251,15 @@ impl Sink for FileSink {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+
+    /// Each query writes a subdirectory named after it, with its own
+    /// manifest, so readers of the whole directory see every query's files.
+    fn for_query(&self, query: &str) -> Option<std::sync::Arc<dyn Sink>> {
+        Some(std::sync::Arc::new(FileSink {
+            path: self.path.join(query),
+            ..self.clone()
+        }))
+    }
 }
 
 #[cfg(test)]

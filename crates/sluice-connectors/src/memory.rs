@@ -201,7 +201,9 @@ impl SourceReader for MemoryReader {
 pub struct MemoryTable {
     mode: Mutex<OutputMode>,
     schema: Mutex<Option<SchemaRef>>,
-    batches: Mutex<BTreeMap<BatchId, Vec<RecordBatch>>>,
+    /// Rows per (writer's scope, batch id): one query writes the empty
+    /// scope; queries sharing a late-rows table write their own names.
+    batches: Mutex<BTreeMap<(String, BatchId), Vec<RecordBatch>>>,
 }
 
 impl MemoryTable {
@@ -241,11 +243,16 @@ impl MemoryTable {
 
     /// Replaces the rows of batch `id` (all rows, in complete mode).
     pub fn put(&self, id: BatchId, batches: Vec<RecordBatch>) {
+        self.put_scoped("", id, batches)
+    }
+
+    /// Replaces the rows of batch `id` of writer `scope`.
+    pub fn put_scoped(&self, scope: &str, id: BatchId, batches: Vec<RecordBatch>) {
         let mut all = lock(&self.batches);
         if *lock(&self.mode) == OutputMode::Complete {
             all.clear();
         }
-        all.insert(id, batches);
+        all.insert((scope.to_string(), id), batches);
     }
 
     /// Every row, in batch order.
@@ -263,7 +270,7 @@ impl MemoryTable {
 
     /// The batch ids written so far.
     pub fn batch_ids(&self) -> Vec<BatchId> {
-        lock(&self.batches).keys().copied().collect()
+        lock(&self.batches).keys().map(|(_, id)| *id).collect()
     }
 }
 
@@ -272,6 +279,7 @@ impl MemoryTable {
 pub struct MemorySink {
     name: String,
     table: Arc<MemoryTable>,
+    scope: String,
 }
 
 impl MemorySink {
@@ -280,6 +288,7 @@ impl MemorySink {
         MemorySink {
             name: name.into(),
             table,
+            scope: String::new(),
         }
     }
 
@@ -307,12 +316,19 @@ impl Sink for MemorySink {
         _schema: &SchemaRef,
         batches: Vec<RecordBatch>,
     ) -> Result<()> {
-        self.table.put(id, batches);
+        self.table.put_scoped(&self.scope, id, batches);
         Ok(())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    fn for_query(&self, query: &str) -> Option<Arc<dyn Sink>> {
+        Some(Arc::new(MemorySink {
+            scope: query.to_string(),
+            ..self.clone()
+        }))
     }
 }
 

@@ -108,6 +108,11 @@ impl StateFinalizer {
         Arc::clone(&self.agg_schema)
     }
 
+    /// How many of [`Self::schema`]'s leading columns are group keys.
+    pub fn key_count(&self) -> usize {
+        self.group_by.expr().len()
+    }
+
     /// A plan computing the values of `stored` (rows as the state store
     /// holds them: keys, then states).
     pub fn plan(&self, stored: RecordBatch) -> Result<Arc<dyn ExecutionPlan>> {
@@ -382,6 +387,11 @@ impl AggregateOperator {
             dirty: false,
             description,
         })
+    }
+
+    /// Whether rows can be late: the aggregate groups by a window end.
+    pub fn has_late_rows(&self) -> bool {
+        self.window_end.is_some()
     }
 
     /// The schema of the rows that reach the aggregate (and of late rows).

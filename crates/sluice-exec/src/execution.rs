@@ -233,18 +233,21 @@ impl MicroBatchExecution {
         }
         let asked: Vec<Arc<dyn Sink>> = inputs.iter().filter_map(|i| i.table.late_rows()).collect();
         let late_sink = match (&aggregate, asked.first()) {
-            (Some(agg), Some(sink)) => {
+            (Some(agg), Some(sink)) if agg.has_late_rows() => {
                 if inputs.len() > 1 {
                     return Err(ctx(Error::not_supported(
                         "late_rows on a query reading several streams: a late row reaches the aggregate without its source",
                     )));
                 }
+                let sink = sink
+                    .for_query(&config.name)
+                    .unwrap_or_else(|| Arc::clone(sink));
                 sink.open(&late_schema(&agg.input_schema()), OutputMode::Append)
                     .await
                     .map_err(ctx)?;
-                Some(Arc::clone(sink))
+                Some(sink)
             }
-            // A query without an aggregate has no late rows.
+            // A query without a windowed aggregate has no late rows.
             _ => None,
         };
         let output_schema = match (&aggregate, config.output_mode) {
@@ -619,6 +622,7 @@ impl MicroBatchExecution {
             // the rows came from.
             let input = &self.inputs[0];
             let name = input.table.source().name();
+            let query = self.config.name.as_str();
             let range = entry
                 .sources
                 .get(name)
@@ -631,6 +635,7 @@ impl MicroBatchExecution {
                     let n = b.num_rows();
                     let mut cols = b.columns().to_vec();
                     cols.push(Arc::new(StringArray::from(vec![name; n])));
+                    cols.push(Arc::new(StringArray::from(vec![query; n])));
                     cols.push(Arc::new(datafusion::arrow::array::UInt64Array::from(
                         vec![id; n],
                     )));
@@ -756,10 +761,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The schema of late rows: as they reached the aggregate, then the source,
-/// the batch and the batch's offset range for that source.
+/// the query, the batch and the batch's offset range for that source.
 fn late_schema(input: &SchemaRef) -> SchemaRef {
     let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
     fields.push(Arc::new(Field::new("_source", DataType::Utf8, false)));
+    fields.push(Arc::new(Field::new("_query", DataType::Utf8, false)));
     fields.push(Arc::new(Field::new("_batch_id", DataType::UInt64, false)));
     fields.push(Arc::new(Field::new("_offsets", DataType::Utf8, false)));
     Arc::new(Schema::new(fields))

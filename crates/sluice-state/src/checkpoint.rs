@@ -303,6 +303,17 @@ pub fn last_committed(root: &Path) -> Result<Option<BatchId>> {
     last_id(&root.join("commits"))
 }
 
+/// The newest commit entry of the checkpoint at `root` (with the watermark
+/// at the end of that batch), read without taking its lock.
+pub fn read_last_commit(root: &Path) -> Result<Option<CommitEntry>> {
+    match last_committed(root)? {
+        Some(id) => Ok(Some(durable::read_json(
+            &root.join("commits").join(id.to_string()),
+        )?)),
+        None => Ok(None),
+    }
+}
+
 /// Reads the progress records of the checkpoint at `root`, oldest first,
 /// skipping a torn last line.
 pub fn read_progress(root: &Path) -> Result<Vec<Progress>> {

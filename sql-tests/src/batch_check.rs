@@ -1,0 +1,620 @@
+//! The differential check: a sink's final result against the same query run
+//! by plain DataFusion as one batch query over every on-time input row.
+//!
+//! What "final result" means depends on the output mode: append — every row
+//! emitted (no duplicates, no losses), compared with the batch rows whose
+//! window has closed by the last watermark; update — the last row emitted
+//! per group key; complete — the last result; changelog — the changes
+//! applied. Rows the stream counted late are taken out of the batch query's
+//! aggregate input (they come from the source's `late_rows` table), so the
+//! check holds whichever split made them late.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sluice::deps::datafusion::arrow::array::{AsArray, BooleanArray};
+use sluice::deps::datafusion::arrow::compute::{cast, filter_record_batch};
+use sluice::deps::datafusion::arrow::datatypes::SchemaRef;
+use sluice::deps::datafusion::arrow::record_batch::RecordBatch;
+use sluice::deps::datafusion::arrow::row::{RowConverter, SortField};
+use sluice::deps::datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use sluice::deps::datafusion::datasource::MemTable;
+use sluice::deps::datafusion::datasource::memory::MemorySourceConfig;
+use sluice::deps::datafusion::logical_expr::LogicalPlan;
+use sluice::deps::datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use sluice::deps::datafusion::physical_plan::{
+    ExecutionPlan, collect, replace_children_if_necessary,
+};
+use sluice::deps::datafusion::prelude::SessionContext;
+use sluice::deps::datafusion::sql::parser::Statement as DFStatement;
+use sluice::deps::datafusion::sql::sqlparser::ast;
+use sluice::deps::sluice_planner::{Statement, parse_script};
+use sluice::deps::sluice_state::checkpoint::{read_last_commit, read_progress};
+
+use crate::{SluiceDb, TestError, rows_of};
+
+type Rows = Vec<Vec<String>>;
+
+impl SluiceDb {
+    /// `CHECK ALL AGAINST BATCH [EXCEPT s1 s2 ...]`: drains every query,
+    /// then checks each sink a running query writes, but those named.
+    pub(crate) async fn check_all(&self, except: &[&str]) -> Result<(), TestError> {
+        for q in self.queries.iter().filter(|q| !except.contains(&q.name())) {
+            q.process_all_available().await.map_err(|e| {
+                TestError(format!(
+                    "draining '{}' before the batch check: {e}",
+                    q.name()
+                ))
+            })?;
+        }
+        for q in &self.queries {
+            if !except.contains(&q.name()) {
+                self.check_against_batch(q.name(), None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares what sink `name` holds with its query (or with `reference`,
+    /// a batch query written by the test for what plain SQL cannot say the
+    /// same way, such as session windows) run as one batch query.
+    pub(crate) async fn check_against_batch(
+        &self,
+        name: &str,
+        reference: Option<&str>,
+    ) -> Result<(), TestError> {
+        let err = |m: String| TestError(format!("CHECK {name} AGAINST BATCH: {m}"));
+        let query = self
+            .definitions
+            .iter()
+            .find_map(|d| match d {
+                Statement::CreateSink(cs) if cs.name == name => cs.query.clone(),
+                Statement::InsertInto { target, query } if target == name => Some(query.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| err("no query writes to it".into()))?;
+        let options = self
+            .definitions
+            .iter()
+            .find_map(|d| match d {
+                Statement::CreateSink(cs) if cs.name == name => Some(cs.options.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| err("no CREATE SINK defines it".into()))?;
+        let mode = options
+            .get("output_mode")
+            .unwrap_or("append")
+            .to_ascii_lowercase();
+        let table = self
+            .ctx
+            .memory_tables()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t);
+        if table.is_none() && options.get("connector") != Some("file") {
+            return Err(err(
+                "the check reads memory and file sinks; say why not with `# no-batch-check`".into(),
+            ));
+        }
+        let running = self.queries.iter().find(|q| q.name() == name);
+        let stateful = running.and_then(|q| q.state_finalizer());
+        let progress = match running {
+            Some(q) => read_progress(q.checkpoint_dir())?,
+            None => Vec::new(),
+        };
+        // A re-run batch may be recorded twice; its last record counts.
+        let mut late_by_batch = HashMap::new();
+        for p in &progress {
+            late_by_batch.insert(p.batch_id, p.late_rows);
+        }
+        let late_count: u64 = late_by_batch.values().sum();
+        // Windows close against the watermark at the end of the last batch.
+        let watermark = match running {
+            Some(q) => read_last_commit(q.checkpoint_dir())?.and_then(|c| c.watermark_ms),
+            None => None,
+        };
+
+        // The batch side: a plain DataFusion context where each stream is a
+        // table of every row it received, and static tables are as defined.
+        let batch_ctx = SessionContext::new();
+        for d in &self.definitions {
+            match d {
+                Statement::CreateSource(cs) => {
+                    let src = self
+                        .ctx
+                        .source(&cs.name)
+                        .ok_or_else(|| err(format!("source {} vanished", cs.name)))?;
+                    if let Some(mem) = src.as_any().downcast_ref::<sluice::MemorySource>() {
+                        let t = MemTable::try_new(src.schema(), vec![mem.all_rows()])
+                            .map_err(|e| err(e.to_string()))?;
+                        batch_ctx
+                            .register_table(cs.name.as_str(), Arc::new(t))
+                            .map_err(|e| err(e.to_string()))?;
+                    } else if cs.options.get("connector") == Some("file") {
+                        register_files(&batch_ctx, &cs.name, &cs.options, src.schema())
+                            .await
+                            .map_err(err)?;
+                    }
+                    // Other sources are left out: a query over one fails to
+                    // plan, naming it.
+                }
+                Statement::DataFusion(stmt) => {
+                    crate::run_batch(&batch_ctx, stmt.as_ref().clone())
+                        .await
+                        .map_err(err)?;
+                }
+                _ => {}
+            }
+        }
+        let stmt = match reference {
+            Some(sql) => match parse_script(sql)?.pop() {
+                Some(Statement::DataFusion(s)) => *s,
+                _ => return Err(err("the reference is not one plain query".into())),
+            },
+            None => DFStatement::Statement(Box::new(ast::Statement::Query(query))),
+        };
+        let logical = batch_ctx
+            .state()
+            .statement_to_plan(stmt)
+            .await
+            .map_err(|e| err(format!("{e} (only memory sources can be read as a batch)")))?;
+        let df = batch_ctx
+            .execute_logical_plan(logical.clone())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut plan = df
+            .create_physical_plan()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        if late_count > 0 {
+            if reference.is_some() {
+                return Err(err(format!(
+                    "{late_count} rows were late; a hand-written reference cannot have them taken out"
+                )));
+            }
+            let late = self.late_rows_of(name, &logical, late_count).map_err(err)?;
+            plan = without_rows(plan, late, &batch_ctx).await.map_err(err)?;
+        }
+        // A hand-written reference says itself which windows have closed.
+        if mode == "append" && stateful.is_some() && reference.is_none() {
+            plan = closed_windows(plan, watermark).map_err(err)?;
+        }
+        let plan_schema = plan.schema();
+        let batch = collect(plan, batch_ctx.task_ctx())
+            .await
+            .map_err(|e| err(e.to_string()))?;
+
+        let emitted = match table {
+            Some(t) => t.rows(),
+            None => {
+                // A file sink: what a reader listing its directory sees.
+                let schema = match batch.first() {
+                    Some(b) => b.schema(),
+                    None => Arc::new(plan_schema.as_ref().clone()),
+                };
+                let out = SessionContext::new();
+                register_files(&out, "sink_output", &options, schema)
+                    .await
+                    .map_err(err)?;
+                out.sql("SELECT * FROM sink_output")
+                    .await
+                    .map_err(|e| err(e.to_string()))?
+                    .collect()
+                    .await
+                    .map_err(|e| err(e.to_string()))?
+            }
+        };
+        let got = match (mode.as_str(), stateful) {
+            // A complete-mode memory table holds only the last result.
+            ("complete", _) | ("append" | "update", None) => rows_of(&emitted)?,
+            ("append", Some(_)) => rows_of(&emitted)?,
+            ("update", Some(f)) => {
+                let schema = match emitted.first() {
+                    Some(b) => b.schema(),
+                    None => return compare(rows_of(&batch)?, vec![]).map_err(err),
+                };
+                let keys = f.schema().fields()[..f.key_count()]
+                    .iter()
+                    .map(|k| {
+                        schema.index_of(k.name()).map_err(|_| {
+                            err(format!(
+                                "update mode: group key '{}' is not an output column, so rows cannot be matched by key",
+                                k.name()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut last: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+                for row in rows_of(&emitted)? {
+                    let key: Vec<String> = keys.iter().map(|&i| row[i].clone()).collect();
+                    match last.iter_mut().find(|(k, _)| *k == key) {
+                        Some(slot) => slot.1 = row,
+                        None => last.push((key, row)),
+                    }
+                }
+                last.into_iter().map(|(_, r)| r).collect()
+            }
+            ("changelog", _) => apply_changelog(rows_of(&emitted)?).map_err(err)?,
+            (other, _) => return Err(err(format!("unknown output mode {other}"))),
+        };
+        compare(rows_of(&batch)?, got).map_err(err)
+    }
+
+    /// The rows a query's sources counted late, from their `late_rows`
+    /// tables, without the `_source`, `_query`, `_batch_id` and `_offsets` columns.
+    fn late_rows_of(
+        &self,
+        query: &str,
+        plan: &LogicalPlan,
+        expected: u64,
+    ) -> Result<Vec<RecordBatch>, String> {
+        let mut read = Vec::new();
+        plan.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                read.push(scan.table_name.table().to_string());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let mut found = 0u64;
+        for d in &self.definitions {
+            let Statement::CreateSource(cs) = d else {
+                continue;
+            };
+            let (true, Some(target)) = (read.contains(&cs.name), &cs.late_rows) else {
+                continue;
+            };
+            let table = self
+                .ctx
+                .memory_tables()
+                .into_iter()
+                .find(|(n, _)| n == target)
+                .map(|(_, t)| t)
+                .ok_or_else(|| {
+                    format!("late rows go to '{target}', which is not a memory table")
+                })?;
+            for b in table.rows() {
+                // Every query reading the source writes there; `_query` says whose.
+                let mine: BooleanArray = b
+                    .column_by_name("_query")
+                    .and_then(|c| c.as_string_opt::<i32>())
+                    .ok_or_else(|| format!("'{target}' has no _query column"))?
+                    .iter()
+                    .map(|q| Some(q == Some(query)))
+                    .collect();
+                let b = filter_record_batch(&b, &mine).map_err(|e| e.to_string())?;
+                let keep = b.num_columns().saturating_sub(4);
+                found += b.num_rows() as u64;
+                out.push(
+                    b.project(&(0..keep).collect::<Vec<_>>())
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        if found != expected {
+            return Err(format!(
+                "the query counted {expected} late rows but its sources' late_rows tables hold {found}; \
+                 declare `late_rows = '<table>'` on the source so the check can leave them out"
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Registers the files under a file source's or sink's `path` as table
+/// `name`, read with its `format` and `schema`.
+async fn register_files(
+    ctx: &SessionContext,
+    name: &str,
+    options: &sluice::deps::sluice_common::options::Options,
+    schema: SchemaRef,
+) -> Result<(), String> {
+    use sluice::deps::datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
+    let path = options.get("path").ok_or("no path")?;
+    let path = format!("{}/", path.trim_end_matches('/'));
+    let done = match options.get("format").unwrap_or_default() {
+        "json" => {
+            ctx.register_json(name, &path, JsonReadOptions::default().schema(&schema))
+                .await
+        }
+        "parquet" => {
+            ctx.register_parquet(name, &path, ParquetReadOptions::default().schema(&schema))
+                .await
+        }
+        "csv" => {
+            let header = options
+                .get("header")
+                .is_none_or(|h| h.eq_ignore_ascii_case("true"));
+            let delimiter = options.get("delimiter").map_or(b',', |d| d.as_bytes()[0]);
+            ctx.register_csv(
+                name,
+                &path,
+                CsvReadOptions::new()
+                    .schema(&schema)
+                    .has_header(header)
+                    .delimiter(delimiter),
+            )
+            .await
+        }
+        other => return Err(format!("files of format '{other}'")),
+    };
+    done.map_err(|e| e.to_string())
+}
+
+/// `plan` with `late` taken out of the input of its streaming (topmost)
+/// aggregate, as a multiset: each late row removes one equal input row.
+async fn without_rows(
+    plan: Arc<dyn ExecutionPlan>,
+    late: Vec<RecordBatch>,
+    ctx: &SessionContext,
+) -> Result<Arc<dyn ExecutionPlan>, String> {
+    let mut target = None;
+    plan.apply(|node| {
+        let any: &dyn std::any::Any = node.as_ref();
+        let first_stage = any.downcast_ref::<AggregateExec>().is_some_and(|agg| {
+            matches!(
+                agg.mode(),
+                AggregateMode::Partial | AggregateMode::Single | AggregateMode::SinglePartitioned
+            )
+        });
+        if first_stage {
+            target = Some(Arc::clone(node));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| e.to_string())?;
+    let agg = target.ok_or("rows were late but the batch plan has no aggregate")?;
+    let input = Arc::clone(agg.children()[0]);
+    let schema = input.schema();
+    let rows = collect(Arc::clone(&input), ctx.task_ctx())
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let fields: Vec<SortField> = schema
+        .fields()
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
+    let converter = RowConverter::new(fields).map_err(|e| e.to_string())?;
+    let mut pending: HashMap<Vec<u8>, usize> = HashMap::new();
+    for b in &late {
+        if b.num_columns() != schema.fields().len() {
+            return Err(format!(
+                "late rows have {} columns, the aggregate's input {}",
+                b.num_columns(),
+                schema.fields().len()
+            ));
+        }
+        let cols = b
+            .columns()
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| cast(c, f.data_type()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let converted = converter
+            .convert_columns(&cols)
+            .map_err(|e| e.to_string())?;
+        for r in converted.iter() {
+            *pending.entry(r.as_ref().to_vec()).or_default() += 1;
+        }
+    }
+    let mut kept = Vec::new();
+    for b in rows {
+        let converted = converter
+            .convert_columns(b.columns())
+            .map_err(|e| e.to_string())?;
+        let mask: BooleanArray = converted
+            .iter()
+            .map(|r| match pending.get_mut(r.as_ref()) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    Some(false)
+                }
+                _ => Some(true),
+            })
+            .collect();
+        kept.push(filter_record_batch(&b, &mask).map_err(|e| e.to_string())?);
+    }
+    let left: usize = pending.values().sum();
+    if left > 0 {
+        return Err(format!(
+            "{left} late rows are not rows of the batch query's aggregate input"
+        ));
+    }
+    let source =
+        MemorySourceConfig::try_new_exec(&[kept], schema, None).map_err(|e| e.to_string())?;
+    let new_agg =
+        replace_children_if_necessary(Arc::clone(&agg), vec![source]).map_err(|e| e.to_string())?;
+    replace(plan, &agg, &new_agg)
+}
+
+/// `plan` with the node `old` (by identity) replaced by `new`.
+fn replace(
+    plan: Arc<dyn ExecutionPlan>,
+    old: &Arc<dyn ExecutionPlan>,
+    new: &Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>, String> {
+    if Arc::ptr_eq(&plan, old) {
+        return Ok(Arc::clone(new));
+    }
+    let children: Vec<Arc<dyn ExecutionPlan>> = plan.children().into_iter().cloned().collect();
+    if children.is_empty() {
+        return Ok(plan);
+    }
+    let children = children
+        .into_iter()
+        .map(|c| replace(c, old, new))
+        .collect::<Result<Vec<_>, _>>()?;
+    replace_children_if_necessary(plan, children).map_err(|e| e.to_string())
+}
+
+/// `plan` keeping only the windows closed by `watermark`: a filter
+/// `window_end <= watermark` on the output of its streaming (topmost)
+/// aggregate, whose group keys hold the window bounds.
+fn closed_windows(
+    plan: Arc<dyn ExecutionPlan>,
+    watermark: Option<i64>,
+) -> Result<Arc<dyn ExecutionPlan>, String> {
+    use sluice::deps::datafusion::common::ScalarValue;
+    use sluice::deps::datafusion::logical_expr::Operator;
+    use sluice::deps::datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+    use sluice::deps::datafusion::physical_plan::filter::FilterExec;
+
+    let mut target = None;
+    plan.apply(|node| {
+        let any: &dyn std::any::Any = node.as_ref();
+        if any.downcast_ref::<AggregateExec>().is_some() {
+            target = Some(Arc::clone(node));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| e.to_string())?;
+    let agg = target.ok_or("an append-mode aggregate, but the batch plan has no aggregate")?;
+    let schema = agg.schema();
+    let at = schema.index_of("window_end").map_err(|_| {
+        "an append-mode aggregate without a window_end group key: the check cannot tell emitted windows from open ones"
+            .to_string()
+    })?;
+    let end_type = schema.field(at).data_type().clone();
+    let bound = match watermark {
+        Some(w) => ScalarValue::TimestampMillisecond(Some(w), None)
+            .cast_to(&end_type)
+            .map_err(|e| e.to_string())?,
+        // No watermark yet: no window has closed; no real end is this early.
+        None => ScalarValue::TimestampMillisecond(Some(i64::MIN / 1_000_000), None)
+            .cast_to(&end_type)
+            .map_err(|e| e.to_string())?,
+    };
+    let predicate = Arc::new(BinaryExpr::new(
+        Arc::new(Column::new("window_end", at)),
+        Operator::LtEq,
+        Arc::new(Literal::new(bound)),
+    ));
+    let filtered: Arc<dyn ExecutionPlan> =
+        Arc::new(FilterExec::try_new(predicate, Arc::clone(&agg)).map_err(|e| e.to_string())?);
+    replace(plan, &agg, &filtered)
+}
+
+/// A changelog applied: +I/+U add a row, -U/-D remove an equal one.
+fn apply_changelog(rows: Rows) -> Result<Rows, String> {
+    let mut live: Rows = Vec::new();
+    for row in rows {
+        let (op, rest) = row.split_first().ok_or("an empty changelog row")?;
+        match op.as_str() {
+            "+I" | "+U" => live.push(rest.to_vec()),
+            _ => {
+                let at = live
+                    .iter()
+                    .position(|r| r == rest)
+                    .ok_or_else(|| format!("{op} of a row never inserted: {rest:?}"))?;
+                live.remove(at);
+            }
+        }
+    }
+    Ok(live)
+}
+
+/// Equal as multisets, or an error listing (a few of) the differences.
+fn compare(mut expected: Rows, mut got: Rows) -> Result<(), String> {
+    expected.sort();
+    got.sort();
+    if got == expected {
+        return Ok(());
+    }
+    let (mut missing, mut extra) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < expected.len() || j < got.len() {
+        match (expected.get(i), got.get(j)) {
+            (Some(e), Some(g)) if e == g => {
+                i += 1;
+                j += 1;
+            }
+            (Some(e), Some(g)) if e < g => {
+                missing.push(e);
+                i += 1;
+            }
+            (Some(e), None) => {
+                missing.push(e);
+                i += 1;
+            }
+            (_, Some(g)) => {
+                extra.push(g);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    missing.truncate(5);
+    extra.truncate(5);
+    Err(format!(
+        "streaming gave {} rows, batch {}; missing from streaming: {missing:?}; not in batch: {extra:?}",
+        got.len(),
+        expected.len()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use sqllogictest::AsyncDB;
+
+    use super::*;
+
+    async fn db_with_windowed_query(dir: &std::path::Path) -> SluiceDb {
+        let mut db = SluiceDb::new(dir);
+        for sql in [
+            "CREATE SOURCE t (k VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) WITH (connector = 'memory', late_rows = 'late_t')",
+            "CREATE SINK app WITH (connector = 'memory', output_mode = 'append') AS SELECT window_start, window_end, k, count(*) AS n FROM TUMBLE(t, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k",
+            "INSERT INTO t VALUES ('a', '1970-01-01T00:00:01'), ('a', '1970-01-01T00:00:04'), ('b', '1970-01-01T00:00:21')",
+            "RUN ALL",
+            // a@3 is late: [0,10) closed at 16.
+            "INSERT INTO t VALUES ('a', '1970-01-01T00:00:03'), ('b', '1970-01-01T00:00:40')",
+            "RUN ALL",
+        ] {
+            db.run(sql).await.expect(sql);
+        }
+        db
+    }
+
+    #[tokio::test]
+    async fn the_check_passes_on_the_engine_output_and_fails_on_a_tampered_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_windowed_query(dir.path()).await;
+        db.check_all(&[]).await.expect("the engine's own output");
+
+        // A row emitted twice is caught.
+        let table = db.ctx.memory_table("app").unwrap();
+        let first = table.rows()[0].slice(0, 1);
+        table.put(99, vec![first]);
+        let e = db.check_against_batch("app", None).await.unwrap_err();
+        assert!(e.0.contains("not in batch: [["), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_check_fails_when_a_late_row_was_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_windowed_query(dir.path()).await;
+        let late = db.ctx.memory_table("late_t").unwrap();
+        assert_eq!(late.rows().iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        for id in late.batch_ids() {
+            late.put_scoped("app", id, vec![]);
+        }
+        let e = db.check_against_batch("app", None).await.unwrap_err();
+        assert!(e.0.contains("counted 1 late rows"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_window_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_windowed_query(dir.path()).await;
+        let table = db.ctx.memory_table("app").unwrap();
+        for id in table.batch_ids() {
+            table.put(id, vec![]);
+        }
+        let e = db.check_against_batch("app", None).await.unwrap_err();
+        assert!(e.0.contains("missing from streaming: [["), "{e}");
+    }
+}
