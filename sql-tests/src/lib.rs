@@ -12,7 +12,7 @@
 //! | `RUN BATCH` | every query runs one batch |
 //! | `ADVANCE CLOCK <duration>` | moves the manual trigger clock |
 //! | `RESTART` | drops every query and the context, as a crash would, and starts them again from their checkpoints in a fresh context |
-//! | `INJECT FAULT <after-offsets\|after-sink\|after-commit> AT BATCH <n>` | the next run of batch n fails at that step |
+//! | `INJECT FAULT <after-offsets\|after-state\|after-sink\|after-commit> AT BATCH <n>` | the next run of batch n fails at that step |
 //! | `SHOW PROGRESS <query>` | per committed batch: id, input rows, output rows, dropped, dead-lettered, re-run? |
 //! | `CHECK <sink> AGAINST BATCH` [+ lines of SQL] | the sink's final result equals its query (or the SQL given, for what plain SQL says differently, such as session windows) run by DataFusion as one batch query over all on-time input |
 //! | `CHECK ALL AGAINST BATCH [EXCEPT s ...]` | drains every query, then checks every sink but those named |

@@ -596,9 +596,12 @@ fn crashing_at_every_step_of_every_batch_in_one_run_still_gives_the_same_output(
     let clean = tempfile::tempdir().unwrap();
     let expected = windowed_run(clean.path(), &[]);
     // Every fault point of every batch, one after the other on the same
-    // checkpoint: 12 kills of the real binary, each resumed by the next run.
+    // checkpoint: 16 kills of the real binary, each resumed by the next run.
     let crashes: Vec<String> = (0..4)
-        .flat_map(|b| ["after-offsets", "after-sink", "after-commit"].map(|p| format!("{p}:{b}")))
+        .flat_map(|b| {
+            ["after-offsets", "after-state", "after-sink", "after-commit"]
+                .map(|p| format!("{p}:{b}"))
+        })
         .collect();
     let crashes: Vec<&str> = crashes.iter().map(String::as_str).collect();
     let crashed = tempfile::tempdir().unwrap();

@@ -103,13 +103,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
+        io_step("creating a temporary file for", path)?;
         let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let half = bytes.len() / 2;
+        f.write_all(&bytes[..half])?;
+        io_step("half-way through writing", path)?;
+        f.write_all(&bytes[half..])?;
         if durability == Durability::Fsync {
             f.sync_all()?;
         }
         drop(f);
+        io_step("renaming into place", path)?;
         fs::rename(&tmp, path)?;
+        io_step("syncing the directory of", path)?;
         if durability == Durability::Fsync {
             sync_dir(dir)?;
         }
@@ -152,6 +158,64 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
             format!("checksum is right but the content does not parse: {e}"),
         )
     })
+}
+
+/// The exit code of a crash injected by [`io_step`] (as `SLUICE_CRASH_AT`'s).
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// What `SLUICE_IO_FAULT` asks of the process's durable-write steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoFault {
+    /// Exit at once at step `n`, as a `kill -9` there would.
+    Crash(u64),
+    /// Fail every step from `n` on with "no space left on device".
+    FullFrom(u64),
+}
+
+fn io_fault() -> Option<IoFault> {
+    static FAULT: std::sync::OnceLock<Option<IoFault>> = std::sync::OnceLock::new();
+    *FAULT.get_or_init(|| {
+        let v = std::env::var("SLUICE_IO_FAULT").ok()?;
+        let (kind, n) = v.split_once(':')?;
+        let n = n.trim().parse().ok()?;
+        match kind.trim() {
+            "crash" => Some(IoFault::Crash(n)),
+            "full" => Some(IoFault::FullFrom(n)),
+            _ => None,
+        }
+    })
+}
+
+/// One step of a durable write (every file Sluice writes goes through these
+/// steps: temp file created, half written, renamed into place, directory
+/// synced; a file sink's move of its staged files into place).
+///
+/// A test hook: steps are counted over the whole process, and
+/// `SLUICE_IO_FAULT=crash:N` exits the process at step N with exit code
+/// [`CRASH_EXIT_CODE`] (nothing flushed or cleaned up, as after a `kill -9`
+/// there, half-written temporary files included), while
+/// `SLUICE_IO_FAULT=full:N` fails step N and every later one as a full disk
+/// would. Unset, a step costs one relaxed atomic increment.
+pub fn io_step(what: &str, path: &Path) -> std::io::Result<()> {
+    static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(fault) = io_fault() else {
+        return Ok(());
+    };
+    let n = STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    match fault {
+        IoFault::Crash(at) if n == at => {
+            eprintln!(
+                "sluice: injected crash at I/O step {n}: {what} {}",
+                path.display()
+            );
+            std::process::exit(CRASH_EXIT_CODE);
+        }
+        IoFault::FullFrom(at) if n >= at => Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "No space left on device (injected by SLUICE_IO_FAULT)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Syncs a directory so that a rename in it is durable.

@@ -238,7 +238,8 @@ impl Sink for FileSink {
             self.durability,
         )?;
         for (from, to) in staged {
-            fs::rename(&from, &to)
+            durable::io_step("moving a staged file into place:", &to)
+                .and_then(|()| fs::rename(&from, &to))
                 .map_err(|e| Error::io(format!("moving {} into place", to.display()), e))?;
         }
         if self.durability == Durability::Fsync {

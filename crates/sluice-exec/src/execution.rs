@@ -612,6 +612,7 @@ impl MicroBatchExecution {
                 memory_bytes: agg.memory_bytes(),
                 bytes_written: stats.bytes_written,
             });
+            self.inject(FaultPoint::AfterState, id)?;
         }
 
         let t = Instant::now();
@@ -657,14 +658,22 @@ impl MicroBatchExecution {
         self.inject(FaultPoint::AfterSink, id)?;
 
         let t = Instant::now();
-        self.checkpoint.write_commit(&CommitEntry {
+        let written = self.checkpoint.write_commit(&CommitEntry {
             batch_id: id,
             committed_ms: self.clock.now_millis(),
             output_rows,
             watermark_ms: watermark,
             event_time_max_ms: event_max.clone(),
             last_data_ms: last_data.clone(),
-        })?;
+        });
+        // A write that failed after its rename (syncing the directory) left
+        // the entry in place: a restart would find the batch committed, so
+        // it is, and re-running it now would rewrite a committed sink batch.
+        if let Err(e) = written
+            && self.checkpoint.read_commit(id).is_err()
+        {
+            return Err(e);
+        }
         durations.insert("commit_log".to_string(), ms(t.elapsed()));
         self.event_time_max_ms = event_max;
         self.last_data_ms = last_data;

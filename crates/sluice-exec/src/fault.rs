@@ -1,7 +1,7 @@
 //! Crash injection at each step of the commit protocol, for tests.
 //!
-//! `SLUICE_CRASH_AT=<point>:<batch>` (points: `after-offsets`, `after-sink`,
-//! `after-commit`) makes the process exit at once — no destructors, no
+//! `SLUICE_CRASH_AT=<point>:<batch>` (points: `after-offsets`, `after-state`,
+//! `after-sink`, `after-commit`) makes the process exit at once — no destructors, no
 //! flushing — when batch `<batch>` reaches that point, as a `kill -9` would.
 //! Library users can instead inject an error ([`Fault::error_at`]), which
 //! leaves the checkpoint exactly as the crash would.
@@ -16,6 +16,8 @@ use sluice_common::{BatchId, Error, Result};
 pub enum FaultPoint {
     /// `offsets/N` written, nothing read yet.
     AfterOffsets,
+    /// State version N committed, nothing written to the sink.
+    AfterState,
     /// The sink holds batch N's rows, `commits/N` not written.
     AfterSink,
     /// `commits/N` written.
@@ -27,10 +29,11 @@ impl FromStr for FaultPoint {
     fn from_str(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
             "after-offsets" => Ok(FaultPoint::AfterOffsets),
+            "after-state" => Ok(FaultPoint::AfterState),
             "after-sink" | "before-commit" => Ok(FaultPoint::AfterSink),
             "after-commit" => Ok(FaultPoint::AfterCommit),
             other => Err(Error::plan(format!(
-                "fault point '{other}' is not one of after-offsets, after-sink, after-commit"
+                "fault point '{other}' is not one of after-offsets, after-state, after-sink, after-commit"
             ))),
         }
     }
@@ -40,6 +43,7 @@ impl fmt::Display for FaultPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             FaultPoint::AfterOffsets => "after-offsets",
+            FaultPoint::AfterState => "after-state",
             FaultPoint::AfterSink => "after-sink",
             FaultPoint::AfterCommit => "after-commit",
         })
@@ -58,7 +62,7 @@ pub struct Fault {
 }
 
 /// The exit code of an injected crash.
-pub const CRASH_EXIT_CODE: i32 = 86;
+pub use sluice_common::durable::CRASH_EXIT_CODE;
 
 impl Fault {
     /// An injected error at `point` of batch `batch_id`.
