@@ -219,6 +219,14 @@ async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> slui
             }
             _ = tick.tick() => {
                 for q in queries {
+                    for w in q.recent_progress().into_iter().flat_map(|p| p.warnings) {
+                        if warned.insert(w.clone()) {
+                            if live {
+                                eprintln!();
+                            }
+                            eprintln!("sluice: warning: query '{}': {w}", q.name());
+                        }
+                    }
                     if q.last_progress().is_some_and(|p| p.falling_behind) && warned.insert(q.name().to_string()) {
                         if live {
                             eprintln!();

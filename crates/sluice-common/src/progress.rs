@@ -46,6 +46,10 @@ pub struct Progress {
     pub falling_behind: bool,
     /// Whether this batch re-ran a batch that had been planned but not committed.
     pub recovered: bool,
+    /// What the batch had to work around, e.g. a damaged state snapshot
+    /// passed over with `state_snapshot_fallback`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One source's share of a [`Progress`] record.

@@ -182,6 +182,7 @@ impl AggregateOperator {
         durability: Durability,
         session: bool,
         ttl: Option<std::time::Duration>,
+        snapshot_fallback: bool,
     ) -> Result<Self> {
         let top = find_top(physical).ok_or_else(|| {
             Error::internal("the query has an aggregate but its physical plan has none")
@@ -341,6 +342,7 @@ impl AggregateOperator {
         let value_schema = Arc::new(Schema::new(values));
         let options = StateStoreOptions {
             durability,
+            snapshot_fallback,
             ..StateStoreOptions::default()
         };
         let store = StateStore::new(Some(state_dir), key_schema, value_schema, options)?;
@@ -387,6 +389,11 @@ impl AggregateOperator {
             dirty: false,
             description,
         })
+    }
+
+    /// What loading state had to work around since the last call.
+    pub(crate) fn take_warnings(&mut self) -> Vec<String> {
+        self.store.take_fallbacks()
     }
 
     /// Whether rows can be late: the aggregate groups by a window end.

@@ -71,6 +71,9 @@ pub struct QueryConfig {
     pub split_seed: Option<u64>,
     /// Drop an aggregate's keys not updated for this long (trigger clock).
     pub state_ttl: Option<Duration>,
+    /// Rebuild state past an unreadable snapshot from an older one and the
+    /// deltas after it (`SET state_snapshot_fallback = true`).
+    pub state_snapshot_fallback: bool,
 }
 
 impl QueryConfig {
@@ -89,6 +92,7 @@ impl QueryConfig {
             fault: Fault::from_env(),
             split_seed: None,
             state_ttl: None,
+            state_snapshot_fallback: false,
         }
     }
 }
@@ -204,6 +208,7 @@ impl MicroBatchExecution {
                     config.durability,
                     a.session,
                     config.state_ttl,
+                    config.state_snapshot_fallback,
                 )
                 .map_err(ctx)?,
             ),
@@ -443,6 +448,11 @@ impl MicroBatchExecution {
             late_rows: outcome.late_rows,
             state: outcome.state,
             recovered,
+            warnings: self
+                .aggregate
+                .as_mut()
+                .map(AggregateOperator::take_warnings)
+                .unwrap_or_default(),
         };
         // Informational: a failure to record progress never fails a committed batch.
         let _ = self.checkpoint.append_progress(&progress);

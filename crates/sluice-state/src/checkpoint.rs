@@ -270,8 +270,22 @@ impl Checkpoint {
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // After a torn last line (a crash mid-append), start a new line, so
+        // only the torn record is lost, not this one too.
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len > 0 {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut last = [0u8; 1];
+            let torn = f.seek(SeekFrom::Start(len - 1)).is_ok()
+                && f.read_exact(&mut last).is_ok()
+                && last[0] != b'\n';
+            if torn {
+                line.insert(0, b'\n');
+            }
+        }
         f.write_all(&line)
             .map_err(|e| Error::io(format!("appending to {}", path.display()), e))
     }

@@ -43,6 +43,9 @@ pub struct Settings {
     /// Tests: split the available input into random smaller batches with
     /// this seed (`SET split_seed = n`).
     pub split_seed: Option<u64>,
+    /// Rebuild state past an unreadable snapshot from an older snapshot and
+    /// the deltas after it (`SET state_snapshot_fallback = true`).
+    pub state_snapshot_fallback: bool,
 }
 
 impl Default for Settings {
@@ -54,6 +57,7 @@ impl Default for Settings {
             max_batch_retries: 3,
             retry_backoff: std::time::Duration::from_millis(100),
             split_seed: None,
+            state_snapshot_fallback: false,
         }
     }
 }
@@ -65,6 +69,7 @@ pub const SETTINGS: &[&str] = &[
     "checkpoint_sync",
     "max_batch_retries",
     "split_seed",
+    "state_snapshot_fallback",
 ];
 
 /// What executing one statement produced.
@@ -500,6 +505,7 @@ impl StreamContext {
             .max_batch_retries(settings.max_batch_retries)
             .retry_backoff(settings.retry_backoff)
             .random_splits(settings.split_seed)
+            .state_snapshot_fallback(settings.state_snapshot_fallback)
             .state_ttl(options.get_duration("state_ttl")?);
         if let Some(dir) = options.get("checkpoint") {
             writer = writer.checkpoint(dir);
@@ -590,6 +596,13 @@ impl StreamContext {
             }
             "max_batch_retries" => {
                 reg.settings.max_batch_retries = value.parse().map_err(|_| bad("a count"))?
+            }
+            "state_snapshot_fallback" => {
+                reg.settings.state_snapshot_fallback = match value.to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("true or false")),
+                }
             }
             _ => {
                 return Err(Error::plan(format!(

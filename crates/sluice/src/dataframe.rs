@@ -134,6 +134,7 @@ impl StreamingDataFrame for DataFrame {
             fault: None,
             split_seed: None,
             state_ttl: None,
+            state_snapshot_fallback: false,
         }
     }
 }
@@ -166,6 +167,7 @@ pub struct DataStreamWriter {
     fault: Option<Fault>,
     split_seed: Option<u64>,
     state_ttl: Option<Duration>,
+    state_snapshot_fallback: bool,
 }
 
 impl DataStreamWriter {
@@ -226,6 +228,13 @@ impl DataStreamWriter {
         self
     }
 
+    /// When a state snapshot is unreadable, rebuilds its version from an
+    /// older snapshot and the deltas after it instead of failing.
+    pub fn state_snapshot_fallback(mut self, on: bool) -> Self {
+        self.state_snapshot_fallback = on;
+        self
+    }
+
     /// Drops the aggregate's keys that no batch updated for `ttl` of trigger
     /// time (for unwindowed aggregates, whose keys no watermark evicts).
     pub fn state_ttl(mut self, ttl: Option<Duration>) -> Self {
@@ -272,6 +281,7 @@ impl DataStreamWriter {
         }
         config.split_seed = self.split_seed;
         config.state_ttl = self.state_ttl;
+        config.state_snapshot_fallback = self.state_snapshot_fallback;
         if self.fault.is_some() {
             config.fault = self.fault;
         }

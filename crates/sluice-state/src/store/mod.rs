@@ -53,6 +53,10 @@ pub struct StateStoreOptions {
     pub retain_versions: u64,
     /// Whether files are fsynced.
     pub durability: Durability,
+    /// When a snapshot is unreadable, rebuild its version from an older
+    /// snapshot and the deltas after it (every version writes a delta, so
+    /// nothing is lost while they are retained) instead of failing.
+    pub snapshot_fallback: bool,
 }
 
 impl Default for StateStoreOptions {
@@ -62,6 +66,7 @@ impl Default for StateStoreOptions {
             snapshot_interval: 10,
             retain_versions: 20,
             durability: Durability::Fsync,
+            snapshot_fallback: false,
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct StateStore {
     version: Option<BatchId>,
     /// The background removal of files past retention, if running.
     cleanup: Option<std::thread::JoinHandle<()>>,
+    /// See [`StateStore::fallbacks`].
+    fallbacks: Vec<String>,
 }
 
 /// The column a delta file uses to mark removed keys.
@@ -140,6 +147,7 @@ impl StateStore {
             value_schema,
             version: None,
             cleanup: None,
+            fallbacks: Vec::new(),
         })
     }
 
@@ -451,21 +459,30 @@ impl StateStore {
         }
         for pdir in pdirs {
             let files = plan::list(&pdir)?;
-            let needed = plan::files_for_version(&files, version)
-                .map_err(|e| Error::checkpoint(&pdir, e))?;
-            for f in needed {
-                let path = pdir.join(f.name());
-                let batch = read_ipc(&path)?;
-                let expected = nk + nv + usize::from(f.kind == FileKind::Delta);
-                if batch.num_columns() != expected {
-                    return Err(Error::checkpoint(
-                        &path,
-                        format!(
-                            "has {} columns, this operator's state has {expected}",
-                            batch.num_columns()
-                        ),
-                    ));
+            let mut bad = Vec::new();
+            let read = loop {
+                let needed = plan::files_for_version_without(&files, version, &bad)
+                    .map_err(|e| Error::checkpoint(&pdir, e))?;
+                match read_all(&pdir, &needed, nk + nv) {
+                    Ok(read) => break read,
+                    Err((f, e))
+                        if f.kind == FileKind::Snapshot && self.options.snapshot_fallback =>
+                    {
+                        self.fallbacks.push(format!(
+                            "{} is unreadable ({e}); version {version} was rebuilt without it",
+                            pdir.join(f.name()).display()
+                        ));
+                        bad.push(f.version);
+                    }
+                    Err((f, e)) if f.kind == FileKind::Snapshot => {
+                        return Err(e.context(
+                            "a damaged snapshot (SET state_snapshot_fallback = true rebuilds its version from an older snapshot and the deltas after it)",
+                        ));
+                    }
+                    Err((_, e)) => return Err(e),
                 }
+            };
+            for (f, path, batch) in read {
                 let keys = self
                     .keys
                     .convert_columns(&batch.columns()[..nk])
@@ -500,6 +517,47 @@ impl StateStore {
         }
         Ok(())
     }
+
+    /// What loads had to do without (unreadable snapshots passed over, with
+    /// `snapshot_fallback`), oldest first.
+    pub fn fallbacks(&self) -> &[String] {
+        &self.fallbacks
+    }
+
+    /// [`Self::fallbacks`], emptied: each is reported once.
+    pub fn take_fallbacks(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.fallbacks)
+    }
+}
+
+/// A state file read: which, where, and its rows.
+type ReadFile = (StateFile, PathBuf, RecordBatch);
+
+/// Reads `files` of one partition, checking each has the state's columns
+/// (`values` + the `_deleted` flag for deltas); on failure, the file and why.
+fn read_all(
+    pdir: &Path,
+    files: &[StateFile],
+    columns: usize,
+) -> std::result::Result<Vec<ReadFile>, (StateFile, Error)> {
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let path = pdir.join(f.name());
+        let batch = read_ipc(&path).map_err(|e| (*f, e))?;
+        let expected = columns + usize::from(f.kind == FileKind::Delta);
+        if batch.num_columns() != expected {
+            let e = Error::checkpoint(
+                &path,
+                format!(
+                    "has {} columns, this operator's state has {expected}",
+                    batch.num_columns()
+                ),
+            );
+            return Err((*f, e));
+        }
+        out.push((*f, path, batch));
+    }
+    Ok(out)
 }
 
 /// Removes files no version at or after `oldest` needs (best effort: a

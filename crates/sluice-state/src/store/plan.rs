@@ -72,9 +72,19 @@ pub fn files_for_version(
     files: &[StateFile],
     v: BatchId,
 ) -> std::result::Result<Vec<StateFile>, String> {
+    files_for_version_without(files, v, &[])
+}
+
+/// As [`files_for_version`], but never from the snapshots of versions in
+/// `bad` (found unreadable): from an older snapshot, or from the first delta.
+pub fn files_for_version_without(
+    files: &[StateFile],
+    v: BatchId,
+    bad: &[BatchId],
+) -> std::result::Result<Vec<StateFile>, String> {
     let snapshot = files
         .iter()
-        .filter(|f| f.kind == FileKind::Snapshot && f.version <= v)
+        .filter(|f| f.kind == FileKind::Snapshot && f.version <= v && !bad.contains(&f.version))
         .max_by_key(|f| f.version)
         .copied();
     let from = snapshot.map_or(0, |s| s.version + 1);
@@ -125,6 +135,23 @@ mod tests {
             version: v,
             kind: FileKind::Snapshot,
         }
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_passed_over_for_an_older_one_and_its_deltas() {
+        let mut files: Vec<StateFile> = (9..=21).map(d).collect();
+        files.extend([s(10), s(20)]);
+        files.sort();
+        let from = |bad: &[u64]| files_for_version_without(&files, 21, bad);
+        assert_eq!(from(&[]).unwrap(), vec![s(20), d(21)]);
+        assert_eq!(
+            from(&[20]).unwrap()[..3],
+            [s(10), d(11), d(12)],
+            "snapshot 10, then every delta from 11"
+        );
+        assert_eq!(from(&[20]).unwrap().len(), 1 + 11);
+        // Without a good snapshot the deltas must reach back to version 0.
+        assert!(from(&[10, 20]).unwrap_err().contains("0.delta"));
     }
 
     #[test]

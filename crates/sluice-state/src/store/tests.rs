@@ -26,6 +26,7 @@ fn store(dir: Option<&Path>, snapshot_interval: u64, retain: u64) -> StateStore 
         snapshot_interval,
         retain_versions: retain,
         durability: Durability::NoSync,
+        snapshot_fallback: false,
     };
     StateStore::new(
         dir.map(Path::to_path_buf),
@@ -276,4 +277,63 @@ fn a_state_directory_reads_alone_and_refuses_another_shape() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("other group keys or aggregates"), "{e}");
+}
+
+#[test]
+fn a_damaged_snapshot_is_named_and_with_fallback_rebuilt_from_an_older_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 10, 30);
+    let mut model = Model::new();
+    for v in 0..25u64 {
+        let data = [("a", (v % 3) as i64, v as i64), ("b", 7, v as i64 * 2)];
+        s.put(&rows(&data)).unwrap();
+        for (k, w, c) in data {
+            model.insert((k.to_string(), w), c);
+        }
+        s.commit(v).unwrap();
+    }
+    s.wait_cleanup();
+    // Versions 9 and 19 wrote snapshots; damage 19's, in every partition
+    // a different way.
+    for (p, damage) in ["truncate", "flip", "zero"].iter().enumerate() {
+        let path = dir.path().join(p.to_string()).join("19.snapshot");
+        let mut bytes = std::fs::read(&path).unwrap();
+        match *damage {
+            "truncate" => bytes.truncate(bytes.len() / 2),
+            "flip" => {
+                let i = bytes.len() - 3;
+                bytes[i] ^= 0x40;
+            }
+            _ => bytes.iter_mut().for_each(|b| *b = 0),
+        }
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let mut fresh = store(Some(dir.path()), 10, 30);
+    let e = fresh.load(Some(24)).unwrap_err().to_string();
+    assert!(
+        e.contains("19.snapshot") && e.contains("state_snapshot_fallback"),
+        "{e}"
+    );
+
+    let mut opts = fresh.options;
+    opts.snapshot_fallback = true;
+    let mut fallback = StateStore::new(
+        Some(dir.path().to_path_buf()),
+        key_schema(),
+        value_schema(),
+        opts,
+    )
+    .unwrap();
+    fallback.load(Some(24)).unwrap();
+    assert_eq!(contents(&fallback), model);
+    assert_eq!(fallback.fallbacks().len(), 3, "{:?}", fallback.fallbacks());
+    assert!(fallback.fallbacks()[0].contains("19.snapshot"));
+
+    // A damaged delta has no safe fallback: it is named, fallback or not.
+    let delta = dir.path().join("1").join("23.delta");
+    let mut bytes = std::fs::read(&delta).unwrap();
+    bytes.truncate(bytes.len() - 1);
+    std::fs::write(&delta, bytes).unwrap();
+    let e = fallback.load(Some(24)).unwrap_err().to_string();
+    assert!(e.contains("23.delta"), "{e}");
 }
