@@ -411,3 +411,129 @@ mod tests {
         assert!(rewritten("SELECT * FROM generate_series(1, 3)").is_ok());
     }
 }
+
+/// Window assignment as a property: the rewritten SQL, run by DataFusion,
+/// puts a row in exactly the windows a direct model says.
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{AsArray, RecordBatch, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{
+        DataType, Field, Schema, TimeUnit, TimestampMillisecondType,
+    };
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::SessionContext;
+    use datafusion::sql::sqlparser::ast::Statement;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// (ts, window_start, window_end) in ms for every row the query yields.
+    fn assign(window: &str, ts: &[i64]) -> BTreeSet<(i64, i64, i64)> {
+        let mut stmt = Parser::parse_sql(
+            &GenericDialect {},
+            &format!("SELECT ts, window_start, window_end FROM {window}"),
+        )
+        .unwrap()
+        .remove(0);
+        let Statement::Query(q) = &mut stmt else {
+            panic!()
+        };
+        rewrite_windows(q).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        )]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(TimestampMillisecondArray::from(ts.to_vec()))],
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ctx = SessionContext::new();
+            ctx.register_table(
+                "t",
+                Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+            )
+            .unwrap();
+            let out = ctx
+                .sql(&stmt.to_string())
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let mut got = BTreeSet::new();
+            for b in out {
+                let col = |i: usize| {
+                    datafusion::arrow::compute::cast(
+                        b.column(i),
+                        &DataType::Timestamp(TimeUnit::Millisecond, None),
+                    )
+                    .unwrap()
+                };
+                let (t, s, e) = (col(0), col(1), col(2));
+                let (t, s, e) = (
+                    t.as_primitive::<TimestampMillisecondType>(),
+                    s.as_primitive::<TimestampMillisecondType>(),
+                    e.as_primitive::<TimestampMillisecondType>(),
+                );
+                for i in 0..t.len() {
+                    got.insert((t.value(i), s.value(i), e.value(i)));
+                }
+            }
+            got
+        })
+    }
+
+    /// The windows [s, s + size) with s a multiple of `slide` that hold `ts`.
+    fn model(ts: &[i64], slide: i64, size: i64) -> BTreeSet<(i64, i64, i64)> {
+        let mut out = BTreeSet::new();
+        for &t in ts {
+            let mut s = t.div_euclid(slide) * slide;
+            while s + size > t {
+                out.insert((t, s, s + size));
+                s -= slide;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn tumble_puts_each_row_in_the_one_epoch_aligned_window_that_holds_it(
+            ts in proptest::collection::vec(-100_000i64..100_000, 1..20),
+            size_s in 1i64..40,
+        ) {
+            let got = assign(&format!("TUMBLE(t, ts, INTERVAL '{size_s}' SECOND)"), &ts);
+            let mut distinct = ts.clone();
+            distinct.sort();
+            distinct.dedup();
+            prop_assert_eq!(got, model(&distinct, size_s * 1000, size_s * 1000));
+        }
+
+        #[test]
+        fn hop_puts_each_row_in_every_window_that_holds_it(
+            ts in proptest::collection::vec(-100_000i64..100_000, 1..20),
+            slide_s in 1i64..15,
+            size_s in 1i64..40,
+        ) {
+            let got = assign(
+                &format!("HOP(t, ts, INTERVAL '{slide_s}' SECOND, INTERVAL '{size_s}' SECOND)"),
+                &ts,
+            );
+            let mut distinct = ts.clone();
+            distinct.sort();
+            distinct.dedup();
+            prop_assert_eq!(got, model(&distinct, slide_s * 1000, size_s * 1000));
+        }
+    }
+}

@@ -187,54 +187,74 @@ fn a_corrupt_state_file_is_named() {
     assert!(e.contains("0.delta") && e.contains("checksum"), "{e}");
 }
 
-#[test]
-fn random_commits_crashes_and_loads_match_a_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut seed = 0x853c_49e6_748f_ea9bu64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let mut s = store(Some(dir.path()), 4, 1000);
-    let mut model = Model::new();
-    let mut committed: Vec<Model> = Vec::new();
-    for v in 0..40u64 {
-        for _ in 0..(next() % 6) {
-            let k = format!("k{}", next() % 9);
-            let w = (next() % 3) as i64;
-            let c = (next() % 100) as i64;
-            s.put(&rows(&[(&k, w, c)])).unwrap();
-            model.insert((k, w), c);
+/// One step of a store's life, for the model property.
+#[derive(Debug, Clone)]
+enum Op {
+    Put(u8, i64, i64),
+    Evict(i64),
+    Commit,
+    /// A crash before the commit: a fresh store loads the last committed version.
+    Crash,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0u8..9, 0i64..3, 0i64..100).prop_map(|(k, w, c)| Op::Put(k, w, c)),
+        1 => (0i64..3).prop_map(Op::Evict),
+        3 => Just(Op::Commit),
+        1 => Just(Op::Crash),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any sequence of puts, evictions, commits and crashes leaves the
+    /// state of a plain map, and every committed version reloads as it was.
+    #[test]
+    fn any_commits_crashes_and_loads_match_a_model(
+        ops in proptest::collection::vec(op(), 1..60),
+        snapshot_interval in 1u64..6,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(Some(dir.path()), snapshot_interval, 1000);
+        let mut model = Model::new();
+        let mut committed: Vec<Model> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Put(k, w, c) => {
+                    let k = format!("k{k}");
+                    s.put(&rows(&[(&k, w, c)])).unwrap();
+                    model.insert((k, w), c);
+                }
+                Op::Evict(cut) => {
+                    s.remove_where(|keys| {
+                        let w = keys.column(1).as_primitive::<Int64Type>();
+                        Ok((0..w.len()).map(|i| Some(w.value(i) < cut)).collect())
+                    })
+                    .unwrap();
+                    model.retain(|(_, w), _| *w >= cut);
+                }
+                Op::Commit => {
+                    s.commit(committed.len() as u64).unwrap();
+                    committed.push(model.clone());
+                }
+                Op::Crash => {
+                    s = store(Some(dir.path()), snapshot_interval, 1000);
+                    let last = committed.len().checked_sub(1);
+                    s.load(last.map(|v| v as u64)).unwrap();
+                    model = last.map(|v| committed[v].clone()).unwrap_or_default();
+                    proptest::prop_assert_eq!(&contents(&s), &model);
+                }
+            }
+            proptest::prop_assert_eq!(&contents(&s), &model);
         }
-        if next() % 4 == 0 {
-            let cut = (next() % 3) as i64;
-            s.remove_where(|keys| {
-                let w = keys.column(1).as_primitive::<Int64Type>();
-                Ok((0..w.len()).map(|i| Some(w.value(i) < cut)).collect())
-            })
-            .unwrap();
-            model.retain(|(_, w), _| *w >= cut);
+        for (v, m) in committed.iter().enumerate() {
+            let mut fresh = store(Some(dir.path()), snapshot_interval, 1000);
+            fresh.load(Some(v as u64)).unwrap();
+            proptest::prop_assert_eq!(&contents(&fresh), m, "version {}", v);
         }
-        if next() % 5 == 0 && v > 0 {
-            // Crash before committing: restart from the last committed version.
-            let last = committed.len() as u64 - 1;
-            s = store(Some(dir.path()), 4, 1000);
-            s.load(Some(last)).unwrap();
-            model = committed[last as usize].clone();
-            assert_eq!(contents(&s), model);
-            committed.truncate(last as usize + 1);
-            continue;
-        }
-        let id = committed.len() as u64;
-        s.commit(id).unwrap();
-        committed.push(model.clone());
-    }
-    for (v, m) in committed.iter().enumerate() {
-        let mut fresh = store(Some(dir.path()), 4, 1000);
-        fresh.load(Some(v as u64)).unwrap();
-        assert_eq!(&contents(&fresh), m, "version {v}");
     }
 }
 
