@@ -14,17 +14,23 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// A file format a source can read.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Format {
+pub enum Format {
     /// Newline-delimited JSON objects.
     Json,
     /// CSV with an optional header line.
-    Csv { header: bool, delimiter: u8 },
+    Csv {
+        /// Whether the first line names the columns.
+        header: bool,
+        /// The field separator.
+        delimiter: u8,
+    },
     /// Apache Parquet.
     Parquet,
 }
 
 impl Format {
-    pub(crate) fn extension(&self) -> &'static str {
+    /// The usual file name extension.
+    pub fn extension(&self) -> &'static str {
         match self {
             Format::Json => "json",
             Format::Csv { .. } => "csv",
@@ -35,23 +41,30 @@ impl Format {
 
 /// A record that did not decode.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct BadRecord {
+pub struct BadRecord {
     /// 1-based line number (None: the whole file is unreadable).
     pub line: Option<usize>,
+    /// Why it did not decode.
     pub error: String,
+    /// The record as it was in the file.
     pub raw: String,
 }
 
 /// The rows of a file and its bad records.
 #[derive(Debug, Default)]
-pub(crate) struct Decoded {
+pub struct Decoded {
+    /// The rows that decoded, in the declared schema.
     pub batches: Vec<RecordBatch>,
+    /// The records that did not.
     pub bad: Vec<BadRecord>,
 }
 
 const BATCH_SIZE: usize = 8192;
 
-pub(crate) fn decode(format: &Format, schema: &SchemaRef, bytes: Bytes) -> Decoded {
+/// Decodes a whole file's `bytes` into rows of `schema`; records that do not
+/// decode are returned beside them, named by line. Never panics, whatever
+/// the bytes (a fuzz target checks it).
+pub fn decode(format: &Format, schema: &SchemaRef, bytes: Bytes) -> Decoded {
     match format {
         Format::Json | Format::Csv { .. } => decode_text(format, schema, &bytes),
         Format::Parquet => match decode_parquet(schema, bytes) {
@@ -74,7 +87,7 @@ pub(crate) fn decode(format: &Format, schema: &SchemaRef, bytes: Bytes) -> Decod
 fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
     // Fast path: the whole file at once. Only when it fails do we go record
     // by record to find (and keep the neighbours of) the bad ones.
-    if let Ok(batches) = decode_chunk(format, schema, bytes, true) {
+    if let Ok(batches) = decode_chunk(format, schema, bytes, true, BATCH_SIZE) {
         return Decoded {
             batches,
             bad: vec![],
@@ -88,7 +101,7 @@ fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match decode_chunk(format, schema, line, false) {
+        match decode_chunk(format, schema, line, false, 1) {
             Ok(batches) => {
                 good.extend_from_slice(line);
                 good.push(b'\n');
@@ -101,7 +114,7 @@ fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
             }),
         }
     }
-    match decode_chunk(format, schema, &good, false) {
+    match decode_chunk(format, schema, &good, false, BATCH_SIZE) {
         Ok(batches) => Decoded { batches, bad },
         // Each line decoded alone but not together: keep nothing of the file
         // rather than a guess, and say so.
@@ -122,17 +135,20 @@ fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
     }
 }
 
+/// Decodes `buf` (`with_header`: it starts with the file's header line) in
+/// batches of `batch_size` rows: one record alone needs no big buffers.
 fn decode_chunk(
     format: &Format,
     schema: &SchemaRef,
     mut buf: &[u8],
     with_header: bool,
+    batch_size: usize,
 ) -> Result<Vec<RecordBatch>, ArrowError> {
     let mut out = Vec::new();
     match format {
         Format::Json => {
             let mut dec = datafusion::arrow::json::ReaderBuilder::new(Arc::clone(schema))
-                .with_batch_size(BATCH_SIZE)
+                .with_batch_size(batch_size)
                 .build_decoder()?;
             while !buf.is_empty() {
                 let n = dec.decode(buf)?;
@@ -152,7 +168,7 @@ fn decode_chunk(
             let mut dec = datafusion::arrow::csv::ReaderBuilder::new(Arc::clone(schema))
                 .with_header(*header && with_header)
                 .with_delimiter(*delimiter)
-                .with_batch_size(BATCH_SIZE)
+                .with_batch_size(batch_size)
                 .build_decoder();
             loop {
                 let n = dec.decode(buf)?;

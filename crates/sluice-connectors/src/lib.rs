@@ -19,7 +19,7 @@
 //! assert_eq!(src.name(), "numbers");
 //! ```
 
-mod decode;
+pub mod decode;
 pub mod file_sink;
 pub mod file_source;
 pub mod memory;

@@ -690,13 +690,24 @@ fn write_ipc(path: &Path, batch: &RecordBatch, durability: Durability) -> Result
 }
 
 fn read_ipc(path: &Path) -> Result<RecordBatch> {
-    let body = durable::read_framed(path)?;
+    let bytes = fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    decode_state_file(path, &bytes)
+}
+
+/// The rows of a state file's bytes (a delta or snapshot read from `path`):
+/// checks the frame, then reads the Arrow IPC stream in it. Damage is an
+/// error naming `path`, never a panic.
+pub fn decode_state_file(path: &Path, bytes: &[u8]) -> Result<RecordBatch> {
+    let body = durable::unframe(path, bytes)?;
     let bad = |e: String| {
         Error::checkpoint(
             path,
             format!("checksum is right but the Arrow data does not read: {e}"),
         )
     };
+    // Arrow's reader sizes its buffers from the lengths the stream declares;
+    // check them against the bytes there are before it allocates any.
+    check_ipc_lengths(body).map_err(bad)?;
     let reader =
         StreamReader::try_new(std::io::Cursor::new(body), None).map_err(|e| bad(e.to_string()))?;
     let schema = reader.schema();
@@ -706,6 +717,45 @@ fn read_ipc(path: &Path) -> Result<RecordBatch> {
     Ok(sluice_common::datafusion::arrow::compute::concat_batches(
         &schema, &batches,
     )?)
+}
+
+/// Walks the messages of an Arrow IPC stream, checking that each declared
+/// metadata and body length fits in the bytes that follow.
+fn check_ipc_lengths(body: &[u8]) -> std::result::Result<(), String> {
+    use sluice_common::datafusion::arrow::ipc::root_as_message;
+    let word = |at: usize| -> std::result::Result<i32, String> {
+        body.get(at..at + 4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| format!("truncated at byte {at} of {}", body.len()))
+    };
+    let mut pos = 0;
+    while pos < body.len() {
+        let mut len = word(pos)?;
+        pos += 4;
+        // A continuation marker, then the length (the legacy format omits it).
+        if len == -1 {
+            len = word(pos)?;
+            pos += 4;
+        }
+        if len == 0 {
+            return Ok(()); // end of stream
+        }
+        let len = usize::try_from(len).map_err(|_| format!("negative length at byte {pos}"))?;
+        let meta = body
+            .get(pos..pos + len)
+            .ok_or_else(|| format!("a {len}-byte message at byte {pos} runs past the end"))?;
+        pos += len;
+        let message = root_as_message(meta).map_err(|e| format!("bad message header: {e}"))?;
+        let body_len = usize::try_from(message.bodyLength())
+            .map_err(|_| format!("negative body length at byte {pos}"))?;
+        if body.len() - pos < body_len {
+            return Err(format!(
+                "a {body_len}-byte message body at byte {pos} runs past the end"
+            ));
+        }
+        pos += body_len;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -357,3 +357,35 @@ fn a_damaged_snapshot_is_named_and_with_fallback_rebuilt_from_an_older_one() {
     let e = fallback.load(Some(24)).unwrap_err().to_string();
     assert!(e.contains("23.delta"), "{e}");
 }
+
+#[test]
+fn a_state_file_declaring_huge_lengths_is_refused_before_any_allocation() {
+    let path = Path::new("state/0/3.delta");
+    // Valid frames around bodies whose IPC lengths lie.
+    for body in [
+        &b"[\"4.json\"]"[..],
+        &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f][..],
+        &[0xff, 0xff, 0xff, 0xff, 0x08, 0x00, 0x00, 0x00, 1, 2, 3][..],
+    ] {
+        let e = decode_state_file(path, &durable::frame(body))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("state/0/3.delta") && e.contains("Arrow data"),
+            "{e}"
+        );
+    }
+    // A real state file still reads.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 10, 10);
+    s.put(&rows(&[("a", 0, 1)])).unwrap();
+    s.commit(0).unwrap();
+    let f = dir.path().join("0").join("0.delta");
+    let f = if f.exists() {
+        f
+    } else {
+        dir.path().join("1").join("0.delta")
+    };
+    let bytes = std::fs::read(&f).unwrap();
+    assert!(decode_state_file(&f, &bytes).is_ok());
+}
