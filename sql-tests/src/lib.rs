@@ -21,7 +21,7 @@
 //! Every file runs as written, as a *restart variant* ([`Variant::Restarts`])
 //! and with random micro-batch splits ([`Variant::Splits`]); each run ends
 //! with `CHECK ALL AGAINST BATCH`, the differential check of
-//! [`batch_check`](crate::batch_check): append sinks must hold exactly the
+//! [`batch_check`]: append sinks must hold exactly the
 //! batch rows of the windows the final watermark closed, update sinks the
 //! last row per group key, complete sinks the last result, changelog sinks
 //! the changes applied; rows the stream counted late (read back from the
