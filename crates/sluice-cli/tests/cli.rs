@@ -9,7 +9,8 @@ fn sluice(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.args(args)
         .current_dir(cwd)
-        .env_remove("SLUICE_CRASH_AT");
+        .env_remove("SLUICE_CRASH_AT")
+        .env_remove("SLUICE_IO_FAULT");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -195,7 +195,7 @@ fn io_fault() -> Option<IoFault> {
 /// [`CRASH_EXIT_CODE`] (nothing flushed or cleaned up, as after a `kill -9`
 /// there, half-written temporary files included), while
 /// `SLUICE_IO_FAULT=full:N` fails step N and every later one as a full disk
-/// would. Unset, a step costs one relaxed atomic increment.
+/// would. Unset, a step costs one read of an initialised `OnceLock`.
 pub fn io_step(what: &str, path: &Path) -> std::io::Result<()> {
     static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let Some(fault) = io_fault() else {

@@ -332,8 +332,10 @@ pub fn read_last_commit(root: &Path) -> Result<Option<CommitEntry>> {
 /// skipping a torn last line.
 pub fn read_progress(root: &Path) -> Result<Vec<Progress>> {
     let path = root.join("progress.jsonl");
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
+    // Bytes, not text: a damaged log may hold anything, and only the lines
+    // that parse count.
+    let text = match fs::read(&path) {
+        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
     };

@@ -1,0 +1,86 @@
+//! Per-batch overhead: trigger → commit of tiny batches, and the fsync floor.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sluice::Result;
+use sluice::deps::sluice_common::durable::{self, Durability};
+use sluice::prelude::*;
+
+use crate::{Stats, rows, schema};
+
+/// The cost of one small durable write (write + fsync + rename + directory
+/// fsync): the floor of any durable batch.
+pub(crate) fn fsync_floor(dir: &Path, n: usize) -> Stats {
+    let body = vec![b'x'; 200];
+    let samples = (0..n)
+        .map(|i| {
+            let t = Instant::now();
+            durable::write_atomic(&dir.join(format!("f{}", i % 8)), &body, Durability::Fsync)
+                .expect("write");
+            t.elapsed()
+        })
+        .collect();
+    Stats::of(samples)
+}
+
+/// Trigger → commit of one-row batches and of polls that find nothing, for
+/// a stateless query and a windowed aggregate.
+pub(crate) async fn overhead(
+    dir: &Path,
+    durability: Durability,
+    stateful: bool,
+    n: usize,
+) -> Result<(Stats, Stats)> {
+    let ctx = StreamContext::new();
+    let src = MemorySource::new("s", schema());
+    let df = ctx.read_stream(src.clone()).await?;
+    let df = if stateful {
+        df.with_watermark("ts", Duration::from_secs(5))?
+            .tumble("ts", Duration::from_secs(60))?
+            .aggregate(
+                vec![col("window_start"), col("window_end"), col("k")],
+                vec![
+                    sluice::deps::datafusion::functions_aggregate::expr_fn::count(lit(1))
+                        .alias("n"),
+                ],
+            )?
+    } else {
+        df
+    };
+    let q = df
+        .write_stream()
+        .output_mode(OutputMode::Append)
+        .trigger(Trigger::Manual)
+        .durability(durability)
+        .checkpoint(dir.join(format!("overhead-{stateful}-{durability:?}")))
+        .start(MemorySink::new("out", MemoryTable::new()))
+        .await?;
+    let one = schema();
+    let mut row = 0;
+    let mut batch = || {
+        row += 1;
+        rows(&one, row, row + 1, 10_000)
+    };
+    for _ in 0..20 {
+        src.append(batch())?;
+        q.run_batch().await?;
+    }
+    let mut one_row = Vec::with_capacity(n);
+    for _ in 0..n {
+        src.append(batch())?;
+        let t = Instant::now();
+        let p = q.run_batch().await?;
+        one_row.push(t.elapsed());
+        assert!(p.is_some(), "a batch ran");
+    }
+    let mut empty = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let p = q.run_batch().await?;
+        empty.push(t.elapsed());
+        assert!(p.is_none(), "nothing to do");
+    }
+    q.stop().await?;
+    Ok((Stats::of(one_row), Stats::of(empty)))
+}

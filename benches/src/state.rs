@@ -1,0 +1,165 @@
+//! The state store on its own: commits, snapshots, recovery, bytes per key.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::Result;
+use sluice::deps::datafusion::arrow::array::{Int64Array, RecordBatch};
+use sluice::deps::datafusion::arrow::datatypes::{DataType, Field, Schema};
+use sluice::deps::sluice_common::durable::Durability;
+use sluice::deps::sluice_state::store::{StateStore, StateStoreOptions};
+
+use crate::Stats;
+
+pub(crate) struct StateFigures {
+    pub(crate) keys: usize,
+    pub(crate) first_commit: Duration,
+    pub(crate) commit_1pct: Stats,
+    pub(crate) commit_10pct: Stats,
+    pub(crate) snapshot: Duration,
+    pub(crate) recovery: Stats,
+    pub(crate) memory_bytes_per_key: f64,
+    pub(crate) disk_bytes_per_key: f64,
+}
+
+pub(crate) fn state_store(dir: &Path, keys: usize, runs: usize) -> Result<StateFigures> {
+    let key_schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new("window_start", DataType::Int64, false),
+    ]));
+    let value_schema = Arc::new(Schema::new(vec![
+        Field::new("n", DataType::Int64, true),
+        Field::new("total", DataType::Int64, true),
+    ]));
+    let row_schema = Arc::new(Schema::new(
+        key_schema
+            .fields()
+            .iter()
+            .chain(value_schema.fields().iter())
+            .cloned()
+            .collect::<Vec<_>>(),
+    ));
+    let batch = |ids: &mut dyn Iterator<Item = usize>, salt: i64| {
+        let ids: Vec<i64> = ids.map(|i| i as i64).collect();
+        let n = ids.len();
+        RecordBatch::try_new(
+            Arc::clone(&row_schema),
+            vec![
+                Arc::new(Int64Array::from(ids.clone())),
+                Arc::new(Int64Array::from(vec![0; n])),
+                Arc::new(Int64Array::from(
+                    ids.iter().map(|i| i + salt).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(vec![salt; n])),
+            ],
+        )
+        .expect("state rows")
+    };
+    let options = StateStoreOptions {
+        durability: Durability::Fsync,
+        // Snapshots measured on their own below.
+        snapshot_interval: 1_000_000,
+        retain_versions: 1_000_000,
+        ..StateStoreOptions::default()
+    };
+    let sdir = dir.join("state");
+    let mut store = StateStore::new(
+        Some(sdir.clone()),
+        Arc::clone(&key_schema),
+        Arc::clone(&value_schema),
+        options,
+    )?;
+    for chunk in (0..keys).step_by(100_000) {
+        store.put(&batch(&mut (chunk..(chunk + 100_000).min(keys)), 1))?;
+    }
+    let t = Instant::now();
+    store.commit(0)?;
+    let first_commit = t.elapsed();
+    let memory_bytes_per_key = store.memory_bytes() as f64 / keys as f64;
+    let mut version = 0;
+    let mut commit = |share: usize, store: &mut StateStore| -> Result<Vec<Duration>> {
+        let mut out = Vec::new();
+        for r in 0..runs {
+            let step = 100 / share;
+            store.put(&batch(&mut (r..keys).step_by(step), version as i64 + 2))?;
+            version += 1;
+            let t = Instant::now();
+            store.commit(version)?;
+            out.push(t.elapsed());
+        }
+        Ok(out)
+    };
+    let one = commit(1, &mut store)?;
+    let ten = commit(10, &mut store)?;
+    store.wait_cleanup();
+    let deltas: u64 = walk_bytes(&sdir);
+    // A snapshot on its own: a store whose every commit snapshots.
+    let snap_dir = dir.join("snap");
+    let mut snap = StateStore::new(
+        Some(snap_dir),
+        Arc::clone(&key_schema),
+        Arc::clone(&value_schema),
+        StateStoreOptions {
+            snapshot_interval: 1,
+            ..options
+        },
+    )?;
+    for chunk in (0..keys).step_by(100_000) {
+        snap.put(&batch(&mut (chunk..(chunk + 100_000).min(keys)), 1))?;
+    }
+    let t = Instant::now();
+    snap.commit(0)?;
+    let with_snapshot = t.elapsed();
+    let snapshot = with_snapshot.saturating_sub(first_commit);
+    let last = version;
+    let mut recovery = Vec::new();
+    for _ in 0..runs.min(5) {
+        let mut fresh = StateStore::new(
+            Some(sdir.clone()),
+            Arc::clone(&key_schema),
+            Arc::clone(&value_schema),
+            options,
+        )?;
+        let t = Instant::now();
+        fresh.load(Some(last))?;
+        recovery.push(t.elapsed());
+        assert_eq!(fresh.len(), keys, "every key recovered");
+    }
+    Ok(StateFigures {
+        keys,
+        first_commit,
+        commit_1pct: Stats::of(one),
+        commit_10pct: Stats::of(ten),
+        snapshot,
+        recovery: Stats::of(recovery),
+        memory_bytes_per_key,
+        // The first commit holds every key once (as a delta).
+        disk_bytes_per_key: first_delta_bytes(&dir.join("state"), deltas) / keys as f64,
+    })
+}
+
+fn walk_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => walk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The bytes of version 0's deltas (every key once), or all if unknown.
+fn first_delta_bytes(dir: &Path, all: u64) -> f64 {
+    let mut sum = 0;
+    for p in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Ok(m) = std::fs::metadata(p.path().join("0.delta")) {
+            sum += m.len();
+        }
+    }
+    if sum == 0 { all as f64 } else { sum as f64 }
+}
