@@ -117,6 +117,9 @@ impl SluiceDb {
         // The batch side: a plain DataFusion context where each stream is a
         // table of every row it received, and static tables are as defined.
         let batch_ctx = SessionContext::new();
+        // The window rewrites call Sluice's two time functions.
+        batch_ctx.register_udf(sluice::deps::sluice_planner::SessionEnd::udf());
+        batch_ctx.register_udf(sluice::deps::sluice_planner::SessionEnd::window_end_udf());
         for d in &self.definitions {
             match d {
                 Statement::CreateSource(cs) => {
@@ -126,6 +129,18 @@ impl SluiceDb {
                         .ok_or_else(|| err(format!("source {} vanished", cs.name)))?;
                     if let Some(mem) = src.as_any().downcast_ref::<sluice::MemorySource>() {
                         let t = MemTable::try_new(src.schema(), vec![mem.all_rows()])
+                            .map_err(|e| err(e.to_string()))?;
+                        batch_ctx
+                            .register_table(cs.name.as_str(), Arc::new(t))
+                            .map_err(|e| err(e.to_string()))?;
+                    } else if let Some(nx) =
+                        src.as_any()
+                            .downcast_ref::<sluice::deps::sluice_connectors::NexmarkSource>()
+                    {
+                        let rows = nx
+                            .generate(0, nx.events())
+                            .map_err(|e| err(e.to_string()))?;
+                        let t = MemTable::try_new(src.schema(), vec![rows])
                             .map_err(|e| err(e.to_string()))?;
                         batch_ctx
                             .register_table(cs.name.as_str(), Arc::new(t))

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
@@ -341,12 +342,14 @@ impl SourceReader for FileReader {
             ));
         }
         let cap = self.source.max_files_per_trigger.unwrap_or(usize::MAX);
-        // Files logged by a run that stopped before writing its offset entry
-        // come first, then new ones.
+        // Files logged but not taken yet (by an earlier listing, or by a run
+        // that stopped before writing its offset entry) come first, in log
+        // order. Only when they do not fill the batch is the directory
+        // listed again, and everything new is logged at once, so a backlog
+        // of many files is listed once, not once per batch.
         let pending = logged - start;
         if pending < cap {
-            let mut new = self.list_new().await?;
-            new.truncate(cap - pending);
+            let new = self.list_new().await?;
             self.log.append(new)?;
         }
         Ok(Value::from(
@@ -370,6 +373,7 @@ impl SourceReader for FileReader {
         }
         let (root, prefix) = self.root()?;
         let mut out = ReadBatch::default();
+        let mut fetched = Vec::with_capacity(e - s);
         for rel in &self.log.files[s..e] {
             let shown = root.join(rel);
             let location = StorePath::from(format!("{prefix}/{rel}"));
@@ -388,7 +392,12 @@ impl SourceReader for FileReader {
                     std::io::Error::other(other),
                 ),
             })?;
-            let decoded = decode::decode(&self.source.format, &self.source.schema, bytes);
+            fetched.push((shown, bytes));
+        }
+        // Decoding (Parquet above all) is the costly part: the files of a
+        // batch are decoded in parallel, then taken in log order.
+        let decoded = decode_all(&self.source.format, &self.source.schema, fetched)?;
+        for (shown, decoded) in decoded {
             out.batches.extend(decoded.batches);
             for bad in decoded.bad {
                 let location = match bad.line {
@@ -418,6 +427,57 @@ impl SourceReader for FileReader {
         }
         Ok(out)
     }
+}
+
+/// Decodes `files` on up to as many threads as there are cores, keeping
+/// their order.
+fn decode_all(
+    format: &Format,
+    schema: &SchemaRef,
+    files: Vec<(PathBuf, Bytes)>,
+) -> Result<Vec<(PathBuf, decode::Decoded)>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len());
+    if threads <= 1 {
+        return Ok(files
+            .into_iter()
+            .map(|(p, b)| {
+                let d = decode::decode(format, schema, b);
+                (p, d)
+            })
+            .collect());
+    }
+    let mut slots: Vec<Option<(PathBuf, decode::Decoded)>> = Vec::new();
+    slots.resize_with(files.len(), || None);
+    let count = files.len();
+    let per = count.div_ceil(threads);
+    let mut files = files;
+    std::thread::scope(|scope| {
+        let mut rest: &mut [Option<(PathBuf, decode::Decoded)>] = &mut slots;
+        let mut work = Vec::new();
+        while !files.is_empty() {
+            let take = per.min(files.len());
+            let chunk: Vec<(PathBuf, Bytes)> = files.drain(..take).collect();
+            let (mine, tail) = rest.split_at_mut(take);
+            rest = tail;
+            work.push(scope.spawn(move || {
+                for (slot, (p, b)) in mine.iter_mut().zip(chunk) {
+                    let d = decode::decode(format, schema, b);
+                    *slot = Some((p, d));
+                }
+            }));
+        }
+        for w in work {
+            // decode never panics (fuzzed); if it did, its slots stay empty.
+            let _ = w.join();
+        }
+    });
+    let done: Vec<_> = slots.into_iter().flatten().collect();
+    if done.len() != count {
+        return Err(Error::internal("a thread decoding input files panicked"));
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod decode;
 pub mod file_sink;
 pub mod file_source;
 pub mod memory;
+pub mod nexmark;
 pub mod rate;
 pub mod sink;
 pub mod source;
@@ -30,6 +31,7 @@ pub mod source;
 pub use file_sink::FileSink;
 pub use file_source::FileSource;
 pub use memory::{MemorySink, MemorySource, MemoryTable};
+pub use nexmark::{NexmarkSource, NexmarkTable};
 pub use rate::RateSource;
 pub use sink::{ConsoleSink, ForeachBatchSink, sink_from_options};
 pub use sluice_common::connector::{

@@ -7,7 +7,7 @@ use serde_json::Value;
 use sluice_common::connector::Source;
 use sluice_common::{Error, Options, Result};
 
-use crate::{FileSource, MemorySource, RateSource};
+use crate::{FileSource, MemorySource, NexmarkSource, RateSource};
 
 /// Builds a source from a `CREATE SOURCE` statement's columns and options.
 ///
@@ -19,7 +19,7 @@ pub fn source_from_options(
 ) -> Result<Arc<dyn Source>> {
     let connector = options.get("connector").ok_or_else(|| {
         Error::plan(format!(
-            "source '{name}' needs WITH (connector = 'memory' | 'file' | 'rate', ...)"
+            "source '{name}' needs WITH (connector = 'memory' | 'file' | 'rate' | 'nexmark', ...)"
         ))
     })?;
     let need_schema = || {
@@ -44,8 +44,11 @@ pub fn source_from_options(
             options,
         )?)),
         "rate" => Ok(Arc::new(RateSource::from_options(name, schema, options)?)),
+        "nexmark" => Ok(Arc::new(NexmarkSource::from_options(
+            name, schema, options,
+        )?)),
         other => Err(Error::plan(format!(
-            "source '{name}': unknown connector '{other}' (known: memory, file, rate)"
+            "source '{name}': unknown connector '{other}' (known: memory, file, rate, nexmark)"
         ))),
     }
 }
