@@ -21,6 +21,10 @@ pub(crate) struct StateFigures {
     pub(crate) recovery: Stats,
     pub(crate) memory_bytes_per_key: f64,
     pub(crate) disk_bytes_per_key: f64,
+    /// MB/s of the first commit (every key's delta, fsynced).
+    pub(crate) commit_mb_per_s: f64,
+    /// MB/s of one plain write + fsync of as many bytes to the same disk.
+    pub(crate) raw_mb_per_s: f64,
 }
 
 pub(crate) fn state_store(dir: &Path, keys: usize, runs: usize) -> Result<StateFigures> {
@@ -126,7 +130,12 @@ pub(crate) fn state_store(dir: &Path, keys: usize, runs: usize) -> Result<StateF
         recovery.push(t.elapsed());
         assert_eq!(fresh.len(), keys, "every key recovered");
     }
+    let first_bytes = first_delta_bytes(&dir.join("state"), deltas);
+    let raw = raw_write(dir, first_bytes as usize, runs)?;
+    let mb = |bytes: f64, t: Duration| bytes / 1e6 / t.as_secs_f64();
     Ok(StateFigures {
+        commit_mb_per_s: mb(first_bytes, first_commit),
+        raw_mb_per_s: mb(first_bytes, raw.median),
         keys,
         first_commit,
         commit_1pct: Stats::of(one),
@@ -135,8 +144,28 @@ pub(crate) fn state_store(dir: &Path, keys: usize, runs: usize) -> Result<StateF
         recovery: Stats::of(recovery),
         memory_bytes_per_key,
         // The first commit holds every key once (as a delta).
-        disk_bytes_per_key: first_delta_bytes(&dir.join("state"), deltas) / keys as f64,
+        disk_bytes_per_key: first_bytes / keys as f64,
     })
+}
+
+/// One sequential write of `bytes` bytes and an fsync, `runs` times.
+fn raw_write(dir: &Path, bytes: usize, runs: usize) -> Result<Stats> {
+    use std::io::Write as _;
+    let body = vec![0x5au8; bytes];
+    let path = dir.join("raw-write");
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&path)
+            .map_err(|e| sluice::Error::io("creating the raw-write file", e))?;
+        f.write_all(&body)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| sluice::Error::io("the raw write", e))?;
+        times.push(t.elapsed());
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(Stats::of(times))
 }
 
 fn walk_bytes(dir: &Path) -> u64 {

@@ -67,6 +67,8 @@ pub(crate) struct Streamed {
     pub(crate) output_rows: u64,
     /// Resident memory (MiB) after each quarter of the batches.
     pub(crate) rss_mib: Vec<u64>,
+    /// Milliseconds spent in each phase of the batches (from their progress).
+    pub(crate) phases: std::collections::BTreeMap<String, f64>,
 }
 
 /// Sluice over the same files, `files_per_batch` files a micro-batch, to a
@@ -112,9 +114,13 @@ pub(crate) async fn streamed(
     let t = Instant::now();
     let mut batches = 0;
     let mut output_rows = 0;
+    let mut phases = std::collections::BTreeMap::new();
     while let Some(p) = q.run_batch().await? {
         batches += 1;
         output_rows += p.output_rows;
+        for (k, v) in &p.durations_ms {
+            *phases.entry(k.clone()).or_insert(0.0) += v;
+        }
         if batches % quarter == 0 {
             rss_mib.push(rss_kib("VmRSS") / 1024);
         }
@@ -126,6 +132,7 @@ pub(crate) async fn streamed(
         batches,
         output_rows,
         rss_mib,
+        phases,
     })
 }
 

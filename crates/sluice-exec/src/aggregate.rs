@@ -86,6 +86,10 @@ pub(crate) struct AggregateOutput {
     pub late_rows: u64,
     /// The late rows themselves, as they reached the aggregate.
     pub late: Vec<RecordBatch>,
+    /// Milliseconds in each step: `input` (the plan below the aggregate and
+    /// the late-row filter), `partial`, `state` (lookups, merge, updates,
+    /// eviction), `emit` (final values and the plan above).
+    pub steps: Vec<(&'static str, f64)>,
 }
 
 /// Turns stored aggregate states into aggregate values, outside the query:
@@ -481,6 +485,13 @@ impl AggregateOperator {
         now_ms: i64,
     ) -> Result<AggregateOutput> {
         self.dirty = true;
+        let mut clock = std::time::Instant::now();
+        let mut lap = |out: &mut AggregateOutput, step: &'static str| {
+            let now = std::time::Instant::now();
+            out.steps
+                .push((step, now.duration_since(clock).as_secs_f64() * 1000.0));
+            clock = now;
+        };
         let plan = reset_plan_states(Arc::clone(&self.input)).map_err(Error::from)?;
         let raw = collect(plan, Arc::clone(ctx)).await.map_err(Error::from)?;
         let closes = self.mode != OutputMode::Complete;
@@ -504,9 +515,11 @@ impl AggregateOperator {
             }
         }
         out.aggregated_rows = on_time.iter().map(|b| b.num_rows() as u64).sum();
+        lap(&mut out, "input");
 
         let partial = self.partial.run(on_time, ctx).await?;
         let partial = concat_batches(&self.partial_schema, &partial)?;
+        lap(&mut out, "partial");
         let (stored, partial) = match self.session {
             Some((ws, we)) => self.merge_sessions(partial, ws, we)?,
             None => {
@@ -515,9 +528,12 @@ impl AggregateOperator {
             }
         };
         let before = stored.clone();
+        lap(&mut out, "get");
         let merged = self.reduce.run(vec![stored, partial], ctx).await?;
         let merged = concat_batches(&self.partial_schema, &merged)?;
+        lap(&mut out, "merge");
         self.store.put(&self.store_rows(&merged, now_ms)?)?;
+        lap(&mut out, "put");
         if let Some(ttl) = self.ttl {
             // Keys nobody updated for the TTL go, without a row to the sink.
             self.store.remove_where(|live| {
@@ -549,6 +565,7 @@ impl AggregateOperator {
                 emit.push(self.state_rows(&closed)?);
             }
         }
+        lap(&mut out, "evict");
         if let Some(after) = changes {
             // A global aggregate's Final gives a row even over no state: a
             // key that had none has no old value.
@@ -559,6 +576,7 @@ impl AggregateOperator {
             };
             let new = self.values(vec![after], ctx).await?;
             out.rows = self.changelog(old, new, ctx).await?;
+            lap(&mut out, "emit");
             return Ok(out);
         }
         let values = self.values(emit, ctx).await?;
@@ -567,6 +585,7 @@ impl AggregateOperator {
         } else {
             self.upper.run(vec![values], ctx).await?
         };
+        lap(&mut out, "emit");
         Ok(out)
     }
 

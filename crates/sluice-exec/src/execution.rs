@@ -35,6 +35,7 @@ use sluice_common::connector::{DeadLetter, Sink, SourceContext, SourceReader};
 use sluice_common::durable::Durability;
 use sluice_common::{BatchId, Clock, Error, Progress, Result, SourceProgress, StateProgress};
 use sluice_planner::{OutputMode, StreamTable, check_streaming_plan, fingerprint, fork_streams};
+use sluice_state::checkpoint::OffsetWrite;
 use sluice_state::recovery::Resume;
 use sluice_state::{Checkpoint, CheckpointOptions, CommitEntry, OffsetEntry, SourceRange};
 
@@ -376,30 +377,45 @@ impl MicroBatchExecution {
         let started = Instant::now();
         let start_ms = self.clock.now_millis();
         let mut durations = BTreeMap::new();
-        let (entry, recovered) = match self.pending.take() {
-            Some(e) => (e, true),
+        let (entry, recovered, mut offset_write) = match self.pending.take() {
+            Some(e) => (e, true, None),
             None => {
                 let t = Instant::now();
                 let Some(entry) = self.plan_offsets(start_ms).await? else {
                     return Ok(None);
                 };
                 durations.insert("offsets".to_string(), ms(t.elapsed()));
-                let t = Instant::now();
-                self.checkpoint.write_offsets(&entry)?;
-                durations.insert("offset_log".to_string(), ms(t.elapsed()));
-                (entry, false)
+                // The entry is synced while the batch runs; the batch waits
+                // for it before its output leaves the engine.
+                let w = self.checkpoint.start_write_offsets(&entry)?;
+                (entry, false, Some(w))
             }
         };
         let id = entry.batch_id;
         // From here until its commit entry is written, the batch is planned:
-        // any failure leaves it to be re-run with exactly these offsets.
+        // any failure leaves it to be re-run with exactly these offsets
+        // (unless the offset entry itself failed: then it is planned again).
         self.pending = Some(entry.clone());
+        if self
+            .config
+            .fault
+            .is_some_and(|f| f.point == FaultPoint::AfterOffsets && f.batch_id == id)
+        {
+            self.wait_offsets(&mut offset_write, &mut durations)?;
+        }
         self.inject(FaultPoint::AfterOffsets, id)?;
         let mut attempt = 0;
         let outcome = loop {
-            match self.execute(&entry, &mut durations).await {
+            match self
+                .execute(&entry, &mut durations, &mut offset_write)
+                .await
+            {
                 Ok(o) => break o,
-                Err(e) if e.is_transient() && attempt < self.config.max_batch_retries => {
+                Err(e)
+                    if e.is_transient()
+                        && attempt < self.config.max_batch_retries
+                        && self.pending.is_some() =>
+                {
                     attempt += 1;
                     let delay = self.config.retry_backoff * 2u32.saturating_pow(attempt - 1);
                     let until = self.clock.now_millis() + delay.as_millis() as i64;
@@ -409,6 +425,9 @@ impl MicroBatchExecution {
                     for input in &self.inputs {
                         input.table.clear_batch();
                     }
+                    // Never leave the offset entry being written: the next
+                    // attempt must know whether it is there.
+                    let _ = self.wait_offsets(&mut offset_write, &mut durations);
                     return Err(e.context(format!("query '{}', batch {id}", self.config.name)));
                 }
             }
@@ -511,10 +530,33 @@ impl MicroBatchExecution {
         }))
     }
 
+    /// Waits for the batch's offset entry to be durable; if it could not be
+    /// written, the batch is not planned any more (its next attempt plans
+    /// and logs it again).
+    fn wait_offsets(
+        &mut self,
+        write: &mut Option<OffsetWrite>,
+        durations: &mut BTreeMap<String, f64>,
+    ) -> Result<()> {
+        if let Some(w) = write.take() {
+            match w.wait() {
+                Ok(d) => {
+                    durations.insert("offset_log".to_string(), ms(d));
+                }
+                Err(e) => {
+                    self.pending = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn execute(
         &mut self,
         entry: &OffsetEntry,
         durations: &mut BTreeMap<String, f64>,
+        offset_write: &mut Option<OffsetWrite>,
     ) -> Result<Outcome> {
         let id = entry.batch_id;
         let t = Instant::now();
@@ -600,6 +642,9 @@ impl MicroBatchExecution {
                     .map(|o| {
                         late_rows = o.late_rows;
                         late = o.late;
+                        for (step, ms) in o.steps {
+                            durations.insert(format!("aggregate_{step}"), ms);
+                        }
                         o.rows
                     }),
             },
@@ -624,6 +669,9 @@ impl MicroBatchExecution {
             });
             self.inject(FaultPoint::AfterState, id)?;
         }
+        // Nothing of the batch leaves the engine before its offsets are
+        // durable: a re-run must read exactly what the sink saw.
+        self.wait_offsets(offset_write, durations)?;
 
         let t = Instant::now();
         self.sink.write(id, &self.output_schema, output).await?;

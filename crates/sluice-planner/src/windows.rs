@@ -243,7 +243,7 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
             // date_bin aligns windows to the Unix epoch, as Spark and Flink do.
             let start = format!("date_bin({size}, {ts}, {EPOCH})");
             let body = format!(
-                "SELECT *, {start} AS window_start, {start} + {size} AS window_end FROM {{input}}"
+                "SELECT *, {start} AS window_start, {WINDOW_END_FN}({start}, {size}) AS window_end FROM {{input}}"
             );
             (table, body)
         }
@@ -261,9 +261,9 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
             let first = format!("date_bin({slide}, {ts} - {size}, {EPOCH})");
             let last = format!("date_bin({slide}, {ts}, {EPOCH})");
             let body = format!(
-                "SELECT * EXCLUDE (__hop_start), __hop_start AS window_start, __hop_start + {size} AS window_end FROM \
+                "SELECT * EXCLUDE (__hop_start), __hop_start AS window_start, {WINDOW_END_FN}(__hop_start, {size}) AS window_end FROM \
                  (SELECT *, unnest(generate_series({first}, {last}, {slide})) AS __hop_start FROM {{input}}) \
-                 WHERE __hop_start + {size} > {ts}"
+                 WHERE {WINDOW_END_FN}(__hop_start, {size}) > {ts}"
             );
             (table, body)
         }
@@ -319,16 +319,33 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
 /// session window in a plan, so the aggregate knows to merge sessions.
 pub const SESSION_END: &str = "sluice_session_end";
 
-/// `sluice_session_end(ts, gap)` = `ts + gap`.
+/// The function that ends a tumbling or hopping window: `start + size`.
+pub const WINDOW_END_FN: &str = "sluice_window_end";
+
+/// `sluice_session_end(ts, gap)` and `sluice_window_end(start, size)`: both
+/// `time + interval`, computed as one vectorised addition when the interval
+/// is a fixed length (no months), where DataFusion's `+` goes through the
+/// calendar row by row.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct SessionEnd {
+    name: &'static str,
     signature: Signature,
 }
 
 impl SessionEnd {
-    /// The function, to register in a session.
+    /// `sluice_session_end`, to register in a session.
     pub fn udf() -> ScalarUDF {
+        Self::named(SESSION_END)
+    }
+
+    /// `sluice_window_end`, to register in a session.
+    pub fn window_end_udf() -> ScalarUDF {
+        Self::named(WINDOW_END_FN)
+    }
+
+    fn named(name: &'static str) -> ScalarUDF {
         ScalarUDF::new_from_impl(SessionEnd {
+            name,
             signature: Signature::any(2, Volatility::Immutable),
         })
     }
@@ -336,7 +353,7 @@ impl SessionEnd {
 
 impl ScalarUDFImpl for SessionEnd {
     fn name(&self) -> &str {
-        SESSION_END
+        self.name
     }
 
     fn signature(&self) -> &Signature {
@@ -351,15 +368,64 @@ impl ScalarUDFImpl for SessionEnd {
         &self,
         args: ScalarFunctionArgs,
     ) -> datafusion::common::Result<ColumnarValue> {
-        let [ts, gap] = args.args.as_slice() else {
-            return datafusion::common::internal_err!("{SESSION_END} takes two arguments");
+        let [time, interval] = args.args.as_slice() else {
+            return datafusion::common::internal_err!("{} takes two arguments", self.name);
         };
-        let ts = ts.to_array(args.number_rows)?;
-        let gap = gap.to_array(args.number_rows)?;
+        let time = time.to_array(args.number_rows)?;
+        if let Some(fixed) = fixed_duration(time.data_type(), interval) {
+            let sum = datafusion::arrow::compute::kernels::numeric::add(
+                &time,
+                &datafusion::arrow::array::Scalar::new(fixed),
+            )?;
+            return Ok(ColumnarValue::Array(sum));
+        }
+        let interval = interval.to_array(args.number_rows)?;
         Ok(ColumnarValue::Array(
-            datafusion::arrow::compute::kernels::numeric::add(&ts, &gap)?,
+            datafusion::arrow::compute::kernels::numeric::add(&time, &interval)?,
         ))
     }
+}
+
+/// A constant interval without months, as a one-element duration array in
+/// the unit of `time` (a timestamp without time zone, where a day is always
+/// 86,400 seconds); `None` where the calendar matters or units do not divide.
+fn fixed_duration(
+    time: &DataType,
+    interval: &ColumnarValue,
+) -> Option<datafusion::arrow::array::ArrayRef> {
+    use datafusion::arrow::array::{
+        DurationMicrosecondArray, DurationMillisecondArray, DurationNanosecondArray,
+        DurationSecondArray,
+    };
+    use datafusion::arrow::datatypes::TimeUnit;
+    use datafusion::common::ScalarValue;
+    use std::sync::Arc;
+    let DataType::Timestamp(unit, None) = time else {
+        return None;
+    };
+    let ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(iv))) = interval else {
+        return None;
+    };
+    if iv.months != 0 {
+        return None;
+    }
+    let nanos = i128::from(iv.days) * 86_400_000_000_000 + i128::from(iv.nanoseconds);
+    let per_unit: i128 = match unit {
+        TimeUnit::Second => 1_000_000_000,
+        TimeUnit::Millisecond => 1_000_000,
+        TimeUnit::Microsecond => 1_000,
+        TimeUnit::Nanosecond => 1,
+    };
+    if nanos % per_unit != 0 {
+        return None;
+    }
+    let d = i64::try_from(nanos / per_unit).ok()?;
+    Some(match unit {
+        TimeUnit::Second => Arc::new(DurationSecondArray::from(vec![d])),
+        TimeUnit::Millisecond => Arc::new(DurationMillisecondArray::from(vec![d])),
+        TimeUnit::Microsecond => Arc::new(DurationMicrosecondArray::from(vec![d])),
+        TimeUnit::Nanosecond => Arc::new(DurationNanosecondArray::from(vec![d])),
+    })
 }
 
 /// The origin windows are aligned to.
@@ -457,6 +523,7 @@ mod properties {
             .unwrap();
         rt.block_on(async {
             let ctx = SessionContext::new();
+            ctx.register_udf(SessionEnd::window_end_udf());
             ctx.register_table(
                 "t",
                 Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),

@@ -117,6 +117,28 @@ pub struct Checkpoint {
     _lock: File,
 }
 
+/// An offset entry being written (see [`Checkpoint::start_write_offsets`]).
+#[derive(Debug)]
+#[must_use = "the batch must wait for its offset entry before its output is visible"]
+pub enum OffsetWrite {
+    /// Written already, in this long.
+    Done(std::time::Duration),
+    /// Being written on a thread of its own.
+    Running(std::thread::JoinHandle<Result<std::time::Duration>>),
+}
+
+impl OffsetWrite {
+    /// Waits until the entry is durable; how long its write took.
+    pub fn wait(self) -> Result<std::time::Duration> {
+        match self {
+            OffsetWrite::Done(d) => Ok(d),
+            OffsetWrite::Running(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(Error::internal("the offset log writer panicked"))),
+        }
+    }
+}
+
 impl Checkpoint {
     /// Opens (or creates) the checkpoint at `root` for the query `name`,
     /// refusing it if another process holds it or if it was written for other
@@ -216,6 +238,27 @@ impl Checkpoint {
     /// Writes `offsets/<id>` (atomically, before the batch runs).
     pub fn write_offsets(&self, entry: &OffsetEntry) -> Result<()> {
         self.write_entry("offsets", entry.batch_id, entry)
+    }
+
+    /// Starts writing `offsets/<id>` and returns at once; the batch may run
+    /// while the entry is synced, as long as [`OffsetWrite::wait`] returns
+    /// before anything of the batch is made visible outside the state store
+    /// (its sink write, its commit entry). With [`Durability::NoSync`] the
+    /// write is done before this returns (a thread would cost more than it).
+    pub fn start_write_offsets(&self, entry: &OffsetEntry) -> Result<OffsetWrite> {
+        let path = self.root.join("offsets").join(entry.batch_id.to_string());
+        let body = serde_json::to_vec(entry)
+            .map_err(|e| Error::internal(format!("serializing {}: {e}", path.display())))?;
+        let durability = self.options.durability;
+        if durability == Durability::NoSync {
+            let t = std::time::Instant::now();
+            durable::write_framed(&path, &body, durability)?;
+            return Ok(OffsetWrite::Done(t.elapsed()));
+        }
+        Ok(OffsetWrite::Running(std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            durable::write_framed(&path, &body, durability).map(|()| t.elapsed())
+        })))
     }
 
     /// Reads `commits/<id>`, checking that it is the entry for `id`.

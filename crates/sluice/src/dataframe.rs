@@ -80,7 +80,10 @@ impl StreamingDataFrame for DataFrame {
         let start = date_bin(size.clone(), ident(column), epoch);
         Ok(self
             .with_column("window_start", start.clone())?
-            .with_column("window_end", start + size)?)
+            .with_column(
+                "window_end",
+                SessionEnd::window_end_udf().call(vec![start, size]),
+            )?)
     }
 
     fn hop(self, column: &str, slide: Duration, size: Duration) -> Result<DataFrame> {
@@ -100,11 +103,19 @@ impl StreamingDataFrame for DataFrame {
         let starts = self
             .with_column("__hop_start", gen_series(first, last, slide))?
             .unnest_columns(&["__hop_start"])?
-            .filter((col("__hop_start") + size.clone()).gt(ident(column)))?;
+            .filter(
+                SessionEnd::window_end_udf()
+                    .call(vec![col("__hop_start"), size.clone()])
+                    .gt(ident(column)),
+            )?;
         let mut exprs: Vec<datafusion::prelude::Expr> =
             names.iter().map(|n| ident(n.as_str())).collect();
         exprs.push(col("__hop_start").alias("window_start"));
-        exprs.push((col("__hop_start") + size).alias("window_end"));
+        exprs.push(
+            SessionEnd::window_end_udf()
+                .call(vec![col("__hop_start"), size])
+                .alias("window_end"),
+        );
         Ok(starts.select(exprs)?)
     }
 

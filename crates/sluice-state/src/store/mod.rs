@@ -26,7 +26,6 @@
 
 pub mod plan;
 
-use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +35,7 @@ use sluice_common::datafusion::arrow::compute::filter_record_batch;
 use sluice_common::datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use sluice_common::datafusion::arrow::ipc::reader::StreamReader;
 use sluice_common::datafusion::arrow::ipc::writer::StreamWriter;
-use sluice_common::datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use sluice_common::datafusion::arrow::row::{RowConverter, SortField};
 use sluice_common::durable::{self, Durability};
 use sluice_common::{BatchId, Error, Result};
 
@@ -84,11 +83,18 @@ pub struct CommitStats {
     pub bytes_written: u64,
 }
 
+/// A row-encoded key or value (arrow's row format): compared, hashed and
+/// looked up as plain bytes, with no allocation to find a key.
+type Bytes = Box<[u8]>;
+type Hasher = foldhash::fast::RandomState;
+type Map = std::collections::HashMap<Bytes, Bytes, Hasher>;
+type Set = std::collections::HashSet<Bytes, Hasher>;
+
 #[derive(Debug, Default)]
 struct Partition {
-    rows: HashMap<OwnedRow, OwnedRow>,
-    upserted: HashSet<OwnedRow>,
-    removed: HashSet<OwnedRow>,
+    rows: Map,
+    upserted: Set,
+    removed: Set,
 }
 
 /// One operator's keyed, versioned state.
@@ -171,7 +177,7 @@ impl StateStore {
         self.partitions
             .iter()
             .flat_map(|p| p.rows.iter())
-            .map(|(k, v)| k.as_ref().len() + v.as_ref().len())
+            .map(|(k, v)| k.len() + v.len())
             .sum()
     }
 
@@ -209,12 +215,26 @@ impl StateStore {
         let keys = self.keys.convert_columns(&batch.columns()[..nk])?;
         let values = self.values.convert_columns(&batch.columns()[nk..])?;
         for i in 0..batch.num_rows() {
-            let k = keys.row(i).owned();
-            let p = self.partition_of(k.as_ref());
+            let k = keys.row(i);
+            let k: &[u8] = k.as_ref();
+            let v = values.row(i);
+            let v: &[u8] = v.as_ref();
+            let p = self.partition_of(k);
             let part = &mut self.partitions[p];
-            part.removed.remove(&k);
-            part.upserted.insert(k.clone());
-            part.rows.insert(k, values.row(i).owned());
+            if !part.removed.is_empty() {
+                part.removed.remove(k);
+            }
+            if !part.upserted.contains(k) {
+                part.upserted.insert(k.into());
+            }
+            match part.rows.get_mut(k) {
+                // Fixed-width states keep their length: updated in place.
+                Some(old) if old.len() == v.len() => old.copy_from_slice(v),
+                Some(old) => *old = v.into(),
+                None => {
+                    part.rows.insert(k.into(), v.into());
+                }
+            }
         }
         Ok(())
     }
@@ -222,19 +242,18 @@ impl StateStore {
     /// The stored rows (keys, then values) of the given keys that exist.
     pub fn get(&self, keys: &[ArrayRef]) -> Result<RecordBatch> {
         let rows = self.keys.convert_columns(keys)?;
-        let mut found_k = Vec::new();
-        let mut found_v = Vec::new();
-        let mut seen = HashSet::new();
+        let mut found_k: Vec<&[u8]> = Vec::new();
+        let mut found_v: Vec<&[u8]> = Vec::new();
+        let mut seen: std::collections::HashSet<&[u8], Hasher> = Default::default();
         for i in 0..rows.num_rows() {
-            let k = rows.row(i);
-            let owned = k.owned();
-            if !seen.insert(owned.clone()) {
+            let k = rows.row(i).data();
+            if !seen.insert(k) {
                 continue;
             }
-            let p = self.partition_of(k.as_ref());
-            if let Some(v) = self.partitions[p].rows.get(&owned) {
-                found_k.push(owned);
-                found_v.push(v.clone());
+            let p = self.partition_of(k);
+            if let Some(v) = self.partitions[p].rows.get(k) {
+                found_k.push(k);
+                found_v.push(v);
             }
         }
         self.to_batch(&found_k, &found_v)
@@ -252,12 +271,12 @@ impl StateStore {
         let gone = filter_record_batch(&all, &mask)?;
         let rows = self.keys.convert_columns(&gone.columns()[..nk])?;
         for i in 0..rows.num_rows() {
-            let k = rows.row(i).owned();
-            let p = self.partition_of(k.as_ref());
+            let k = rows.row(i).data();
+            let p = self.partition_of(k);
             let part = &mut self.partitions[p];
-            if part.rows.remove(&k).is_some() {
-                part.upserted.remove(&k);
-                part.removed.insert(k);
+            if let Some((key, _)) = part.rows.remove_entry(k) {
+                part.upserted.remove(k);
+                part.removed.insert(key);
             }
         }
         Ok(gone)
@@ -265,13 +284,16 @@ impl StateStore {
 
     /// Every live row (keys, then values).
     pub fn scan(&self) -> Result<RecordBatch> {
-        let (k, v): (Vec<_>, Vec<_>) = self
-            .partitions
-            .iter()
-            .flat_map(|p| p.rows.iter())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .unzip();
-        self.to_batch(&k, &v)
+        if self.is_empty() {
+            return Ok(RecordBatch::new_empty(self.row_schema()));
+        }
+        // Straight from the maps, no row copied: a map's keys and values
+        // come in the same order.
+        let rows = || self.partitions.iter().flat_map(|p| p.rows.iter());
+        let (kp, vp) = (self.keys.parser(), self.values.parser());
+        let mut cols = self.keys.convert_rows(rows().map(|(k, _)| kp.parse(k)))?;
+        cols.extend(self.values.convert_rows(rows().map(|(_, v)| vp.parse(v)))?);
+        Ok(RecordBatch::try_new(self.row_schema(), cols)?)
     }
 
     /// The schema of [`StateStore::scan`]: key columns, then value columns.
@@ -286,13 +308,17 @@ impl StateStore {
         Arc::new(Schema::new(fields))
     }
 
-    fn to_columns(&self, keys: &[OwnedRow], values: &[OwnedRow]) -> Result<Vec<ArrayRef>> {
-        let mut cols = self.keys.convert_rows(keys.iter().map(|r| r.row()))?;
-        cols.extend(self.values.convert_rows(values.iter().map(|r| r.row()))?);
+    fn to_columns(&self, keys: &[&[u8]], values: &[&[u8]]) -> Result<Vec<ArrayRef>> {
+        let (kp, vp) = (self.keys.parser(), self.values.parser());
+        let mut cols = self.keys.convert_rows(keys.iter().map(|r| kp.parse(r)))?;
+        cols.extend(
+            self.values
+                .convert_rows(values.iter().map(|r| vp.parse(r)))?,
+        );
         Ok(cols)
     }
 
-    fn to_batch(&self, keys: &[OwnedRow], values: &[OwnedRow]) -> Result<RecordBatch> {
+    fn to_batch(&self, keys: &[&[u8]], values: &[&[u8]]) -> Result<RecordBatch> {
         let cols = self.to_columns(keys, values)?;
         if cols.is_empty() {
             return Ok(RecordBatch::new_empty(self.row_schema()));
@@ -335,11 +361,8 @@ impl StateStore {
             files.push((pdir.join(name(FileKind::Delta)), delta));
             if snapshot {
                 let part = &self.partitions[p];
-                let (k, v): (Vec<_>, Vec<_>) = part
-                    .rows
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .unzip();
+                let (k, v): (Vec<&[u8]>, Vec<&[u8]>) =
+                    part.rows.iter().map(|(k, v)| (&k[..], &v[..])).unzip();
                 files.push((pdir.join(name(FileKind::Snapshot)), self.to_batch(&k, &v)?));
             }
         }
@@ -384,20 +407,15 @@ impl StateStore {
         }
     }
 
-    fn delta_batch(
-        &self,
-        p: usize,
-        upserted: &HashSet<OwnedRow>,
-        removed: &HashSet<OwnedRow>,
-    ) -> Result<RecordBatch> {
+    fn delta_batch(&self, p: usize, upserted: &Set, removed: &Set) -> Result<RecordBatch> {
         let part = &self.partitions[p];
-        let mut keys: Vec<OwnedRow> = Vec::new();
-        let mut values: Vec<OwnedRow> = Vec::new();
-        let mut deleted = Vec::new();
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(upserted.len() + removed.len());
+        let mut values: Vec<&[u8]> = Vec::with_capacity(keys.capacity());
+        let mut deleted = Vec::with_capacity(keys.capacity());
         for k in upserted {
             if let Some(v) = part.rows.get(k) {
-                keys.push(k.clone());
-                values.push(v.clone());
+                keys.push(k);
+                values.push(v);
                 deleted.push(false);
             }
         }
@@ -405,8 +423,8 @@ impl StateStore {
         // read back.
         let filler = self.null_values()?;
         for k in removed {
-            keys.push(k.clone());
-            values.push(filler.clone());
+            keys.push(k);
+            values.push(&filler);
             deleted.push(true);
         }
         // Value columns are nullable here: a removed key's values are nulls.
@@ -422,14 +440,14 @@ impl StateStore {
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
     }
 
-    fn null_values(&self) -> Result<OwnedRow> {
+    fn null_values(&self) -> Result<Bytes> {
         let cols: Vec<ArrayRef> = self
             .value_schema
             .fields()
             .iter()
             .map(|f| sluice_common::datafusion::arrow::array::new_null_array(f.data_type(), 1))
             .collect();
-        Ok(self.values.convert_columns(&cols)?.row(0).owned())
+        Ok(self.values.convert_columns(&cols)?.row(0).data().into())
     }
 
     /// Loads version `version` from disk (`None`: empty), replacing what the
@@ -505,12 +523,14 @@ impl StateStore {
                     FileKind::Snapshot => None,
                 };
                 for i in 0..batch.num_rows() {
-                    let k = keys.row(i).owned();
-                    let p = self.partition_of(k.as_ref());
+                    let k = keys.row(i).data();
+                    let p = self.partition_of(k);
                     if deleted.as_ref().is_some_and(|d| d.value(i)) {
-                        self.partitions[p].rows.remove(&k);
+                        self.partitions[p].rows.remove(k);
                     } else {
-                        self.partitions[p].rows.insert(k, values.row(i).owned());
+                        self.partitions[p]
+                            .rows
+                            .insert(k.into(), values.row(i).data().into());
                     }
                 }
             }

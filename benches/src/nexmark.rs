@@ -1,0 +1,110 @@
+//! Nexmark: the queries under `benches/nexmark/` over the `nexmark` source,
+//! in micro-batches, events per second.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sluice::deps::sluice_common::durable::Durability;
+use sluice::prelude::*;
+use sluice::{Outcome, Result};
+
+/// One query's figures.
+pub(crate) struct NexmarkRun {
+    pub(crate) query: String,
+    pub(crate) what: String,
+    pub(crate) time: Vec<Duration>,
+    pub(crate) batches: u64,
+    pub(crate) output_rows: u64,
+}
+
+/// The query files, in name order.
+pub(crate) fn queries() -> Result<Vec<PathBuf>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("nexmark");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| sluice::Error::io(format!("reading {}", dir.display()), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort_by_key(|p| {
+        let stem = p.file_stem().unwrap_or_default().to_string_lossy();
+        let n: u32 = stem
+            .trim_start_matches('q')
+            .split('_')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u32::MAX);
+        (n, stem.into_owned())
+    });
+    Ok(files)
+}
+
+/// Runs `file` over `events` Nexmark events, `per_batch` events a batch,
+/// `runs` times (the events are generated before the clock starts).
+pub(crate) async fn nexmark(
+    file: &Path,
+    events: u64,
+    per_batch: u64,
+    runs: usize,
+) -> Result<NexmarkRun> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| sluice::Error::io(format!("reading {}", file.display()), e))?;
+    let what = text
+        .lines()
+        .take_while(|l| l.starts_with("--"))
+        .map(|l| l.trim_start_matches("--").trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let select: String = text
+        .lines()
+        .filter(|l| !l.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = NexmarkRun {
+        query: file
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned(),
+        what,
+        time: Vec::new(),
+        batches: 0,
+        output_rows: 0,
+    };
+    for _ in 0..runs {
+        let ckpt = tempfile::tempdir().map_err(|e| sluice::Error::io("a temp dir", e))?;
+        let ctx = StreamContext::new();
+        ctx.update_settings(|s| {
+            s.checkpoint_root = Some(ckpt.path().to_path_buf());
+            s.durability = Durability::NoSync;
+        });
+        let script = format!(
+            "CREATE SOURCE bid (auction BIGINT, bidder BIGINT, price BIGINT, channel VARCHAR, url VARCHAR,
+                                date_time TIMESTAMP, extra VARCHAR,
+                                WATERMARK FOR date_time AS date_time - INTERVAL '4' SECOND)
+               WITH (connector = 'nexmark', table = 'bid', events = {events},
+                     max_events_per_trigger = {per_batch}, pregenerate = true);
+             CREATE SINK out WITH (connector = 'memory', output_mode = 'append') AS {select};"
+        );
+        let mut started = Vec::new();
+        for o in ctx.sql(&script).await? {
+            if let Outcome::Query(q) = o {
+                // Opening the source generates its events: before the clock.
+                started.push(q.with_trigger(Trigger::Manual).start().await?);
+            }
+        }
+        let q = started
+            .pop()
+            .ok_or_else(|| sluice::Error::internal("no query"))?;
+        let (mut batches, mut rows) = (0, 0);
+        let t = Instant::now();
+        while let Some(p) = q.run_batch().await? {
+            batches += 1;
+            rows += p.output_rows;
+        }
+        out.time.push(t.elapsed());
+        q.stop().await?;
+        out.batches = batches;
+        out.output_rows = rows;
+    }
+    Ok(out)
+}
