@@ -159,9 +159,10 @@ async fn main() -> Result<()> {
         "## Per-batch overhead\n\nTrigger → commit of one micro-batch (`run_batch` on a manual trigger), {n} batches each, after 20 warm-up batches; a memory source and a memory sink, so what is measured is the engine: offsets, planning the batch, running the plan, state, sink, logs. \"Empty\" is a trigger that finds no new data (no batch is logged). Milliseconds.\n\n| query | checkpoint | batch | median | p99 | min | max |\n|---|---|---|---:|---:|---:|---:|"
     );
     let mut overhead_rows = Vec::new();
+    let mut overhead_phases = Vec::new();
     for stateful in [false, true] {
         for durability in [Durability::NoSync, Durability::Fsync] {
-            let (one, empty) = overhead(dir, durability, stateful, n).await?;
+            let (one, empty, phases) = overhead(dir, durability, stateful, n).await?;
             let q = if stateful {
                 "windowed count (state store)"
             } else {
@@ -182,6 +183,7 @@ async fn main() -> Result<()> {
                 );
             }
             overhead_rows.push((stateful, durability, one));
+            overhead_phases.push(format!("- {q}, {c}: {phases}"));
         }
     }
     let _ = writeln!(
@@ -223,6 +225,12 @@ async fn main() -> Result<()> {
             }
         );
     }
+
+    let _ = writeln!(
+        md,
+        "\nWhere a one-row batch's time goes (mean ms per batch, from the `durations_ms` of its progress; `offset_log` runs beside `execute` when durable, and `total` is the whole):\n\n{}",
+        overhead_phases.join("\n")
+    );
 
     // 2. Throughput against DataFusion in one shot.
     let total = if quick { 1_000_000 } else { 10_000_000 };

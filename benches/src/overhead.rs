@@ -31,7 +31,7 @@ pub(crate) async fn overhead(
     durability: Durability,
     stateful: bool,
     n: usize,
-) -> Result<(Stats, Stats)> {
+) -> Result<(Stats, Stats, String)> {
     let ctx = StreamContext::new();
     let src = MemorySource::new("s", schema());
     let df = ctx.read_stream(src.clone()).await?;
@@ -67,13 +67,23 @@ pub(crate) async fn overhead(
         q.run_batch().await?;
     }
     let mut one_row = Vec::with_capacity(n);
+    let mut phases = std::collections::BTreeMap::<String, f64>::new();
     for _ in 0..n {
         src.append(batch())?;
         let t = Instant::now();
         let p = q.run_batch().await?;
         one_row.push(t.elapsed());
-        assert!(p.is_some(), "a batch ran");
+        let p = p.ok_or_else(|| sluice::Error::internal("no batch ran"))?;
+        for (k, v) in &p.durations_ms {
+            *phases.entry(k.clone()).or_insert(0.0) += v;
+        }
     }
+    // Mean milliseconds per batch in each phase.
+    let phases = phases
+        .iter()
+        .map(|(k, v)| format!("{k} {:.3}", v / n as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut empty = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -82,5 +92,5 @@ pub(crate) async fn overhead(
         assert!(p.is_none(), "nothing to do");
     }
     q.stop().await?;
-    Ok((Stats::of(one_row), Stats::of(empty)))
+    Ok((Stats::of(one_row), Stats::of(empty), phases))
 }

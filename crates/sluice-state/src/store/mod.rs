@@ -366,21 +366,30 @@ impl StateStore {
                 files.push((pdir.join(name(FileKind::Snapshot)), self.to_batch(&k, &v)?));
             }
         }
-        // Partitions are written in parallel: their fsyncs overlap.
+        // Synced partitions are written in parallel, so their fsyncs
+        // overlap; without fsync a thread would cost more than its write.
         let durability = self.options.durability;
-        let written: Vec<Result<u64>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = files
+        let written: Vec<Result<u64>> = if durability == Durability::NoSync {
+            files
                 .iter()
-                .map(|(path, batch)| scope.spawn(move || write_ipc(path, batch, durability)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::internal("a state writer thread panicked")))
-                })
+                .map(|(path, batch)| write_ipc(path, batch, durability))
                 .collect()
-        });
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = files
+                    .iter()
+                    .map(|(path, batch)| scope.spawn(move || write_ipc(path, batch, durability)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::internal("a state writer thread panicked"))
+                        })
+                    })
+                    .collect()
+            })
+        };
         for w in written {
             stats.bytes_written += w?;
         }
