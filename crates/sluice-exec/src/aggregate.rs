@@ -59,7 +59,13 @@ use sluice_state::store::{CommitStats, StateStore, StateStoreOptions};
 struct Stage {
     slot: Arc<BatchSlot>,
     plan: Arc<dyn ExecutionPlan>,
+    /// The same plan over the slot's rows split in parts, run in parallel,
+    /// for batches of at least [`PARALLEL_ROWS`] rows.
+    wide: Option<Arc<dyn ExecutionPlan>>,
 }
+
+/// From how many rows a stage with a `wide` plan runs it.
+const PARALLEL_ROWS: usize = 16_384;
 
 impl Stage {
     async fn run(
@@ -67,8 +73,13 @@ impl Stage {
         rows: Vec<RecordBatch>,
         ctx: &Arc<TaskContext>,
     ) -> Result<Vec<RecordBatch>> {
+        let n: usize = rows.iter().map(RecordBatch::num_rows).sum();
         self.slot.set(rows);
-        let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
+        let plan = match &self.wide {
+            Some(wide) if n >= PARALLEL_ROWS => wide,
+            _ => &self.plan,
+        };
+        let plan = reset_plan_states(Arc::clone(plan)).map_err(Error::from)?;
         let out = collect(plan, Arc::clone(ctx)).await;
         self.slot.set(Vec::new());
         out.map_err(Error::from)
@@ -164,6 +175,11 @@ pub(crate) struct AggregateOperator {
     finalizer: StateFinalizer,
 }
 
+/// How many parts a batch's rows are aggregated in: one per core, at most 4.
+fn partial_parts() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
 fn is_agg(plan: &Arc<dyn ExecutionPlan>) -> Option<&AggregateExec> {
     let any: &dyn std::any::Any = plan.as_ref();
     any.downcast_ref::<AggregateExec>()
@@ -249,21 +265,35 @@ impl AggregateOperator {
         };
 
         let slot = BatchSlot::new();
-        let partial_plan: Arc<dyn ExecutionPlan> = Arc::new(
-            AggregateExec::try_new(
-                AggregateMode::Partial,
-                group_by.clone(),
-                aggr.clone(),
-                src_agg.filter_expr().to_vec(),
-                slot.scan(Arc::clone(&input_schema), None, None)?,
-                Arc::clone(&input_schema),
-            )
-            .map_err(unmergeable)?,
-        );
+        let partial_over = |scan: Arc<dyn ExecutionPlan>| -> Result<Arc<dyn ExecutionPlan>> {
+            Ok(Arc::new(
+                AggregateExec::try_new(
+                    AggregateMode::Partial,
+                    group_by.clone(),
+                    aggr.clone(),
+                    src_agg.filter_expr().to_vec(),
+                    scan,
+                    Arc::clone(&input_schema),
+                )
+                .map_err(unmergeable)?,
+            ))
+        };
+        let partial_plan = partial_over(slot.scan(Arc::clone(&input_schema), None, None)?)?;
+        // A big batch's rows are split over the cores: each part is
+        // aggregated on its own, and PartialReduce merges the parts with the
+        // stored states anyway. Session windows stay whole, as merging
+        // sessions needs each key's rows together.
+        let wide = match partial_parts() {
+            n if n > 1 && !session => Some(partial_over(
+                slot.scan_partitioned(Arc::clone(&input_schema), n)?,
+            )?),
+            _ => None,
+        };
         let partial_schema = partial_plan.schema();
         let partial = Stage {
             slot,
             plan: partial_plan,
+            wide,
         };
         let stage = |mode: AggregateMode| -> Result<Stage> {
             let slot = BatchSlot::new();
@@ -279,6 +309,7 @@ impl AggregateOperator {
             Ok(Stage {
                 slot,
                 plan: Arc::new(plan),
+                wide: None,
             })
         };
         let reduce = stage(AggregateMode::PartialReduce)?;
@@ -381,6 +412,7 @@ impl AggregateOperator {
             upper: Stage {
                 slot: upper_slot,
                 plan: upper_plan,
+                wide: None,
             },
             agg_schema,
             partial_schema,
@@ -557,7 +589,7 @@ impl AggregateOperator {
         };
         if let (Some((i, _)), Some(wm), true) = (&self.window_end, wm_end, closes) {
             let i = *i;
-            let closed = self.store.remove_where(|keys| {
+            let closed = self.store.remove_keys_where(|keys| {
                 let keep = window_after(keys.column(i), wm)?;
                 Ok(datafusion::arrow::compute::not(&keep)?)
             })?;

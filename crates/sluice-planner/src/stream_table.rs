@@ -61,14 +61,40 @@ impl BatchSlot {
         projection: Option<&Vec<usize>>,
         limit: Option<usize>,
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
-        let partition: Arc<dyn PartitionStream> = Arc::new(SlotPartition {
-            schema: Arc::clone(&schema),
-            slot: Arc::clone(self),
-        });
+        self.scan_parts(schema, 1, projection, limit)
+    }
+
+    /// A scan of `schema` in `parts` partitions, each reading an equal
+    /// share of the slot's rows, so a plan above it can run them in parallel.
+    pub fn scan_partitioned(
+        self: &Arc<Self>,
+        schema: SchemaRef,
+        parts: usize,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        self.scan_parts(schema, parts.max(1), None, None)
+    }
+
+    fn scan_parts(
+        self: &Arc<Self>,
+        schema: SchemaRef,
+        parts: usize,
+        projection: Option<&Vec<usize>>,
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let partitions: Vec<Arc<dyn PartitionStream>> = (0..parts)
+            .map(|index| {
+                Arc::new(SlotPartition {
+                    schema: Arc::clone(&schema),
+                    slot: Arc::clone(self),
+                    index,
+                    parts,
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
         // Bounded: each execution reads the slot once and ends.
         Ok(Arc::new(StreamingTableExec::try_new(
             schema,
-            vec![partition],
+            partitions,
             projection,
             [],
             false,
@@ -209,6 +235,9 @@ impl TableProvider for StreamTable {
 struct SlotPartition {
     schema: SchemaRef,
     slot: Arc<BatchSlot>,
+    /// This partition takes part `index` of `parts` of the rows.
+    index: usize,
+    parts: usize,
 }
 
 impl PartitionStream for SlotPartition {
@@ -223,11 +252,33 @@ impl PartitionStream for SlotPartition {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let batches = if self.parts > 1 {
+            rows_part(&batches, self.index, self.parts)
+        } else {
+            batches
+        };
         Box::pin(RecordBatchStreamAdapter::new(
             Arc::clone(&self.schema),
             futures::stream::iter(batches.into_iter().map(Ok)),
         ))
     }
+}
+
+/// Part `index` of `parts` of the rows of `batches`, as zero-copy slices:
+/// rows `[index × R / parts, (index + 1) × R / parts)` of the R in all.
+fn rows_part(batches: &[RecordBatch], index: usize, parts: usize) -> Vec<RecordBatch> {
+    let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let (from, to) = (index * total / parts, (index + 1) * total / parts);
+    let mut out = Vec::new();
+    let mut at = 0;
+    for b in batches {
+        let (start, end) = (at.max(from), (at + b.num_rows()).min(to));
+        if start < end {
+            out.push(b.slice(start - at, end - start));
+        }
+        at += b.num_rows();
+    }
+    out
 }
 
 /// The stream table a scan reads, if it reads one.
@@ -283,4 +334,42 @@ pub fn fork_streams(plan: LogicalPlan) -> Result<(LogicalPlan, Vec<StreamTable>)
         .map_err(Error::from)?
         .data;
     Ok((plan, forks.into_iter().map(|(_, f)| f).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{AsArray, Int64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
+
+    #[test]
+    fn parts_of_a_slot_hold_every_row_once_in_order() {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let batch = |r: std::ops::Range<i64>| {
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from_iter_values(r))],
+            )
+            .unwrap()
+        };
+        let batches = vec![batch(0..7), batch(7..8), batch(8..8), batch(8..23)];
+        for parts in 1..6 {
+            let mut all = Vec::new();
+            for i in 0..parts {
+                let got = rows_part(&batches, i, parts);
+                let n: usize = got.iter().map(RecordBatch::num_rows).sum();
+                assert!(n.abs_diff(23 / parts) <= 1, "part {i} of {parts}: {n} rows");
+                for b in got {
+                    all.extend(
+                        b.column(0)
+                            .as_primitive::<Int64Type>()
+                            .values()
+                            .iter()
+                            .copied(),
+                    );
+                }
+            }
+            assert_eq!(all, (0..23).collect::<Vec<_>>(), "{parts} parts");
+        }
+    }
 }

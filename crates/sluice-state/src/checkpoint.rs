@@ -112,6 +112,9 @@ pub struct Checkpoint {
     root: PathBuf,
     options: CheckpointOptions,
     metadata: Metadata,
+    /// Every log entry below this id is known to be gone (`None`: the logs
+    /// have not been listed yet), so a purge deletes just the new ones.
+    purged_below: std::sync::Mutex<Option<BatchId>>,
     // Held for the life of the checkpoint: the OS drops the lock when the
     // process dies, so a crash never leaves a stale lock behind.
     _lock: File,
@@ -195,6 +198,7 @@ impl Checkpoint {
             root: root.to_path_buf(),
             options,
             metadata,
+            purged_below: std::sync::Mutex::new(None),
             _lock: lock,
         })
     }
@@ -335,6 +339,19 @@ impl Checkpoint {
 
     /// Removes offset and commit entries older than `keep_from` (best effort).
     fn purge_before(&self, keep_from: BatchId) {
+        let mut purged = self.purged_below.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(below) = *purged {
+            // Only the entries that fell out of retention since the last
+            // purge: no directory listing on the batch's path.
+            for id in below..keep_from {
+                for log in ["offsets", "commits"] {
+                    let _ = fs::remove_file(self.root.join(log).join(id.to_string()));
+                }
+            }
+            *purged = Some(below.max(keep_from));
+            return;
+        }
+        *purged = Some(keep_from);
         for log in ["offsets", "commits"] {
             let dir = self.root.join(log);
             let Ok(entries) = fs::read_dir(&dir) else {

@@ -114,6 +114,9 @@ pub struct StateStore {
     fallbacks: Vec<String>,
 }
 
+/// From how many rows a commit without fsync writes its files in parallel.
+const PARALLEL_WRITE_ROWS: usize = 8192;
+
 /// The column a delta file uses to mark removed keys.
 const DELETED: &str = "_deleted";
 
@@ -282,6 +285,51 @@ impl StateStore {
         Ok(gone)
     }
 
+    /// Removes the rows whose keys `predicate` (over a batch of the live
+    /// keys alone) marks, returning them (keys, then values): the same as
+    /// [`Self::remove_where`] for a predicate that reads only keys, without
+    /// decoding every live row's values.
+    pub fn remove_keys_where(
+        &mut self,
+        predicate: impl Fn(&RecordBatch) -> Result<BooleanArray>,
+    ) -> Result<RecordBatch> {
+        if self.is_empty() {
+            return Ok(RecordBatch::new_empty(self.row_schema()));
+        }
+        let gone: Vec<Bytes> = {
+            let live: Vec<&[u8]> = self
+                .partitions
+                .iter()
+                .flat_map(|p| p.rows.keys())
+                .map(|k| &k[..])
+                .collect();
+            let kp = self.keys.parser();
+            let cols = self.keys.convert_rows(live.iter().map(|k| kp.parse(k)))?;
+            let keys = RecordBatch::try_new(Arc::clone(&self.key_schema), cols)?;
+            let mask = predicate(&keys)?;
+            live.iter()
+                .zip(mask.iter())
+                .filter(|(_, m)| *m == Some(true))
+                .map(|(k, _)| Bytes::from(*k))
+                .collect()
+        };
+        let mut values = Vec::with_capacity(gone.len());
+        let mut keys = Vec::with_capacity(gone.len());
+        for k in gone {
+            let p = self.partition_of(&k);
+            let part = &mut self.partitions[p];
+            if let Some((key, value)) = part.rows.remove_entry(&k[..]) {
+                part.upserted.remove(&k[..]);
+                part.removed.insert(key);
+                keys.push(k);
+                values.push(value);
+            }
+        }
+        let k: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        let v: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
+        self.to_batch(&k, &v)
+    }
+
     /// Every live row (keys, then values).
     pub fn scan(&self) -> Result<RecordBatch> {
         if self.is_empty() {
@@ -366,10 +414,14 @@ impl StateStore {
                 files.push((pdir.join(name(FileKind::Snapshot)), self.to_batch(&k, &v)?));
             }
         }
-        // Synced partitions are written in parallel, so their fsyncs
-        // overlap; without fsync a thread would cost more than its write.
+        // Partitions are written in parallel, so their fsyncs and their
+        // encoding overlap; a small commit without fsync is written in
+        // turn, as a thread would cost more than its write.
         let durability = self.options.durability;
-        let written: Vec<Result<u64>> = if durability == Durability::NoSync {
+        let rows: usize = files.iter().map(|(_, b)| b.num_rows()).sum();
+        let written: Vec<Result<u64>> = if durability == Durability::NoSync
+            && rows < PARALLEL_WRITE_ROWS
+        {
             files
                 .iter()
                 .map(|(path, batch)| write_ipc(path, batch, durability))
