@@ -67,6 +67,8 @@ pub(crate) struct Streamed {
     pub(crate) output_rows: u64,
     /// Resident memory (MiB) after each quarter of the batches.
     pub(crate) rss_mib: Vec<u64>,
+    /// Live state rows after each quarter of the batches.
+    pub(crate) state_rows: Vec<u64>,
     /// Milliseconds spent in each phase of the batches (from their progress).
     pub(crate) phases: std::collections::BTreeMap<String, f64>,
 }
@@ -111,6 +113,7 @@ pub(crate) async fn streamed(
     let expected_batches = total_files.div_ceil(files_per_batch) as u64;
     let quarter = expected_batches.div_ceil(4).max(1);
     let mut rss_mib = Vec::new();
+    let mut state_rows = Vec::new();
     let t = Instant::now();
     let mut batches = 0;
     let mut output_rows = 0;
@@ -123,6 +126,7 @@ pub(crate) async fn streamed(
         }
         if batches % quarter == 0 {
             rss_mib.push(rss_kib("VmRSS") / 1024);
+            state_rows.push(p.state.as_ref().map_or(0, |s| s.rows));
         }
     }
     let time = t.elapsed();
@@ -132,6 +136,7 @@ pub(crate) async fn streamed(
         batches,
         output_rows,
         rss_mib,
+        state_rows,
         phases,
     })
 }
