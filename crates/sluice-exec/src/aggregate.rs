@@ -154,6 +154,9 @@ impl StateFinalizer {
 #[derive(Debug)]
 pub(crate) struct AggregateOperator {
     input: Arc<dyn ExecutionPlan>,
+    /// `input` without its round-robin repartitions, for small batches,
+    /// where spreading rows over the cores costs more than it saves.
+    narrow_input: Option<Arc<dyn ExecutionPlan>>,
     partial: Stage,
     reduce: Stage,
     finalize: Stage,
@@ -173,6 +176,38 @@ pub(crate) struct AggregateOperator {
     /// Human-readable description for EXPLAIN and errors.
     pub description: String,
     finalizer: StateFinalizer,
+}
+
+/// `plan` without the round-robin repartitions over a single partition
+/// that DataFusion adds to spread rows over the cores; only for a plan
+/// that is one chain (no joins or unions, whose inputs' partition counts
+/// must agree), and `None` if there is nothing to remove.
+fn narrow(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    use datafusion::physical_plan::{ExecutionPlanProperties, Partitioning};
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    fn chain(p: &Arc<dyn ExecutionPlan>) -> bool {
+        let children = p.children();
+        children.len() <= 1 && children.into_iter().all(chain)
+    }
+    if !chain(plan) {
+        return None;
+    }
+    let mut removed = false;
+    let narrow = Arc::clone(plan)
+        .transform_up(|node| {
+            let any: &dyn std::any::Any = node.as_ref();
+            if let Some(r) = any.downcast_ref::<RepartitionExec>()
+                && matches!(r.partitioning(), Partitioning::RoundRobinBatch(_))
+                && r.input().output_partitioning().partition_count() == 1
+            {
+                removed = true;
+                return Ok(Transformed::yes(Arc::clone(r.input())));
+            }
+            Ok(Transformed::no(node))
+        })
+        .ok()?
+        .data;
+    removed.then_some(narrow)
 }
 
 /// How many parts a batch's rows are aggregated in: one per core, at most 4.
@@ -405,6 +440,7 @@ impl AggregateOperator {
         };
         Ok(AggregateOperator {
             finalizer,
+            narrow_input: narrow(&input),
             input,
             partial,
             reduce,
@@ -515,6 +551,7 @@ impl AggregateOperator {
         wm_start: Option<i64>,
         wm_end: Option<i64>,
         now_ms: i64,
+        input_rows: u64,
     ) -> Result<AggregateOutput> {
         self.dirty = true;
         let mut clock = std::time::Instant::now();
@@ -524,7 +561,11 @@ impl AggregateOperator {
                 .push((step, now.duration_since(clock).as_secs_f64() * 1000.0));
             clock = now;
         };
-        let plan = reset_plan_states(Arc::clone(&self.input)).map_err(Error::from)?;
+        let input = match &self.narrow_input {
+            Some(narrow) if (input_rows as usize) < PARALLEL_ROWS => narrow,
+            _ => &self.input,
+        };
+        let plan = reset_plan_states(Arc::clone(input)).map_err(Error::from)?;
         let raw = collect(plan, Arc::clone(ctx)).await.map_err(Error::from)?;
         let closes = self.mode != OutputMode::Complete;
         let mut out = AggregateOutput::default();

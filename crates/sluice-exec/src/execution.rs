@@ -637,6 +637,7 @@ impl MicroBatchExecution {
                         entry.watermark_ms,
                         watermark,
                         entry.timestamp_ms,
+                        input_rows,
                     )
                     .await
                     .map(|o| {
