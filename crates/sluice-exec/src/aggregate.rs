@@ -183,8 +183,8 @@ pub(crate) struct AggregateOperator {
 /// that is one chain (no joins or unions, whose inputs' partition counts
 /// must agree), and `None` if there is nothing to remove.
 fn narrow(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
-    use datafusion::physical_plan::{ExecutionPlanProperties, Partitioning};
     use datafusion::physical_plan::repartition::RepartitionExec;
+    use datafusion::physical_plan::{ExecutionPlanProperties, Partitioning};
     fn chain(p: &Arc<dyn ExecutionPlan>) -> bool {
         let children = p.children();
         children.len() <= 1 && children.into_iter().all(chain)
