@@ -95,6 +95,8 @@ struct Partition {
     rows: Map,
     upserted: Set,
     removed: Set,
+    /// Bytes of the live keys and values in `rows`, kept as they change.
+    bytes: usize,
 }
 
 /// One operator's keyed, versioned state.
@@ -175,13 +177,10 @@ impl StateStore {
         self.len() == 0
     }
 
-    /// Approximate bytes held in memory by the live rows.
+    /// Approximate bytes held in memory by the live rows: their row-encoded
+    /// keys and values, counted as they change (no walk over the state).
     pub fn memory_bytes(&self) -> usize {
-        self.partitions
-            .iter()
-            .flat_map(|p| p.rows.iter())
-            .map(|(k, v)| k.len() + v.len())
-            .sum()
+        self.partitions.iter().map(|p| p.bytes).sum()
     }
 
     fn partition_of(&self, key: &[u8]) -> usize {
@@ -233,8 +232,12 @@ impl StateStore {
             match part.rows.get_mut(k) {
                 // Fixed-width states keep their length: updated in place.
                 Some(old) if old.len() == v.len() => old.copy_from_slice(v),
-                Some(old) => *old = v.into(),
+                Some(old) => {
+                    part.bytes = part.bytes - old.len() + v.len();
+                    *old = v.into();
+                }
                 None => {
+                    part.bytes += k.len() + v.len();
                     part.rows.insert(k.into(), v.into());
                 }
             }
@@ -277,7 +280,8 @@ impl StateStore {
             let k = rows.row(i).data();
             let p = self.partition_of(k);
             let part = &mut self.partitions[p];
-            if let Some((key, _)) = part.rows.remove_entry(k) {
+            if let Some((key, value)) = part.rows.remove_entry(k) {
+                part.bytes -= key.len() + value.len();
                 part.upserted.remove(k);
                 part.removed.insert(key);
             }
@@ -319,6 +323,7 @@ impl StateStore {
             let p = self.partition_of(&k);
             let part = &mut self.partitions[p];
             if let Some((key, value)) = part.rows.remove_entry(&k[..]) {
+                part.bytes -= key.len() + value.len();
                 part.upserted.remove(&k[..]);
                 part.removed.insert(key);
                 keys.push(k);
@@ -586,12 +591,17 @@ impl StateStore {
                 for i in 0..batch.num_rows() {
                     let k = keys.row(i).data();
                     let p = self.partition_of(k);
+                    let part = &mut self.partitions[p];
                     if deleted.as_ref().is_some_and(|d| d.value(i)) {
-                        self.partitions[p].rows.remove(k);
+                        if let Some((key, value)) = part.rows.remove_entry(k) {
+                            part.bytes -= key.len() + value.len();
+                        }
                     } else {
-                        self.partitions[p]
-                            .rows
-                            .insert(k.into(), values.row(i).data().into());
+                        let v = values.row(i).data();
+                        if let Some(old) = part.rows.insert(k.into(), v.into()) {
+                            part.bytes -= k.len() + old.len();
+                        }
+                        part.bytes += k.len() + v.len();
                     }
                 }
             }

@@ -60,6 +60,14 @@ fn rows(data: &[(&str, i64, i64)]) -> RecordBatch {
 type Model = BTreeMap<(String, i64), i64>;
 
 fn contents(s: &StateStore) -> Model {
+    // The byte count kept on every change equals a walk over the rows.
+    let walked: usize = s
+        .partitions
+        .iter()
+        .flat_map(|p| p.rows.iter())
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    assert_eq!(s.memory_bytes(), walked, "memory_bytes out of step");
     let b = s.scan().unwrap();
     let k = b.column(0).as_string::<i32>();
     let w = b.column(1).as_primitive::<Int64Type>();
