@@ -57,6 +57,24 @@ fn sink_rows(dir: &Path) -> Vec<String> {
 }
 
 /// Every sink's rows: the windowed counts, the stateless copy, late rows.
+/// Every `.<name>.<pid>.tmp` file under `dir`.
+fn temp_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(temp_files(&p));
+        } else if e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"))
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn outputs(dir: &Path) -> [Vec<String>; 3] {
     ["counts", "copy", "late"].map(|d| sink_rows(&dir.join(d)))
 }
@@ -206,6 +224,14 @@ fn random_kills_inside_durable_writes_never_lose_or_duplicate_a_row() {
             outputs(dir.path()),
             expected,
             "seed {seed}, run {run}: output differs from the uninterrupted run"
+        );
+        // The killed runs' half-written temporary files are gone: each run
+        // removes those of dead processes when it opens its checkpoint and
+        // its sinks.
+        let left = temp_files(dir.path());
+        assert!(
+            left.is_empty(),
+            "seed {seed}, run {run}: left behind {left:?}"
         );
     }
     assert!(kills >= runs, "only {kills} kills in {runs} runs");

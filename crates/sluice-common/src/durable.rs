@@ -127,6 +127,44 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
     })
 }
 
+/// Removes, in `dir` and below, the temporary files (`.<name>.<pid>.tmp`)
+/// that [`write_atomic`] calls of processes no longer running left behind,
+/// as a crash mid-write does; a live process's are kept. Returns how many
+/// went. Only where `/proc` tells which processes run (Linux); elsewhere
+/// nothing is removed.
+pub fn remove_stale_temp_files(dir: &Path) -> usize {
+    if !Path::new("/proc/self").exists() {
+        return 0;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => removed += remove_stale_temp_files(&path),
+            Ok(_) => {
+                let pid = e.file_name().to_str().and_then(temp_file_pid);
+                if let Some(pid) = pid
+                    && !Path::new("/proc").join(pid.to_string()).exists()
+                    && fs::remove_file(&path).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    removed
+}
+
+/// The writer's process id in a temporary file's name `.<name>.<pid>.tmp`.
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    rest.rsplit_once('.')?.1.parse().ok()
+}
+
 /// Writes `body` framed with its checksum, atomically.
 pub fn write_framed(path: &Path, body: &[u8], durability: Durability) -> Result<()> {
     write_atomic(path, &frame(body), durability)
@@ -231,6 +269,30 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_temp_files_of_dead_processes_go_and_live_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("state/0");
+        fs::create_dir_all(&sub).unwrap();
+        // Above any Linux pid_max: no such process.
+        let dead = sub.join(".3.delta.4294967.tmp");
+        let live = dir.path().join(format!(".7.{}.tmp", std::process::id()));
+        let kept = [
+            dir.path().join("7"),
+            dir.path().join(".hidden"),
+            sub.join("x.tmp"),
+        ];
+        for f in kept.iter().chain([&dead, &live]) {
+            fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temp_files(dir.path()), 1);
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(kept.iter().all(|f| f.exists()));
+        assert_eq!(temp_file_pid(".offsets.12.tmp"), Some(12));
+        assert_eq!(temp_file_pid("12.tmp"), None);
+    }
 
     #[test]
     fn framed_round_trip_and_every_damage_is_named() {

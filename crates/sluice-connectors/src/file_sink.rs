@@ -187,6 +187,8 @@ impl Sink for FileSink {
             .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
         fs::create_dir_all(self.meta_dir().join("manifest"))
             .map_err(|e| Error::io(format!("creating {}", self.meta_dir().display()), e))?;
+        // Temporary files of manifest writes a crash cut short.
+        sluice_common::durable::remove_stale_temp_files(&self.meta_dir());
         // Left over by a run that died between staging and manifest.
         for e in fs::read_dir(&staging)
             .map_err(|e| Error::io(format!("listing {}", staging.display()), e))?

@@ -157,6 +157,9 @@ impl Checkpoint {
         fs::create_dir_all(root)
             .map_err(|e| Error::io(format!("creating checkpoint {}", root.display()), e))?;
         let lock = acquire_lock(root)?;
+        // Holding the lock, no other process writes here: temporary files
+        // of writes that a crash cut short can go.
+        durable::remove_stale_temp_files(root);
         let mut sources: Vec<String> = sources.to_vec();
         sources.sort();
         let meta_path = root.join("metadata");
