@@ -253,18 +253,16 @@ impl Checkpoint {
     /// (its sink write, its commit entry). With [`Durability::NoSync`] the
     /// write is done before this returns (a thread would cost more than it).
     pub fn start_write_offsets(&self, entry: &OffsetEntry) -> Result<OffsetWrite> {
-        let path = self.root.join("offsets").join(entry.batch_id.to_string());
-        let body = serde_json::to_vec(entry)
-            .map_err(|e| Error::internal(format!("serializing {}: {e}", path.display())))?;
+        let t = std::time::Instant::now();
         let durability = self.options.durability;
         if durability == Durability::NoSync {
-            let t = std::time::Instant::now();
-            durable::write_framed(&path, &body, durability)?;
+            self.write_offsets(entry)?;
             return Ok(OffsetWrite::Done(t.elapsed()));
         }
+        let path = self.entry_path("offsets", entry.batch_id);
+        let entry = entry.clone();
         Ok(OffsetWrite::Running(std::thread::spawn(move || {
-            let t = std::time::Instant::now();
-            durable::write_framed(&path, &body, durability).map(|()| t.elapsed())
+            durable::write_json(&path, &entry, durability).map(|()| t.elapsed())
         })))
     }
 
@@ -286,7 +284,7 @@ impl Checkpoint {
         id: BatchId,
         batch_id: impl FnOnce(&T) -> BatchId,
     ) -> Result<T> {
-        let path = self.root.join(log).join(id.to_string());
+        let path = self.entry_path(log, id);
         let e: T = durable::read_json(&path)?;
         let found = batch_id(&e);
         if found != id {
@@ -299,8 +297,12 @@ impl Checkpoint {
     }
 
     fn write_entry<T: Serialize>(&self, log: &str, id: BatchId, entry: &T) -> Result<()> {
-        let path = self.root.join(log).join(id.to_string());
-        durable::write_json(&path, entry, self.options.durability)
+        durable::write_json(&self.entry_path(log, id), entry, self.options.durability)
+    }
+
+    /// `<root>/<log>/<id>`: where batch `id`'s entry of a log lives.
+    fn entry_path(&self, log: &str, id: BatchId) -> PathBuf {
+        self.root.join(log).join(id.to_string())
     }
 
     /// The directory where source `name` keeps its own durable metadata.
@@ -348,7 +350,7 @@ impl Checkpoint {
             // purge: no directory listing on the batch's path.
             for id in below..keep_from {
                 for log in ["offsets", "commits"] {
-                    let _ = fs::remove_file(self.root.join(log).join(id.to_string()));
+                    let _ = fs::remove_file(self.entry_path(log, id));
                 }
             }
             *purged = Some(below.max(keep_from));
