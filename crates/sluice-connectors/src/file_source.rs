@@ -429,55 +429,48 @@ impl SourceReader for FileReader {
     }
 }
 
-/// Decodes `files` on up to as many threads as there are cores, keeping
-/// their order.
+/// Decodes `files` on up to as many threads as there are cores (each a run
+/// of consecutive files), keeping their order.
 fn decode_all(
     format: &Format,
     schema: &SchemaRef,
     files: Vec<(PathBuf, Bytes)>,
 ) -> Result<Vec<(PathBuf, decode::Decoded)>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(files.len());
-    if threads <= 1 {
-        return Ok(files
-            .into_iter()
+    let decode_run = |run: Vec<(PathBuf, Bytes)>| -> Vec<(PathBuf, decode::Decoded)> {
+        run.into_iter()
             .map(|(p, b)| {
                 let d = decode::decode(format, schema, b);
                 (p, d)
             })
-            .collect());
+            .collect()
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len());
+    if threads <= 1 {
+        return Ok(decode_run(files));
     }
-    let mut slots: Vec<Option<(PathBuf, decode::Decoded)>> = Vec::new();
-    slots.resize_with(files.len(), || None);
-    let count = files.len();
-    let per = count.div_ceil(threads);
-    let mut files = files;
+    let per = files.len().div_ceil(threads);
+    let mut files = files.into_iter();
     std::thread::scope(|scope| {
-        let mut rest: &mut [Option<(PathBuf, decode::Decoded)>] = &mut slots;
-        let mut work = Vec::new();
-        while !files.is_empty() {
-            let take = per.min(files.len());
-            let chunk: Vec<(PathBuf, Bytes)> = files.drain(..take).collect();
-            let (mine, tail) = rest.split_at_mut(take);
-            rest = tail;
-            work.push(scope.spawn(move || {
-                for (slot, (p, b)) in mine.iter_mut().zip(chunk) {
-                    let d = decode::decode(format, schema, b);
-                    *slot = Some((p, d));
-                }
-            }));
+        let mut runs = Vec::new();
+        loop {
+            let run: Vec<_> = files.by_ref().take(per).collect();
+            if run.is_empty() {
+                break;
+            }
+            runs.push(scope.spawn(move || decode_run(run)));
         }
-        for w in work {
-            // decode never panics (fuzzed); if it did, its slots stay empty.
-            let _ = w.join();
+        let mut out = Vec::new();
+        for run in runs {
+            // decode never panics (fuzzed); if it did, say so.
+            out.extend(
+                run.join()
+                    .map_err(|_| Error::internal("a thread decoding input files panicked"))?,
+            );
         }
-    });
-    let done: Vec<_> = slots.into_iter().flatten().collect();
-    if done.len() != count {
-        return Err(Error::internal("a thread decoding input files panicked"));
-    }
-    Ok(done)
+        Ok(out)
+    })
 }
 
 #[cfg(test)]
