@@ -99,6 +99,40 @@ struct Partition {
     bytes: usize,
 }
 
+impl Partition {
+    /// Sets `k`'s value, keeping `bytes`; an equal-length value (a
+    /// fixed-width state) is overwritten in place.
+    fn set(&mut self, k: &[u8], v: &[u8]) {
+        match self.rows.get_mut(k) {
+            Some(old) if old.len() == v.len() => old.copy_from_slice(v),
+            Some(old) => {
+                self.bytes = self.bytes - old.len() + v.len();
+                *old = v.into();
+            }
+            None => {
+                self.bytes += k.len() + v.len();
+                self.rows.insert(k.into(), v.into());
+            }
+        }
+    }
+
+    /// Takes `k` out of the live rows, keeping `bytes`.
+    fn take(&mut self, k: &[u8]) -> Option<(Bytes, Bytes)> {
+        let (key, value) = self.rows.remove_entry(k)?;
+        self.bytes -= key.len() + value.len();
+        Some((key, value))
+    }
+
+    /// Removes `k` as a change of this version (its delta marks it deleted),
+    /// returning its value.
+    fn remove(&mut self, k: &[u8]) -> Option<Bytes> {
+        let (key, value) = self.take(k)?;
+        self.upserted.remove(k);
+        self.removed.insert(key);
+        Some(value)
+    }
+}
+
 /// One operator's keyed, versioned state.
 #[derive(Debug)]
 pub struct StateStore {
@@ -229,18 +263,7 @@ impl StateStore {
             if !part.upserted.contains(k) {
                 part.upserted.insert(k.into());
             }
-            match part.rows.get_mut(k) {
-                // Fixed-width states keep their length: updated in place.
-                Some(old) if old.len() == v.len() => old.copy_from_slice(v),
-                Some(old) => {
-                    part.bytes = part.bytes - old.len() + v.len();
-                    *old = v.into();
-                }
-                None => {
-                    part.bytes += k.len() + v.len();
-                    part.rows.insert(k.into(), v.into());
-                }
-            }
+            part.set(k, v);
         }
         Ok(())
     }
@@ -248,8 +271,7 @@ impl StateStore {
     /// The stored rows (keys, then values) of the given keys that exist.
     pub fn get(&self, keys: &[ArrayRef]) -> Result<RecordBatch> {
         let rows = self.keys.convert_columns(keys)?;
-        let mut found_k: Vec<&[u8]> = Vec::new();
-        let mut found_v: Vec<&[u8]> = Vec::new();
+        let mut found: Vec<(&[u8], &[u8])> = Vec::new();
         let mut seen: std::collections::HashSet<&[u8], Hasher> = Default::default();
         for i in 0..rows.num_rows() {
             let k = rows.row(i).data();
@@ -258,11 +280,10 @@ impl StateStore {
             }
             let p = self.partition_of(k);
             if let Some(v) = self.partitions[p].rows.get(k) {
-                found_k.push(k);
-                found_v.push(v);
+                found.push((k, v));
             }
         }
-        self.to_batch(&found_k, &found_v)
+        self.to_batch(found.into_iter())
     }
 
     /// Removes the rows for which `predicate` (over a batch of live rows:
@@ -279,12 +300,7 @@ impl StateStore {
         for i in 0..rows.num_rows() {
             let k = rows.row(i).data();
             let p = self.partition_of(k);
-            let part = &mut self.partitions[p];
-            if let Some((key, value)) = part.rows.remove_entry(k) {
-                part.bytes -= key.len() + value.len();
-                part.upserted.remove(k);
-                part.removed.insert(key);
-            }
+            self.partitions[p].remove(k);
         }
         Ok(gone)
     }
@@ -317,36 +333,25 @@ impl StateStore {
                 .map(|(k, _)| Bytes::from(*k))
                 .collect()
         };
-        let mut values = Vec::with_capacity(gone.len());
-        let mut keys = Vec::with_capacity(gone.len());
+        let mut taken = Vec::with_capacity(gone.len());
         for k in gone {
             let p = self.partition_of(&k);
-            let part = &mut self.partitions[p];
-            if let Some((key, value)) = part.rows.remove_entry(&k[..]) {
-                part.bytes -= key.len() + value.len();
-                part.upserted.remove(&k[..]);
-                part.removed.insert(key);
-                keys.push(k);
-                values.push(value);
+            if let Some(v) = self.partitions[p].remove(&k) {
+                taken.push((k, v));
             }
         }
-        let k: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        let v: Vec<&[u8]> = values.iter().map(|v| &v[..]).collect();
-        self.to_batch(&k, &v)
+        self.to_batch(taken.iter().map(|(k, v)| (&k[..], &v[..])))
     }
 
     /// Every live row (keys, then values).
     pub fn scan(&self) -> Result<RecordBatch> {
-        if self.is_empty() {
-            return Ok(RecordBatch::new_empty(self.row_schema()));
-        }
-        // Straight from the maps, no row copied: a map's keys and values
-        // come in the same order.
-        let rows = || self.partitions.iter().flat_map(|p| p.rows.iter());
-        let (kp, vp) = (self.keys.parser(), self.values.parser());
-        let mut cols = self.keys.convert_rows(rows().map(|(k, _)| kp.parse(k)))?;
-        cols.extend(self.values.convert_rows(rows().map(|(_, v)| vp.parse(v)))?);
-        Ok(RecordBatch::try_new(self.row_schema(), cols)?)
+        // Straight from the maps, no row copied.
+        self.to_batch(
+            self.partitions
+                .iter()
+                .flat_map(|p| p.rows.iter())
+                .map(|(k, v)| (&k[..], &v[..])),
+        )
     }
 
     /// The schema of [`StateStore::scan`]: key columns, then value columns.
@@ -361,18 +366,24 @@ impl StateStore {
         Arc::new(Schema::new(fields))
     }
 
-    fn to_columns(&self, keys: &[&[u8]], values: &[&[u8]]) -> Result<Vec<ArrayRef>> {
+    /// Columns (keys, then values) of row-encoded `(key, value)` pairs.
+    fn to_columns<'a>(
+        &self,
+        rows: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    ) -> Result<Vec<ArrayRef>> {
         let (kp, vp) = (self.keys.parser(), self.values.parser());
-        let mut cols = self.keys.convert_rows(keys.iter().map(|r| kp.parse(r)))?;
-        cols.extend(
-            self.values
-                .convert_rows(values.iter().map(|r| vp.parse(r)))?,
-        );
+        let mut cols = self
+            .keys
+            .convert_rows(rows.clone().map(|(k, _)| kp.parse(k)))?;
+        cols.extend(self.values.convert_rows(rows.map(|(_, v)| vp.parse(v)))?);
         Ok(cols)
     }
 
-    fn to_batch(&self, keys: &[&[u8]], values: &[&[u8]]) -> Result<RecordBatch> {
-        let cols = self.to_columns(keys, values)?;
+    fn to_batch<'a>(
+        &self,
+        rows: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    ) -> Result<RecordBatch> {
+        let cols = self.to_columns(rows)?;
         if cols.is_empty() {
             return Ok(RecordBatch::new_empty(self.row_schema()));
         }
@@ -413,10 +424,9 @@ impl StateStore {
             let name = |kind| StateFile { version, kind }.name();
             files.push((pdir.join(name(FileKind::Delta)), delta));
             if snapshot {
-                let part = &self.partitions[p];
-                let (k, v): (Vec<&[u8]>, Vec<&[u8]>) =
-                    part.rows.iter().map(|(k, v)| (&k[..], &v[..])).unzip();
-                files.push((pdir.join(name(FileKind::Snapshot)), self.to_batch(&k, &v)?));
+                let rows = self.partitions[p].rows.iter();
+                let snapshot = self.to_batch(rows.map(|(k, v)| (&k[..], &v[..])))?;
+                files.push((pdir.join(name(FileKind::Snapshot)), snapshot));
             }
         }
         // Partitions are written in parallel, so their fsyncs and their
@@ -475,13 +485,11 @@ impl StateStore {
 
     fn delta_batch(&self, p: usize, upserted: &Set, removed: &Set) -> Result<RecordBatch> {
         let part = &self.partitions[p];
-        let mut keys: Vec<&[u8]> = Vec::with_capacity(upserted.len() + removed.len());
-        let mut values: Vec<&[u8]> = Vec::with_capacity(keys.capacity());
-        let mut deleted = Vec::with_capacity(keys.capacity());
+        let mut rows: Vec<(&[u8], &[u8])> = Vec::with_capacity(upserted.len() + removed.len());
+        let mut deleted = Vec::with_capacity(rows.capacity());
         for k in upserted {
             if let Some(v) = part.rows.get(k) {
-                keys.push(k);
-                values.push(v);
+                rows.push((k, v));
                 deleted.push(false);
             }
         }
@@ -489,12 +497,11 @@ impl StateStore {
         // read back.
         let filler = self.null_values()?;
         for k in removed {
-            keys.push(k);
-            values.push(&filler);
+            rows.push((k, &filler));
             deleted.push(true);
         }
         // Value columns are nullable here: a removed key's values are nulls.
-        let mut cols = self.to_columns(&keys, &values)?;
+        let mut cols = self.to_columns(rows.into_iter())?;
         let mut fields: Vec<Field> = self
             .row_schema()
             .fields()
@@ -593,15 +600,9 @@ impl StateStore {
                     let p = self.partition_of(k);
                     let part = &mut self.partitions[p];
                     if deleted.as_ref().is_some_and(|d| d.value(i)) {
-                        if let Some((key, value)) = part.rows.remove_entry(k) {
-                            part.bytes -= key.len() + value.len();
-                        }
+                        part.take(k);
                     } else {
-                        let v = values.row(i).data();
-                        if let Some(old) = part.rows.insert(k.into(), v.into()) {
-                            part.bytes -= k.len() + old.len();
-                        }
-                        part.bytes += k.len() + v.len();
+                        part.set(k, values.row(i).data());
                     }
                 }
             }
