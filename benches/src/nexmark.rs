@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sluice::Result;
 use sluice::deps::sluice_common::durable::Durability;
 use sluice::prelude::*;
-use sluice::{Outcome, Result};
 
 /// One query's figures.
 pub(crate) struct NexmarkRun {
@@ -85,16 +85,8 @@ pub(crate) async fn nexmark(
                      max_events_per_trigger = {per_batch}, pregenerate = true);
              CREATE SINK out WITH (connector = 'memory', output_mode = 'append') AS {select};"
         );
-        let mut started = Vec::new();
-        for o in ctx.sql(&script).await? {
-            if let Outcome::Query(q) = o {
-                // Opening the source generates its events: before the clock.
-                started.push(q.with_trigger(Trigger::Manual).start().await?);
-            }
-        }
-        let q = started
-            .pop()
-            .ok_or_else(|| sluice::Error::internal("no query"))?;
+        // Opening the source generates its events: before the clock.
+        let q = crate::throughput::start_last_query(&ctx, &script).await?;
         let (mut batches, mut rows) = (0, 0);
         let t = Instant::now();
         while let Some(p) = q.run_batch().await? {

@@ -10,7 +10,7 @@ use sluice::deps::datafusion::parquet::arrow::ArrowWriter;
 use sluice::deps::datafusion::prelude::{ParquetReadOptions, SessionContext};
 use sluice::deps::sluice_common::durable::Durability;
 use sluice::prelude::*;
-use sluice::{Outcome, Result};
+use sluice::{Outcome, Result, StreamingQuery};
 
 use crate::{rows, schema};
 
@@ -100,15 +100,7 @@ pub(crate) async fn streamed(
          CREATE SINK out WITH (connector = 'memory', output_mode = 'append') AS {WINDOW_SQL};",
         input.display()
     );
-    let mut queries = Vec::new();
-    for o in ctx.sql(&script).await? {
-        if let Outcome::Query(q) = o {
-            queries.push(q.with_trigger(Trigger::Manual).start().await?);
-        }
-    }
-    let q = queries
-        .pop()
-        .ok_or_else(|| sluice::Error::internal("no query"))?;
+    let q = start_last_query(&ctx, &script).await?;
     let total_files = std::fs::read_dir(input).map(|d| d.count()).unwrap_or(0);
     let expected_batches = total_files.div_ceil(files_per_batch) as u64;
     let quarter = expected_batches.div_ceil(4).max(1);
@@ -139,6 +131,21 @@ pub(crate) async fn streamed(
         state_rows,
         phases,
     })
+}
+
+/// Runs `script` in `ctx` and starts its last query on a manual trigger
+/// (starting opens the query's sources).
+pub(crate) async fn start_last_query(ctx: &StreamContext, script: &str) -> Result<StreamingQuery> {
+    let mut last = None;
+    for o in ctx.sql(script).await? {
+        if let Outcome::Query(q) = o {
+            last = Some(q);
+        }
+    }
+    last.ok_or_else(|| sluice::Error::internal("the script starts no query"))?
+        .with_trigger(Trigger::Manual)
+        .start()
+        .await
 }
 
 /// A `/proc/self/status` figure in KiB (0 where there is none).
