@@ -195,12 +195,26 @@ fn decode_parquet(schema: &SchemaRef, bytes: Bytes) -> Result<Vec<RecordBatch>, 
         .with_batch_size(BATCH_SIZE)
         .build()
         .map_err(|e| format!("not a readable Parquet file: {e}"))?;
-    let mut out = Vec::new();
-    for b in reader {
-        let b = b.map_err(|e| format!("corrupt or truncated Parquet data: {e}"))?;
-        out.push(conform_by_name(schema, &b)?);
-    }
-    Ok(out)
+    // The Parquet reader can panic on some corrupt files (the fuzz target
+    // found one in its level decoding): that is bad input like any other.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut out = Vec::new();
+        for b in reader {
+            let b = b.map_err(|e| format!("corrupt or truncated Parquet data: {e}"))?;
+            out.push(conform_by_name(schema, &b)?);
+        }
+        Ok(out)
+    }))
+    .unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(format!(
+            "corrupt Parquet data: the Parquet reader failed on it ({why})"
+        ))
+    })
 }
 
 /// Selects and casts the columns of `batch` to `schema` by name.
@@ -267,6 +281,21 @@ mod tests {
 
     fn rows(d: &Decoded) -> usize {
         d.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    #[test]
+    fn a_parquet_file_that_makes_the_reader_panic_is_a_bad_record() {
+        // Found by the `decoders` fuzz target (kept in its corpus): the
+        // Parquet crate's level decoder panics on this file.
+        let bytes = include_bytes!("../../../fuzz/corpus/decoders/parquet-level-decoder-panic");
+        let d = decode(&Format::Parquet, &schema(), Bytes::from_static(bytes));
+        assert_eq!(rows(&d), 0);
+        assert_eq!(d.bad.len(), 1);
+        assert!(
+            d.bad[0].error.contains("corrupt Parquet data"),
+            "{}",
+            d.bad[0].error
+        );
     }
 
     #[test]
