@@ -190,14 +190,17 @@ fn decode_chunk(
 }
 
 fn decode_parquet(schema: &SchemaRef, bytes: Bytes) -> Result<Vec<RecordBatch>, String> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .map_err(|e| format!("not a readable Parquet file: {e}"))?
-        .with_batch_size(BATCH_SIZE)
-        .build()
-        .map_err(|e| format!("not a readable Parquet file: {e}"))?;
-    // The Parquet reader can panic on some corrupt files (the fuzz target
-    // found one in its level decoding): that is bad input like any other.
+    // The Parquet and Arrow IPC crates can panic on some corrupt files
+    // rather than return an error: the fuzz target found one in the level
+    // decoder (while reading pages) and one in the Arrow schema embedded in
+    // the footer's metadata (while opening). Either is bad input like any
+    // other, so the whole read, opening included, runs under the guard.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(|e| format!("not a readable Parquet file: {e}"))?
+            .with_batch_size(BATCH_SIZE)
+            .build()
+            .map_err(|e| format!("not a readable Parquet file: {e}"))?;
         let mut out = Vec::new();
         for b in reader {
             let b = b.map_err(|e| format!("corrupt or truncated Parquet data: {e}"))?;
@@ -293,6 +296,23 @@ mod tests {
         assert_eq!(d.bad.len(), 1);
         assert!(
             d.bad[0].error.contains("corrupt Parquet data"),
+            "{}",
+            d.bad[0].error
+        );
+    }
+
+    #[test]
+    fn a_parquet_file_whose_embedded_arrow_schema_panics_is_a_bad_record() {
+        // Found by the `decoders` fuzz target in CI (kept in its corpus): the
+        // footer's ARROW:schema names a 201326656-bit integer, and the Arrow
+        // IPC crate panics while the reader is being opened.
+        let bytes = include_bytes!("../../../fuzz/corpus/decoders/parquet-arrow-schema-panic");
+        let d = decode(&Format::Parquet, &schema(), Bytes::from_static(bytes));
+        assert_eq!(rows(&d), 0);
+        assert_eq!(d.bad.len(), 1);
+        assert!(
+            d.bad[0].error.contains("corrupt Parquet data")
+                && d.bad[0].error.contains("bit width"),
             "{}",
             d.bad[0].error
         );
