@@ -17,6 +17,17 @@
 //! | `CHECK <sink> AGAINST BATCH` [+ lines of SQL] | the sink's final result equals its query (or the SQL given, for what plain SQL says differently, such as session windows) run by DataFusion as one batch query over all on-time input |
 //! | `CHECK ALL AGAINST BATCH [EXCEPT s ...]` | drains every query, then checks every sink but those named |
 //! | `SHOW STATE PROGRESS <query>` | per committed batch: id, input rows, late rows, state keys, keys updated, keys removed |
+//! | `KAFKA TOPIC <name> [PARTITIONS <n>]` | makes a topic on the file's Kafka broker |
+//! | `KAFKA PRODUCE <topic> [PARTITION <p>] [KEYED]` + lines | produces one record per line (line *i* to partition *i* mod the partition count unless one is given; `KEYED`: `key\|value` lines) |
+//! | `KAFKA CONSUME <topic>` | every record's value, by partition then offset: what a consumer reading the topic from the start sees |
+//!
+//! A file that uses `$KAFKA` or a `KAFKA` directive gets a Kafka-protocol
+//! broker of its own (tansu on 127.0.0.1, see
+//! `sluice_connectors::kafka::LocalBroker`), started on first use and kept
+//! across `RESTART`s, as the outside world is; `$KAFKA` is its
+//! `bootstrap.servers`. Kafka sources are read whole for the batch check, and
+//! a JSON Kafka sink's records (those with its sink id) are decoded back to
+//! rows for it.
 //!
 //! Every file runs as written, as a *restart variant* ([`Variant::Restarts`])
 //! and with random micro-batch splits ([`Variant::Splits`]); each run ends
@@ -49,6 +60,7 @@ use sluice::deps::datafusion::arrow::util::display::{ArrayFormatter, FormatOptio
 use sluice::deps::datafusion::sql::parser::Statement as DFStatement;
 use sluice::deps::datafusion::sql::sqlparser::ast;
 use sluice::deps::sluice_common::options::parse_duration;
+use sluice::deps::sluice_connectors::kafka::{self, LocalBroker};
 use sluice::deps::sluice_planner::{Statement, parse_script};
 use sluice::deps::sluice_state::checkpoint::read_progress;
 use sluice::{Error, Fault, ManualClock, Outcome, StreamContext, StreamingQuery, Trigger};
@@ -82,6 +94,7 @@ pub struct SluiceDb {
     ctx: StreamContext,
     queries: Vec<StreamingQuery>,
     definitions: Vec<Statement>,
+    kafka: Option<LocalBroker>,
 }
 
 impl SluiceDb {
@@ -95,6 +108,7 @@ impl SluiceDb {
             ctx,
             queries: Vec::new(),
             definitions: Vec::new(),
+            kafka: None,
         }
     }
 
@@ -177,6 +191,99 @@ impl SluiceDb {
         Ok(())
     }
 
+    /// The file's broker's `bootstrap.servers`, starting it on first use.
+    pub(crate) fn kafka(&mut self) -> Result<String, TestError> {
+        if self.kafka.is_none() {
+            self.kafka = Some(LocalBroker::start()?);
+        }
+        Ok(self
+            .kafka
+            .as_ref()
+            .map(LocalBroker::bootstrap)
+            .unwrap_or_default())
+    }
+
+    async fn kafka_directive(
+        &mut self,
+        sql: &str,
+        words: &[&str],
+        upper: &[&str],
+    ) -> Result<Option<Vec<RecordBatch>>, TestError> {
+        let servers = self.kafka()?;
+        let bad = || TestError(format!("bad KAFKA directive: {}", words.join(" ")));
+        let timeout = std::time::Duration::from_secs(20);
+        match upper {
+            ["KAFKA", "TOPIC", _, rest @ ..] => {
+                let partitions = match rest {
+                    [] => 1,
+                    ["PARTITIONS", _] => words[4].parse().map_err(|_| bad())?,
+                    _ => return Err(bad()),
+                };
+                kafka::create_topic(&servers, words[2], partitions).await?;
+                Ok(None)
+            }
+            ["KAFKA", "PRODUCE", _, rest @ ..] => {
+                let topic = words[2];
+                let mut partition = None;
+                let mut keyed = false;
+                let mut i = 0;
+                while i < rest.len() {
+                    match rest[i] {
+                        "PARTITION" => {
+                            partition = Some(
+                                words
+                                    .get(4 + i)
+                                    .and_then(|w| w.parse::<i32>().ok())
+                                    .ok_or_else(bad)?,
+                            );
+                            i += 2;
+                        }
+                        "KEYED" => {
+                            keyed = true;
+                            i += 1;
+                        }
+                        _ => return Err(bad()),
+                    }
+                }
+                let count = if partition.is_none() {
+                    partitions_of(&servers, topic)?
+                } else {
+                    1
+                };
+                let lines: Vec<&str> = sql.lines().skip(1).collect();
+                let records: Vec<kafka::ProduceRecord<'_>> = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        let (key, value) = match (keyed, l.split_once('|')) {
+                            (true, Some((k, v))) => (Some(k.as_bytes()), v.as_bytes()),
+                            _ => (None, l.as_bytes()),
+                        };
+                        (Some(partition.unwrap_or((i as i32) % count)), key, value)
+                    })
+                    .collect();
+                kafka::produce(&servers, topic, &records).await?;
+                Ok(None)
+            }
+            ["KAFKA", "CONSUME", _] => {
+                let records = kafka::consume_all(&servers, words[2], timeout)?;
+                let text: String = records
+                    .iter()
+                    .map(|r| {
+                        let v = r
+                            .value
+                            .as_deref()
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_else(|| "NULL".into());
+                        format!("{v}\n")
+                    })
+                    .collect();
+                Ok(Some(vec![text_batch(&text)?]))
+            }
+            _ => Err(bad()),
+        }
+    }
+
     async fn directive(
         &mut self,
         sql: &str,
@@ -214,6 +321,7 @@ impl SluiceDb {
                 self.clock.advance(d);
             }
             ["RESTART"] => self.restart().await?,
+            ["KAFKA", ..] => return Ok(Some(self.kafka_directive(sql, &words, &u).await?)),
             ["INJECT", "FAULT", _, "AT", "BATCH", _] => {
                 let (point, n) = (words[2], words[5]);
                 let fault = Fault::error_at(
@@ -317,6 +425,12 @@ pub(crate) fn rows_of(batches: &[RecordBatch]) -> Result<Vec<Vec<String>>, TestE
     }
 }
 
+/// How many partitions `topic` has on `servers`.
+fn partitions_of(servers: &str, topic: &str) -> Result<i32, TestError> {
+    kafka::partition_count(servers, topic, std::time::Duration::from_secs(20))
+        .map_err(TestError::from)
+}
+
 /// One Utf8 column, one row per line of `text`.
 fn text_batch(text: &str) -> Result<RecordBatch, TestError> {
     use sluice::deps::datafusion::arrow::array::StringArray;
@@ -366,7 +480,10 @@ impl sqllogictest::AsyncDB for SluiceDb {
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, TestError> {
-        let sql = sql.replace("$TMP", &self.dir.display().to_string());
+        let mut sql = sql.replace("$TMP", &self.dir.display().to_string());
+        if sql.contains("$KAFKA") {
+            sql = sql.replace("$KAFKA", &self.kafka()?);
+        }
         let result = match self.directive(&sql).await? {
             Some(r) => r,
             None => self.run_sql(&sql).await?,

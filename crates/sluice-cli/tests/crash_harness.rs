@@ -10,6 +10,9 @@
 //! failure message); `SLUICE_KILL_RUNS=<n>` sets how many pipelines are
 //! killed (default 20).
 
+mod common;
+use common::Rng;
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -125,18 +128,6 @@ fn setup(dir: &Path) {
             })
             .collect();
         fs::write(dir.join("in").join(format!("{i}.json")), body).unwrap();
-    }
-}
-
-/// A small deterministic generator (xorshift64*), so a seed replays a run.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
     }
 }
 

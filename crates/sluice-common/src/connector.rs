@@ -52,6 +52,17 @@ pub trait SourceReader: Send + Sync + Debug {
     async fn latest_offset(&mut self, start: &Value) -> Result<Value>;
     /// Exactly the rows of `[start, end)`; the same rows every time.
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch>;
+    /// An offset after `start` and at most `end`, chosen by `draw` (any
+    /// number): the end of a smaller batch, for tests that split the input
+    /// into random micro-batches (`SET split_seed`). Offsets that count rows
+    /// or files are split here; a source with other offsets overrides this
+    /// (returning `end` keeps the batch whole).
+    fn split_offset(&self, start: &Value, end: &Value, draw: u64) -> Value {
+        match (start.as_u64(), end.as_u64()) {
+            (Some(s), Some(e)) if e > s + 1 => Value::from(s + 1 + draw % (e - s)),
+            _ => end.clone(),
+        }
+    }
 }
 
 /// The rows of one range, and what could not be decoded.

@@ -39,6 +39,18 @@ impl Format {
     }
 }
 
+/// The CSV field separator of `options` (`delimiter`, one character; default `,`).
+pub fn delimiter_option(options: &sluice_common::Options) -> sluice_common::Result<u8> {
+    match options.get("delimiter") {
+        None => Ok(b','),
+        Some(d) if d.len() == 1 => Ok(d.as_bytes()[0]),
+        Some(d) => Err(sluice_common::Error::plan(format!(
+            "{}: delimiter must be one character, got '{d}'",
+            options.owner()
+        ))),
+    }
+}
+
 /// A record that did not decode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BadRecord {
@@ -82,6 +94,114 @@ pub fn decode(format: &Format, schema: &SchemaRef, bytes: Bytes) -> Decoded {
             },
         },
     }
+}
+
+/// Rows decoded from a list of records (e.g. Kafka message values), each
+/// record one row.
+#[derive(Debug, Default)]
+pub struct DecodedRecords {
+    /// The rows, in record order, one per record in `kept`.
+    pub batches: Vec<RecordBatch>,
+    /// The indices of the records the rows came from, ascending.
+    pub kept: Vec<usize>,
+    /// Records that did not decode to exactly one row: index and why.
+    pub bad: Vec<(usize, String)>,
+}
+
+/// Decodes each of `records` (JSON objects, or CSV lines without a header)
+/// as one row of `schema`. A record that is blank, holds more than one row,
+/// or does not decode is bad, named by its index; its neighbours are kept.
+/// Never panics, whatever the bytes.
+pub fn decode_records(format: &Format, schema: &SchemaRef, records: &[&[u8]]) -> DecodedRecords {
+    let format = match format {
+        Format::Csv { delimiter, .. } => Format::Csv {
+            header: false,
+            delimiter: *delimiter,
+        },
+        // Parquet is not a per-record format: every record is bad.
+        Format::Parquet => {
+            return DecodedRecords {
+                bad: (0..records.len())
+                    .map(|i| (i, "a record cannot be a Parquet file".to_string()))
+                    .collect(),
+                ..Default::default()
+            };
+        }
+        other => other.clone(),
+    };
+    let mut bad = Vec::new();
+    let mut lines: Vec<(usize, std::borrow::Cow<'_, [u8]>)> = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let r = r.strip_suffix(b"\n").unwrap_or(r);
+        let r = r.strip_suffix(b"\r").unwrap_or(r);
+        if r.iter().all(u8::is_ascii_whitespace) {
+            bad.push((i, "empty record".to_string()));
+        } else if !r.contains(&b'\n') && !r.contains(&b'\r') {
+            lines.push((i, std::borrow::Cow::Borrowed(r)));
+        } else if format == Format::Json {
+            // Outside strings a line break is whitespace, and inside them
+            // JSON forbids it: as a space, the record means the same.
+            let flat = r
+                .iter()
+                .map(|b| if matches!(b, b'\n' | b'\r') { b' ' } else { *b })
+                .collect::<Vec<u8>>();
+            lines.push((i, std::borrow::Cow::Owned(flat)));
+        } else {
+            bad.push((i, "a CSV record must be one line".to_string()));
+        }
+    }
+    let joined = |lines: &[(usize, std::borrow::Cow<'_, [u8]>)]| {
+        let mut buf = Vec::with_capacity(lines.iter().map(|(_, l)| l.len() + 1).sum());
+        for (_, l) in lines {
+            buf.extend_from_slice(l);
+            buf.push(b'\n');
+        }
+        buf
+    };
+    let rows = |batches: &[RecordBatch]| batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+    // Fast path: all records at once, accepted when it gives one row each.
+    if let Ok(batches) = decode_chunk(&format, schema, &joined(&lines), false, BATCH_SIZE)
+        && rows(&batches) == lines.len()
+    {
+        bad.sort_by_key(|(i, _)| *i);
+        return DecodedRecords {
+            batches,
+            kept: lines.into_iter().map(|(i, _)| i).collect(),
+            bad,
+        };
+    }
+    let mut good = Vec::new();
+    for (i, line) in lines {
+        match decode_chunk(&format, schema, &line, false, 1) {
+            Ok(b) if rows(&b) == 1 => good.push((i, line)),
+            Ok(b) => bad.push((i, format!("the record holds {} rows, not one", rows(&b)))),
+            Err(e) => bad.push((i, clean_arrow_error(&e))),
+        }
+    }
+    let out = match decode_chunk(&format, schema, &joined(&good), false, BATCH_SIZE) {
+        Ok(batches) if rows(&batches) == good.len() => DecodedRecords {
+            batches,
+            kept: good.into_iter().map(|(i, _)| i).collect(),
+            bad,
+        },
+        // Each record decoded alone but not together: keep none of them
+        // rather than a guess, and say so for each.
+        _ => {
+            bad.extend(good.into_iter().map(|(i, _)| {
+                (
+                    i,
+                    "the good records of this read do not decode together".to_string(),
+                )
+            }));
+            DecodedRecords {
+                bad,
+                ..Default::default()
+            }
+        }
+    };
+    let mut out = out;
+    out.bad.sort_by_key(|(i, _)| *i);
+    out
 }
 
 fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
@@ -283,7 +403,11 @@ mod tests {
     }
 
     fn rows(d: &Decoded) -> usize {
-        d.batches.iter().map(RecordBatch::num_rows).sum()
+        rows_of(&d.batches)
+    }
+
+    fn rows_of(batches: &[RecordBatch]) -> usize {
+        batches.iter().map(RecordBatch::num_rows).sum()
     }
 
     #[test]
@@ -311,10 +435,39 @@ mod tests {
         assert_eq!(rows(&d), 0);
         assert_eq!(d.bad.len(), 1);
         assert!(
-            d.bad[0].error.contains("corrupt Parquet data")
-                && d.bad[0].error.contains("bit width"),
+            d.bad[0].error.contains("corrupt Parquet data") && d.bad[0].error.contains("bit width"),
             "{}",
             d.bad[0].error
+        );
+    }
+
+    #[test]
+    fn records_decode_one_row_each_and_bad_ones_are_named_by_index() {
+        let recs: Vec<&[u8]> = vec![
+            b"{\"id\":1,\"name\":\"a\"}",
+            b"",
+            b"{\"id\":2,\n \"name\":\"b\"}",
+            b"{\"id\": oops}",
+            b"{\"id\":3} {\"id\":4}",
+            b"{\"id\":5}\n",
+        ];
+        let d = decode_records(&Format::Json, &schema(), &recs);
+        assert_eq!(d.kept, vec![0, 2, 5]);
+        assert_eq!(rows_of(&d.batches), 3);
+        let bad: Vec<usize> = d.bad.iter().map(|(i, _)| *i).collect();
+        assert_eq!(bad, vec![1, 3, 4]);
+        assert!(d.bad[2].1.contains("2 rows"), "{}", d.bad[2].1);
+
+        let csv = Format::Csv {
+            header: true,
+            delimiter: b',',
+        };
+        let recs: Vec<&[u8]> = vec![b"1,a", b"x,b", b"3,c\r\n", b"4,\"d\ne\""];
+        let d = decode_records(&csv, &schema(), &recs);
+        assert_eq!(d.kept, vec![0, 2]);
+        assert_eq!(
+            d.bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![1, 3]
         );
     }
 

@@ -123,22 +123,10 @@ impl FileSource {
         {
             Some("json") => Format::Json,
             Some("parquet") => Format::Parquet,
-            Some(_) => {
-                let delimiter = match options.get("delimiter") {
-                    None => b',',
-                    Some(d) if d.len() == 1 => d.as_bytes()[0],
-                    Some(d) => {
-                        return Err(Error::plan(format!(
-                            "{}: delimiter must be one character, got '{d}'",
-                            options.owner()
-                        )));
-                    }
-                };
-                Format::Csv {
-                    header: options.get_bool("header")?.unwrap_or(true),
-                    delimiter,
-                }
-            }
+            Some(_) => Format::Csv {
+                header: options.get_bool("header")?.unwrap_or(true),
+                delimiter: decode::delimiter_option(options)?,
+            },
             None => {
                 return Err(Error::plan(format!(
                     "{} needs format = 'json' | 'csv' | 'parquet'",

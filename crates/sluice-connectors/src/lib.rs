@@ -22,6 +22,8 @@
 pub mod decode;
 pub mod file_sink;
 pub mod file_source;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 pub mod nexmark;
 pub mod rate;
@@ -30,6 +32,8 @@ pub mod source;
 
 pub use file_sink::FileSink;
 pub use file_source::FileSource;
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaSink, KafkaSource};
 pub use memory::{MemorySink, MemorySource, MemoryTable};
 pub use nexmark::{NexmarkSource, NexmarkTable};
 pub use rate::RateSource;

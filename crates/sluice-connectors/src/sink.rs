@@ -185,7 +185,7 @@ pub fn sink_from_options(
 ) -> Result<Arc<dyn Sink>> {
     let connector = options.get("connector").ok_or_else(|| {
         Error::plan(format!(
-            "sink '{name}' needs WITH (connector = 'console' | 'memory' | 'file', ...)"
+            "sink '{name}' needs WITH (connector = 'console' | 'memory' | 'file' | 'kafka', ...)"
         ))
     })?;
     let known = |extra: &[&str]| {
@@ -210,11 +210,17 @@ pub fn sink_from_options(
             known(&["path", "format", "sync"])?;
             Ok(Arc::new(FileSink::from_options(name, options)?))
         }
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(crate::KafkaSink::from_options(
+            name,
+            options,
+            COMMON_SINK_OPTIONS,
+        )?)),
         "foreach_batch" => Err(Error::plan(format!(
             "sink '{name}': foreach_batch sinks take a Rust callback; create them with the DataFrame API (ForeachBatchSink)"
         ))),
         other => Err(Error::plan(format!(
-            "sink '{name}': unknown connector '{other}' (known: console, memory, file)"
+            "sink '{name}': unknown connector '{other}' (known: console, memory, file, kafka)"
         ))),
     }
 }

@@ -19,7 +19,7 @@ pub fn source_from_options(
 ) -> Result<Arc<dyn Source>> {
     let connector = options.get("connector").ok_or_else(|| {
         Error::plan(format!(
-            "source '{name}' needs WITH (connector = 'memory' | 'file' | 'rate' | 'nexmark', ...)"
+            "source '{name}' needs WITH (connector = 'memory' | 'file' | 'rate' | 'nexmark' | 'kafka', ...)"
         ))
     })?;
     let need_schema = || {
@@ -47,8 +47,12 @@ pub fn source_from_options(
         "nexmark" => Ok(Arc::new(NexmarkSource::from_options(
             name, schema, options,
         )?)),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(crate::KafkaSource::from_options(
+            name, schema, options,
+        )?)),
         other => Err(Error::plan(format!(
-            "source '{name}': unknown connector '{other}' (known: memory, file, rate, nexmark)"
+            "source '{name}': unknown connector '{other}' (known: memory, file, rate, nexmark, kafka)"
         ))),
     }
 }

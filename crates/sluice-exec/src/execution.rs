@@ -496,14 +496,12 @@ impl MicroBatchExecution {
                 .latest_offset(&input.committed)
                 .await
                 .map_err(|e| e.context(format!("source '{name}'")))?;
-            let end = match (
-                self.config.split_seed,
-                input.committed.as_u64(),
-                end.as_u64(),
-            ) {
-                (Some(seed), Some(s), Some(e)) if e > s + 1 => {
-                    Value::from(s + 1 + split_draw(seed, self.next_batch, &name) % (e - s))
-                }
+            let end = match self.config.split_seed {
+                Some(seed) if end != input.committed => input.reader.split_offset(
+                    &input.committed,
+                    &end,
+                    split_draw(seed, self.next_batch, &name),
+                ),
                 _ => end,
             };
             moved |= end != input.committed;

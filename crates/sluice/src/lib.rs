@@ -44,8 +44,8 @@ pub use sluice_common::connector::{DeadLetter, OnError, Sink, Source};
 pub use sluice_common::durable::Durability;
 pub use sluice_common::{BatchId, Clock, Error, ManualClock, Progress, Result, SystemClock};
 pub use sluice_connectors::{
-    ConsoleSink, FileSink, FileSource, ForeachBatchSink, MemorySink, MemorySource, MemoryTable,
-    RateSource,
+    ConsoleSink, FileSink, FileSource, ForeachBatchSink, KafkaSink, KafkaSource, MemorySink,
+    MemorySource, MemoryTable, RateSource,
 };
 pub use sluice_exec::{Fault, FaultPoint, StreamingQuery, Trigger};
 pub use sluice_planner::{OutputMode, WatermarkDef};

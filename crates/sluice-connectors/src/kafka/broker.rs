@@ -1,0 +1,274 @@
+//! A local Kafka-protocol broker for tests and examples, and small helpers
+//! to make topics, produce records and read a topic back.
+//!
+//! The broker is [tansu](https://crates.io/crates/tansu) with its in-memory
+//! storage, listening on 127.0.0.1 only. `scripts/kafka-broker.sh install`
+//! installs it into `~/.cache/sluice/tools` (the README's test command does
+//! that itself); `SLUICE_TANSU` names another binary.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_common::{Error, Result};
+
+use super::{Connection, Range, Record, fetch, kafka_error};
+
+/// A tansu broker on a free port of 127.0.0.1, stopped when dropped.
+#[derive(Debug)]
+pub struct LocalBroker {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl LocalBroker {
+    /// Where the tansu binary is: `$SLUICE_TANSU`, else
+    /// `~/.cache/sluice/tools/bin/tansu`, else `tansu` on the `PATH`.
+    pub fn binary() -> Result<PathBuf> {
+        if let Some(p) = std::env::var_os("SLUICE_TANSU") {
+            return Ok(PathBuf::from(p));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            let p = PathBuf::from(home).join(".cache/sluice/tools/bin/tansu");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                let p = dir.join("tansu");
+                if p.is_file() {
+                    return Ok(p);
+                }
+            }
+        }
+        Err(Error::plan(
+            "no Kafka broker to start: tansu is not installed. Run `scripts/kafka-broker.sh \
+             install` (the README's test command does it), or set SLUICE_TANSU to its path",
+        ))
+    }
+
+    /// Starts a broker and waits (at most 20 s) until it accepts connections.
+    pub fn start() -> Result<LocalBroker> {
+        let bin = Self::binary()?;
+        let mut last = String::new();
+        // A port found free may be taken before tansu binds it: try a few.
+        for _ in 0..5 {
+            let port = free_port()?;
+            let log = std::env::temp_dir().join(format!("sluice-tansu-{port}.log"));
+            let log_file = std::fs::File::create(&log)
+                .map_err(|e| Error::io(format!("creating {}", log.display()), e))?;
+            let url = format!("tcp://127.0.0.1:{port}");
+            let child = Command::new(&bin)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file)
+                .spawn()
+                .map_err(|e| Error::io(format!("starting {}", bin.display()), e))?;
+            let mut broker = LocalBroker { child, port, log };
+            match broker.wait_ready(Duration::from_secs(20)) {
+                Ok(()) => return Ok(broker),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(Error::io(
+            "starting a tansu broker",
+            std::io::Error::other(last),
+        ))
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let addr = ("127.0.0.1", self.port);
+        loop {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .map_err(|e| Error::io("waiting for tansu", e))?
+            {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return Err(Error::io(
+                    format!(
+                        "tansu exited ({status}) before it listened on port {}",
+                        self.port
+                    ),
+                    std::io::Error::other(
+                        log.lines().rev().take(5).collect::<Vec<_>>().join(" | "),
+                    ),
+                ));
+            }
+            if TcpStream::connect(addr).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::io(
+                    format!(
+                        "tansu did not listen on port {} within {limit:?}",
+                        self.port
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                ));
+            }
+            // Waiting for another process to listen, not for engine work:
+            // there is no clock of ours to wait on.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `bootstrap.servers` for this broker.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for LocalBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("finding a free port", e))?;
+    Ok(l.local_addr()
+        .map_err(|e| Error::io("finding a free port", e))?
+        .port())
+}
+
+fn admin(servers: &str) -> Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("log_level", "3")
+        .create()
+        .map_err(|e| kafka_error("making a Kafka admin client".into(), e))
+}
+
+/// Makes `topic` with `partitions` partitions.
+pub async fn create_topic(servers: &str, topic: &str, partitions: i32) -> Result<()> {
+    let results = admin(servers)?
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .map_err(|e| kafka_error(format!("creating topic '{topic}'"), e))?;
+    for r in results {
+        r.map_err(|(t, code)| {
+            kafka_error(
+                format!("creating topic '{t}'"),
+                rdkafka::error::KafkaError::AdminOp(code),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Grows `topic` to `total` partitions.
+pub async fn add_partitions(servers: &str, topic: &str, total: usize) -> Result<()> {
+    let results = admin(servers)?
+        .create_partitions(
+            &[NewPartitions::new(topic, total)],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .map_err(|e| kafka_error(format!("adding partitions to topic '{topic}'"), e))?;
+    for r in results {
+        r.map_err(|(t, code)| {
+            kafka_error(
+                format!("adding partitions to topic '{t}'"),
+                rdkafka::error::KafkaError::AdminOp(code),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// One record to produce: partition (`None`: by key, or the client's
+/// choice), key and value.
+pub type ProduceRecord<'a> = (Option<i32>, Option<&'a [u8]>, &'a [u8]);
+
+/// Produces `records` to `topic`, in order, and waits until all are stored.
+pub async fn produce(servers: &str, topic: &str, records: &[ProduceRecord<'_>]) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("log_level", "3")
+        .set("linger.ms", "0")
+        .set("max.in.flight.requests.per.connection", "1")
+        // One record per batch: tansu 0.6 mis-reports the end of a topic
+        // whose last batch holds several (see the crate's Kafka docs).
+        .set("batch.num.messages", "1")
+        .create()
+        .map_err(|e| kafka_error("making a Kafka producer".into(), e))?;
+    for (partition, key, value) in records {
+        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value);
+        if let Some(p) = partition {
+            r = r.partition(*p);
+        }
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| kafka_error(format!("producing to topic '{topic}'"), e))?;
+    }
+    Ok(())
+}
+
+/// How many partitions `topic` has (an error if it does not exist).
+pub fn partition_count(servers: &str, topic: &str, timeout: Duration) -> Result<i32> {
+    let conn = Connection {
+        servers: servers.to_string(),
+        properties: vec![],
+        timeout,
+    };
+    let consumer = conn.consumer("reading a topic's metadata")?;
+    let parts = conn
+        .partitions(&consumer, topic)?
+        .ok_or_else(|| Error::plan(format!("topic '{topic}' does not exist on {servers}")))?;
+    Ok(parts.len() as i32)
+}
+
+/// Every record of every partition of `topic`, by partition then offset.
+/// Blocking; `timeout` bounds each request.
+pub fn consume_all(servers: &str, topic: &str, timeout: Duration) -> Result<Vec<Record>> {
+    let conn = Connection {
+        servers: servers.to_string(),
+        properties: vec![],
+        timeout,
+    };
+    let consumer = conn.consumer("reading a topic")?;
+    let parts = conn
+        .partitions(&consumer, topic)?
+        .ok_or_else(|| Error::plan(format!("topic '{topic}' does not exist on {servers}")))?;
+    let mut ranges = Vec::new();
+    for p in parts {
+        let (low, high) = conn.watermarks(&consumer, topic, p)?;
+        ranges.push(Range {
+            topic: topic.to_string(),
+            partition: p,
+            from: low,
+            to: high,
+        });
+    }
+    Ok(fetch(&conn, &consumer, &ranges, true, "reading a topic")?
+        .into_iter()
+        .flatten()
+        .collect())
+}

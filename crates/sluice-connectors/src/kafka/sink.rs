@@ -1,0 +1,509 @@
+//! The Kafka sink: exactly-once on any broker, without transactions.
+//!
+//! Each record of batch N carries three headers: `sluice.sink` (the sink's
+//! id), `sluice.batch` (N) and `sluice.seq` (the record's place in the
+//! batch's output). A batch re-run after a crash produces the same records
+//! with the same headers. Before writing a batch that may have been written
+//! before — the first write after the sink opens, and any write after a
+//! failed one — the sink reads each partition of its topic backwards from
+//! the end until it meets a record of its own from an earlier batch (or the
+//! partition's start), collects the `seq`s of batch N already there, and
+//! produces only the others. Records are produced with the idempotent
+//! producer (unless `idempotent = false`), so the client's own retries add
+//! nothing either.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use sluice_common::connector::Sink;
+use sluice_common::{BatchId, Error, Options, OutputMode, Result};
+
+use super::{Connection, KafkaFormat, Range, fetch, kafka_error, partition_for_key};
+
+/// Header naming the sink that wrote a record.
+pub const SINK_HEADER: &str = "sluice.sink";
+/// Header naming the batch that wrote a record.
+pub const BATCH_HEADER: &str = "sluice.batch";
+/// Header giving a record's place in its batch's output.
+pub const SEQ_HEADER: &str = "sluice.seq";
+
+/// How many records the tail scan reads per step backwards.
+const SCAN_STEP: i64 = 1000;
+
+/// Writes each batch's rows to a Kafka topic, exactly once.
+#[derive(Debug)]
+pub struct KafkaSink {
+    name: String,
+    topic: String,
+    conn: Connection,
+    format: KafkaFormat,
+    key: Option<String>,
+    sink_id: String,
+    idempotent: bool,
+    state: Mutex<SinkState>,
+}
+
+#[derive(Default)]
+struct SinkState {
+    producer: Option<FutureProducer>,
+    consumer: Option<Arc<BaseConsumer>>,
+    /// The batch this process last wrote completely; a write of the next
+    /// one needs no scan.
+    written: Option<BatchId>,
+}
+
+impl std::fmt::Debug for SinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkState")
+            .field("open", &self.producer.is_some())
+            .field("written", &self.written)
+            .finish()
+    }
+}
+
+/// One output record: key, value, place in the batch.
+type OutRecord = (Option<Vec<u8>>, Option<Vec<u8>>, u64);
+
+impl KafkaSink {
+    /// Builds the sink from `CREATE SINK ... WITH (connector = 'kafka', ...)`.
+    pub fn from_options(name: &str, options: &Options, common: &[&str]) -> Result<Self> {
+        let mut own = vec![
+            "topic",
+            "format",
+            "delimiter",
+            "key",
+            "sink_id",
+            "idempotent",
+        ];
+        own.extend_from_slice(common);
+        Connection::check_known(options, &own)?;
+        Ok(KafkaSink {
+            name: name.to_string(),
+            topic: options.require("topic")?.to_string(),
+            conn: Connection::from_options(options)?,
+            format: KafkaFormat::from_options(options)?,
+            key: options.get("key").map(str::to_string),
+            sink_id: options.get("sink_id").unwrap_or(name).to_string(),
+            idempotent: options.get_bool("idempotent")?.unwrap_or(true),
+            state: Mutex::new(SinkState::default()),
+        })
+    }
+
+    /// The sink's id, written in every record's `sluice.sink` header.
+    pub fn sink_id(&self) -> &str {
+        &self.sink_id
+    }
+
+    fn check_schema(&self, schema: &SchemaRef) -> Result<()> {
+        let owner = format!("sink '{}'", self.name);
+        if let Some(k) = &self.key {
+            let f = schema.field_with_name(k).map_err(|_| {
+                Error::plan(format!(
+                    "{owner}: key = '{k}' names no column of the query's output ({})",
+                    column_names(schema)
+                ))
+            })?;
+            if !matches!(f.data_type(), DataType::Binary | DataType::LargeBinary)
+                && !datafusion::arrow::compute::can_cast_types(f.data_type(), &DataType::Utf8)
+            {
+                return Err(Error::plan(format!(
+                    "{owner}: key column '{k}' of type {} cannot be written as a key",
+                    f.data_type()
+                )));
+            }
+        }
+        if self.format == KafkaFormat::Raw {
+            let f = schema.field_with_name("value").map_err(|_| {
+                Error::plan(format!(
+                    "{owner}: format = 'raw' writes the column named value, and the query's \
+                     output has none ({})",
+                    column_names(schema)
+                ))
+            })?;
+            if !matches!(
+                f.data_type(),
+                DataType::Binary | DataType::LargeBinary | DataType::Utf8 | DataType::LargeUtf8
+            ) {
+                return Err(Error::plan(format!(
+                    "{owner}: with format = 'raw', column value must be BYTEA or VARCHAR, not {}",
+                    f.data_type()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch's rows as records, in row order.
+    fn encode(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<OutRecord>> {
+        let mut out = Vec::new();
+        for b in batches {
+            if b.num_rows() == 0 {
+                continue;
+            }
+            let values = encode_values(&self.format, schema, b)?;
+            let keys: Vec<Option<Vec<u8>>> = match &self.key {
+                Some(k) => column_bytes(b.column(schema.index_of(k)?))?,
+                None => vec![None; b.num_rows()],
+            };
+            for (k, v) in keys.into_iter().zip(values) {
+                let seq = out.len() as u64;
+                out.push((k, v, seq));
+            }
+        }
+        Ok(out)
+    }
+
+    fn open_clients(&self) -> Result<(FutureProducer, Arc<BaseConsumer>)> {
+        let what = format!("sink '{}'", self.name);
+        let mut c = self.conn.config();
+        c.set("acks", "all")
+            .set("enable.idempotence", self.idempotent.to_string())
+            .set(
+                "message.timeout.ms",
+                self.conn
+                    .timeout
+                    .as_millis()
+                    .clamp(1000, 3_600_000)
+                    .to_string(),
+            )
+            .set("linger.ms", "1");
+        if !self.idempotent {
+            // Without idempotence, one request in flight keeps a
+            // partition's records in order when the client retries.
+            c.set("max.in.flight.requests.per.connection", "1");
+        }
+        let producer: FutureProducer = c
+            .create()
+            .map_err(|e| kafka_error(format!("{what}: making a Kafka producer"), e))?;
+        let consumer = Arc::new(self.conn.consumer(&what)?);
+        Ok((producer, consumer))
+    }
+}
+
+fn column_names(schema: &SchemaRef) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A column's values as bytes: binary as is, anything else as its text.
+fn column_bytes(col: &dyn Array) -> Result<Vec<Option<Vec<u8>>>> {
+    let col: std::sync::Arc<dyn Array> = match col.data_type() {
+        DataType::Binary | DataType::LargeBinary | DataType::Utf8 => {
+            datafusion::arrow::array::make_array(col.to_data())
+        }
+        _ => cast(col, &DataType::Binary)
+            .or_else(|_| cast(col, &DataType::Utf8).and_then(|c| cast(&c, &DataType::Binary)))?,
+    };
+    let col = cast(&col, &DataType::Binary)?;
+    Ok(col
+        .as_binary::<i32>()
+        .iter()
+        .map(|v| v.map(<[u8]>::to_vec))
+        .collect())
+}
+
+/// One value per row of `batch`, in `format`.
+fn encode_values(
+    format: &KafkaFormat,
+    schema: &SchemaRef,
+    batch: &RecordBatch,
+) -> Result<Vec<Option<Vec<u8>>>> {
+    let rows = batch.num_rows();
+    match format {
+        KafkaFormat::Raw => column_bytes(batch.column(schema.index_of("value")?)),
+        KafkaFormat::Json => {
+            let mut buf = Vec::new();
+            {
+                let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut buf);
+                w.write(batch)?;
+                w.finish()?;
+            }
+            // JSON text has no raw line breaks inside values: one line a row.
+            let lines: Vec<Option<Vec<u8>>> = buf
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| Some(l.to_vec()))
+                .collect();
+            if lines.len() != rows {
+                return Err(Error::internal(format!(
+                    "JSON encoding gave {} lines for {rows} rows",
+                    lines.len()
+                )));
+            }
+            Ok(lines)
+        }
+        KafkaFormat::Csv { delimiter } => {
+            let csv = |b: &RecordBatch| -> Result<Vec<u8>> {
+                let mut buf = Vec::new();
+                {
+                    let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                        .with_header(false)
+                        .with_delimiter(*delimiter)
+                        .build(&mut buf);
+                    w.write(b)?;
+                }
+                Ok(buf)
+            };
+            let trim = |mut l: Vec<u8>| {
+                while l.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
+                    l.pop();
+                }
+                l
+            };
+            let all = csv(batch)?;
+            let lines: Vec<&[u8]> = all
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .collect();
+            if lines.len() == rows {
+                return Ok(lines.into_iter().map(|l| Some(trim(l.to_vec()))).collect());
+            }
+            // A quoted value holds a line break: one row at a time.
+            (0..rows)
+                .map(|i| csv(&batch.slice(i, 1)).map(|l| Some(trim(l))))
+                .collect()
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn open(&self, schema: &SchemaRef, _mode: OutputMode) -> Result<()> {
+        self.check_schema(schema)?;
+        let (producer, consumer) = self.open_clients()?;
+        let (conn, topic, name) = (self.conn.clone(), self.topic.clone(), self.name.clone());
+        let c = Arc::clone(&consumer);
+        let parts = tokio::task::spawn_blocking(move || conn.partitions(&c, &topic))
+            .await
+            .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??;
+        if parts.is_none() {
+            return Err(Error::plan(format!(
+                "sink '{name}': topic '{}' does not exist on {} (create it first)",
+                self.topic, self.conn.servers
+            )));
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.producer = Some(producer);
+        st.consumer = Some(consumer);
+        st.written = None;
+        Ok(())
+    }
+
+    async fn write(
+        &self,
+        id: BatchId,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<()> {
+        let what = format!("sink '{}'", self.name);
+        let (producer, consumer, fresh) = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (Some(p), Some(c)) = (st.producer.clone(), st.consumer.clone()) else {
+                return Err(Error::internal(format!(
+                    "{what}: written before it was opened"
+                )));
+            };
+            // Only the batch after one this process wrote completely is
+            // known never to have been written before.
+            let fresh = id > 0 && st.written == Some(id - 1);
+            st.written = None;
+            (p, c, fresh)
+        };
+        let records = self.encode(schema, &batches)?;
+        let (conn, topic) = (self.conn.clone(), self.topic.clone());
+        let parts = {
+            let c = Arc::clone(&consumer);
+            tokio::task::spawn_blocking(move || conn.partitions(&c, &topic))
+                .await
+                .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??
+                .ok_or_else(|| {
+                    Error::data(format!(
+                        "{what}: topic '{}' no longer exists on {}",
+                        self.topic, self.conn.servers
+                    ))
+                })?
+        };
+        let present = if fresh || records.is_empty() {
+            HashSet::new()
+        } else {
+            let (conn, topic, sink_id, what, parts) = (
+                self.conn.clone(),
+                self.topic.clone(),
+                self.sink_id.clone(),
+                what.clone(),
+                parts.clone(),
+            );
+            let c = Arc::clone(&consumer);
+            tokio::task::spawn_blocking(move || {
+                written_before(&conn, &c, &topic, &sink_id, &what, &parts, id)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??
+        };
+        let n = parts.len() as i32;
+        let headers = |seq: u64| {
+            OwnedHeaders::new_with_capacity(3)
+                .insert(Header {
+                    key: SINK_HEADER,
+                    value: Some(self.sink_id.as_bytes()),
+                })
+                .insert(Header {
+                    key: BATCH_HEADER,
+                    value: Some(id.to_string().as_bytes()),
+                })
+                .insert(Header {
+                    key: SEQ_HEADER,
+                    value: Some(seq.to_string().as_bytes()),
+                })
+        };
+        let mut pending: Vec<DeliveryFuture> = Vec::new();
+        for (key, value, seq) in records.iter().filter(|r| !present.contains(&r.2)) {
+            let partition = parts[match key {
+                Some(k) => partition_for_key(k, n),
+                None => ((id + seq) % n as u64) as i32,
+            } as usize];
+            loop {
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
+                    .partition(partition)
+                    .headers(headers(*seq));
+                if let Some(k) = key {
+                    rec = rec.key(k.as_slice());
+                }
+                if let Some(v) = value {
+                    rec = rec.payload(v.as_slice());
+                }
+                match producer.send_result(rec) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        // The client's queue is full: wait for what is in flight.
+                        await_all(&what, &self.topic, id, std::mem::take(&mut pending)).await?;
+                    }
+                    Err((e, _)) => {
+                        return Err(kafka_error(
+                            format!("{what}: writing batch {id} to topic '{}'", self.topic),
+                            e,
+                        ));
+                    }
+                }
+            }
+        }
+        await_all(&what, &self.topic, id, pending).await?;
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).written = Some(id);
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The `seq`s of batch `id` that the topic already holds.
+fn written_before(
+    conn: &Connection,
+    consumer: &BaseConsumer,
+    topic: &str,
+    sink_id: &str,
+    what: &str,
+    partitions: &[i32],
+    id: BatchId,
+) -> Result<HashSet<u64>> {
+    let mut present = HashSet::new();
+    for &p in partitions {
+        let (low, high) = conn.watermarks(consumer, topic, p)?;
+        let mut to = high;
+        while to > low {
+            let from = (to - SCAN_STEP).max(low);
+            let range = Range {
+                topic: topic.to_string(),
+                partition: p,
+                from,
+                to,
+            };
+            let records = fetch(conn, consumer, &[range], true, what)?;
+            let mut earlier = false;
+            for r in records.iter().flatten() {
+                if r.header(SINK_HEADER) != Some(sink_id) {
+                    continue;
+                }
+                let (Some(b), Some(seq)) = (
+                    r.header(BATCH_HEADER).and_then(|v| v.parse::<u64>().ok()),
+                    r.header(SEQ_HEADER).and_then(|v| v.parse::<u64>().ok()),
+                ) else {
+                    continue;
+                };
+                if b > id {
+                    return Err(Error::data(format!(
+                        "{what}: topic '{}' partition {p} offset {} holds batch {b} of sink id \
+                         '{}', later than batch {id} being written: the topic holds the output \
+                         of another run of this sink (a deleted or different checkpoint?). \
+                         Give the sink a new sink_id or write to a new topic",
+                        topic, r.offset, sink_id
+                    )));
+                }
+                if b == id {
+                    present.insert(seq);
+                } else {
+                    earlier = true;
+                }
+            }
+            if earlier {
+                break;
+            }
+            to = from;
+        }
+    }
+    Ok(present)
+}
+
+async fn await_all(
+    what: &str,
+    topic: &str,
+    id: BatchId,
+    pending: Vec<DeliveryFuture>,
+) -> Result<()> {
+    let shown = std::path::PathBuf::from(format!("kafka topic '{topic}'"));
+    for f in futures::future::join_all(pending).await {
+        match f {
+            Ok(Ok(_)) => {
+                // Each record stored is a step of the crash harness, as a
+                // file written is: a crash here leaves part of the batch.
+                sluice_common::durable::io_step("stored a record in", &shown).map_err(|e| {
+                    Error::io(format!("{what}: writing batch {id} to topic '{topic}'"), e)
+                })?;
+            }
+            Ok(Err((e, _))) => {
+                return Err(kafka_error(
+                    format!("{what}: writing batch {id} to topic '{topic}'"),
+                    e,
+                ));
+            }
+            Err(_) => {
+                return Err(Error::io(
+                    format!("{what}: writing batch {id} to topic '{topic}'"),
+                    std::io::Error::other("the Kafka producer went away before delivery"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,840 @@
+//! The Kafka source: topics (named, or a pattern) as a stream, with offsets
+//! of Sluice's own.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{
+    ArrayRef, BinaryArray, Int32Array, Int64Array, StringArray, TimestampMillisecondArray,
+    new_empty_array,
+};
+use datafusion::arrow::compute::{can_cast_types, cast, concat_batches};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::record_batch::RecordBatch;
+use rdkafka::consumer::BaseConsumer;
+use serde_json::Value;
+use sluice_common::connector::{
+    DeadLetter, OnError, ReadBatch, Source, SourceContext, SourceReader,
+};
+use sluice_common::durable::{self, Durability};
+use sluice_common::{Error, Options, Result};
+
+use super::{Connection, KafkaFormat, METADATA_COLUMNS, Range, Record, fetch};
+use crate::decode::{self, Format};
+
+/// Next offset to read, per topic and partition.
+type Positions = BTreeMap<String, BTreeMap<i32, i64>>;
+
+/// Which topics a source reads.
+#[derive(Debug, Clone)]
+enum Topics {
+    Names(Vec<String>),
+    Pattern(regex::Regex),
+}
+
+/// Where a partition's reading begins the first time the query runs.
+#[derive(Debug, Clone, PartialEq)]
+enum Starting {
+    Earliest,
+    Latest,
+    /// Per topic and partition: an offset, or -2 (earliest) / -1 (latest);
+    /// partitions not listed start at the earliest.
+    Given(Positions),
+}
+
+/// Records of Kafka topics as a stream.
+#[derive(Debug, Clone)]
+pub struct KafkaSource {
+    name: String,
+    schema: SchemaRef,
+    conn: Connection,
+    topics: Topics,
+    format: KafkaFormat,
+    starting: Starting,
+    max_rows_per_trigger: Option<u64>,
+    fail_on_data_loss: bool,
+    on_error: OnError,
+}
+
+impl KafkaSource {
+    /// Builds the source from `CREATE SOURCE ... WITH (connector = 'kafka', ...)`.
+    pub fn from_options(name: &str, schema: Option<SchemaRef>, options: &Options) -> Result<Self> {
+        Connection::check_known(
+            options,
+            &[
+                "topic",
+                "topic_pattern",
+                "format",
+                "delimiter",
+                "starting_offsets",
+                "max_rows_per_trigger",
+                "fail_on_data_loss",
+                "on_error",
+                "dead_letter",
+            ],
+        )?;
+        let owner = options.owner();
+        let conn = Connection::from_options(options)?;
+        let topics = match (options.get("topic"), options.get("topic_pattern")) {
+            (Some(t), None) => {
+                let names: Vec<String> = t
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if names.is_empty() {
+                    return Err(Error::plan(format!("{owner}: topic names no topic")));
+                }
+                Topics::Names(names)
+            }
+            (None, Some(p)) => Topics::Pattern(
+                regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| Error::plan(format!("{owner}: topic_pattern: {e}")))?,
+            ),
+            _ => {
+                return Err(Error::plan(format!(
+                    "{owner} needs one of topic = '<name>[,<name>...]' or topic_pattern = '<regex>'"
+                )));
+            }
+        };
+        let format = KafkaFormat::from_options(options)?;
+        let starting = match options.get("starting_offsets") {
+            None | Some("earliest") => Starting::Earliest,
+            Some("latest") => Starting::Latest,
+            Some(json) => Starting::Given(serde_json::from_str(json).map_err(|e| {
+                Error::plan(format!(
+                    "{owner}: starting_offsets is 'earliest', 'latest' or JSON like \
+                     {{\"topic\": {{\"0\": 42, \"1\": -2}}}} (-2: earliest, -1: latest): {e}"
+                ))
+            })?),
+        };
+        let schema = Self::check_schema(owner, &format, schema)?;
+        Ok(KafkaSource {
+            name: name.to_string(),
+            schema,
+            conn,
+            topics,
+            format,
+            starting,
+            max_rows_per_trigger: options
+                .get_usize("max_rows_per_trigger")?
+                .map(|n| n.max(1) as u64),
+            fail_on_data_loss: options.get_bool("fail_on_data_loss")?.unwrap_or(true),
+            on_error: OnError::from_options(options)?,
+        })
+    }
+
+    /// The declared columns, checked against the format; for `raw` without
+    /// declared columns, `value` and `_key` as bytes plus the metadata.
+    fn check_schema(
+        owner: &str,
+        format: &KafkaFormat,
+        schema: Option<SchemaRef>,
+    ) -> Result<SchemaRef> {
+        let schema = match (schema, format) {
+            (Some(s), _) => s,
+            (None, KafkaFormat::Raw) => Arc::new(Schema::new(vec![
+                Field::new("value", DataType::Binary, true),
+                Field::new("_key", DataType::Binary, true),
+                Field::new("_topic", DataType::Utf8, false),
+                Field::new("_partition", DataType::Int32, false),
+                Field::new("_offset", DataType::Int64, false),
+                Field::new(
+                    "_timestamp",
+                    DataType::Timestamp(TimeUnit::Millisecond, None),
+                    true,
+                ),
+            ])),
+            (None, _) => {
+                return Err(Error::plan(format!(
+                    "{owner} needs its columns declared: CREATE SOURCE name (col TYPE, ...)"
+                )));
+            }
+        };
+        let bytes = |t: &DataType| {
+            matches!(
+                t,
+                DataType::Binary | DataType::LargeBinary | DataType::Utf8 | DataType::LargeUtf8
+            )
+        };
+        let mut value_columns = 0;
+        for f in schema.fields() {
+            let natural = match f.name().as_str() {
+                "_key" => {
+                    if !bytes(f.data_type()) {
+                        return Err(Error::plan(format!(
+                            "{owner}: column _key must be BYTEA or VARCHAR, not {}",
+                            f.data_type()
+                        )));
+                    }
+                    continue;
+                }
+                "_topic" => DataType::Utf8,
+                "_partition" => DataType::Int32,
+                "_offset" => DataType::Int64,
+                "_timestamp" => DataType::Timestamp(TimeUnit::Millisecond, None),
+                "value" if *format == KafkaFormat::Raw => {
+                    if !bytes(f.data_type()) {
+                        return Err(Error::plan(format!(
+                            "{owner}: with format = 'raw', column value must be BYTEA or VARCHAR, not {}",
+                            f.data_type()
+                        )));
+                    }
+                    value_columns += 1;
+                    continue;
+                }
+                other if *format == KafkaFormat::Raw => {
+                    return Err(Error::plan(format!(
+                        "{owner}: with format = 'raw' the columns are value and the metadata \
+                         columns {}; '{other}' is neither",
+                        METADATA_COLUMNS.join(", ")
+                    )));
+                }
+                _ => {
+                    value_columns += 1;
+                    continue;
+                }
+            };
+            if !can_cast_types(&natural, f.data_type()) {
+                return Err(Error::plan(format!(
+                    "{owner}: column {} holds {natural} and cannot be declared {}",
+                    f.name(),
+                    f.data_type()
+                )));
+            }
+        }
+        if value_columns == 0 && *format != KafkaFormat::Raw {
+            return Err(Error::plan(format!(
+                "{owner}: no column is read from the record's value (only metadata columns are declared)"
+            )));
+        }
+        Ok(schema)
+    }
+
+    /// The columns decoded from the value (not metadata).
+    fn value_schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(
+            self.schema
+                .fields()
+                .iter()
+                .filter(|f| !METADATA_COLUMNS.contains(&f.name().as_str()))
+                .cloned()
+                .collect::<Vec<_>>(),
+        ))
+    }
+}
+
+impl Source for KafkaSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+    fn connector(&self) -> &str {
+        "kafka"
+    }
+    fn open(&self, ctx: SourceContext) -> Result<Box<dyn SourceReader>> {
+        let consumer = self.conn.consumer(&format!("source '{}'", self.name))?;
+        let log = PartitionLog::load(ctx.dir.join("partitions"), ctx.durability)?;
+        Ok(Box::new(KafkaReader {
+            inner: Arc::new(Inner {
+                source: self.clone(),
+                value_schema: self.value_schema(),
+                consumer,
+                log: Mutex::new(log),
+            }),
+        }))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn dead_letter_target(&self) -> Option<&str> {
+        match &self.on_error {
+            OnError::DeadLetter(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Where each partition's reading began for this query: the offset before
+/// which it reads nothing. Written before the offset entry that first names
+/// the partition, so a re-run batch starts each partition where it did.
+#[derive(Debug)]
+struct PartitionLog {
+    path: PathBuf,
+    durability: Durability,
+    starts: Positions,
+}
+
+impl PartitionLog {
+    fn load(path: PathBuf, durability: Durability) -> Result<Self> {
+        let starts = if path.exists() {
+            durable::read_json(&path)?
+        } else {
+            Positions::new()
+        };
+        Ok(PartitionLog {
+            path,
+            durability,
+            starts,
+        })
+    }
+
+    fn get(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.starts.get(topic)?.get(&partition).copied()
+    }
+
+    fn add(&mut self, new: Vec<(String, i32, i64)>) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut starts = self.starts.clone();
+        for (t, p, s) in new {
+            starts.entry(t).or_default().insert(p, s);
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        durable::write_json(&self.path, &starts, self.durability)?;
+        self.starts = starts;
+        Ok(())
+    }
+}
+
+struct Inner {
+    source: KafkaSource,
+    value_schema: SchemaRef,
+    consumer: BaseConsumer,
+    log: Mutex<PartitionLog>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaReader")
+            .field("source", &self.source.name)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct KafkaReader {
+    inner: Arc<Inner>,
+}
+
+fn positions(source: &str, v: &Value) -> Result<Positions> {
+    serde_json::from_value(v.clone()).map_err(|e| {
+        Error::internal(format!(
+            "source '{source}': offset {v} is not a map of topic to partition to offset: {e}"
+        ))
+    })
+}
+
+fn to_value(p: &Positions) -> Value {
+    serde_json::to_value(p).unwrap_or(Value::Null)
+}
+
+impl Inner {
+    fn name(&self) -> &str {
+        &self.source.name
+    }
+
+    /// The partitions to read now, by topic, ascending.
+    fn partitions(&self) -> Result<Vec<(String, i32)>> {
+        let conn = &self.source.conn;
+        let mut out = Vec::new();
+        match &self.source.topics {
+            Topics::Names(names) => {
+                for t in names {
+                    let ps = conn.partitions(&self.consumer, t)?.ok_or_else(|| {
+                        Error::plan(format!(
+                            "source '{}': topic '{t}' does not exist on {} (create it first, \
+                             or read topics that appear later with topic_pattern)",
+                            self.name(),
+                            conn.servers
+                        ))
+                    })?;
+                    out.extend(ps.into_iter().map(|p| (t.clone(), p)));
+                }
+            }
+            Topics::Pattern(re) => {
+                for (t, ps) in conn.topics(&self.consumer)? {
+                    if re.is_match(&t) {
+                        out.extend(ps.into_iter().map(|p| (t.clone(), p)));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Where a partition first seen now starts.
+    fn first_position(
+        &self,
+        first_run: bool,
+        topic: &str,
+        partition: i32,
+        low: i64,
+        high: i64,
+    ) -> i64 {
+        if !first_run {
+            // A partition (or topic) that appeared while the query ran: all
+            // of it is new data.
+            return low;
+        }
+        match &self.source.starting {
+            Starting::Earliest => low,
+            Starting::Latest => high,
+            Starting::Given(map) => match map.get(topic).and_then(|m| m.get(&partition)) {
+                Some(-1) => high,
+                Some(o) if *o >= 0 => *o,
+                _ => low,
+            },
+        }
+    }
+
+    fn latest(&self, start: &Value) -> Result<Value> {
+        let conn = &self.source.conn;
+        let start_pos = positions(self.name(), start)?;
+        let parts = self.partitions()?;
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let first_run = start_pos.is_empty() && log.starts.is_empty();
+        let mut new_starts = Vec::new();
+        // (topic, partition, where the batch starts, first offset held, end)
+        let mut spans: Vec<(String, i32, i64, i64, i64)> = Vec::new();
+        for (t, p) in &parts {
+            let (low, high) = conn.watermarks(&self.consumer, t, *p)?;
+            let s = match start_pos.get(t).and_then(|m| m.get(p)) {
+                Some(s) => *s,
+                None => match log.get(t, *p) {
+                    Some(s) => s,
+                    None => {
+                        let s = self.first_position(first_run, t, *p, low, high);
+                        new_starts.push((t.clone(), *p, s));
+                        s
+                    }
+                },
+            };
+            if s > high {
+                return Err(Error::data(format!(
+                    "source '{}': topic '{t}' partition {p} ends at offset {high} but this query \
+                     has read up to {s}: was the topic deleted and made again? Start the query \
+                     on a new checkpoint",
+                    self.name()
+                )));
+            }
+            let from = if s < low {
+                if self.source.fail_on_data_loss {
+                    return Err(data_loss(self.name(), t, *p, s, low));
+                }
+                low
+            } else {
+                s
+            };
+            spans.push((t.clone(), *p, s, from, high));
+        }
+        for (t, ps) in &start_pos {
+            for p in ps.keys() {
+                if !parts.iter().any(|(pt, pp)| pt == t && pp == p) && self.source.fail_on_data_loss
+                {
+                    return Err(Error::data(format!(
+                        "source '{}': topic '{t}' partition {p} is gone from {} (deleted?); \
+                         set fail_on_data_loss = false to go on without it",
+                        self.name(),
+                        conn.servers
+                    )));
+                }
+            }
+        }
+        log.add(new_starts)?;
+        let takes = share(
+            &spans.iter().map(|s| (s.4 - s.3) as u64).collect::<Vec<_>>(),
+            self.source.max_rows_per_trigger,
+        );
+        let mut end = Positions::new();
+        let mut moved = false;
+        for ((t, p, s, from, _), take) in spans.into_iter().zip(takes) {
+            let e = from + take as i64;
+            moved |= e != s;
+            end.entry(t).or_default().insert(p, e);
+        }
+        if !moved {
+            // Nothing new anywhere: the offset stays as it was, so no batch runs.
+            return Ok(start.clone());
+        }
+        Ok(to_value(&end))
+    }
+
+    fn read(&self, start: &Value, end: &Value) -> Result<ReadBatch> {
+        let conn = &self.source.conn;
+        let start_pos = positions(self.name(), start)?;
+        let end_pos = positions(self.name(), end)?;
+        let mut ranges = Vec::new();
+        let mut lost = 0u64;
+        {
+            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            for (t, ps) in &end_pos {
+                for (p, e) in ps {
+                    let s = match start_pos.get(t).and_then(|m| m.get(p)) {
+                        Some(s) => *s,
+                        None => log.get(t, *p).ok_or_else(|| {
+                            Error::checkpoint(
+                                &log.path,
+                                format!(
+                                    "the batch reads topic '{t}' partition {p} but the source's \
+                                     partition log does not say where that partition starts"
+                                ),
+                            )
+                        })?,
+                    };
+                    if *e > s {
+                        ranges.push(Range {
+                            topic: t.clone(),
+                            partition: *p,
+                            from: s,
+                            to: *e,
+                        });
+                    }
+                }
+            }
+        }
+        // Records deleted by retention since the batch was planned (or,
+        // with fail_on_data_loss = false, before).
+        for r in &mut ranges {
+            let (low, _) = conn.watermarks(&self.consumer, &r.topic, r.partition)?;
+            if low > r.from {
+                if self.source.fail_on_data_loss {
+                    return Err(data_loss(self.name(), &r.topic, r.partition, r.from, low));
+                }
+                let skip_to = low.min(r.to);
+                lost += (skip_to - r.from) as u64;
+                r.from = skip_to;
+            }
+        }
+        let fetched = fetch(
+            conn,
+            &self.consumer,
+            &ranges,
+            false,
+            &format!("source '{}'", self.name()),
+        )?;
+        let records: Vec<Record> = fetched.into_iter().flatten().collect();
+        let mut out = self.decode(records)?;
+        out.dropped += lost;
+        Ok(out)
+    }
+
+    fn decode(&self, records: Vec<Record>) -> Result<ReadBatch> {
+        let mut out = ReadBatch::default();
+        let mut bad: Vec<(usize, String)> = Vec::new();
+        let (values, kept): (Option<RecordBatch>, Vec<usize>) = match &self.source.format {
+            KafkaFormat::Raw => {
+                let mut kept = Vec::new();
+                for (i, r) in records.iter().enumerate() {
+                    let text = self.value_schema.fields().first().is_some_and(|f| {
+                        matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8)
+                    });
+                    match &r.value {
+                        Some(v) if text && std::str::from_utf8(v).is_err() => bad.push((
+                            i,
+                            "the value is not UTF-8 text (declare value BYTEA)".into(),
+                        )),
+                        _ => kept.push(i),
+                    }
+                }
+                let cols: Vec<ArrayRef> = self
+                    .value_schema
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        let a: ArrayRef = Arc::new(BinaryArray::from_iter(
+                            kept.iter().map(|&i| records[i].value.as_deref()),
+                        ));
+                        cast(&a, f.data_type()).map_err(Error::from)
+                    })
+                    .collect::<Result<_>>()?;
+                let b = RecordBatch::try_new_with_options(
+                    Arc::clone(&self.value_schema),
+                    cols,
+                    &datafusion::arrow::record_batch::RecordBatchOptions::new()
+                        .with_row_count(Some(kept.len())),
+                )?;
+                (Some(b), kept)
+            }
+            format => {
+                let format = match format {
+                    KafkaFormat::Json => Format::Json,
+                    KafkaFormat::Csv { delimiter } => Format::Csv {
+                        header: false,
+                        delimiter: *delimiter,
+                    },
+                    KafkaFormat::Raw => unreachable!("handled above"),
+                };
+                let mut index = Vec::with_capacity(records.len());
+                let mut values: Vec<&[u8]> = Vec::with_capacity(records.len());
+                for (i, r) in records.iter().enumerate() {
+                    match &r.value {
+                        Some(v) => {
+                            index.push(i);
+                            values.push(v);
+                        }
+                        None => bad.push((i, "the record has no value (a tombstone)".into())),
+                    }
+                }
+                let d = decode::decode_records(&format, &self.value_schema, &values);
+                bad.extend(d.bad.into_iter().map(|(j, e)| (index[j], e)));
+                let b = if d.batches.is_empty() {
+                    None
+                } else {
+                    Some(concat_batches(&self.value_schema, &d.batches)?)
+                };
+                (b, d.kept.into_iter().map(|j| index[j]).collect())
+            }
+        };
+        bad.sort_by_key(|(i, _)| *i);
+        for (i, error) in bad {
+            let r = &records[i];
+            let at = format!(
+                "topic '{}' partition {} offset {}",
+                r.topic, r.partition, r.offset
+            );
+            match &self.source.on_error {
+                OnError::Fail => {
+                    return Err(Error::data(format!(
+                        "source '{}': {at}: {error}",
+                        self.name()
+                    )));
+                }
+                OnError::Drop => out.dropped += 1,
+                OnError::DeadLetter(_) => out.dead_letters.push(DeadLetter {
+                    source: self.name().to_string(),
+                    location: at,
+                    error,
+                    raw: r
+                        .value
+                        .as_deref()
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default(),
+                }),
+            }
+        }
+        if kept.is_empty() {
+            return Ok(out);
+        }
+        let kept: Vec<&Record> = kept.iter().map(|&i| &records[i]).collect();
+        let mut cols = Vec::with_capacity(self.source.schema.fields().len());
+        let mut value_col = 0;
+        for f in self.source.schema.fields() {
+            let natural: ArrayRef = match f.name().as_str() {
+                "_key" => Arc::new(BinaryArray::from_iter(
+                    kept.iter().map(|r| r.key.as_deref()),
+                )),
+                "_topic" => Arc::new(StringArray::from_iter_values(
+                    kept.iter().map(|r| r.topic.as_str()),
+                )),
+                "_partition" => Arc::new(Int32Array::from_iter_values(
+                    kept.iter().map(|r| r.partition),
+                )),
+                "_offset" => Arc::new(Int64Array::from_iter_values(kept.iter().map(|r| r.offset))),
+                "_timestamp" => Arc::new(TimestampMillisecondArray::from_iter(
+                    kept.iter().map(|r| r.timestamp_ms),
+                )),
+                _ => {
+                    let c = values
+                        .as_ref()
+                        .map(|b| Arc::clone(b.column(value_col)))
+                        .unwrap_or_else(|| new_empty_array(f.data_type()));
+                    value_col += 1;
+                    cols.push(c);
+                    continue;
+                }
+            };
+            let col = if natural.data_type() == f.data_type() {
+                natural
+            } else if f.name() == "_key"
+                && matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8)
+            {
+                // A key that is not UTF-8 text cannot be a VARCHAR: the
+                // whole read fails by name rather than lose the key.
+                cast(&natural, f.data_type()).map_err(|e| {
+                    Error::data(format!(
+                        "source '{}': a record's key is not UTF-8 text (declare _key BYTEA): {e}",
+                        self.name()
+                    ))
+                })?
+            } else {
+                cast(&natural, f.data_type())?
+            };
+            cols.push(col);
+        }
+        out.batches
+            .push(RecordBatch::try_new(Arc::clone(&self.source.schema), cols)?);
+        Ok(out)
+    }
+}
+
+fn data_loss(source: &str, topic: &str, partition: i32, from: i64, low: i64) -> Error {
+    Error::data(format!(
+        "source '{source}': topic '{topic}' partition {partition} offsets [{from}, {low}) were \
+         deleted (retention) before this query read them; set fail_on_data_loss = false to \
+         skip them (they are counted as dropped rows)"
+    ))
+}
+
+/// Spreads a per-trigger row budget over partitions in proportion to what
+/// each has waiting; without a budget every partition takes all it has. The
+/// split is deterministic, and takes at least one row when any is waiting.
+fn share(available: &[u64], budget: Option<u64>) -> Vec<u64> {
+    let total: u64 = available.iter().sum();
+    let Some(budget) = budget.filter(|b| *b < total) else {
+        return available.to_vec();
+    };
+    let mut take: Vec<u64> = available
+        .iter()
+        .map(|a| ((u128::from(*a) * u128::from(budget)) / u128::from(total)) as u64)
+        .collect();
+    let mut left = budget - take.iter().sum::<u64>();
+    while left > 0 {
+        for (t, a) in take.iter_mut().zip(available) {
+            if left > 0 && *t < *a {
+                *t += 1;
+                left -= 1;
+            }
+        }
+    }
+    take
+}
+
+#[async_trait]
+impl SourceReader for KafkaReader {
+    fn initial_offset(&self) -> Value {
+        Value::Object(Default::default())
+    }
+
+    async fn latest_offset(&mut self, start: &Value) -> Result<Value> {
+        let inner = Arc::clone(&self.inner);
+        let start = start.clone();
+        tokio::task::spawn_blocking(move || inner.latest(&start))
+            .await
+            .map_err(|e| Error::internal(format!("Kafka source task failed: {e}")))?
+    }
+
+    fn split_offset(&self, start: &Value, end: &Value, draw: u64) -> Value {
+        let (Ok(start_pos), Ok(mut end_pos)) = (
+            positions(self.inner.name(), start),
+            positions(self.inner.name(), end),
+        ) else {
+            return end.clone();
+        };
+        let log = self.inner.log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = draw;
+        for (t, ps) in end_pos.iter_mut() {
+            for (p, e) in ps.iter_mut() {
+                let s = start_pos
+                    .get(t)
+                    .and_then(|m| m.get(p))
+                    .copied()
+                    .or_else(|| log.get(t, *p))
+                    .unwrap_or(*e);
+                // Each partition's range is cut on its own draw.
+                h = h.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (*p as u64);
+                if *e > s + 1 {
+                    *e = s + 1 + (h % (*e - s) as u64) as i64;
+                }
+            }
+        }
+        to_value(&end_pos)
+    }
+
+    async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
+        let inner = Arc::clone(&self.inner);
+        let (start, end) = (start.clone(), end.clone());
+        tokio::task::spawn_blocking(move || inner.read(&start, &end))
+            .await
+            .map_err(|e| Error::internal(format!("Kafka source task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_is_shared_by_what_waits() {
+        assert_eq!(share(&[10, 0, 30], None), vec![10, 0, 30]);
+        assert_eq!(share(&[10, 0, 30], Some(100)), vec![10, 0, 30]);
+        assert_eq!(share(&[10, 0, 30], Some(20)), vec![5, 0, 15]);
+        assert_eq!(share(&[1, 1, 1], Some(2)), vec![1, 1, 0]);
+        assert_eq!(share(&[1000, 1], Some(1)), vec![1, 0]);
+        let s = share(&[7, 3, 9, 1], Some(11));
+        assert_eq!(s.iter().sum::<u64>(), 11);
+        assert!(s.iter().zip([7, 3, 9, 1]).all(|(t, a)| *t <= a));
+    }
+
+    #[test]
+    fn options_are_checked_by_name() {
+        let opts =
+            |pairs: &[(&str, &str)]| Options::from_pairs("source 'k'", pairs.iter().copied());
+        let err = KafkaSource::from_options(
+            "k",
+            None,
+            &opts(&[
+                ("bootstrap.servers", "h:1"),
+                ("topic", "t"),
+                ("format", "json"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("columns declared"), "{err}");
+        let err = KafkaSource::from_options(
+            "k",
+            None,
+            &opts(&[("bootstrap.servers", "h:1"), ("format", "raw")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("topic_pattern"), "{err}");
+        let err = KafkaSource::from_options(
+            "k",
+            None,
+            &opts(&[
+                ("bootstrap.servers", "h:1"),
+                ("topic", "t"),
+                ("format", "raw"),
+                ("startng_offsets", "latest"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("startng_offsets"), "{err}");
+        let err = KafkaSource::from_options(
+            "k",
+            None,
+            &opts(&[
+                ("bootstrap.servers", "h:1"),
+                ("topic", "t"),
+                ("format", "raw"),
+                ("starting_offsets", "{\"t\": 3}"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("starting_offsets"), "{err}");
+        let ok = KafkaSource::from_options(
+            "k",
+            None,
+            &opts(&[
+                ("bootstrap.servers", "h:1"),
+                ("topic_pattern", "events-.*"),
+                ("format", "raw"),
+                ("kafka.client.id", "me"),
+                ("starting_offsets", "{\"events-1\": {\"0\": 3, \"1\": -1}}"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(ok.schema().fields().len(), 6);
+        assert_eq!(ok.conn.properties, vec![("client.id".into(), "me".into())]);
+    }
+}
