@@ -622,3 +622,51 @@ async fn raw_and_csv_sinks_write_one_record_a_row() {
         .to_string();
     assert!(err.contains("column named value"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn varchar_keys_and_values_are_text_and_a_key_that_is_not_is_a_bad_record() {
+    let broker = LocalBroker::start().unwrap();
+    let servers = broker.bootstrap();
+    create_topic(&servers, "raw", 1).await.unwrap();
+    let records: Vec<ProduceRecord<'_>> = vec![
+        (Some(0), Some(b"k1"), b"one"),
+        (Some(0), Some(b"\xff"), b"two"),
+        (Some(0), None, b"three"),
+    ];
+    produce(&servers, "raw", &records).await.unwrap();
+    // VARCHAR columns are Utf8View in DataFusion's SQL.
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        Field::new("value", DataType::Utf8View, true),
+        Field::new("_key", DataType::Utf8View, true),
+    ]));
+    let src = KafkaSource::from_options(
+        "raw",
+        Some(schema),
+        &opts(
+            "source 'raw'",
+            &[
+                ("bootstrap.servers", &servers),
+                ("topic", "raw"),
+                ("format", "raw"),
+                ("on_error", "drop"),
+            ],
+        ),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = reader(&src, dir.path());
+    let start = r.initial_offset();
+    let end = r.latest_offset(&start).await.unwrap();
+    let read = r.read(&start, &end).await.unwrap();
+    assert_eq!(read.dropped, 1, "the record whose key is not UTF-8");
+    let b = &read.batches[0];
+    let text = |c: usize| -> Vec<Option<String>> {
+        let a = datafusion::arrow::compute::cast(b.column(c), &DataType::Utf8).unwrap();
+        let a = a.as_any().downcast_ref::<StringArray>().unwrap();
+        (0..a.len())
+            .map(|i| (!a.is_null(i)).then(|| a.value(i).to_string()))
+            .collect()
+    };
+    assert_eq!(text(0), vec![Some("one".into()), Some("three".into())]);
+    assert_eq!(text(1), vec![Some("k1".into()), None]);
+}

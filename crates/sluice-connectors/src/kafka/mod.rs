@@ -26,6 +26,9 @@ mod source;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::array::ArrayRef;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -216,6 +219,32 @@ impl Connection {
                 )
             })
     }
+}
+
+/// Whether a column of this type holds text (`VARCHAR` is `Utf8View`).
+pub(crate) fn is_text(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+/// Whether a column of this type can hold a record's key or value as is.
+pub(crate) fn is_bytes_or_text(t: &DataType) -> bool {
+    is_text(t)
+        || matches!(
+            t,
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+        )
+}
+
+/// Bytes as a column of type `to` (text types check UTF-8).
+pub(crate) fn bytes_as(
+    bytes: &ArrayRef,
+    to: &DataType,
+) -> std::result::Result<ArrayRef, datafusion::arrow::error::ArrowError> {
+    if is_text(to) && *to != DataType::Utf8 {
+        let text = cast(bytes, &DataType::Utf8)?;
+        return cast(&text, to);
+    }
+    cast(bytes, to)
 }
 
 /// A broker error while doing `what`: transient, so the batch may be retried.

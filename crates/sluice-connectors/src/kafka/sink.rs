@@ -27,7 +27,9 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use sluice_common::connector::Sink;
 use sluice_common::{BatchId, Error, Options, OutputMode, Result};
 
-use super::{Connection, KafkaFormat, Range, fetch, kafka_error, partition_for_key};
+use super::{
+    Connection, KafkaFormat, Range, fetch, is_bytes_or_text, kafka_error, partition_for_key,
+};
 
 /// Header naming the sink that wrote a record.
 pub const SINK_HEADER: &str = "sluice.sink";
@@ -112,7 +114,7 @@ impl KafkaSink {
                     column_names(schema)
                 ))
             })?;
-            if !matches!(f.data_type(), DataType::Binary | DataType::LargeBinary)
+            if !is_bytes_or_text(f.data_type())
                 && !datafusion::arrow::compute::can_cast_types(f.data_type(), &DataType::Utf8)
             {
                 return Err(Error::plan(format!(
@@ -129,10 +131,7 @@ impl KafkaSink {
                     column_names(schema)
                 ))
             })?;
-            if !matches!(
-                f.data_type(),
-                DataType::Binary | DataType::LargeBinary | DataType::Utf8 | DataType::LargeUtf8
-            ) {
+            if !is_bytes_or_text(f.data_type()) {
                 return Err(Error::plan(format!(
                     "{owner}: with format = 'raw', column value must be BYTEA or VARCHAR, not {}",
                     f.data_type()
@@ -198,16 +197,20 @@ fn column_names(schema: &SchemaRef) -> String {
         .join(", ")
 }
 
-/// A column's values as bytes: binary as is, anything else as its text.
+/// A column's values as bytes: binary and text as they are, anything else
+/// as its text.
 fn column_bytes(col: &dyn Array) -> Result<Vec<Option<Vec<u8>>>> {
-    let col: std::sync::Arc<dyn Array> = match col.data_type() {
-        DataType::Binary | DataType::LargeBinary | DataType::Utf8 => {
-            datafusion::arrow::array::make_array(col.to_data())
-        }
-        _ => cast(col, &DataType::Binary)
-            .or_else(|_| cast(col, &DataType::Utf8).and_then(|c| cast(&c, &DataType::Binary)))?,
+    let col = datafusion::arrow::array::make_array(col.to_data());
+    let col = if is_bytes_or_text(col.data_type()) {
+        col
+    } else {
+        cast(&col, &DataType::Utf8)?
     };
-    let col = cast(&col, &DataType::Binary)?;
+    let col = match cast(&col, &DataType::Binary) {
+        Ok(c) => c,
+        // Text types without a direct cast to bytes go through Utf8.
+        Err(_) => cast(&cast(&col, &DataType::Utf8)?, &DataType::Binary)?,
+    };
     Ok(col
         .as_binary::<i32>()
         .iter()

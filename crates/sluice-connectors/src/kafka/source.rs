@@ -21,7 +21,10 @@ use sluice_common::connector::{
 use sluice_common::durable::{self, Durability};
 use sluice_common::{Error, Options, Result};
 
-use super::{Connection, KafkaFormat, METADATA_COLUMNS, Range, Record, fetch};
+use super::{
+    Connection, KafkaFormat, METADATA_COLUMNS, Range, Record, bytes_as, fetch, is_bytes_or_text,
+    is_text,
+};
 use crate::decode::{self, Format};
 
 /// Next offset to read, per topic and partition.
@@ -153,12 +156,7 @@ impl KafkaSource {
                 )));
             }
         };
-        let bytes = |t: &DataType| {
-            matches!(
-                t,
-                DataType::Binary | DataType::LargeBinary | DataType::Utf8 | DataType::LargeUtf8
-            )
-        };
+        let bytes = is_bytes_or_text;
         let mut value_columns = 0;
         for f in schema.fields() {
             let natural = match f.name().as_str() {
@@ -532,10 +530,32 @@ impl Inner {
     fn decode(&self, records: Vec<Record>) -> Result<ReadBatch> {
         let mut out = ReadBatch::default();
         let mut bad: Vec<(usize, String)> = Vec::new();
+        // A key declared as text must be UTF-8: a record whose key is not is
+        // bad like one whose value does not decode.
+        let key_text = self
+            .source
+            .schema
+            .field_with_name("_key")
+            .is_ok_and(|f| is_text(f.data_type()));
+        let mut excluded = vec![false; records.len()];
+        if key_text {
+            for (i, r) in records.iter().enumerate() {
+                if r.key
+                    .as_deref()
+                    .is_some_and(|k| std::str::from_utf8(k).is_err())
+                {
+                    excluded[i] = true;
+                    bad.push((i, "the key is not UTF-8 text (declare _key BYTEA)".into()));
+                }
+            }
+        }
         let (values, kept): (Option<RecordBatch>, Vec<usize>) = match &self.source.format {
             KafkaFormat::Raw => {
                 let mut kept = Vec::new();
                 for (i, r) in records.iter().enumerate() {
+                    if excluded[i] {
+                        continue;
+                    }
                     let text = self.value_schema.fields().first().is_some_and(|f| {
                         matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8)
                     });
@@ -555,7 +575,7 @@ impl Inner {
                         let a: ArrayRef = Arc::new(BinaryArray::from_iter(
                             kept.iter().map(|&i| records[i].value.as_deref()),
                         ));
-                        cast(&a, f.data_type()).map_err(Error::from)
+                        bytes_as(&a, f.data_type()).map_err(Error::from)
                     })
                     .collect::<Result<_>>()?;
                 let b = RecordBatch::try_new_with_options(
@@ -578,6 +598,9 @@ impl Inner {
                 let mut index = Vec::with_capacity(records.len());
                 let mut values: Vec<&[u8]> = Vec::with_capacity(records.len());
                 for (i, r) in records.iter().enumerate() {
+                    if excluded[i] {
+                        continue;
+                    }
                     match &r.value {
                         Some(v) => {
                             index.push(i);
@@ -656,17 +679,8 @@ impl Inner {
             };
             let col = if natural.data_type() == f.data_type() {
                 natural
-            } else if f.name() == "_key"
-                && matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8)
-            {
-                // A key that is not UTF-8 text cannot be a VARCHAR: the
-                // whole read fails by name rather than lose the key.
-                cast(&natural, f.data_type()).map_err(|e| {
-                    Error::data(format!(
-                        "source '{}': a record's key is not UTF-8 text (declare _key BYTEA): {e}",
-                        self.name()
-                    ))
-                })?
+            } else if f.name() == "_key" {
+                bytes_as(&natural, f.data_type())?
             } else {
                 cast(&natural, f.data_type())?
             };
