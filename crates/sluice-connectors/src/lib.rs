@@ -10,6 +10,10 @@
 //! range, again and again, so a batch re-run after a crash reads the same
 //! rows. A [`Sink`] writes a batch's rows idempotently, keyed by batch id.
 //!
+//! Sources: `memory`, `file`, `rate`, `nexmark` and (with the default
+//! feature `kafka`) [`kafka`]; sinks: `console`, `memory`, `file`, `kafka`
+//! and `foreach_batch`.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use sluice_connectors::{MemorySource, Source};

@@ -510,3 +510,25 @@ async fn await_all(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{BinaryArray, Int64Array, StringViewArray};
+
+    #[test]
+    fn keys_are_bytes_as_they_are_or_the_text_of_other_types() {
+        let ints = Int64Array::from(vec![Some(1), None, Some(42)]);
+        assert_eq!(
+            column_bytes(&ints).unwrap(),
+            vec![Some(b"1".to_vec()), None, Some(b"42".to_vec())]
+        );
+        let text = StringViewArray::from(vec![Some("home"), None]);
+        assert_eq!(
+            column_bytes(&text).unwrap(),
+            vec![Some(b"home".to_vec()), None]
+        );
+        let bin = BinaryArray::from(vec![Some(&b"\xff\x00"[..])]);
+        assert_eq!(column_bytes(&bin).unwrap(), vec![Some(vec![0xff, 0])]);
+    }
+}
