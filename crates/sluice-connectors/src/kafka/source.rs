@@ -426,14 +426,14 @@ impl Inner {
                     self.name()
                 )));
             }
-            let from = if s < low {
-                if self.source.fail_on_data_loss {
-                    return Err(data_loss(self.name(), t, *p, s, low));
-                }
-                low
-            } else {
-                s
-            };
+            let (from, _) = after_retention(
+                self.name(),
+                t,
+                *p,
+                (s, high),
+                low,
+                self.source.fail_on_data_loss,
+            )?;
             spans.push((t.clone(), *p, s, from, high));
         }
         for (t, ps) in &start_pos {
@@ -505,14 +505,16 @@ impl Inner {
         // with fail_on_data_loss = false, before).
         for r in &mut ranges {
             let (low, _) = conn.watermarks(&self.consumer, &r.topic, r.partition)?;
-            if low > r.from {
-                if self.source.fail_on_data_loss {
-                    return Err(data_loss(self.name(), &r.topic, r.partition, r.from, low));
-                }
-                let skip_to = low.min(r.to);
-                lost += (skip_to - r.from) as u64;
-                r.from = skip_to;
-            }
+            let (from, skipped) = after_retention(
+                self.name(),
+                &r.topic,
+                r.partition,
+                (r.from, r.to),
+                low,
+                self.source.fail_on_data_loss,
+            )?;
+            r.from = from;
+            lost += skipped;
         }
         let fetched = fetch(
             conn,
@@ -692,12 +694,30 @@ impl Inner {
     }
 }
 
-fn data_loss(source: &str, topic: &str, partition: i32, from: i64, low: i64) -> Error {
-    Error::data(format!(
-        "source '{source}': topic '{topic}' partition {partition} offsets [{from}, {low}) were \
-         deleted (retention) before this query read them; set fail_on_data_loss = false to \
-         skip them (they are counted as dropped rows)"
-    ))
+/// Where reading `[from, to)` of a partition can start when the broker holds
+/// records from `low` on, and how many records of the range are gone:
+/// records deleted (by retention) before the query read them are an error,
+/// or with `fail_on_data_loss = false` are skipped and counted.
+fn after_retention(
+    source: &str,
+    topic: &str,
+    partition: i32,
+    (from, to): (i64, i64),
+    low: i64,
+    fail_on_data_loss: bool,
+) -> Result<(i64, u64)> {
+    if low <= from {
+        return Ok((from, 0));
+    }
+    if fail_on_data_loss {
+        return Err(Error::data(format!(
+            "source '{source}': topic '{topic}' partition {partition} offsets [{from}, {low}) \
+             were deleted (retention) before this query read them; set fail_on_data_loss = \
+             false to skip them (they are counted as dropped rows)"
+        )));
+    }
+    let start = low.min(to);
+    Ok((start, (start - from) as u64))
 }
 
 /// Spreads a per-trigger row budget over partitions in proportion to what
@@ -788,6 +808,35 @@ mod tests {
         let s = share(&[7, 3, 9, 1], Some(11));
         assert_eq!(s.iter().sum::<u64>(), 11);
         assert!(s.iter().zip([7, 3, 9, 1]).all(|(t, a)| *t <= a));
+    }
+
+    #[test]
+    fn records_gone_before_they_were_read_are_an_error_or_skipped_and_counted() {
+        assert_eq!(
+            after_retention("s", "t", 0, (5, 9), 5, true).unwrap(),
+            (5, 0)
+        );
+        assert_eq!(
+            after_retention("s", "t", 0, (5, 9), 2, true).unwrap(),
+            (5, 0)
+        );
+        let err = after_retention("s", "t", 3, (5, 9), 7, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("source 's': topic 't' partition 3 offsets [5, 7)")
+                && err.contains("fail_on_data_loss = false"),
+            "{err}"
+        );
+        assert_eq!(
+            after_retention("s", "t", 0, (5, 9), 7, false).unwrap(),
+            (7, 2)
+        );
+        // The whole range gone: nothing to read, all of it counted.
+        assert_eq!(
+            after_retention("s", "t", 0, (5, 9), 20, false).unwrap(),
+            (9, 4)
+        );
     }
 
     #[test]
