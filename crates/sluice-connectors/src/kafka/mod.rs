@@ -40,7 +40,7 @@ pub use broker::{
     LocalBroker, ProduceRecord, add_partitions, consume_all, create_topic, partition_count, produce,
 };
 pub use murmur::{murmur2, partition_for_key};
-pub use sink::KafkaSink;
+pub use sink::{KafkaSink, KeyValue, record_ids};
 pub use source::KafkaSource;
 
 /// The names of the metadata columns a Kafka source can fill.

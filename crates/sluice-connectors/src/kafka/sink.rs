@@ -1,18 +1,21 @@
 //! The Kafka sink: exactly-once on any broker, without transactions.
 //!
 //! Each record of batch N carries three headers: `sluice.sink` (the sink's
-//! id), `sluice.batch` (N) and `sluice.seq` (the record's place in the
-//! batch's output). A batch re-run after a crash produces the same records
-//! with the same headers. Before writing a batch that may have been written
-//! before — the first write after the sink opens, and any write after a
-//! failed one — the sink reads each partition of its topic backwards from
-//! the end until it meets a record of its own from an earlier batch (or the
-//! partition's start), collects the `seq`s of batch N already there, and
-//! produces only the others. Records are produced with the idempotent
+//! id), `sluice.batch` (N) and `sluice.record`, the record's identity in the
+//! batch: a hash of its key and value, and which occurrence of that content
+//! it is. A batch re-run after a crash produces the same rows — not always
+//! in the same order (state is kept in hash maps, and big batches are
+//! aggregated in parallel) — so the identity depends on content alone.
+//! Before writing a batch that may have been written before — the first
+//! write after the sink opens, and any write after a failed one — the sink
+//! reads each partition of its topic backwards from the end until it meets a
+//! record of its own from an earlier batch (or the partition's start),
+//! collects the identities of batch N already there, and produces only the
+//! others. Records are produced with the idempotent
 //! producer (unless `idempotent = false`), so the client's own retries add
 //! nothing either.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -35,8 +38,49 @@ use super::{
 pub const SINK_HEADER: &str = "sluice.sink";
 /// Header naming the batch that wrote a record.
 pub const BATCH_HEADER: &str = "sluice.batch";
-/// Header giving a record's place in its batch's output.
-pub const SEQ_HEADER: &str = "sluice.seq";
+/// Header giving a record's identity in its batch (see [`record_ids`]).
+pub const RECORD_HEADER: &str = "sluice.record";
+
+/// A record's key and value (`None`: absent).
+pub type KeyValue<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// The identity of each record of a batch, from its content alone:
+/// `<first 16 bytes of the BLAKE3 hash of key and value, in hex>-<k>`, where
+/// `k` counts earlier records of the batch with the same content. The same
+/// rows in another order get the same identities (identical records are
+/// interchangeable), so a re-run batch finds what an earlier attempt stored.
+pub fn record_ids(records: &[KeyValue<'_>]) -> Vec<String> {
+    let mut seen: HashMap<[u8; 16], u64> = HashMap::new();
+    records
+        .iter()
+        .map(|(key, value)| {
+            let mut h = blake3::Hasher::new();
+            for part in [key, value] {
+                match part {
+                    // A length prefix keeps (key, value) pairs apart whose
+                    // concatenations are equal; u64::MAX marks "absent".
+                    Some(b) => {
+                        h.update(&(b.len() as u64).to_le_bytes());
+                        h.update(b);
+                    }
+                    None => {
+                        h.update(&u64::MAX.to_le_bytes());
+                    }
+                }
+            }
+            let mut digest = [0u8; 16];
+            digest.copy_from_slice(&h.finalize().as_bytes()[..16]);
+            let k = seen.entry(digest).or_insert(0);
+            let id = format!("{}-{k}", hex(&digest));
+            *k += 1;
+            id
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// How many records the tail scan reads per step backwards.
 const SCAN_STEP: i64 = 1000;
@@ -72,8 +116,8 @@ impl std::fmt::Debug for SinkState {
     }
 }
 
-/// One output record: key, value, place in the batch.
-type OutRecord = (Option<Vec<u8>>, Option<Vec<u8>>, u64);
+/// One output record: key and value.
+type OutRecord = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 impl KafkaSink {
     /// Builds the sink from `CREATE SINK ... WITH (connector = 'kafka', ...)`.
@@ -153,10 +197,7 @@ impl KafkaSink {
                 Some(k) => column_bytes(b.column(schema.index_of(k)?))?,
                 None => vec![None; b.num_rows()],
             };
-            for (k, v) in keys.into_iter().zip(values) {
-                let seq = out.len() as u64;
-                out.push((k, v, seq));
-            }
+            out.extend(keys.into_iter().zip(values));
         }
         Ok(out)
     }
@@ -361,7 +402,13 @@ impl Sink for KafkaSink {
             .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??
         };
         let n = parts.len() as i32;
-        let headers = |seq: u64| {
+        let ids = record_ids(
+            &records
+                .iter()
+                .map(|(k, v)| (k.as_deref(), v.as_deref()))
+                .collect::<Vec<_>>(),
+        );
+        let headers = |record: &str| {
             OwnedHeaders::new_with_capacity(3)
                 .insert(Header {
                     key: SINK_HEADER,
@@ -372,12 +419,18 @@ impl Sink for KafkaSink {
                     value: Some(id.to_string().as_bytes()),
                 })
                 .insert(Header {
-                    key: SEQ_HEADER,
-                    value: Some(seq.to_string().as_bytes()),
+                    key: RECORD_HEADER,
+                    value: Some(record.as_bytes()),
                 })
         };
         let mut pending: Vec<DeliveryFuture> = Vec::new();
-        for (key, value, seq) in records.iter().filter(|r| !present.contains(&r.2)) {
+        for (seq, ((key, value), record)) in records
+            .iter()
+            .zip(&ids)
+            .enumerate()
+            .filter(|(_, (_, record))| !present.contains(*record))
+        {
+            let seq = seq as u64;
             let partition = parts[match key {
                 Some(k) => partition_for_key(k, n),
                 None => ((id + seq) % n as u64) as i32,
@@ -385,7 +438,7 @@ impl Sink for KafkaSink {
             loop {
                 let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
                     .partition(partition)
-                    .headers(headers(*seq));
+                    .headers(headers(record));
                 if let Some(k) = key {
                     rec = rec.key(k.as_slice());
                 }
@@ -420,7 +473,7 @@ impl Sink for KafkaSink {
     }
 }
 
-/// The `seq`s of batch `id` that the topic already holds.
+/// The record identities of batch `id` that the topic already holds.
 fn written_before(
     conn: &Connection,
     consumer: &BaseConsumer,
@@ -429,7 +482,7 @@ fn written_before(
     what: &str,
     partitions: &[i32],
     id: BatchId,
-) -> Result<HashSet<u64>> {
+) -> Result<HashSet<String>> {
     let mut present = HashSet::new();
     for &p in partitions {
         let (low, high) = conn.watermarks(consumer, topic, p)?;
@@ -448,9 +501,9 @@ fn written_before(
                 if r.header(SINK_HEADER) != Some(sink_id) {
                     continue;
                 }
-                let (Some(b), Some(seq)) = (
+                let (Some(b), Some(record)) = (
                     r.header(BATCH_HEADER).and_then(|v| v.parse::<u64>().ok()),
-                    r.header(SEQ_HEADER).and_then(|v| v.parse::<u64>().ok()),
+                    r.header(RECORD_HEADER),
                 ) else {
                     continue;
                 };
@@ -464,7 +517,7 @@ fn written_before(
                     )));
                 }
                 if b == id {
-                    present.insert(seq);
+                    present.insert(record.to_string());
                 } else {
                     earlier = true;
                 }
@@ -515,6 +568,28 @@ async fn await_all(
 mod tests {
     use super::*;
     use datafusion::arrow::array::{BinaryArray, Int64Array, StringViewArray};
+
+    #[test]
+    fn record_ids_depend_on_content_and_occurrence_not_order() {
+        let a: KeyValue<'_> = (Some(b"k"), Some(b"v1"));
+        let b: KeyValue<'_> = (None, Some(b"v2"));
+        let one = record_ids(&[a, b, a]);
+        let other = record_ids(&[b, a, a]);
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(one.clone()), sorted(other.clone()));
+        assert_eq!(one[1], other[0]);
+        assert!(one[0].ends_with("-0") && one[2].ends_with("-1"));
+        assert_eq!(one[0].split('-').next(), one[2].split('-').next());
+        // Key and value are kept apart: ("ab", "c") is not ("a", "bc"), and
+        // an absent value is not an empty one.
+        let x = record_ids(&[(Some(b"ab"), Some(b"c")), (Some(b"a"), Some(b"bc"))]);
+        assert_ne!(x[0].split('-').next(), x[1].split('-').next());
+        let y = record_ids(&[(None, None), (None, Some(b""))]);
+        assert_ne!(y[0], y[1]);
+    }
 
     #[test]
     fn keys_are_bytes_as_they_are_or_the_text_of_other_types() {
