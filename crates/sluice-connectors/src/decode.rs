@@ -159,8 +159,15 @@ pub fn decode_records(format: &Format, schema: &SchemaRef, records: &[&[u8]]) ->
         buf
     };
     let rows = |batches: &[RecordBatch]| batches.iter().map(RecordBatch::num_rows).sum::<usize>();
-    // Fast path: all records at once, accepted when it gives one row each.
-    if let Ok(batches) = decode_chunk(&format, schema, &joined(&lines), false, BATCH_SIZE)
+    // Fast path: all records at once, when each record is one whole JSON
+    // object or a CSV line with its quotes closed (so no record can run
+    // into the next), accepted when it gives one row each.
+    let whole = |l: &[u8]| match &format {
+        Format::Json => one_json_object(l),
+        _ => l.iter().filter(|b| **b == b'"').count() % 2 == 0,
+    };
+    if lines.iter().all(|(_, l)| whole(l))
+        && let Ok(batches) = decode_chunk(&format, schema, &joined(&lines), false, BATCH_SIZE)
         && rows(&batches) == lines.len()
     {
         bad.sort_by_key(|(i, _)| *i);
@@ -170,38 +177,71 @@ pub fn decode_records(format: &Format, schema: &SchemaRef, records: &[&[u8]]) ->
             bad,
         };
     }
-    let mut good = Vec::new();
+    // Record by record: each good record's own row is kept, so no record
+    // can take its neighbours' rows.
+    let mut kept = Vec::new();
+    let mut batches = Vec::new();
     for (i, line) in lines {
+        if !whole(&line) {
+            let why = match &format {
+                Format::Json => "the record is not one whole JSON object",
+                _ => "the record has a quote that is not closed",
+            };
+            bad.push((i, why.to_string()));
+            continue;
+        }
         match decode_chunk(&format, schema, &line, false, 1) {
-            Ok(b) if rows(&b) == 1 => good.push((i, line)),
+            Ok(b) if rows(&b) == 1 => {
+                kept.push(i);
+                batches.extend(b);
+            }
             Ok(b) => bad.push((i, format!("the record holds {} rows, not one", rows(&b)))),
             Err(e) => bad.push((i, clean_arrow_error(&e))),
         }
     }
-    let out = match decode_chunk(&format, schema, &joined(&good), false, BATCH_SIZE) {
-        Ok(batches) if rows(&batches) == good.len() => DecodedRecords {
-            batches,
-            kept: good.into_iter().map(|(i, _)| i).collect(),
-            bad,
-        },
-        // Each record decoded alone but not together: keep none of them
-        // rather than a guess, and say so for each.
-        _ => {
-            bad.extend(good.into_iter().map(|(i, _)| {
-                (
-                    i,
-                    "the good records of this read do not decode together".to_string(),
-                )
-            }));
-            DecodedRecords {
-                bad,
-                ..Default::default()
-            }
-        }
+    let batches = match datafusion::arrow::compute::concat_batches(schema, &batches) {
+        Ok(b) if b.num_rows() > 0 => vec![b],
+        _ => batches,
     };
-    let mut out = out;
-    out.bad.sort_by_key(|(i, _)| *i);
-    out
+    bad.sort_by_key(|(i, _)| *i);
+    DecodedRecords { batches, kept, bad }
+}
+
+/// Whether `r` is exactly one JSON object (surrounding whitespace allowed):
+/// it opens with `{` and the brace that closes it is its last character.
+/// A structural check only; the decoder checks the rest.
+fn one_json_object(r: &[u8]) -> bool {
+    let r = r.trim_ascii();
+    if r.first() != Some(&b'{') || r.last() != Some(&b'}') {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, b) in r.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = match depth.checked_sub(1) {
+                    Some(d) => d,
+                    None => return false,
+                };
+                if depth == 0 && i + 1 != r.len() {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth == 0 && !in_string
 }
 
 fn decode_text(format: &Format, schema: &SchemaRef, bytes: &[u8]) -> Decoded {
@@ -456,7 +496,11 @@ mod tests {
         assert_eq!(rows_of(&d.batches), 3);
         let bad: Vec<usize> = d.bad.iter().map(|(i, _)| *i).collect();
         assert_eq!(bad, vec![1, 3, 4]);
-        assert!(d.bad[2].1.contains("2 rows"), "{}", d.bad[2].1);
+        assert!(
+            d.bad[2].1.contains("not one whole JSON object"),
+            "{}",
+            d.bad[2].1
+        );
 
         let csv = Format::Csv {
             header: true,
@@ -469,6 +513,30 @@ mod tests {
             d.bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
             vec![1, 3]
         );
+
+        // Records that would pair up wrongly if read together: two objects
+        // in one record, and one object cut over two records. Each is named;
+        // the good neighbour keeps its own row.
+        let recs: Vec<&[u8]> = vec![
+            b"{\"id\":1}{\"id\":2}",
+            b"{\"id\":",
+            b"3}",
+            b"{\"id\":4, \"name\": \"}{\"}",
+        ];
+        let d = decode_records(&Format::Json, &schema(), &recs);
+        assert_eq!(d.kept, vec![3]);
+        assert_eq!(rows_of(&d.batches), 1);
+        assert_eq!(
+            d.bad.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+
+        // A CSV record with an open quote cannot swallow the next ones.
+        let recs: Vec<&[u8]> = vec![b"1,a", b"42,\"hello", b"3,c"];
+        let d = decode_records(&csv, &schema(), &recs);
+        assert_eq!(d.kept, vec![0, 2]);
+        assert_eq!(rows_of(&d.batches), 2);
+        assert!(d.bad[0].1.contains("quote"), "{:?}", d.bad);
     }
 
     #[test]

@@ -301,6 +301,35 @@ async fn latest_starts_at_the_end_and_topics_that_appear_later_are_read_whole() 
     assert_eq!(ids, vec![100, 101, 102]);
     assert_eq!(end2["logs-b"]["0"], 3);
     assert!(end2.get("other").is_none());
+
+    // `latest` on a pattern no topic matches yet: the first topic to appear
+    // after the query's first planning is new data, read from its start.
+    let src = KafkaSource::from_options(
+        "late",
+        Some(events_schema()),
+        &opts(
+            "source 'late'",
+            &[
+                ("bootstrap.servers", &servers),
+                ("topic_pattern", "late-.*"),
+                ("format", "json"),
+                ("starting_offsets", "latest"),
+            ],
+        ),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = reader(&src, dir.path());
+    let start = r.initial_offset();
+    assert_eq!(r.latest_offset(&start).await.unwrap(), start);
+    create_topic(&servers, "late-1", 1).await.unwrap();
+    produce_events(&servers, "late-1", 300..302, 1).await;
+    let end = r.latest_offset(&start).await.unwrap();
+    let ids: Vec<i64> = rows(&r.read(&start, &end).await.unwrap().batches)
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(ids, vec![300, 301]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,6 +666,7 @@ async fn varchar_keys_and_values_are_text_and_a_key_that_is_not_is_a_bad_record(
         (Some(0), Some(b"k1"), b"one"),
         (Some(0), Some(b"\xff"), b"two"),
         (Some(0), None, b"three"),
+        (Some(0), None, b"\xfe"),
     ];
     produce(&servers, "raw", &records).await.unwrap();
     // VARCHAR columns are Utf8View in DataFusion's SQL.
@@ -663,7 +693,10 @@ async fn varchar_keys_and_values_are_text_and_a_key_that_is_not_is_a_bad_record(
     let start = r.initial_offset();
     let end = r.latest_offset(&start).await.unwrap();
     let read = r.read(&start, &end).await.unwrap();
-    assert_eq!(read.dropped, 1, "the record whose key is not UTF-8");
+    assert_eq!(
+        read.dropped, 2,
+        "the key, and the value, that are not UTF-8"
+    );
     let b = &read.batches[0];
     let text = |c: usize| -> Vec<Option<String>> {
         let a = datafusion::arrow::compute::cast(b.column(c), &DataType::Utf8).unwrap();

@@ -105,6 +105,9 @@ struct StreamInput {
     /// Where the next batch starts: the end of the last committed (or
     /// planned) batch.
     committed: Value,
+    /// The source's dead-letter sink as this query sees it (its own batch-id
+    /// space, when several queries read the source).
+    dead_letter: Option<Arc<dyn Sink>>,
 }
 
 /// The schema of dead-letter rows.
@@ -225,16 +228,22 @@ impl MicroBatchExecution {
                     clock: Arc::clone(&clock),
                 })
                 .map_err(ctx)?;
-            if let Some(dl) = table.dead_letter() {
-                dl.open(&dead_letter_schema(), OutputMode::Append)
-                    .await
-                    .map_err(ctx)?;
-            }
+            let dead_letter = match table.dead_letter() {
+                Some(dl) => {
+                    let dl = dl.for_query(&config.name).unwrap_or_else(|| Arc::clone(dl));
+                    dl.open(&dead_letter_schema(), OutputMode::Append)
+                        .await
+                        .map_err(ctx)?;
+                    Some(dl)
+                }
+                None => None,
+            };
             let committed = reader.initial_offset();
             inputs.push(StreamInput {
                 table,
                 reader,
                 committed,
+                dead_letter,
             });
         }
         let asked: Vec<Arc<dyn Sink>> = inputs.iter().filter_map(|i| i.table.late_rows()).collect();
@@ -596,7 +605,7 @@ impl MicroBatchExecution {
                 dropped_rows: read.dropped,
                 dead_letter_rows: read.dead_letters.len() as u64,
             });
-            if let Some(dl) = input.table.dead_letter() {
+            if let Some(dl) = &input.dead_letter {
                 dead.push((Arc::clone(dl), read.dead_letters));
             } else if !read.dead_letters.is_empty() {
                 return Err(Error::internal(format!(

@@ -238,7 +238,7 @@ pub fn partition_count(servers: &str, topic: &str, timeout: Duration) -> Result<
         properties: vec![],
         timeout,
     };
-    let consumer = conn.consumer("reading a topic's metadata")?;
+    let consumer = conn.consumer("reading a topic's metadata", false)?;
     let parts = conn
         .partitions(&consumer, topic)?
         .ok_or_else(|| Error::plan(format!("topic '{topic}' does not exist on {servers}")))?;
@@ -253,7 +253,7 @@ pub fn consume_all(servers: &str, topic: &str, timeout: Duration) -> Result<Vec<
         properties: vec![],
         timeout,
     };
-    let consumer = conn.consumer("reading a topic")?;
+    let consumer = conn.consumer("reading a topic", false)?;
     let parts = conn
         .partitions(&consumer, topic)?
         .ok_or_else(|| Error::plan(format!("topic '{topic}' does not exist on {servers}")))?;

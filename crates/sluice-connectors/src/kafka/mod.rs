@@ -95,8 +95,31 @@ impl Connection {
     /// options named `kafka.<property>` pass `<property>` to librdkafka.
     pub const OPTIONS: &'static [&'static str] = &["connector", "bootstrap.servers", "timeout"];
 
+    /// librdkafka properties Sluice sets itself: its offsets, the sink's
+    /// scan and the idempotent producer rely on them.
+    const RESERVED: &'static [&'static str] = &[
+        "bootstrap.servers",
+        "group.id",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "auto.offset.reset",
+        "enable.partition.eof",
+        "isolation.level",
+        "enable.idempotence",
+    ];
+
     pub fn from_options(options: &Options) -> Result<Self> {
         let servers = options.require("bootstrap.servers")?.to_string();
+        if let Some((k, _)) = options.iter().find(|(k, _)| {
+            k.strip_prefix("kafka.")
+                .is_some_and(|p| Self::RESERVED.contains(&p))
+        }) {
+            return Err(Error::plan(format!(
+                "{}: option '{k}' cannot be set: Sluice sets it itself (its offsets, its \
+                 exactly-once sink and the options bootstrap.servers and idempotent cover it)",
+                options.owner()
+            )));
+        }
         let properties = options
             .iter()
             .filter_map(|(k, v)| {
@@ -143,17 +166,26 @@ impl Connection {
     }
 
     /// A consumer that is only ever assigned partitions and positions: it
-    /// joins no group and commits nothing.
-    pub fn consumer(&self, what: &str) -> Result<BaseConsumer> {
+    /// joins no group and commits nothing. `uncommitted`: it also sees
+    /// records of open transactions (the sink's scan must see everything).
+    pub fn consumer(&self, what: &str, uncommitted: bool) -> Result<BaseConsumer> {
         let mut c = self.config();
-        c.set("group.id", "sluice")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "error")
-            .set("enable.partition.eof", "true")
-            // It reads ranges it knows are there: a broker that holds a
-            // fetch for more data only delays it.
-            .set("fetch.wait.max.ms", "10");
+        c.set(
+            "isolation.level",
+            if uncommitted {
+                "read_uncommitted"
+            } else {
+                "read_committed"
+            },
+        )
+        .set("group.id", "sluice")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "true")
+        // It reads ranges it knows are there: a broker that holds a
+        // fetch for more data only delays it.
+        .set("fetch.wait.max.ms", "10");
         for (k, v) in &self.properties {
             c.set(k, v);
         }
@@ -175,7 +207,20 @@ impl Connection {
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
             return Ok(None);
         };
-        if t.error().is_some() || t.partitions().is_empty() {
+        match t.error() {
+            None => {}
+            Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+                return Ok(None);
+            }
+            // Not "no such topic": say what the broker said (transient).
+            Some(e) => {
+                return Err(Error::io(
+                    format!("fetching metadata of topic '{topic}' from {}", self.servers),
+                    std::io::Error::other(format!("{e:?}")),
+                ));
+            }
+        }
+        if t.partitions().is_empty() {
             return Ok(None);
         }
         let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
@@ -292,8 +337,10 @@ pub(crate) struct Range {
 
 /// Reads the records of each range (in offset order), with their headers
 /// when `headers` is set. A range whose records are gone (deleted by
-/// retention after the caller checked) is a data error; a broker that does not
-/// deliver within the connection's timeout is an I/O error naming the range.
+/// retention after the caller checked) is a data error; a broker that
+/// delivers nothing for the connection's timeout is an I/O error naming the
+/// range (the timeout counts from the last record received, so a big range
+/// takes as long as it takes).
 pub(crate) fn fetch(
     conn: &Connection,
     consumer: &BaseConsumer,
@@ -320,7 +367,7 @@ pub(crate) fn fetch(
     consumer
         .assign(&tpl)
         .map_err(|e| kafka_error(format!("{what}: assigning partitions"), e))?;
-    let deadline = Instant::now() + conn.timeout;
+    let mut deadline = Instant::now() + conn.timeout;
     let mut last_error: Option<KafkaError> = None;
     let result = loop {
         if open == 0 {
@@ -359,6 +406,7 @@ pub(crate) fn fetch(
                 if m.offset() < next[i] || next[i] >= r.to {
                     continue;
                 }
+                deadline = Instant::now() + conn.timeout;
                 if m.offset() < r.to {
                     out[i].push(Record {
                         topic: r.topic.clone(),
@@ -407,9 +455,22 @@ pub(crate) fn fetch(
             Some(Err(KafkaError::MessageConsumption(
                 code @ (RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset),
             ))) => {
+                let open: Vec<String> = ranges
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, r)| next[*i] < r.to)
+                    .map(|(i, r)| {
+                        format!(
+                            "topic '{}' partition {} offsets [{}, {})",
+                            r.topic, r.partition, next[i], r.to
+                        )
+                    })
+                    .collect();
                 break Err(Error::data(format!(
-                    "{what}: records the batch needs are no longer on the broker ({code}); \
-                     they were deleted (retention) after the batch was planned"
+                    "{what}: the broker no longer holds records the batch needs ({code}) in \
+                     one of: {}; deleted (retention) after the batch was planned, or the \
+                     partition was truncated",
+                    open.join(", ")
                 )));
             }
             Some(Err(e)) => last_error = Some(e),

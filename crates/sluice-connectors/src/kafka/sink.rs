@@ -83,7 +83,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// How many records the tail scan reads per step backwards.
-const SCAN_STEP: i64 = 1000;
+const SCAN_STEP: i64 = 10_000;
 
 /// Writes each batch's rows to a Kafka topic, exactly once.
 #[derive(Debug)]
@@ -224,7 +224,7 @@ impl KafkaSink {
         let producer: FutureProducer = c
             .create()
             .map_err(|e| kafka_error(format!("{what}: making a Kafka producer"), e))?;
-        let consumer = Arc::new(self.conn.consumer(&what)?);
+        let consumer = Arc::new(self.conn.consumer(&what, true)?);
         Ok((producer, consumer))
     }
 }
@@ -470,6 +470,22 @@ impl Sink for KafkaSink {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    /// As the late-row or dead-letter target of several queries, each query
+    /// writes as a sink of its own: its sink id gets `/<query>`, so their
+    /// batch ids, scans and clients stay apart.
+    fn for_query(&self, query: &str) -> Option<Arc<dyn Sink>> {
+        Some(Arc::new(KafkaSink {
+            name: self.name.clone(),
+            topic: self.topic.clone(),
+            conn: self.conn.clone(),
+            format: self.format.clone(),
+            key: self.key.clone(),
+            sink_id: format!("{}/{query}", self.sink_id),
+            idempotent: self.idempotent,
+            state: Mutex::new(SinkState::default()),
+        }))
     }
 }
 

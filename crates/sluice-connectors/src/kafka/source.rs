@@ -235,7 +235,9 @@ impl Source for KafkaSource {
         "kafka"
     }
     fn open(&self, ctx: SourceContext) -> Result<Box<dyn SourceReader>> {
-        let consumer = self.conn.consumer(&format!("source '{}'", self.name))?;
+        let consumer = self
+            .conn
+            .consumer(&format!("source '{}'", self.name), false)?;
         let log = PartitionLog::load(ctx.dir.join("partitions"), ctx.durability)?;
         Ok(Box::new(KafkaReader {
             inner: Arc::new(Inner {
@@ -265,11 +267,15 @@ struct PartitionLog {
     path: PathBuf,
     durability: Durability,
     starts: Positions,
+    /// Whether the file exists: the query has planned a batch at least once
+    /// (written then even if no partition was found).
+    written: bool,
 }
 
 impl PartitionLog {
     fn load(path: PathBuf, durability: Durability) -> Result<Self> {
-        let starts = if path.exists() {
+        let written = path.exists();
+        let starts = if written {
             durable::read_json(&path)?
         } else {
             Positions::new()
@@ -278,6 +284,7 @@ impl PartitionLog {
             path,
             durability,
             starts,
+            written,
         })
     }
 
@@ -286,7 +293,7 @@ impl PartitionLog {
     }
 
     fn add(&mut self, new: Vec<(String, i32, i64)>) -> Result<()> {
-        if new.is_empty() {
+        if new.is_empty() && self.written {
             return Ok(());
         }
         let mut starts = self.starts.clone();
@@ -299,6 +306,7 @@ impl PartitionLog {
         }
         durable::write_json(&self.path, &starts, self.durability)?;
         self.starts = starts;
+        self.written = true;
         Ok(())
     }
 }
@@ -401,7 +409,10 @@ impl Inner {
         let start_pos = positions(self.name(), start)?;
         let parts = self.partitions()?;
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let first_run = start_pos.is_empty() && log.starts.is_empty();
+        // Until the query has planned once, `starting_offsets` decides where
+        // partitions start; after, a partition or topic that appears is new
+        // data, read from its start.
+        let first_run = start_pos.is_empty() && !log.written;
         let mut new_starts = Vec::new();
         // (topic, partition, where the batch starts, first offset held, end)
         let mut spans: Vec<(String, i32, i64, i64, i64)> = Vec::new();
@@ -436,10 +447,16 @@ impl Inner {
             )?;
             spans.push((t.clone(), *p, s, from, high));
         }
+        // A partition the offsets name but the metadata does not: gone, or
+        // missing from one stale answer. Its position is carried forward,
+        // so that if it comes back it goes on where it was.
+        let mut carried = Vec::new();
         for (t, ps) in &start_pos {
-            for p in ps.keys() {
-                if !parts.iter().any(|(pt, pp)| pt == t && pp == p) && self.source.fail_on_data_loss
-                {
+            for (p, s) in ps {
+                if parts.iter().any(|(pt, pp)| pt == t && pp == p) {
+                    continue;
+                }
+                if self.source.fail_on_data_loss {
                     return Err(Error::data(format!(
                         "source '{}': topic '{t}' partition {p} is gone from {} (deleted?); \
                          set fail_on_data_loss = false to go on without it",
@@ -447,6 +464,7 @@ impl Inner {
                         conn.servers
                     )));
                 }
+                carried.push((t.clone(), *p, *s));
             }
         }
         log.add(new_starts)?;
@@ -460,6 +478,9 @@ impl Inner {
             let e = from + take as i64;
             moved |= e != s;
             end.entry(t).or_default().insert(p, e);
+        }
+        for (t, p, s) in carried {
+            end.entry(t).or_default().insert(p, s);
         }
         if !moved {
             // Nothing new anywhere: the offset stays as it was, so no batch runs.
@@ -558,9 +579,11 @@ impl Inner {
                     if excluded[i] {
                         continue;
                     }
-                    let text = self.value_schema.fields().first().is_some_and(|f| {
-                        matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8)
-                    });
+                    let text = self
+                        .value_schema
+                        .fields()
+                        .first()
+                        .is_some_and(|f| is_text(f.data_type()));
                     match &r.value {
                         Some(v) if text && std::str::from_utf8(v).is_err() => bad.push((
                             i,
@@ -898,6 +921,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.schema().fields().len(), 6);
+        let err = KafkaSource::from_options(
+            "k",
+            None,
+            &opts(&[
+                ("bootstrap.servers", "h:1"),
+                ("topic", "t"),
+                ("format", "raw"),
+                ("kafka.auto.offset.reset", "earliest"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("option 'kafka.auto.offset.reset' cannot be set"),
+            "{err}"
+        );
         assert_eq!(ok.conn.properties, vec![("client.id".into(), "me".into())]);
     }
 }
