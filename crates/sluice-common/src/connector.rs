@@ -139,6 +139,14 @@ pub trait Sink: Send + Sync + Debug {
     -> Result<()>;
     /// The sink as `Any`, for downcasting.
     fn as_any(&self) -> &dyn std::any::Any;
+    /// Batch `id` was planned by this process just now, so no earlier attempt
+    /// of it has written anything: a batch reaches its sinks only after its
+    /// offset entry is durable, and a batch whose entry exists is re-run,
+    /// never planned again. A sink that looks for an earlier attempt's output
+    /// before it writes may skip that for the batch's first write. (A batch
+    /// re-run after a restart, or retried after a failed write, is not
+    /// announced.)
+    fn planned(&self, _id: BatchId) {}
     /// The sink as one of several queries writing it sees it (late rows of
     /// every query reading a source go to that source's one `late_rows`
     /// target): its own batch-id space, so the queries' batches do not

@@ -514,7 +514,46 @@ async fn a_rerun_batch_leaves_each_record_in_the_topic_once() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("another run of this sink"), "{err}");
+    // The same when the engine says it planned the batch just now (then
+    // only the topic's tail is read, to refuse another run's output).
+    let s5 = sink(&servers, "counts");
+    s5.open(&out_schema(), OutputMode::Append).await.unwrap();
+    s5.planned(2);
+    let err = s5
+        .write(2, &out_schema(), vec![out_batch(&batch2)])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another run of this sink"), "{err}");
     assert_eq!(consume_all(&servers, "counts", T).unwrap().len(), 11);
+
+    // A new sink id on the same topic: a planned batch is written whole,
+    // after a look at the tail only.
+    let s6 = KafkaSink::from_options(
+        "other",
+        &opts(
+            "sink 'other'",
+            &[
+                ("bootstrap.servers", &servers),
+                ("topic", "counts"),
+                ("format", "json"),
+                ("key", "k"),
+                ONE_RECORD_BATCHES,
+            ],
+        ),
+        &[],
+    )
+    .unwrap();
+    s6.open(&out_schema(), OutputMode::Append).await.unwrap();
+    s6.planned(0);
+    s6.write(0, &out_schema(), vec![out_batch(&batch2)])
+        .await
+        .unwrap();
+    s6.planned(1);
+    s6.write(1, &out_schema(), vec![out_batch(&batch0)])
+        .await
+        .unwrap();
+    assert_eq!(consume_all(&servers, "counts", T).unwrap().len(), 19);
 }
 
 /// Produces records with the sink's headers, as a sink that died part-way

@@ -397,6 +397,16 @@ impl MicroBatchExecution {
                 // The entry is synced while the batch runs; the batch waits
                 // for it before its output leaves the engine.
                 let w = self.checkpoint.start_write_offsets(&entry)?;
+                // No attempt of this batch has reached a sink before.
+                self.sink.planned(entry.batch_id);
+                if let Some(ls) = &self.late_sink {
+                    ls.planned(entry.batch_id);
+                }
+                for input in &self.inputs {
+                    if let Some(dl) = &input.dead_letter {
+                        dl.planned(entry.batch_id);
+                    }
+                }
                 (entry, false, Some(w))
             }
         };

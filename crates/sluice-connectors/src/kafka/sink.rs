@@ -6,12 +6,15 @@
 //! it is. A batch re-run after a crash produces the same rows — not always
 //! in the same order (state is kept in hash maps, and big batches are
 //! aggregated in parallel) — so the identity depends on content alone.
-//! Before writing a batch that may have been written before — the first
-//! write after the sink opens, and any write after a failed one — the sink
-//! reads each partition of its topic backwards from the end until it meets a
-//! record of its own from an earlier batch (or the partition's start),
-//! collects the identities of batch N already there, and produces only the
-//! others. Records are produced with the idempotent
+//! Before writing a batch that may have been written before — one the engine
+//! re-runs after a restart, or retries after a failed write — the sink reads
+//! each partition of its topic backwards from the end until it meets a record
+//! of its own from an earlier batch (or the partition's start), collects the
+//! identities of batch N already there, and produces only the others. A
+//! batch the engine has just planned ([`Sink::planned`]) cannot have been
+//! written before; its first write after `open` only reads the tail of each
+//! partition, to refuse a topic that holds another run's output of the same
+//! sink id. Records are produced with the idempotent
 //! producer (unless `idempotent = false`), so the client's own retries add
 //! nothing either.
 
@@ -105,6 +108,27 @@ struct SinkState {
     /// The batch this process last wrote completely; a write of the next
     /// one needs no scan.
     written: Option<BatchId>,
+    /// A batch the engine says it planned just now ([`Sink::planned`]): its
+    /// first write needs no scan.
+    planned: Option<BatchId>,
+    /// Whether a write since `open` has read the topic (the first write
+    /// checks the topic's tail for another run's output even when it needs
+    /// no scan).
+    wrote: bool,
+}
+
+/// What a write reads of its topic first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scan {
+    /// Nothing: the batch cannot have been written before, and the topic
+    /// was checked since `open`.
+    None,
+    /// The last records of each partition, only to refuse another run's
+    /// output (the first write of a batch that cannot have been written).
+    Tail,
+    /// Back to this sink's previous batch: an earlier attempt may have
+    /// written part of this one.
+    Full,
 }
 
 impl std::fmt::Debug for SinkState {
@@ -347,6 +371,8 @@ impl Sink for KafkaSink {
         st.producer = Some(producer);
         st.consumer = Some(consumer);
         st.written = None;
+        st.planned = None;
+        st.wrote = false;
         Ok(())
     }
 
@@ -357,18 +383,24 @@ impl Sink for KafkaSink {
         batches: Vec<RecordBatch>,
     ) -> Result<()> {
         let what = format!("sink '{}'", self.name);
-        let (producer, consumer, fresh) = {
+        let (producer, consumer, scan) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let (Some(p), Some(c)) = (st.producer.clone(), st.consumer.clone()) else {
                 return Err(Error::internal(format!(
                     "{what}: written before it was opened"
                 )));
             };
-            // Only the batch after one this process wrote completely is
-            // known never to have been written before.
-            let fresh = id > 0 && st.written == Some(id - 1);
+            // A batch the engine planned just now, or the one after a batch
+            // this process wrote completely, cannot have been written before.
+            let fresh = st.planned == Some(id) || (id > 0 && st.written == Some(id - 1));
+            let scan = match (fresh, st.wrote) {
+                (true, true) => Scan::None,
+                (true, false) => Scan::Tail,
+                (false, _) => Scan::Full,
+            };
+            st.planned = None;
             st.written = None;
-            (p, c, fresh)
+            (p, c, scan)
         };
         let records = self.encode(schema, &batches)?;
         let (conn, topic) = (self.conn.clone(), self.topic.clone());
@@ -384,7 +416,10 @@ impl Sink for KafkaSink {
                     ))
                 })?
         };
-        let present = if fresh || records.is_empty() {
+        // Whether this write reads the topic (then the tail has been checked
+        // for another run's output since `open`).
+        let checks = scan != Scan::None && !records.is_empty();
+        let present = if !checks {
             HashSet::new()
         } else {
             let (conn, topic, sink_id, what, parts) = (
@@ -395,8 +430,9 @@ impl Sink for KafkaSink {
                 parts.clone(),
             );
             let c = Arc::clone(&consumer);
+            let whole = scan == Scan::Full;
             tokio::task::spawn_blocking(move || {
-                written_before(&conn, &c, &topic, &sink_id, &what, &parts, id)
+                written_before(&conn, &c, &topic, &sink_id, &what, &parts, id, whole)
             })
             .await
             .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??
@@ -464,12 +500,18 @@ impl Sink for KafkaSink {
             }
         }
         await_all(&what, &self.topic, id, pending).await?;
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).written = Some(id);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.written = Some(id);
+        st.wrote |= checks;
         Ok(())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    fn planned(&self, id: BatchId) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).planned = Some(id);
     }
 
     /// As the late-row or dead-letter target of several queries, each query
@@ -489,7 +531,10 @@ impl Sink for KafkaSink {
     }
 }
 
-/// The record identities of batch `id` that the topic already holds.
+/// The record identities of batch `id` that the topic already holds. With
+/// `whole` unset, only the last [`SCAN_STEP`] records of each partition are
+/// read, and any record of this sink from batch `id` on is another run's.
+#[allow(clippy::too_many_arguments)]
 fn written_before(
     conn: &Connection,
     consumer: &BaseConsumer,
@@ -498,6 +543,7 @@ fn written_before(
     what: &str,
     partitions: &[i32],
     id: BatchId,
+    whole: bool,
 ) -> Result<HashSet<String>> {
     let mut present = HashSet::new();
     for &p in partitions {
@@ -523,10 +569,10 @@ fn written_before(
                 ) else {
                     continue;
                 };
-                if b > id {
+                if b > id || (b == id && !whole) {
                     return Err(Error::data(format!(
                         "{what}: topic '{}' partition {p} offset {} holds batch {b} of sink id \
-                         '{}', later than batch {id} being written: the topic holds the output \
+                         '{}', not before batch {id} being written: the topic holds the output \
                          of another run of this sink (a deleted or different checkpoint?). \
                          Give the sink a new sink_id or write to a new topic",
                         topic, r.offset, sink_id
@@ -538,7 +584,7 @@ fn written_before(
                     earlier = true;
                 }
             }
-            if earlier {
+            if earlier || !whole {
                 break;
             }
             to = from;
