@@ -266,6 +266,57 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// The low and high watermarks of many partitions, in two requests per
+    /// broker (ListOffsets for "earliest" and "latest" of all of them)
+    /// rather than two per partition. A partition the batched answer leaves
+    /// out or marks in error is asked on its own.
+    pub fn watermarks_all(
+        &self,
+        consumer: &BaseConsumer,
+        parts: &[(String, i32)],
+    ) -> Result<HashMap<(String, i32), (i64, i64)>> {
+        let mut out: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+        if parts.is_empty() {
+            return Ok(out);
+        }
+        let ask = |at: Offset| -> Option<TopicPartitionList> {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in parts {
+                tpl.add_partition_offset(t, *p, at).ok()?;
+            }
+            consumer.offsets_for_times(tpl, self.timeout).ok()
+        };
+        let read = |tpl: Option<TopicPartitionList>| -> HashMap<(String, i32), i64> {
+            tpl.map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .filter(|e| e.error().is_ok())
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) if o >= 0 => {
+                            Some(((e.topic().to_string(), e.partition()), o))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+        // A timestamp of -2 asks for the earliest offset, -1 for the latest.
+        let lows = read(ask(Offset::Beginning));
+        let highs = read(ask(Offset::End));
+        for (t, p) in parts {
+            let key = (t.clone(), *p);
+            let marks = match (lows.get(&key), highs.get(&key)) {
+                (Some(l), Some(h)) if l <= h => (*l, *h),
+                _ => self.watermarks(consumer, t, *p)?,
+            };
+            out.insert(key, marks);
+        }
+        Ok(out)
+    }
+}
+
 /// Whether a column of this type holds text (`VARCHAR` is `Utf8View`).
 pub(crate) fn is_text(t: &DataType) -> bool {
     matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)

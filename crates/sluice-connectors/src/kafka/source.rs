@@ -416,8 +416,9 @@ impl Inner {
         let mut new_starts = Vec::new();
         // (topic, partition, where the batch starts, first offset held, end)
         let mut spans: Vec<(String, i32, i64, i64, i64)> = Vec::new();
+        let marks = conn.watermarks_all(&self.consumer, &parts)?;
         for (t, p) in &parts {
-            let (low, high) = conn.watermarks(&self.consumer, t, *p)?;
+            let (low, high) = marks[&(t.clone(), *p)];
             let s = match start_pos.get(t).and_then(|m| m.get(p)) {
                 Some(s) => *s,
                 None => match log.get(t, *p) {
@@ -524,8 +525,15 @@ impl Inner {
         }
         // Records deleted by retention since the batch was planned (or,
         // with fail_on_data_loss = false, before).
+        let marks = conn.watermarks_all(
+            &self.consumer,
+            &ranges
+                .iter()
+                .map(|r| (r.topic.clone(), r.partition))
+                .collect::<Vec<_>>(),
+        )?;
         for r in &mut ranges {
-            let (low, _) = conn.watermarks(&self.consumer, &r.topic, r.partition)?;
+            let (low, _) = marks[&(r.topic.clone(), r.partition)];
             let (from, skipped) = after_retention(
                 self.name(),
                 &r.topic,
