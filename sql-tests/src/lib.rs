@@ -246,7 +246,7 @@ impl SluiceDb {
                     }
                 }
                 let count = if partition.is_none() {
-                    partitions_of(&servers, topic)?
+                    kafka::partition_count(&servers, topic, timeout)?
                 } else {
                     1
                 };
@@ -423,12 +423,6 @@ pub(crate) fn rows_of(batches: &[RecordBatch]) -> Result<Vec<Vec<String>>, TestE
         DBOutput::Rows { rows, .. } => Ok(rows),
         _ => Ok(vec![]),
     }
-}
-
-/// How many partitions `topic` has on `servers`.
-fn partitions_of(servers: &str, topic: &str) -> Result<i32, TestError> {
-    kafka::partition_count(servers, topic, std::time::Duration::from_secs(20))
-        .map_err(TestError::from)
 }
 
 /// One Utf8 column, one row per line of `text`.

@@ -11,7 +11,7 @@
 //! killed (default 20).
 
 mod common;
-use common::Rng;
+use common::{Rng, kill_until_done};
 
 use std::fs;
 use std::path::Path;
@@ -189,26 +189,12 @@ fn random_kills_inside_durable_writes_never_lose_or_duplicate_a_row() {
     for run in 0..runs {
         let dir = tempfile::tempdir().unwrap();
         setup(dir.path());
-        let mut finished = false;
         // Every attempt is killed at a random step of its own writes (a
         // resumed run writes less, so late steps become no kill), until one
         // finishes; then once more without faults, which must do nothing new.
-        for attempt in 0..40 {
-            let at = 1 + rng.below(steps);
-            let out = sluice(&ARGS, dir.path(), Some(&format!("crash:{at}")));
-            match out.status.code() {
-                Some(86) => kills += 1,
-                Some(0) => {
-                    finished = true;
-                    break;
-                }
-                other => panic!(
-                    "seed {seed}, run {run}, attempt {attempt}, kill at step {at}: exit {other:?}: {}",
-                    stderr(&out)
-                ),
-            }
-        }
-        assert!(finished, "seed {seed}, run {run}: never finished");
+        kills += kill_until_done(&mut rng, steps, &format!("seed {seed}, run {run}"), |at| {
+            sluice(&ARGS, dir.path(), Some(&format!("crash:{at}")))
+        });
         let out = sluice(&ARGS, dir.path(), None);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(

@@ -15,7 +15,7 @@
 //! are killed at random steps (default 10).
 
 mod common;
-use common::Rng;
+use common::{Rng, kill_until_done};
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -241,26 +241,12 @@ async fn kills_at_random_steps_leave_every_result_row_in_the_topic_exactly_once(
         let dir = tempfile::tempdir().unwrap();
         let tag = format!("kill{run}");
         setup(dir.path(), &servers, &tag).await;
-        let mut finished = false;
-        for attempt in 0..40 {
-            // Every other run kills early in each attempt's own steps, so
-            // that most attempts die (each still gets a batch or so done).
-            let range = if run % 2 == 0 { steps } else { steps / 3 };
-            let at = 1 + rng.below(range);
-            let out = sluice(dir.path(), Some(&format!("crash:{at}")));
-            match out.status.code() {
-                Some(86) => kills += 1,
-                Some(0) => {
-                    finished = true;
-                    break;
-                }
-                other => panic!(
-                    "seed {seed}, run {run}, attempt {attempt}, kill at step {at}: exit {other:?}: {}",
-                    stderr(&out)
-                ),
-            }
-        }
-        assert!(finished, "seed {seed}, run {run}: never finished");
+        // Every other run kills early in each attempt's own steps, so that
+        // most attempts die (each still gets a batch or so done).
+        let range = if run % 2 == 0 { steps } else { steps / 3 };
+        kills += kill_until_done(&mut rng, range, &format!("seed {seed}, run {run}"), |at| {
+            sluice(dir.path(), Some(&format!("crash:{at}")))
+        });
         let out = sluice(dir.path(), None);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(

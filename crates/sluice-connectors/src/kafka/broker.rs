@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_common::{Error, Result};
@@ -179,26 +179,6 @@ pub async fn create_topic(servers: &str, topic: &str, partitions: i32) -> Result
     Ok(())
 }
 
-/// Grows `topic` to `total` partitions.
-pub async fn add_partitions(servers: &str, topic: &str, total: usize) -> Result<()> {
-    let results = admin(servers)?
-        .create_partitions(
-            &[NewPartitions::new(topic, total)],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .map_err(|e| kafka_error(format!("adding partitions to topic '{topic}'"), e))?;
-    for r in results {
-        r.map_err(|(t, code)| {
-            kafka_error(
-                format!("adding partitions to topic '{t}'"),
-                rdkafka::error::KafkaError::AdminOp(code),
-            )
-        })?;
-    }
-    Ok(())
-}
-
 /// One record to produce: partition (`None`: by key, or the client's
 /// choice), key and value.
 pub type ProduceRecord<'a> = (Option<i32>, Option<&'a [u8]>, &'a [u8]);
@@ -233,11 +213,7 @@ pub async fn produce(servers: &str, topic: &str, records: &[ProduceRecord<'_>]) 
 
 /// How many partitions `topic` has (an error if it does not exist).
 pub fn partition_count(servers: &str, topic: &str, timeout: Duration) -> Result<i32> {
-    let conn = Connection {
-        servers: servers.to_string(),
-        properties: vec![],
-        timeout,
-    };
+    let conn = Connection::plain(servers, timeout);
     let consumer = conn.consumer("reading a topic's metadata", false)?;
     let parts = conn
         .partitions(&consumer, topic)?
@@ -248,25 +224,25 @@ pub fn partition_count(servers: &str, topic: &str, timeout: Duration) -> Result<
 /// Every record of every partition of `topic`, by partition then offset.
 /// Blocking; `timeout` bounds each request.
 pub fn consume_all(servers: &str, topic: &str, timeout: Duration) -> Result<Vec<Record>> {
-    let conn = Connection {
-        servers: servers.to_string(),
-        properties: vec![],
-        timeout,
-    };
+    let conn = Connection::plain(servers, timeout);
     let consumer = conn.consumer("reading a topic", false)?;
     let parts = conn
         .partitions(&consumer, topic)?
         .ok_or_else(|| Error::plan(format!("topic '{topic}' does not exist on {servers}")))?;
-    let mut ranges = Vec::new();
-    for p in parts {
-        let (low, high) = conn.watermarks(&consumer, topic, p)?;
-        ranges.push(Range {
-            topic: topic.to_string(),
-            partition: p,
-            from: low,
-            to: high,
-        });
-    }
+    let parts: Vec<(String, i32)> = parts.into_iter().map(|p| (topic.to_string(), p)).collect();
+    let marks = conn.watermarks_all(&consumer, &parts)?;
+    let ranges: Vec<Range> = parts
+        .into_iter()
+        .map(|key| {
+            let (from, to) = marks[&key];
+            Range {
+                topic: key.0,
+                partition: key.1,
+                from,
+                to,
+            }
+        })
+        .collect();
     Ok(fetch(&conn, &consumer, &ranges, true, "reading a topic")?
         .into_iter()
         .flatten()

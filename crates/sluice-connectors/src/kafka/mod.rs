@@ -36,9 +36,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_common::{Error, Options, Result};
 
-pub use broker::{
-    LocalBroker, ProduceRecord, add_partitions, consume_all, create_topic, partition_count, produce,
-};
+pub use broker::{LocalBroker, ProduceRecord, consume_all, create_topic, partition_count, produce};
 pub use murmur::{murmur2, partition_for_key};
 pub use sink::{KafkaSink, KeyValue, record_ids};
 pub use source::KafkaSource;
@@ -107,6 +105,15 @@ impl Connection {
         "isolation.level",
         "enable.idempotence",
     ];
+
+    /// A connection to `servers` with no further properties.
+    pub fn plain(servers: &str, timeout: Duration) -> Self {
+        Connection {
+            servers: servers.to_string(),
+            properties: vec![],
+            timeout,
+        }
+    }
 
     pub fn from_options(options: &Options) -> Result<Self> {
         let servers = options.require("bootstrap.servers")?.to_string();
@@ -341,6 +348,15 @@ pub(crate) fn bytes_as(
         return cast(&text, to);
     }
     cast(bytes, to)
+}
+
+/// Runs a blocking librdkafka call on Tokio's blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("a Kafka client task failed: {e}")))?
 }
 
 /// A broker error while doing `what`: transient, so the batch may be retried.

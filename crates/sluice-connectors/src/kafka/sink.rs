@@ -34,7 +34,8 @@ use sluice_common::connector::Sink;
 use sluice_common::{BatchId, Error, Options, OutputMode, Result};
 
 use super::{
-    Connection, KafkaFormat, Range, fetch, is_bytes_or_text, kafka_error, partition_for_key,
+    Connection, KafkaFormat, Range, blocking, fetch, is_bytes_or_text, kafka_error,
+    partition_for_key,
 };
 
 /// Header naming the sink that wrote a record.
@@ -358,9 +359,7 @@ impl Sink for KafkaSink {
         let (producer, consumer) = self.open_clients()?;
         let (conn, topic, name) = (self.conn.clone(), self.topic.clone(), self.name.clone());
         let c = Arc::clone(&consumer);
-        let parts = tokio::task::spawn_blocking(move || conn.partitions(&c, &topic))
-            .await
-            .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??;
+        let parts = blocking(move || conn.partitions(&c, &topic)).await?;
         if parts.is_none() {
             return Err(Error::plan(format!(
                 "sink '{name}': topic '{}' does not exist on {} (create it first)",
@@ -406,9 +405,8 @@ impl Sink for KafkaSink {
         let (conn, topic) = (self.conn.clone(), self.topic.clone());
         let parts = {
             let c = Arc::clone(&consumer);
-            tokio::task::spawn_blocking(move || conn.partitions(&c, &topic))
-                .await
-                .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??
+            blocking(move || conn.partitions(&c, &topic))
+                .await?
                 .ok_or_else(|| {
                     Error::data(format!(
                         "{what}: topic '{}' no longer exists on {}",
@@ -431,11 +429,8 @@ impl Sink for KafkaSink {
             );
             let c = Arc::clone(&consumer);
             let whole = scan == Scan::Full;
-            tokio::task::spawn_blocking(move || {
-                written_before(&conn, &c, &topic, &sink_id, &what, &parts, id, whole)
-            })
-            .await
-            .map_err(|e| Error::internal(format!("Kafka sink task failed: {e}")))??
+            blocking(move || written_before(&conn, &c, &topic, &sink_id, &what, &parts, id, whole))
+                .await?
         };
         let n = parts.len() as i32;
         let ids = record_ids(
@@ -546,8 +541,10 @@ fn written_before(
     whole: bool,
 ) -> Result<HashSet<String>> {
     let mut present = HashSet::new();
+    let keys: Vec<(String, i32)> = partitions.iter().map(|p| (topic.to_string(), *p)).collect();
+    let marks = conn.watermarks_all(consumer, &keys)?;
     for &p in partitions {
-        let (low, high) = conn.watermarks(consumer, topic, p)?;
+        let (low, high) = marks[&(topic.to_string(), p)];
         let mut to = high;
         while to > low {
             let from = (to - SCAN_STEP).max(low);

@@ -22,8 +22,8 @@ use sluice_common::durable::{self, Durability};
 use sluice_common::{Error, Options, Result};
 
 use super::{
-    Connection, KafkaFormat, METADATA_COLUMNS, Range, Record, bytes_as, fetch, is_bytes_or_text,
-    is_text,
+    Connection, KafkaFormat, METADATA_COLUMNS, Range, Record, blocking, bytes_as, fetch,
+    is_bytes_or_text, is_text,
 };
 use crate::decode::{self, Format};
 
@@ -583,15 +583,15 @@ impl Inner {
         let (values, kept): (Option<RecordBatch>, Vec<usize>) = match &self.source.format {
             KafkaFormat::Raw => {
                 let mut kept = Vec::new();
+                let text = self
+                    .value_schema
+                    .fields()
+                    .first()
+                    .is_some_and(|f| is_text(f.data_type()));
                 for (i, r) in records.iter().enumerate() {
                     if excluded[i] {
                         continue;
                     }
-                    let text = self
-                        .value_schema
-                        .fields()
-                        .first()
-                        .is_some_and(|f| is_text(f.data_type()));
                     match &r.value {
                         Some(v) if text && std::str::from_utf8(v).is_err() => bad.push((
                             i,
@@ -784,9 +784,7 @@ impl SourceReader for KafkaReader {
     async fn latest_offset(&mut self, start: &Value) -> Result<Value> {
         let inner = Arc::clone(&self.inner);
         let start = start.clone();
-        tokio::task::spawn_blocking(move || inner.latest(&start))
-            .await
-            .map_err(|e| Error::internal(format!("Kafka source task failed: {e}")))?
+        blocking(move || inner.latest(&start)).await
     }
 
     fn split_offset(&self, start: &Value, end: &Value, draw: u64) -> Value {
@@ -819,9 +817,7 @@ impl SourceReader for KafkaReader {
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
         let inner = Arc::clone(&self.inner);
         let (start, end) = (start.clone(), end.clone());
-        tokio::task::spawn_blocking(move || inner.read(&start, &end))
-            .await
-            .map_err(|e| Error::internal(format!("Kafka source task failed: {e}")))?
+        blocking(move || inner.read(&start, &end)).await
     }
 }
 
