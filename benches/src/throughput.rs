@@ -118,7 +118,7 @@ pub(crate) async fn streamed(
         }
         if batches % quarter == 0 {
             rss_mib.push(rss_kib("VmRSS") / 1024);
-            state_rows.push(p.state.as_ref().map_or(0, |s| s.rows));
+            state_rows.push(p.operators.iter().map(|s| s.rows).sum::<u64>());
         }
     }
     let time = t.elapsed();

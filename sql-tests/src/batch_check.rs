@@ -439,14 +439,18 @@ async fn register_files(
     done.map_err(|e| e.to_string())
 }
 
-/// `plan` with `late` taken out of the input of its streaming (topmost)
-/// aggregate, as a multiset: each late row removes one equal input row.
+/// `plan` with `late` taken out of the input of the streaming aggregate
+/// they were late for, as a multiset: each late row removes one equal input
+/// row. Late rows are the first (bottom) stateful aggregate's, which in a
+/// chain of aggregates is not the topmost, and static aggregates may stand
+/// below it: the first aggregate (top down) whose input holds every late
+/// row is the one.
 async fn without_rows(
     plan: Arc<dyn ExecutionPlan>,
     late: Vec<RecordBatch>,
     ctx: &SessionContext,
 ) -> Result<Arc<dyn ExecutionPlan>, String> {
-    let mut target = None;
+    let mut targets = Vec::new();
     plan.apply(|node| {
         let any: &dyn std::any::Any = node.as_ref();
         let first_stage = any.downcast_ref::<AggregateExec>().is_some_and(|agg| {
@@ -456,13 +460,28 @@ async fn without_rows(
             )
         });
         if first_stage {
-            target = Some(Arc::clone(node));
-            return Ok(TreeNodeRecursion::Stop);
+            targets.push(Arc::clone(node));
         }
         Ok(TreeNodeRecursion::Continue)
     })
     .map_err(|e| e.to_string())?;
-    let agg = target.ok_or("rows were late but the batch plan has no aggregate")?;
+    let mut last = Err("rows were late but the batch plan has no aggregate".to_string());
+    for agg in targets {
+        last = without_rows_below(Arc::clone(&plan), &agg, &late, ctx).await;
+        if last.is_ok() {
+            break;
+        }
+    }
+    last
+}
+
+/// `plan` with `late` taken out of the input of its aggregate `agg`.
+async fn without_rows_below(
+    plan: Arc<dyn ExecutionPlan>,
+    agg: &Arc<dyn ExecutionPlan>,
+    late: &[RecordBatch],
+    ctx: &SessionContext,
+) -> Result<Arc<dyn ExecutionPlan>, String> {
     let input = Arc::clone(agg.children()[0]);
     let schema = input.schema();
     let rows = collect(Arc::clone(&input), ctx.task_ctx())
@@ -476,7 +495,7 @@ async fn without_rows(
         .collect();
     let converter = RowConverter::new(fields).map_err(|e| e.to_string())?;
     let mut pending: HashMap<Vec<u8>, usize> = HashMap::new();
-    for b in &late {
+    for b in late {
         if b.num_columns() != schema.fields().len() {
             return Err(format!(
                 "late rows have {} columns, the aggregate's input {}",
@@ -524,8 +543,8 @@ async fn without_rows(
     let source =
         MemorySourceConfig::try_new_exec(&[kept], schema, None).map_err(|e| e.to_string())?;
     let new_agg =
-        replace_children_if_necessary(Arc::clone(&agg), vec![source]).map_err(|e| e.to_string())?;
-    replace(plan, &agg, &new_agg)
+        replace_children_if_necessary(Arc::clone(agg), vec![source]).map_err(|e| e.to_string())?;
+    replace(plan, agg, &new_agg)
 }
 
 /// `plan` with the node `old` (by identity) replaced by `new`.

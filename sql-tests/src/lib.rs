@@ -370,7 +370,7 @@ impl SluiceDb {
                 let text: String = records
                     .iter()
                     .map(|p| {
-                        let s = p.state.clone().unwrap_or_default();
+                        let s = p.operators.first().cloned().unwrap_or_default();
                         format!(
                             "{} {} {} {} {} {}\n",
                             p.batch_id, p.input_rows, p.late_rows, s.rows, s.updated, s.removed

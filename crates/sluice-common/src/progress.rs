@@ -37,9 +37,10 @@ pub struct Progress {
     /// Rows left out because their window had closed before the batch began.
     #[serde(default)]
     pub late_rows: u64,
-    /// The state of the query's stateful operator, if it has one.
+    /// The state of each stateful operator of the query, bottom up (none
+    /// for a stateless query).
     #[serde(default)]
-    pub state: Option<StateProgress>,
+    pub operators: Vec<StateProgress>,
     /// Whether the batch took longer than the processing-time trigger's
     /// interval: batches cannot keep up, and the backlog grows.
     #[serde(default)]
@@ -72,6 +73,9 @@ pub struct SourceProgress {
 /// A stateful operator's state after a batch.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StateProgress {
+    /// The operator id: its state lives in `state/<id>/` of the checkpoint.
+    #[serde(default)]
+    pub id: String,
     /// The operator, e.g. `aggregate count(Int64(1)) GROUP BY [window_start, window_end, k]`.
     pub operator: String,
     /// Keys held after the batch.

@@ -5,8 +5,9 @@
 //!    if no source moved, there is no batch;
 //! 2. write `offsets/N` — the ranges and the watermark — before anything runs;
 //! 3. read exactly those ranges into the query's stream tables;
-//! 4. re-execute the physical plan (planned once at start) — or, for a query
-//!    with an aggregate, run it against its state and commit state version N;
+//! 4. re-execute the physical plan (planned once at start), whose stateful
+//!    nodes find the batch and their state in the task context, and commit
+//!    every operator's state version N;
 //! 5. write the rows to the sink, idempotently keyed by N (and dead letters
 //!    to their sink);
 //! 6. write `commits/N`.
@@ -39,8 +40,12 @@ use sluice_state::checkpoint::OffsetWrite;
 use sluice_state::recovery::Resume;
 use sluice_state::{Checkpoint, CheckpointOptions, CommitEntry, OffsetEntry, SourceRange};
 
-use crate::aggregate::{AggregateOperator, with_op_field};
 use crate::fault::{Fault, FaultPoint};
+use crate::operators::changelog::with_op_field;
+use crate::operators::{
+    BatchContext, OperatorRuntime, StateFinalizer, StatefulOptions, StreamingAggregateExec,
+    first_aggregate, open_states, plan_stateful, stateful_nodes,
+};
 use crate::trigger::Trigger;
 
 /// How a query runs.
@@ -144,9 +149,16 @@ pub struct MicroBatchExecution {
     sink: Arc<dyn Sink>,
     output_schema: SchemaRef,
     plan: Arc<dyn ExecutionPlan>,
-    aggregate: Option<AggregateOperator>,
-    /// Where the aggregate's late rows go, if the stream asked for it.
-    late_sink: Option<Arc<dyn Sink>>,
+    /// The stateful operators, bottom up: (operator id, description).
+    operators: Vec<(String, String)>,
+    /// The batch and the operators' state, as the plan's stateful nodes
+    /// find them in `task_ctx`.
+    runtime: Arc<OperatorRuntime>,
+    /// What turns the first aggregate's stored states into values.
+    finalizer: Option<StateFinalizer>,
+    /// Where late rows go, if the stream asked for it, and the schema of
+    /// the rows that reach the operator they are late for.
+    late_sink: Option<(Arc<dyn Sink>, SchemaRef)>,
     task_ctx: Arc<TaskContext>,
     next_batch: BatchId,
     pending: Option<OffsetEntry>,
@@ -185,6 +197,18 @@ impl MicroBatchExecution {
             .create_physical_plan(&plan)
             .await
             .map_err(Error::from)?;
+        let physical = if shape.is_stateful() {
+            plan_stateful(
+                physical,
+                StatefulOptions {
+                    mode: config.output_mode,
+                    state_ttl: config.state_ttl,
+                },
+            )
+            .map_err(|e| e.context(format!("query '{name}'")))?
+        } else {
+            physical
+        };
         let names: Vec<String> = tables
             .iter()
             .map(|t| t.source().name().to_string())
@@ -202,22 +226,27 @@ impl MicroBatchExecution {
             options,
         )
         .map_err(ctx)?;
-        // Planned once the checkpoint's lock is held: it writes state metadata.
-        let aggregate = match shape.aggregate {
-            Some(a) => Some(
-                AggregateOperator::plan(
-                    &physical,
-                    config.output_mode,
-                    config.checkpoint.join("state").join("aggregate"),
-                    config.durability,
-                    a.session,
-                    config.state_ttl,
-                    config.state_snapshot_fallback,
-                )
-                .map_err(ctx)?,
-            ),
-            None => None,
-        };
+        // Opened once the checkpoint's lock is held: a store writes its meta.
+        let states = open_states(
+            &physical,
+            &config.checkpoint,
+            config.durability,
+            config.state_snapshot_fallback,
+        )
+        .map_err(ctx)?;
+        let nodes = stateful_nodes(&physical);
+        let operators: Vec<(String, String)> = nodes
+            .iter()
+            .map(|n| (n.operator_id().to_string(), n.description()))
+            .collect();
+        // Late rows of the operator that reads the streams: the first one.
+        let late_input = nodes
+            .first()
+            .filter(|n| n.has_late_rows())
+            .map(|n| n.input_schema());
+        let finalizer = first_aggregate(&physical).map(StreamingAggregateExec::finalizer);
+        drop(nodes);
+        let runtime = OperatorRuntime::new(states);
         let mut inputs = Vec::new();
         for table in tables {
             let src = Arc::clone(table.source());
@@ -247,8 +276,8 @@ impl MicroBatchExecution {
             });
         }
         let asked: Vec<Arc<dyn Sink>> = inputs.iter().filter_map(|i| i.table.late_rows()).collect();
-        let late_sink = match (&aggregate, asked.first()) {
-            (Some(agg), Some(sink)) if agg.has_late_rows() => {
+        let late_sink = match (late_input, asked.first()) {
+            (Some(input), Some(sink)) => {
                 if inputs.len() > 1 {
                     return Err(ctx(Error::not_supported(
                         "late_rows on a query reading several streams: a late row reaches the aggregate without its source",
@@ -257,24 +286,24 @@ impl MicroBatchExecution {
                 let sink = sink
                     .for_query(&config.name)
                     .unwrap_or_else(|| Arc::clone(sink));
-                sink.open(&late_schema(&agg.input_schema()), OutputMode::Append)
+                sink.open(&late_schema(&input), OutputMode::Append)
                     .await
                     .map_err(ctx)?;
-                Some(sink)
+                Some((sink, input))
             }
             // A query without a windowed aggregate has no late rows.
             _ => None,
         };
-        let output_schema = match (&aggregate, config.output_mode) {
-            (Some(a), _) => a.output_schema(),
-            (None, OutputMode::Changelog) => with_op_field(&physical.schema()),
-            (None, _) => physical.schema(),
+        let stateful = !operators.is_empty();
+        let output_schema = match (stateful, config.output_mode) {
+            (false, OutputMode::Changelog) => with_op_field(&physical.schema()),
+            _ => physical.schema(),
         };
         // A stateless query's update mode is append: every row is new (and
         // in changelog mode, an insert).
-        let sink_mode = match (&aggregate, config.output_mode) {
-            (Some(_), mode) | (None, mode @ OutputMode::Changelog) => mode,
-            (None, _) => OutputMode::Append,
+        let sink_mode = match (stateful, config.output_mode) {
+            (true, mode) | (false, mode @ OutputMode::Changelog) => mode,
+            (false, _) => OutputMode::Append,
         };
         sink.open(&output_schema, sink_mode).await.map_err(ctx)?;
         // A source that never had data is idle from when the query was first
@@ -286,9 +315,11 @@ impl MicroBatchExecution {
             sink,
             output_schema,
             plan: physical,
-            aggregate,
+            operators,
+            task_ctx: runtime.task_ctx(&state.task_ctx()),
+            runtime,
+            finalizer,
             late_sink,
-            task_ctx: state.task_ctx(),
             next_batch: 0,
             pending: None,
             clock,
@@ -301,13 +332,13 @@ impl MicroBatchExecution {
             batches_run: 0,
             config,
         };
-        exec.recover().map_err(ctx)?;
+        exec.recover().await.map_err(ctx)?;
         Ok(exec)
     }
 
     /// Restores offsets and the watermark from the logs, and queues an
     /// uncommitted batch for re-running.
-    fn recover(&mut self) -> Result<()> {
+    async fn recover(&mut self) -> Result<()> {
         let last_committed = match self.checkpoint.resume()? {
             Resume::Fresh => None,
             Resume::Next { next } => {
@@ -338,8 +369,12 @@ impl MicroBatchExecution {
             self.event_time_max_ms = commit.event_time_max_ms;
             self.last_data_ms = commit.last_data_ms;
         }
-        if let Some(agg) = &mut self.aggregate {
-            agg.load(last_committed)?;
+        for (id, state) in self.runtime.states() {
+            state
+                .lock()
+                .await
+                .load(last_committed)
+                .map_err(|e| e.context(format!("operator '{id}'")))?;
         }
         Ok(())
     }
@@ -399,7 +434,7 @@ impl MicroBatchExecution {
                 let w = self.checkpoint.start_write_offsets(&entry)?;
                 // No attempt of this batch has reached a sink before.
                 self.sink.planned(entry.batch_id);
-                if let Some(ls) = &self.late_sink {
+                if let Some((ls, _)) = &self.late_sink {
                     ls.planned(entry.batch_id);
                 }
                 for input in &self.inputs {
@@ -484,13 +519,9 @@ impl MicroBatchExecution {
                 _ => false,
             },
             late_rows: outcome.late_rows,
-            state: outcome.state,
+            operators: outcome.operators,
             recovered,
-            warnings: self
-                .aggregate
-                .as_mut()
-                .map(AggregateOperator::take_warnings)
-                .unwrap_or_default(),
+            warnings: self.take_warnings().await,
         };
         // Informational: a failure to record progress never fails a committed batch.
         let _ = self.checkpoint.append_progress(&progress);
@@ -629,62 +660,48 @@ impl MicroBatchExecution {
         // Windows close against the watermark at the end of the batch.
         let watermark = self.watermark_after(&event_max, &last_data, entry.timestamp_ms);
         let t = Instant::now();
-        let mut late_rows = 0;
-        let mut late = Vec::new();
-        let mut state = None;
-        let result = match &mut self.aggregate {
-            None => {
-                let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
-                let rows = collect(plan, Arc::clone(&self.task_ctx))
-                    .await
-                    .map_err(Error::from);
-                match (rows, self.config.output_mode) {
-                    (Ok(rows), OutputMode::Changelog) => rows
-                        .into_iter()
-                        .map(|b| inserts(&self.output_schema, b))
-                        .collect(),
-                    (rows, _) => rows,
-                }
-            }
-            Some(agg) => match agg.prepare(id) {
-                Err(e) => Err(e),
-                Ok(()) => agg
-                    .run(
-                        &self.task_ctx,
-                        entry.watermark_ms,
-                        watermark,
-                        entry.timestamp_ms,
-                        input_rows,
-                    )
-                    .await
-                    .map(|o| {
-                        late_rows = o.late_rows;
-                        late = o.late;
-                        for (step, ms) in o.steps {
-                            durations.insert(format!("aggregate_{step}"), ms);
-                        }
-                        o.rows
-                    }),
-            },
-        };
+        let result = self.run_plan(entry, watermark, input_rows).await;
         for input in &self.inputs {
             input.table.clear_batch();
         }
         let output = result?;
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        // What the stateful operators did: late rows, and the time of their steps.
+        let mut late_rows = 0;
+        let mut late = Vec::new();
+        for (n, (id, state)) in self.runtime.states().iter().enumerate() {
+            let report = std::mem::take(&mut state.lock().await.report);
+            late_rows += report.late_rows;
+            if n == 0 {
+                late = report.late;
+            }
+            for (step, ms) in report.steps {
+                durations.insert(format!("{}_{step}", id.replace('-', "_")), ms);
+            }
+        }
         durations.insert("execute".to_string(), ms(t.elapsed()));
-        if let Some(agg) = &mut self.aggregate {
+        let mut operators = Vec::new();
+        if !self.operators.is_empty() {
             let t = Instant::now();
-            let stats = agg.commit(id)?;
+            for (op, description) in &self.operators {
+                let Some(state) = self.runtime.states().get(op) else {
+                    continue;
+                };
+                let mut state = state.lock().await;
+                let stats = state
+                    .commit(id)
+                    .map_err(|e| e.context(format!("operator '{op}'")))?;
+                operators.push(StateProgress {
+                    operator: description.clone(),
+                    id: op.clone(),
+                    rows: stats.rows,
+                    updated: stats.updated,
+                    removed: stats.removed,
+                    memory_bytes: state.store.memory_bytes() as u64,
+                    bytes_written: stats.bytes_written,
+                });
+            }
             durations.insert("state_commit".to_string(), ms(t.elapsed()));
-            state = Some(StateProgress {
-                operator: agg.description.clone(),
-                rows: stats.rows,
-                updated: stats.updated,
-                removed: stats.removed,
-                memory_bytes: agg.memory_bytes(),
-                bytes_written: stats.bytes_written,
-            });
             self.inject(FaultPoint::AfterState, id)?;
         }
         // Nothing of the batch leaves the engine before its offsets are
@@ -693,7 +710,7 @@ impl MicroBatchExecution {
 
         let t = Instant::now();
         self.sink.write(id, &self.output_schema, output).await?;
-        if let (Some(ls), Some(agg)) = (&self.late_sink, &self.aggregate) {
+        if let Some((ls, input_schema)) = &self.late_sink {
             // Written every batch (empty too): keyed by batch id like any sink.
             // The one stream's name and the batch's offset range say where
             // the rows came from.
@@ -705,7 +722,7 @@ impl MicroBatchExecution {
                 .get(name)
                 .map(|r| format!("[{}, {})", r.start, r.end))
                 .unwrap_or_default();
-            let schema = late_schema(&agg.input_schema());
+            let schema = late_schema(input_schema);
             let rows = late
                 .into_iter()
                 .map(|b| {
@@ -758,7 +775,7 @@ impl MicroBatchExecution {
             input_rows,
             output_rows,
             late_rows,
-            state,
+            operators,
             sources,
         })
     }
@@ -810,9 +827,56 @@ impl MicroBatchExecution {
         }
     }
 
-    /// What turns the query's stored states into values, if it keeps state.
-    pub fn state_finalizer(&self) -> Option<crate::aggregate::StateFinalizer> {
-        self.aggregate.as_ref().map(|a| a.finalizer())
+    /// What turns the query's (first aggregate's) stored states into
+    /// values, if it keeps state.
+    pub fn state_finalizer(&self) -> Option<StateFinalizer> {
+        self.finalizer.clone()
+    }
+
+    /// What loading state had to work around since the last batch.
+    async fn take_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for state in self.runtime.states().values() {
+            out.extend(state.lock().await.store.take_fallbacks());
+        }
+        out
+    }
+
+    /// Runs the plan over the rows in the stream slots, as batch
+    /// `entry.batch_id`: every operator's state is first made exactly the
+    /// state before the batch, then the nodes run with the batch's context.
+    async fn run_plan(
+        &self,
+        entry: &OffsetEntry,
+        watermark: Option<i64>,
+        input_rows: u64,
+    ) -> Result<Vec<RecordBatch>> {
+        let id = entry.batch_id;
+        for (op, state) in self.runtime.states() {
+            state
+                .lock()
+                .await
+                .prepare(id)
+                .map_err(|e| e.context(format!("operator '{op}'")))?;
+        }
+        self.runtime.set_batch(BatchContext {
+            batch_id: id,
+            now_ms: entry.timestamp_ms,
+            watermark_start: entry.watermark_ms,
+            watermark_end: watermark,
+            input_rows,
+        });
+        let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
+        let rows = collect(plan, Arc::clone(&self.task_ctx))
+            .await
+            .map_err(Error::from)?;
+        if self.operators.is_empty() && self.config.output_mode == OutputMode::Changelog {
+            return rows
+                .into_iter()
+                .map(|b| inserts(&self.output_schema, b))
+                .collect();
+        }
+        Ok(rows)
     }
 
     /// Arms (or clears) a fault at a step of the commit protocol.
@@ -837,7 +901,7 @@ struct Outcome {
     input_rows: u64,
     output_rows: u64,
     late_rows: u64,
-    state: Option<StateProgress>,
+    operators: Vec<StateProgress>,
     sources: Vec<SourceProgress>,
 }
 

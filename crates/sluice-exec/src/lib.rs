@@ -11,14 +11,14 @@
 //! assert_eq!("available-now".parse::<Trigger>().unwrap(), Trigger::AvailableNow);
 //! ```
 
-pub mod aggregate;
 pub mod execution;
 pub mod fault;
+pub mod operators;
 pub mod query;
 pub mod trigger;
 
-pub use aggregate::StateFinalizer;
 pub use execution::{MicroBatchExecution, QueryConfig, dead_letter_schema};
 pub use fault::{CRASH_EXIT_CODE, Fault, FaultPoint};
+pub use operators::StateFinalizer;
 pub use query::StreamingQuery;
 pub use trigger::Trigger;

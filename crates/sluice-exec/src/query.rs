@@ -7,9 +7,9 @@ use sluice_common::{Error, Progress, Result};
 use tokio::sync::{Mutex as AsyncMutex, watch};
 use tokio::task::JoinHandle;
 
-use crate::aggregate::StateFinalizer;
 use crate::execution::MicroBatchExecution;
 use crate::fault::Fault;
+use crate::operators::StateFinalizer;
 use crate::trigger::{Trigger, next_start_ms};
 
 /// The handle of a started query.

@@ -47,49 +47,62 @@ pub fn explain_streaming(
             format!("min({})", watermarks.join(", "))
         }
     );
-    match &shape.aggregate {
-        None => {
+    if !shape.is_stateful() {
+        let _ = writeln!(
+            s,
+            "  state: none (stateless: each micro-batch is computed from its own rows and static tables)"
+        );
+    }
+    for a in &shape.aggregates {
+        // The topmost operator emits in the sink's mode; the ones below it
+        // feed it append-only rows.
+        let emit = if a.feeds { OutputMode::Append } else { mode };
+        let _ = writeln!(
+            s,
+            "  state: aggregate {} keyed by [{}] (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot)",
+            a.aggregates.join(", "),
+            a.keys.join(", "),
+            a.id,
+            a.id
+        );
+        let _ = writeln!(
+            s,
+            "    per batch: Partial(on-time rows) -> PartialReduce(+ stored states of the same keys) -> store -> Final(keys to emit)"
+        );
+        if a.feeds {
             let _ = writeln!(
                 s,
-                "  state: none (stateless: each micro-batch is computed from its own rows and static tables)"
+                "    emits: append (each window once, when it closes) into the next aggregate"
             );
         }
-        Some(a) => {
-            let _ = writeln!(
-                s,
-                "  state: aggregate {} keyed by [{}] (state/aggregate/<partition>/<batch>.delta|.snapshot)",
-                a.aggregates.join(", "),
-                a.keys.join(", ")
-            );
-            let _ = writeln!(
-                s,
-                "    per batch: Partial(on-time rows) -> PartialReduce(+ stored states of the same keys) -> store -> Final(keys to emit)"
-            );
-            let (evict, late) = match (a.windowed && a.watermarked, mode) {
-                (true, OutputMode::Append) => (
-                    "emit a window once window_end <= watermark (end of batch), then remove it",
-                    "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
-                ),
-                (true, OutputMode::Update | OutputMode::Changelog) => (
-                    "remove a window once window_end <= watermark (end of batch)",
-                    "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
-                ),
-                (true, _) => (
-                    "none: complete mode keeps every window",
-                    "none: no window ever closes",
-                ),
-                (false, _) if a.windowed => (
-                    "none: without a watermark no window ever closes, and its state is kept",
-                    "none: without a watermark no row is late",
-                ),
-                (false, _) => (
-                    "none: unwindowed state is kept for every key",
-                    "none: there is no window to close",
-                ),
-            };
-            let _ = writeln!(s, "    eviction: {evict}");
-            let _ = writeln!(s, "    late rows: {late}");
-        }
+        let _ = writeln!(
+            s,
+            "    watermark: the query watermark at the start of the batch (late rows) and at its end (eviction)"
+        );
+        let (evict, late) = match (a.windowed && a.watermarked, emit) {
+            (true, OutputMode::Append) => (
+                "emit a window once window_end <= watermark (end of batch), then remove it",
+                "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
+            ),
+            (true, OutputMode::Update | OutputMode::Changelog) => (
+                "remove a window once window_end <= watermark (end of batch)",
+                "rows whose window_end <= watermark at the start of the batch are late: counted, not aggregated",
+            ),
+            (true, _) => (
+                "none: complete mode keeps every window",
+                "none: no window ever closes",
+            ),
+            (false, _) if a.windowed => (
+                "none: without a watermark no window ever closes, and its state is kept",
+                "none: without a watermark no row is late",
+            ),
+            (false, _) => (
+                "none: unwindowed state is kept for every key",
+                "none: there is no window to close",
+            ),
+        };
+        let _ = writeln!(s, "    eviction: {evict}");
+        let _ = writeln!(s, "    late rows: {late}");
     }
     let _ = writeln!(s, "  per micro-batch logical plan:");
     for line in plan.display_indent().to_string().lines() {

@@ -281,6 +281,15 @@ fn rows_part(batches: &[RecordBatch], index: usize, parts: usize) -> Vec<RecordB
     out
 }
 
+/// Whether a node of a query's physical plan scans a stream. A stream
+/// table's scan is the only `StreamingTableExec` in a query's plan (static
+/// tables are scanned by DataFusion's data sources), so the streaming
+/// planner finds what reads a stream by this test alone.
+pub fn is_stream_scan(plan: &dyn ExecutionPlan) -> bool {
+    let any: &dyn Any = plan;
+    any.is::<StreamingTableExec>()
+}
+
 /// The stream table a scan reads, if it reads one.
 pub fn as_stream_table(scan: &TableScan) -> Option<StreamTable> {
     let provider = source_as_provider(&scan.source).ok()?;

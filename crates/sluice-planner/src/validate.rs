@@ -2,12 +2,15 @@
 //! operator, the mode and the fix when it cannot.
 //!
 //! A streaming query is either stateless — each micro-batch's output depends
-//! only on that micro-batch's rows and static tables — or it has exactly one
-//! grouped aggregate over its streams, whose state the executor keeps in the
-//! state store, with only projections and filters (e.g. `HAVING`) above it.
-//! Everything else that would need state (DISTINCT, window functions, ORDER
-//! BY, LIMIT, stream–stream joins, a second aggregate) is refused at planning
-//! with a "not supported yet" error, never run with a wrong answer.
+//! only on that micro-batch's rows and static tables — or it has stateful
+//! operators over its streams, today grouped aggregates, whose state the
+//! executor keeps per operator. Aggregates may be chained: an aggregate may
+//! read another one's rows when that edge is append-only (an event-time
+//! window with a watermark, as in Spark). The topmost one may have only
+//! projections and filters (e.g. `HAVING`) above it. Everything else that
+//! would need state (DISTINCT, window functions, ORDER BY, LIMIT,
+//! stream–stream joins) is refused at planning with a "not supported yet"
+//! error, never run with a wrong answer.
 
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::{Expr, JoinType, LogicalPlan};
@@ -22,13 +25,28 @@ pub const WINDOW_END: &str = "window_end";
 /// What kind of incremental plan a query needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PlanShape {
-    /// The grouped aggregate over streams, if any.
-    pub aggregate: Option<AggregateShape>,
+    /// The grouped aggregates over streams, bottom up (the order their
+    /// operator ids count in); the last is the topmost.
+    pub aggregates: Vec<AggregateShape>,
 }
 
-/// The one stateful aggregate of a query.
+impl PlanShape {
+    /// Whether the query keeps state.
+    pub fn is_stateful(&self) -> bool {
+        !self.aggregates.is_empty()
+    }
+
+    /// The topmost stateful aggregate: the one whose rows the sink gets.
+    pub fn top(&self) -> Option<&AggregateShape> {
+        self.aggregates.last()
+    }
+}
+
+/// A stateful aggregate of a query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregateShape {
+    /// The operator id: `aggregate`, `aggregate-1`, ... bottom up.
+    pub id: String,
     /// The group keys, as written.
     pub keys: Vec<String>,
     /// The aggregate functions, as written.
@@ -39,22 +57,43 @@ pub struct AggregateShape {
     pub watermarked: bool,
     /// Whether the window is a session window (sessions merge).
     pub session: bool,
+    /// Whether another stateful operator reads its rows.
+    pub feeds: bool,
 }
 
 /// Checks that `plan` reads at least one stream, can run incrementally, and
 /// suits `mode`; returns its shape. `name` is the query's name, for messages.
 pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) -> Result<PlanShape> {
     let mut shape = PlanShape::default();
-    if !walk(plan, true, &mut shape)? {
+    if !walk(plan, Above::Root, &mut shape)? {
         return Err(Error::plan(format!(
             "query '{name}' reads no stream (only static tables): run it as a batch query, or read a source created with CREATE SOURCE"
         )));
     }
     let has_watermark = stream_tables(plan).iter().any(|t| t.watermark().is_some());
-    if let Some(a) = &mut shape.aggregate {
+    for (n, a) in shape.aggregates.iter_mut().enumerate() {
         a.watermarked = has_watermark;
+        a.id = if n == 0 {
+            "aggregate".to_string()
+        } else {
+            format!("aggregate-{n}")
+        };
     }
-    match (&shape.aggregate, mode) {
+    for a in shape.aggregates.iter().filter(|a| a.feeds) {
+        if !(a.windowed && has_watermark) || a.session && mode == OutputMode::Changelog {
+            return Err(Error::not_supported(format!(
+                "query '{name}': the aggregate {} GROUP BY {} feeds another aggregate, which needs rows that never change (an append-only edge): {}; an updating edge into a stateful operator is not supported yet",
+                a.aggregates.join(", "),
+                keys_text(a),
+                if a.windowed {
+                    "declare a WATERMARK on the stream's time column so that its windows close"
+                } else {
+                    "group it by an event-time window (TUMBLE/HOP) and declare a WATERMARK, so that it emits each window once, when it closes"
+                }
+            )));
+        }
+    }
+    match (shape.top(), mode) {
         (None, OutputMode::Append | OutputMode::Update) => Ok(shape),
         (None, OutputMode::Complete) => Err(Error::plan(format!(
             "query '{name}': output mode complete re-emits the whole result table and needs an aggregate; this query is stateless (projection/filter/join), so use output_mode = 'append' or 'update'"
@@ -62,11 +101,6 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         (Some(a), OutputMode::Changelog) if a.session => Err(Error::not_supported(format!(
             "query '{name}': output mode changelog on session windows (a merge would retract sessions); use update, append or complete"
         ))),
-        (Some(_), OutputMode::Changelog) if filter_above_aggregate(plan) => {
-            Err(Error::not_supported(format!(
-                "query '{name}': output mode changelog with a filter (e.g. HAVING) above the aggregate; use update mode, or filter downstream"
-            )))
-        }
         (_, OutputMode::Changelog) if plan.schema().fields().iter().any(|f| f.name() == "_op") => {
             Err(Error::plan(format!(
                 "query '{name}': output mode changelog adds an _op column, and the query already has one; rename it"
@@ -77,11 +111,7 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
             Err(Error::plan(format!(
                 "query '{name}': output mode append on the aggregate {} GROUP BY {} emits a row once and never changes it, so it needs an event-time window (GROUP BY window_start, window_end of TUMBLE(...)) and a WATERMARK on the stream's time column; {}or use output_mode = 'update' or 'complete'",
                 a.aggregates.join(", "),
-                if a.keys.is_empty() {
-                    "()".to_string()
-                } else {
-                    a.keys.join(", ")
-                },
+                keys_text(a),
                 match (a.windowed, has_watermark) {
                     (false, _) => "the aggregate has no window; ",
                     (true, false) => "no source declares a watermark; ",
@@ -93,10 +123,14 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
     }
 }
 
-/// Whether `plan` computes a session window's end.
+/// Whether `plan` computes a session window's end (below any aggregate in
+/// it: an aggregate over a session aggregate does not merge sessions).
 pub fn uses_session_end(plan: &LogicalPlan) -> bool {
     let mut found = false;
     let _ = plan.apply(|node| {
+        if matches!(node, LogicalPlan::Aggregate(_)) {
+            return Ok(TreeNodeRecursion::Jump);
+        }
         for e in node.expressions() {
             let _ = e.apply(|x| {
                 if let Expr::ScalarFunction(f) = x
@@ -112,32 +146,46 @@ pub fn uses_session_end(plan: &LogicalPlan) -> bool {
     found
 }
 
-/// Whether a filter stands between the root and the aggregate.
-fn filter_above_aggregate(plan: &LogicalPlan) -> bool {
-    match plan {
-        LogicalPlan::Filter(_) => true,
-        LogicalPlan::Projection(_) | LogicalPlan::SubqueryAlias(_) => {
-            plan.inputs().into_iter().any(filter_above_aggregate)
-        }
-        _ => false,
+/// `GROUP BY` keys as a user reads them.
+fn keys_text(a: &AggregateShape) -> String {
+    if a.keys.is_empty() {
+        "()".to_string()
+    } else {
+        a.keys.join(", ")
     }
 }
 
-/// Whether `plan` reads a stream. `chain` says whether every operator from
-/// the root down to here is one an aggregate may have above it (projection,
-/// filter, alias). Fails on an operator that would need state.
-fn walk(plan: &LogicalPlan, chain: bool, shape: &mut PlanShape) -> Result<bool> {
+/// What stands above a node of the plan, as far as stateful operators care.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Above {
+    /// Only projections, filters and aliases up to the root: an aggregate
+    /// here is the topmost, and the sink gets its rows.
+    Root,
+    /// Stateless operators up to a stateful aggregate that reads the rows.
+    Aggregate,
+    /// Some other operator with no stateful one above it.
+    Other,
+}
+
+/// Whether `plan` reads a stream. `above` says what stands between the
+/// root and here. Fails on an operator that would need state.
+fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool> {
     if let LogicalPlan::TableScan(scan) = plan {
         return Ok(as_stream_table(scan).is_some());
     }
-    let passes_chain = chain
-        && matches!(
-            plan,
-            LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_)
-        );
+    let passes = matches!(
+        plan,
+        LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_)
+    );
+    let below = match (plan, above) {
+        (LogicalPlan::Aggregate(_), _) => Above::Aggregate,
+        (_, Above::Root) if passes => Above::Root,
+        (_, Above::Aggregate) => Above::Aggregate,
+        _ => Above::Other,
+    };
     let mut flags = Vec::new();
     for input in plan.inputs() {
-        flags.push(walk(input, passes_chain, shape)?);
+        flags.push(walk(input, below, shape)?);
     }
     if !flags.iter().any(|f| *f) {
         return Ok(false);
@@ -177,25 +225,27 @@ fn walk(plan: &LogicalPlan, chain: bool, shape: &mut PlanShape) -> Result<bool> 
                     "they are not built yet for streams; group by plain keys",
                 );
             }
-            if !chain {
+            if above == Above::Other {
                 return stateful(
                     format!(
-                        "the aggregate {} followed by an operator other than a projection or filter (another aggregate, a join, a sort, ...)",
+                        "the aggregate {} followed by an operator other than a projection, a filter or another aggregate (a join, a sort, a union, ...)",
                         aggs.join(", ")
                     ),
-                    "only projections and filters (HAVING) may follow a streaming aggregate",
+                    "only projections and filters (HAVING) may follow a streaming aggregate, or another aggregate over its windows",
                 );
             }
             let windowed = a.group_expr.iter().any(|e| match e {
                 Expr::Column(c) => c.name == WINDOW_END,
                 _ => false,
             });
-            shape.aggregate = Some(AggregateShape {
+            shape.aggregates.push(AggregateShape {
+                id: String::new(),
                 keys,
                 aggregates: aggs,
                 windowed,
                 watermarked: false,
                 session: uses_session_end(&a.input),
+                feeds: above == Above::Aggregate,
             });
             Ok(true)
         }

@@ -661,6 +661,19 @@ impl StreamContext {
             .create_physical_plan(&plan)
             .await
             .map_err(Error::from)?;
+        // The plan as it runs: with its stateful nodes.
+        let physical = if shape.is_stateful() {
+            sluice_exec::operators::plan_stateful(
+                physical,
+                sluice_exec::operators::StatefulOptions {
+                    mode,
+                    state_ttl: options.get_duration("state_ttl")?,
+                },
+            )
+            .map_err(|e| e.context(format!("query '{name}'")))?
+        } else {
+            physical
+        };
         let sink = options.get("connector").unwrap_or("?").to_string();
         let trigger = match options.get("trigger") {
             Some(t) => t.parse::<Trigger>()?,

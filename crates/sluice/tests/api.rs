@@ -400,7 +400,7 @@ async fn a_windowed_aggregate_from_the_dataframe_api_emits_closed_windows() {
     );
     assert_eq!(text.lines().count(), 6, "{text}");
     let p = q.last_progress().unwrap();
-    assert_eq!(p.state.as_ref().map(|s| s.rows), Some(2));
+    assert_eq!(p.operators.first().map(|s| s.rows), Some(2));
 
     // A non-positive size is refused.
     let df = ctx.session().table("clicks").await.unwrap();

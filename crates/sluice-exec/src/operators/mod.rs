@@ -1,0 +1,363 @@
+//! Stateful operators as nodes of the physical plan.
+//!
+//! DataFusion plans a streaming query as if it were a batch query; the
+//! streaming planner ([`plan_stateful`]) then puts a stateful node where an
+//! operator must remember rows across micro-batches — today the grouped
+//! aggregate ([`aggregate::StreamingAggregateExec`]). The plan is built once
+//! and re-executed every batch with `collect`, like a stateless plan.
+//!
+//! What a node needs per batch does not come from a loop around the plan: it
+//! comes from the [`TaskContext`] the plan runs with. The query's
+//! [`OperatorRuntime`] sits in the task's session config as an extension; it
+//! holds the current [`BatchContext`] (batch id, trigger time, the query
+//! watermark at the start and end of the batch) and one [`OperatorState`] per
+//! stateful node, found by the node's operator id. A node's state lives in
+//! `state/<operator id>/` of the checkpoint; the executor prepares every
+//! operator's state before a batch and commits them all after it, before the
+//! commit entry that makes the batch durable.
+//!
+//! Operator ids are the operator's kind, numbered per kind from the bottom
+//! of the plan up (`aggregate`, `aggregate-1`, ...), so the one aggregate of
+//! an older checkpoint keeps its directory `state/aggregate`.
+
+pub mod aggregate;
+pub mod changelog;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::error::DataFusionError;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::ExecutionPlan;
+use sluice_common::durable::Durability;
+use sluice_common::{BatchId, Error, OutputMode, Result};
+use sluice_planner::is_stream_scan;
+use sluice_state::store::{CommitStats, StateStore, StateStoreOptions};
+
+pub use aggregate::{StateFinalizer, StreamingAggregateExec};
+
+/// What one micro-batch is, as the stateful nodes see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchContext {
+    /// The batch's id; an operator's state is versioned by it.
+    pub batch_id: BatchId,
+    /// When the batch was planned (trigger clock, ms): for TTLs.
+    pub now_ms: i64,
+    /// The query's watermark in force during the batch (rows are late
+    /// against it).
+    pub watermark_start: Option<i64>,
+    /// The query's watermark after the batch (state is evicted against it).
+    pub watermark_end: Option<i64>,
+    /// Rows the batch read from all sources: small batches skip the
+    /// round-robin repartitions that only pay off for big ones.
+    pub input_rows: u64,
+}
+
+/// One stateful operator's state: its store, and what its last run reported.
+#[derive(Debug)]
+pub struct OperatorState {
+    /// The operator's versioned keyed state.
+    pub store: StateStore,
+    /// A run started and its commit has not happened: the store must be
+    /// reloaded before the batch runs again.
+    dirty: bool,
+    /// What the last run did, taken by the executor after the batch.
+    pub report: OperatorReport,
+}
+
+impl OperatorState {
+    /// Loads the state as of `version` (the last committed batch).
+    pub fn load(&mut self, version: Option<BatchId>) -> Result<()> {
+        self.store.load(version)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Makes sure the store holds exactly the state before batch `id`, so a
+    /// re-run or a retry never applies a batch twice.
+    pub fn prepare(&mut self, id: BatchId) -> Result<()> {
+        let before = id.checked_sub(1);
+        if self.dirty || self.store.version() != before {
+            self.load(before)?;
+        }
+        self.report = OperatorReport::default();
+        Ok(())
+    }
+
+    /// Marks the store as changed by a run that has not committed yet.
+    pub fn begin(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Commits the state of batch `id`.
+    pub fn commit(&mut self, id: BatchId) -> Result<CommitStats> {
+        let stats = self.store.commit(id)?;
+        self.dirty = false;
+        Ok(stats)
+    }
+}
+
+/// What a stateful operator's run over one batch reports.
+#[derive(Debug, Default)]
+pub struct OperatorReport {
+    /// Rows that reached the operator on time.
+    pub input_rows: u64,
+    /// Rows left out because they were late.
+    pub late_rows: u64,
+    /// The late rows, as they reached the operator.
+    pub late: Vec<RecordBatch>,
+    /// Milliseconds per step of the run.
+    pub steps: Vec<(&'static str, f64)>,
+}
+
+/// The state of every stateful operator of a query, by operator id.
+pub type OperatorStates = BTreeMap<String, Arc<tokio::sync::Mutex<OperatorState>>>;
+
+/// What a query's stateful nodes find in their [`TaskContext`]: the
+/// current batch and every operator's state.
+#[derive(Debug)]
+pub struct OperatorRuntime {
+    batch: Mutex<BatchContext>,
+    states: OperatorStates,
+}
+
+impl OperatorRuntime {
+    /// A runtime over `states`, before any batch.
+    pub fn new(states: OperatorStates) -> Arc<Self> {
+        Arc::new(OperatorRuntime {
+            batch: Mutex::new(BatchContext::default()),
+            states,
+        })
+    }
+
+    /// Sets the batch the next execution of the plan runs.
+    pub fn set_batch(&self, batch: BatchContext) {
+        *self.batch.lock().unwrap_or_else(|p| p.into_inner()) = batch;
+    }
+
+    /// The batch being run.
+    pub fn batch(&self) -> BatchContext {
+        *self.batch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every operator's state.
+    pub fn states(&self) -> &OperatorStates {
+        &self.states
+    }
+
+    /// The runtime of the query `ctx` runs, and operator `id`'s state in it.
+    pub fn of(
+        ctx: &TaskContext,
+        id: &str,
+    ) -> datafusion::common::Result<(BatchContext, Arc<tokio::sync::Mutex<OperatorState>>)> {
+        let rt = ctx
+            .session_config()
+            .get_extension::<OperatorRuntime>()
+            .ok_or_else(|| {
+                DataFusionError::Internal(format!(
+                    "stateful operator '{id}' ran outside a micro-batch (no operator runtime in the task context)"
+                ))
+            })?;
+        let state = rt.states.get(id).cloned().ok_or_else(|| {
+            DataFusionError::Internal(format!("stateful operator '{id}' has no state opened"))
+        })?;
+        Ok((rt.batch(), state))
+    }
+
+    /// A task context like `base` that carries this runtime.
+    pub fn task_ctx(self: &Arc<Self>, base: &TaskContext) -> Arc<TaskContext> {
+        Arc::new(TaskContext::new(
+            base.task_id(),
+            base.session_id(),
+            base.session_config()
+                .clone()
+                .with_extension(Arc::clone(self)),
+            base.scalar_functions().clone(),
+            base.higher_order_functions().clone(),
+            base.aggregate_functions().clone(),
+            base.window_functions().clone(),
+            base.runtime_env(),
+        ))
+    }
+}
+
+/// What the executor and EXPLAIN need to know of a stateful node.
+pub trait StatefulExec: ExecutionPlan {
+    /// The operator id: its state directory under `state/`.
+    fn operator_id(&self) -> &str;
+    /// The key and value schemas of its state rows.
+    fn state_schemas(&self) -> (SchemaRef, SchemaRef);
+    /// A one-line description, for progress and errors.
+    fn description(&self) -> String;
+    /// Whether rows can be late for it (it closes event-time windows).
+    fn has_late_rows(&self) -> bool;
+    /// The schema of the rows that reach it (and of its late rows).
+    fn input_schema(&self) -> SchemaRef;
+}
+
+/// `plan` as a stateful node, if it is one.
+pub fn as_stateful(plan: &Arc<dyn ExecutionPlan>) -> Option<&dyn StatefulExec> {
+    let any: &dyn std::any::Any = plan.as_ref();
+    any.downcast_ref::<StreamingAggregateExec>()
+        .map(|a| a as &dyn StatefulExec)
+}
+
+/// The stateful nodes of `plan`, bottom up (the order their ids count in).
+pub fn stateful_nodes(plan: &Arc<dyn ExecutionPlan>) -> Vec<&dyn StatefulExec> {
+    fn walk<'a>(p: &'a Arc<dyn ExecutionPlan>, out: &mut Vec<&'a dyn StatefulExec>) {
+        for c in p.children() {
+            walk(c, out);
+        }
+        if let Some(s) = as_stateful(p) {
+            out.push(s);
+        }
+    }
+    let mut out = Vec::new();
+    walk(plan, &mut out);
+    out
+}
+
+/// The first (bottom-most) aggregate node of `plan`.
+pub fn first_aggregate(plan: &Arc<dyn ExecutionPlan>) -> Option<&StreamingAggregateExec> {
+    stateful_nodes(plan).into_iter().find_map(|n| {
+        let any: &dyn std::any::Any = n;
+        any.downcast_ref::<StreamingAggregateExec>()
+    })
+}
+
+/// Whether `plan` reads a stream: a stream scan or a stateful node below.
+fn reads_stream(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|p| {
+        if is_stream_scan(p.as_ref()) || as_stateful(p).is_some() {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// How the streaming planner configures the stateful nodes of one query.
+#[derive(Debug, Clone, Copy)]
+pub struct StatefulOptions {
+    /// The sink's output mode: how the topmost stateful node emits (the
+    /// ones below it emit append-only rows).
+    pub mode: OutputMode,
+    /// Drop an unwindowed aggregate's keys not updated for this long.
+    pub state_ttl: Option<std::time::Duration>,
+}
+
+/// Puts stateful nodes into DataFusion's physical plan of a streaming
+/// query: every aggregate over streams becomes a
+/// [`StreamingAggregateExec`] (aggregates over static tables alone stay as
+/// they are). The topmost stateful node emits in `options.mode`; in
+/// changelog mode the plan above it carries the change columns, and a
+/// [`changelog::ChangelogExec`] at the root turns them into `_op`.
+pub fn plan_stateful(
+    physical: Arc<dyn ExecutionPlan>,
+    options: StatefulOptions,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut failure: Option<Error> = None;
+    let planned = physical
+        .transform_up(|node| {
+            if failure.is_some() {
+                return Ok(Transformed::no(node));
+            }
+            match aggregate::top_aggregate(&node) {
+                Some(_) if reads_stream(&node) => {
+                    let n = count.entry("aggregate").or_default();
+                    let id = operator_id("aggregate", *n);
+                    *n += 1;
+                    match StreamingAggregateExec::try_new(id, Arc::clone(&node), options.state_ttl)
+                    {
+                        Ok(exec) => Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>)),
+                        Err(e) => {
+                            failure = Some(e);
+                            Ok(Transformed::no(node))
+                        }
+                    }
+                }
+                _ => Ok(Transformed::no(node)),
+            }
+        })
+        .map_err(Error::from)?
+        .data;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if stateful_nodes(&planned).is_empty() || options.mode == OutputMode::Append {
+        return Ok(planned);
+    }
+    // The topmost stateful node emits in the sink's mode.
+    let planned = set_top_mode(planned, options.mode)?;
+    if options.mode == OutputMode::Changelog {
+        return changelog::carry_to_root(planned);
+    }
+    Ok(planned)
+}
+
+/// `plan` with its topmost stateful node emitting in `mode`, and the nodes
+/// above it rebuilt over it.
+fn set_top_mode(plan: Arc<dyn ExecutionPlan>, mode: OutputMode) -> Result<Arc<dyn ExecutionPlan>> {
+    let any: &dyn std::any::Any = plan.as_ref();
+    if let Some(agg) = any.downcast_ref::<StreamingAggregateExec>() {
+        return Ok(Arc::new(agg.with_emit(mode)?));
+    }
+    let children = plan.children();
+    if !children.iter().any(|c| !stateful_nodes(c).is_empty()) {
+        return Ok(plan);
+    }
+    let new: Vec<Arc<dyn ExecutionPlan>> = children
+        .into_iter()
+        .map(|c| set_top_mode(Arc::clone(c), mode))
+        .collect::<Result<_>>()?;
+    #[allow(deprecated)]
+    plan.with_new_children(new).map_err(Error::from)
+}
+
+/// The id of the `n`th (from 0, bottom up) operator of a kind.
+pub fn operator_id(kind: &str, n: usize) -> String {
+    match n {
+        0 => kind.to_string(),
+        n => format!("{kind}-{n}"),
+    }
+}
+
+/// Opens the state of every stateful node of `plan` under
+/// `<checkpoint>/state/<operator id>` (checking or writing each store's
+/// `meta`); call it with the checkpoint's lock held.
+pub fn open_states(
+    plan: &Arc<dyn ExecutionPlan>,
+    checkpoint: &Path,
+    durability: Durability,
+    snapshot_fallback: bool,
+) -> Result<OperatorStates> {
+    let mut states = OperatorStates::new();
+    for node in stateful_nodes(plan) {
+        let (keys, values) = node.state_schemas();
+        let options = StateStoreOptions {
+            durability,
+            snapshot_fallback,
+            ..StateStoreOptions::default()
+        };
+        let id = node.operator_id().to_string();
+        let dir = checkpoint.join("state").join(&id);
+        let store = StateStore::new(Some(dir), keys, values, options)
+            .map_err(|e| e.context(format!("operator '{id}'")))?;
+        states.insert(
+            id,
+            Arc::new(tokio::sync::Mutex::new(OperatorState {
+                store,
+                dirty: false,
+                report: OperatorReport::default(),
+            })),
+        );
+    }
+    Ok(states)
+}
