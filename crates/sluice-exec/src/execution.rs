@@ -204,6 +204,7 @@ impl MicroBatchExecution {
                     mode: config.output_mode,
                     state_ttl: config.state_ttl,
                 },
+                &crate::operators::event_time_columns(&plan),
             )
             .map_err(|e| e.context(format!("query '{name}'")))?
         } else {
@@ -669,7 +670,12 @@ impl MicroBatchExecution {
         // What the stateful operators did: late rows, and the time of their steps.
         let mut late_rows = 0;
         let mut late = Vec::new();
-        for (n, (id, state)) in self.runtime.states().iter().enumerate() {
+        // Bottom up: the first operator reads the streams, so its late rows
+        // are source rows.
+        for (n, (id, _)) in self.operators.iter().enumerate() {
+            let Some(state) = self.runtime.states().get(id) else {
+                continue;
+            };
             let report = std::mem::take(&mut state.lock().await.report);
             late_rows += report.late_rows;
             if n == 0 {

@@ -53,7 +53,15 @@ pub fn explain_streaming(
             "  state: none (stateless: each micro-batch is computed from its own rows and static tables)"
         );
     }
+    let event_columns: Vec<String> = stream_tables(plan)
+        .iter()
+        .filter_map(|t| t.watermark().map(|w| w.column))
+        .collect();
     for a in &shape.aggregates {
+        if a.dedup {
+            explain_dedup(&mut s, a, &event_columns);
+            continue;
+        }
         // The topmost operator emits in the sink's mode; the ones below it
         // feed it append-only rows.
         let emit = if a.feeds { OutputMode::Append } else { mode };
@@ -120,6 +128,45 @@ pub fn explain_streaming(
         let _ = writeln!(s, "    {line}");
     }
     s
+}
+
+/// The `state:` block of a deduplication.
+fn explain_dedup(s: &mut String, a: &crate::AggregateShape, event_columns: &[String]) {
+    let _ = writeln!(
+        s,
+        "  state: dedup keyed by [{}] (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot)",
+        a.keys.join(", "),
+        a.id,
+        a.id
+    );
+    let _ = writeln!(
+        s,
+        "    per batch: emit the rows whose key is not stored (the first of each key), then store their keys"
+    );
+    let bare = |k: &str| k.rsplit('.').next().unwrap_or(k).to_string();
+    let event = a.keys.iter().find(|k| {
+        let k = bare(k);
+        k == crate::WINDOW_END || event_columns.contains(&k)
+    });
+    match event {
+        Some(k) if a.watermarked => {
+            let _ = writeln!(
+                s,
+                "    eviction: forget a key once {k} <= watermark (end of batch)"
+            );
+            let _ = writeln!(
+                s,
+                "    late rows: rows whose {k} <= watermark at the start of the batch: counted, not emitted"
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                s,
+                "    eviction: none: no event-time column among the keys, so every key is kept for ever (set state_ttl to bound it)"
+            );
+            let _ = writeln!(s, "    late rows: none");
+        }
+    }
 }
 
 /// A short, stable fingerprint of a logical plan, recorded in the checkpoint.

@@ -42,11 +42,15 @@ impl PlanShape {
     }
 }
 
-/// A stateful aggregate of a query.
+/// A stateful operator of a query: a grouped aggregate, or a
+/// deduplication (`SELECT DISTINCT`, an aggregate without functions).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregateShape {
-    /// The operator id: `aggregate`, `aggregate-1`, ... bottom up.
+    /// The operator id: its kind numbered bottom up (`aggregate`,
+    /// `aggregate-1`, ..., `dedup`, ...).
     pub id: String,
+    /// Whether it is a deduplication: it emits each distinct row once.
+    pub dedup: bool,
     /// The group keys, as written.
     pub keys: Vec<String>,
     /// The aggregate functions, as written.
@@ -71,18 +75,25 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         )));
     }
     let has_watermark = stream_tables(plan).iter().any(|t| t.watermark().is_some());
-    for (n, a) in shape.aggregates.iter_mut().enumerate() {
+    let (mut aggregates, mut dedups) = (0, 0);
+    for a in shape.aggregates.iter_mut() {
         a.watermarked = has_watermark;
-        a.id = if n == 0 {
-            "aggregate".to_string()
+        let (kind, n) = if a.dedup {
+            ("dedup", &mut dedups)
         } else {
-            format!("aggregate-{n}")
+            ("aggregate", &mut aggregates)
         };
+        a.id = match *n {
+            0 => kind.to_string(),
+            k => format!("{kind}-{k}"),
+        };
+        *n += 1;
     }
-    for a in shape.aggregates.iter().filter(|a| a.feeds) {
-        if !(a.windowed && has_watermark) || a.session && mode == OutputMode::Changelog {
+    // A deduplication's rows never change: it may feed anything.
+    for a in shape.aggregates.iter().filter(|a| a.feeds && !a.dedup) {
+        if !(a.windowed && has_watermark) {
             return Err(Error::not_supported(format!(
-                "query '{name}': the aggregate {} GROUP BY {} feeds another aggregate, which needs rows that never change (an append-only edge): {}; an updating edge into a stateful operator is not supported yet",
+                "query '{name}': the aggregate {} GROUP BY {} feeds another stateful operator, which needs rows that never change (an append-only edge): {}; an updating edge into a stateful operator is not supported yet",
                 a.aggregates.join(", "),
                 keys_text(a),
                 if a.windowed {
@@ -92,6 +103,20 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
                 }
             )));
         }
+    }
+    if let Some(a) = shape.top().filter(|a| a.dedup) {
+        return match mode {
+            OutputMode::Complete => Err(Error::plan(format!(
+                "query '{name}': output mode complete re-emits a whole result table and needs an aggregate; the deduplication of [{}] emits each distinct row once, so use output_mode = 'append', 'update' or 'changelog'",
+                a.keys.join(", ")
+            ))),
+            OutputMode::Changelog if plan.schema().fields().iter().any(|f| f.name() == "_op") => {
+                Err(Error::plan(format!(
+                    "query '{name}': output mode changelog adds an _op column, and the query already has one; rename it"
+                )))
+            }
+            _ => Ok(shape),
+        };
     }
     match (shape.top(), mode) {
         (None, OutputMode::Append | OutputMode::Update) => Ok(shape),
@@ -178,7 +203,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
         LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_)
     );
     let below = match (plan, above) {
-        (LogicalPlan::Aggregate(_), _) => Above::Aggregate,
+        (LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_), _) => Above::Aggregate,
         (_, Above::Root) if passes => Above::Root,
         (_, Above::Aggregate) => Above::Aggregate,
         _ => Above::Other,
@@ -207,15 +232,6 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                 .iter()
                 .map(|e| e.schema_name().to_string())
                 .collect();
-            if aggs.is_empty() {
-                return stateful(
-                    format!(
-                        "SELECT DISTINCT / GROUP BY {} without an aggregate function over a stream",
-                        keys.join(", ")
-                    ),
-                    "streaming deduplication is not built yet; add an aggregate such as count(*)",
-                );
-            }
             if a.group_expr
                 .iter()
                 .any(|e| matches!(e, Expr::GroupingSet(_)))
@@ -240,6 +256,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
             });
             shape.aggregates.push(AggregateShape {
                 id: String::new(),
+                dedup: aggs.is_empty(),
                 keys,
                 aggregates: aggs,
                 windowed,
@@ -249,9 +266,34 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
             });
             Ok(true)
         }
+        LogicalPlan::Distinct(datafusion::logical_expr::Distinct::All(input)) => {
+            // Planned as an aggregate without functions: a deduplication.
+            if above == Above::Other {
+                return stateful(
+                    "SELECT DISTINCT followed by an operator other than a projection, a filter or an aggregate".into(),
+                    "deduplicate last, or aggregate its rows",
+                );
+            }
+            shape.aggregates.push(AggregateShape {
+                id: String::new(),
+                dedup: true,
+                keys: input
+                    .schema()
+                    .columns()
+                    .iter()
+                    .map(|c| c.flat_name())
+                    .collect(),
+                aggregates: vec![],
+                windowed: false,
+                watermarked: false,
+                session: false,
+                feeds: above == Above::Aggregate,
+            });
+            Ok(true)
+        }
         LogicalPlan::Distinct(_) => stateful(
-            "DISTINCT over a stream".into(),
-            "streaming deduplication is not built yet; deduplicate the sink's output as a batch query instead",
+            "DISTINCT ON over a stream".into(),
+            "it is not built yet for streams; use SELECT DISTINCT, or ROW_NUMBER() in a batch query over the sink",
         ),
         LogicalPlan::Window(w) => stateful(
             format!(

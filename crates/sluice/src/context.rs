@@ -669,6 +669,7 @@ impl StreamContext {
                     mode,
                     state_ttl: options.get_duration("state_ttl")?,
                 },
+                &sluice_exec::operators::event_time_columns(&plan),
             )
             .map_err(|e| e.context(format!("query '{name}'")))?
         } else {

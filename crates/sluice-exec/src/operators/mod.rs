@@ -2,8 +2,9 @@
 //!
 //! DataFusion plans a streaming query as if it were a batch query; the
 //! streaming planner ([`plan_stateful`]) then puts a stateful node where an
-//! operator must remember rows across micro-batches — today the grouped
-//! aggregate ([`aggregate::StreamingAggregateExec`]). The plan is built once
+//! operator must remember rows across micro-batches: the grouped aggregate
+//! ([`aggregate::StreamingAggregateExec`]) and deduplication
+//! ([`dedup::DedupExec`]). The plan is built once
 //! and re-executed every batch with `collect`, like a stateless plan.
 //!
 //! What a node needs per batch does not come from a loop around the plan: it
@@ -17,11 +18,13 @@
 //! commit entry that makes the batch durable.
 //!
 //! Operator ids are the operator's kind, numbered per kind from the bottom
-//! of the plan up (`aggregate`, `aggregate-1`, ...), so the one aggregate of
-//! an older checkpoint keeps its directory `state/aggregate`.
+//! of the plan up (`aggregate`, `aggregate-1`, ..., `dedup`, ...), so the
+//! one aggregate of an older checkpoint keeps its directory
+//! `state/aggregate`.
 
 pub mod aggregate;
 pub mod changelog;
+pub mod dedup;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +42,7 @@ use sluice_planner::is_stream_scan;
 use sluice_state::store::{CommitStats, StateStore, StateStoreOptions};
 
 pub use aggregate::{StateFinalizer, StreamingAggregateExec};
+pub use dedup::DedupExec;
 
 /// What one micro-batch is, as the stateful nodes see it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -202,8 +206,11 @@ pub trait StatefulExec: ExecutionPlan {
 /// `plan` as a stateful node, if it is one.
 pub fn as_stateful(plan: &Arc<dyn ExecutionPlan>) -> Option<&dyn StatefulExec> {
     let any: &dyn std::any::Any = plan.as_ref();
-    any.downcast_ref::<StreamingAggregateExec>()
-        .map(|a| a as &dyn StatefulExec)
+    if let Some(a) = any.downcast_ref::<StreamingAggregateExec>() {
+        return Some(a);
+    }
+    any.downcast_ref::<DedupExec>()
+        .map(|d| d as &dyn StatefulExec)
 }
 
 /// The stateful nodes of `plan`, bottom up (the order their ids count in).
@@ -252,6 +259,15 @@ pub struct StatefulOptions {
     pub state_ttl: Option<std::time::Duration>,
 }
 
+/// The names of the streams' watermark columns in `plan`: a deduplication
+/// keyed by one of them forgets keys as the watermark passes.
+pub fn event_time_columns(plan: &datafusion::logical_expr::LogicalPlan) -> Vec<String> {
+    sluice_planner::stream_tables(plan)
+        .iter()
+        .filter_map(|t| t.watermark().map(|w| w.column))
+        .collect()
+}
+
 /// Puts stateful nodes into DataFusion's physical plan of a streaming
 /// query: every aggregate over streams becomes a
 /// [`StreamingAggregateExec`] (aggregates over static tables alone stay as
@@ -261,6 +277,7 @@ pub struct StatefulOptions {
 pub fn plan_stateful(
     physical: Arc<dyn ExecutionPlan>,
     options: StatefulOptions,
+    event_time_columns: &[String],
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let mut count: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut failure: Option<Error> = None;
@@ -270,6 +287,31 @@ pub fn plan_stateful(
                 return Ok(Transformed::no(node));
             }
             match aggregate::top_aggregate(&node) {
+                Some(src) if reads_stream(&node) && aggregate::without_functions(&src) => {
+                    let n = count.entry("dedup").or_default();
+                    let id = operator_id("dedup", *n);
+                    *n += 1;
+                    let any: &dyn std::any::Any = src.as_ref();
+                    let built = any
+                        .downcast_ref::<datafusion::physical_plan::aggregates::AggregateExec>()
+                        .ok_or_else(|| Error::internal("a deduplication without its aggregate"))
+                        .and_then(|agg| {
+                            DedupExec::from_distinct(
+                                id,
+                                &node,
+                                agg,
+                                event_time_columns,
+                                options.state_ttl,
+                            )
+                        });
+                    match built {
+                        Ok(exec) => Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>)),
+                        Err(e) => {
+                            failure = Some(e);
+                            Ok(Transformed::no(node))
+                        }
+                    }
+                }
                 Some(_) if reads_stream(&node) => {
                     let n = count.entry("aggregate").or_default();
                     let id = operator_id("aggregate", *n);
@@ -308,6 +350,9 @@ fn set_top_mode(plan: Arc<dyn ExecutionPlan>, mode: OutputMode) -> Result<Arc<dy
     let any: &dyn std::any::Any = plan.as_ref();
     if let Some(agg) = any.downcast_ref::<StreamingAggregateExec>() {
         return Ok(Arc::new(agg.with_emit(mode)?));
+    }
+    if let Some(dedup) = any.downcast_ref::<DedupExec>() {
+        return Ok(Arc::new(dedup.with_emit(mode)));
     }
     let children = plan.children();
     if !children.iter().any(|c| !stateful_nodes(c).is_empty()) {

@@ -205,6 +205,12 @@ pub(crate) fn top_aggregate(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn Exe
     }
 }
 
+/// Whether the raw-row stage `src` of an aggregate computes no aggregate
+/// function: a `SELECT DISTINCT`, which is a deduplication.
+pub(crate) fn without_functions(src: &Arc<dyn ExecutionPlan>) -> bool {
+    as_agg(src).is_some_and(|a| a.aggr_expr().is_empty())
+}
+
 /// `plan` without the round-robin repartitions over a single partition
 /// that DataFusion adds to spread rows over the cores; only for a plan
 /// that is one chain (no joins or unions, whose inputs' partition counts
@@ -471,9 +477,11 @@ impl StreamingAggregateExec {
         match (&self.core.window_end, self.emit) {
             (Some(_), OutputMode::Complete) => "none (complete mode keeps every window)",
             (Some(_), OutputMode::Append) => {
-                "emit a window once window_end <= watermark at the end of the batch, then remove it"
+                "emit a window once window_end <= watermark at the end of the batch, then remove it (never without a watermark)"
             }
-            (Some(_), _) => "remove a window once window_end <= watermark at the end of the batch",
+            (Some(_), _) => {
+                "remove a window once window_end <= watermark at the end of the batch (never without a watermark)"
+            }
             (None, _) if self.core.ttl.is_some() => "keys not updated for state_ttl",
             (None, _) => "none (unwindowed state is kept for every key)",
         }

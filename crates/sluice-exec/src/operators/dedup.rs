@@ -1,0 +1,437 @@
+//! Streaming deduplication: a node that emits a row the first time its key
+//! is seen, and remembers the keys it has seen.
+//!
+//! `SELECT DISTINCT cols FROM stream` (which DataFusion plans as an
+//! aggregate without aggregate functions) becomes a [`DedupExec`] keyed by
+//! the distinct columns. As in Spark, when an event-time column is among the
+//! keys (the stream's watermark column, or a window's `window_end`), a row
+//! whose event time is at or below the watermark at the start of the batch
+//! is late (dropped and counted), and a key is forgotten once its event time
+//! is at or below the watermark at the end of the batch: no later row could
+//! repeat it without being late. Otherwise the keys are kept for ever, or
+//! for `state_ttl` of trigger time since they were seen. The output is
+//! append-only: a row is emitted once and never changes.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array,
+    UInt64Array,
+};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::aggregates::AggregateExec;
+use datafusion::physical_plan::execution_plan::{
+    Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
+};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, collect,
+};
+use futures::{StreamExt, TryStreamExt};
+use sluice_common::{Error, OutputMode, Result};
+use sluice_planner::WINDOW_END;
+use sluice_state::store::StateStore;
+
+use super::changelog::with_change_fields;
+use super::{BatchContext, OperatorReport, OperatorRuntime, StatefulExec};
+
+/// The value column: the event time (ms) after which the key is forgotten;
+/// NULL when no watermark forgets it.
+const FORGET: &str = "__forget_after_ms";
+/// The value column of when a key was seen (trigger clock), with a TTL.
+const SEEN: &str = "__seen_ms";
+
+/// The deduplication of a streaming query (see the module docs).
+#[derive(Debug, Clone)]
+pub struct DedupExec {
+    id: String,
+    input: Arc<dyn ExecutionPlan>,
+    core: Arc<DedupCore>,
+    emit: OutputMode,
+    properties: Arc<PlanProperties>,
+}
+
+#[derive(Debug)]
+struct DedupCore {
+    /// The key expressions over the input, with their output names.
+    keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
+    /// The schema of the emitted rows (the keys).
+    out_schema: SchemaRef,
+    key_schema: SchemaRef,
+    value_schema: SchemaRef,
+    /// Which key is the event time that watermarks forget keys by.
+    event_time: Option<usize>,
+    /// Keys not seen again for this long (ms of trigger clock) are dropped.
+    ttl: Option<i64>,
+}
+
+impl DedupExec {
+    /// The node for `SELECT DISTINCT`: the aggregate without aggregate
+    /// functions `top` (Final or Single) whose raw-row stage is `src`.
+    /// `event_time_columns` are the streams' watermark columns.
+    pub fn from_distinct(
+        id: String,
+        top: &Arc<dyn ExecutionPlan>,
+        src: &AggregateExec,
+        event_time_columns: &[String],
+        ttl: Option<std::time::Duration>,
+    ) -> Result<Self> {
+        if src.group_expr().has_grouping_set() {
+            return Err(Error::not_supported("GROUPING SETS over a stream"));
+        }
+        let input = Arc::clone(src.input());
+        let keys: Vec<(Arc<dyn PhysicalExpr>, String)> = src
+            .group_expr()
+            .expr()
+            .iter()
+            .map(|(e, n)| (Arc::clone(e), n.clone()))
+            .collect();
+        let out_schema = top.schema();
+        let in_schema = input.schema();
+        let event_time = keys.iter().position(|(e, name)| {
+            let is_time = matches!(e.data_type(&in_schema), Ok(DataType::Timestamp(_, _)));
+            is_time && (name == WINDOW_END || event_time_columns.iter().any(|c| c == name))
+        });
+        let key_schema = Arc::new(Schema::new(
+            out_schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        ));
+        let mut values = vec![Field::new(FORGET, DataType::Int64, true)];
+        if ttl.is_some() {
+            values.push(Field::new(SEEN, DataType::Int64, false));
+        }
+        let core = DedupCore {
+            keys,
+            out_schema,
+            key_schema,
+            value_schema: Arc::new(Schema::new(values)),
+            event_time,
+            ttl: ttl.map(|d| d.as_millis() as i64),
+        };
+        Ok(Self::build(id, input, Arc::new(core), OutputMode::Append))
+    }
+
+    fn build(
+        id: String,
+        input: Arc<dyn ExecutionPlan>,
+        core: Arc<DedupCore>,
+        emit: OutputMode,
+    ) -> Self {
+        let schema = match emit {
+            OutputMode::Changelog => with_change_fields(&core.out_schema),
+            _ => Arc::clone(&core.out_schema),
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        DedupExec {
+            id,
+            input,
+            core,
+            emit,
+            properties,
+        }
+    }
+
+    /// This node emitting in `mode`: its rows are inserts in any mode.
+    pub fn with_emit(&self, mode: OutputMode) -> Self {
+        Self::build(
+            self.id.clone(),
+            Arc::clone(&self.input),
+            Arc::clone(&self.core),
+            mode,
+        )
+    }
+
+    async fn run(self, ctx: Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
+        let (batch, state) = OperatorRuntime::of(&ctx, &self.id)?;
+        let mut guard = state.lock().await;
+        let st = &mut *guard;
+        st.begin();
+        let mut report = OperatorReport::default();
+        let out = self.run_on(&mut st.store, batch, &ctx, &mut report).await;
+        st.report = report;
+        out
+    }
+
+    async fn run_on(
+        &self,
+        store: &mut StateStore,
+        batch: BatchContext,
+        ctx: &Arc<TaskContext>,
+        report: &mut OperatorReport,
+    ) -> Result<Vec<RecordBatch>> {
+        let core = &self.core;
+        let started = std::time::Instant::now();
+        let raw = collect(Arc::clone(&self.input), Arc::clone(ctx))
+            .await
+            .map_err(Error::from)?;
+        // The keys of the on-time rows, in arrival order.
+        let mut keys: Vec<RecordBatch> = Vec::with_capacity(raw.len());
+        for rows in raw {
+            let cols = core
+                .keys
+                .iter()
+                .map(|(e, _)| e.evaluate(&rows)?.into_array(rows.num_rows()))
+                .collect::<datafusion::common::Result<Vec<ArrayRef>>>()?;
+            let k = RecordBatch::try_new(Arc::clone(&core.key_schema), cols)?;
+            match (core.event_time, batch.watermark_start) {
+                (Some(i), Some(wm)) => {
+                    let keep = after(k.column(i), wm)?;
+                    let late = k.num_rows() - keep.true_count();
+                    if late > 0 {
+                        report.late_rows += late as u64;
+                        let gone = datafusion::arrow::compute::not(&keep)?;
+                        report.late.push(filter_record_batch(&rows, &gone)?);
+                    }
+                    keys.push(filter_record_batch(&k, &keep)?);
+                }
+                _ => keys.push(k),
+            }
+        }
+        let keys = concat_batches(&core.key_schema, &keys)?;
+        report.input_rows = keys.num_rows() as u64;
+
+        // First occurrences: not stored, and not earlier in this batch.
+        let conv = RowConverter::new(
+            core.key_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let stored = store.get(keys.columns())?;
+        let stored_rows = conv.convert_columns(&stored.columns()[..keys.num_columns()])?;
+        let mut seen: HashSet<&[u8]> = stored_rows.iter().map(|r| r.data()).collect();
+        let rows = conv.convert_columns(keys.columns())?;
+        let firsts: UInt32Array = (0..keys.num_rows())
+            .filter(|i| seen.insert(rows.row(*i).data()))
+            .map(|i| i as u32)
+            .collect();
+        let new_keys: Vec<ArrayRef> = keys
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &firsts, None))
+            .collect::<std::result::Result<_, _>>()?;
+        let new = RecordBatch::try_new(Arc::clone(&core.key_schema), new_keys)?;
+
+        // Remember them, with when a watermark may forget each.
+        let mut cols = new.columns().to_vec();
+        cols.push(match core.event_time {
+            Some(i) => cast(
+                &cast(
+                    new.column(i),
+                    &DataType::Timestamp(TimeUnit::Millisecond, None),
+                )?,
+                &DataType::Int64,
+            )?,
+            None => Arc::new(Int64Array::new_null(new.num_rows())),
+        });
+        if core.ttl.is_some() {
+            cols.push(Arc::new(Int64Array::from(vec![
+                batch.now_ms;
+                new.num_rows()
+            ])));
+        }
+        store.put(&RecordBatch::try_new(store.row_schema(), cols)?)?;
+        let n_keys = core.keys.len();
+        if let (Some(_), Some(wm)) = (core.event_time, batch.watermark_end) {
+            store.remove_where(|live| {
+                let forget = live.column(n_keys).as_primitive::<Int64Type>();
+                Ok((0..live.num_rows())
+                    .map(|i| Some(forget.is_valid(i) && forget.value(i) <= wm))
+                    .collect())
+            })?;
+        }
+        if let Some(ttl) = core.ttl {
+            let now_ms = batch.now_ms;
+            store.remove_where(|live| {
+                let seen = live
+                    .column(live.num_columns() - 1)
+                    .as_primitive::<Int64Type>();
+                Ok((0..live.num_rows())
+                    .map(|i| Some(seen.value(i) < now_ms - ttl))
+                    .collect())
+            })?;
+        }
+        report
+            .steps
+            .push(("run", started.elapsed().as_secs_f64() * 1000.0));
+        if new.num_rows() == 0 {
+            return Ok(vec![]);
+        }
+        let out = RecordBatch::try_new(Arc::clone(&core.out_schema), new.columns().to_vec())?;
+        if self.emit != OutputMode::Changelog {
+            return Ok(vec![out]);
+        }
+        let n = out.num_rows();
+        let mut cols = out.columns().to_vec();
+        cols.push(Arc::new(StringArray::from(vec!["+I"; n])));
+        cols.push(Arc::new(UInt64Array::from_iter_values(
+            (0..n as u64).map(|j| (batch.batch_id << 32) | j),
+        )));
+        Ok(vec![RecordBatch::try_new(
+            with_change_fields(&core.out_schema),
+            cols,
+        )?])
+    }
+}
+
+/// `true` where a timestamp is after `wm` (ms), or NULL: not late.
+fn after(time: &ArrayRef, wm: i64) -> Result<BooleanArray> {
+    let ms = cast(time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+    let ms = ms.as_primitive::<TimestampMillisecondType>();
+    Ok((0..ms.len())
+        .map(|i| Some(ms.is_null(i) || ms.value(i) > wm))
+        .collect())
+}
+
+impl DisplayAs for DedupExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let keys: Vec<&str> = self.core.keys.iter().map(|(_, n)| n.as_str()).collect();
+        write!(
+            f,
+            "DedupExec: operator={}, emit={}, keys=[{}], keep=first, state=state/{}/, watermark=query watermark, eviction={}",
+            self.id,
+            self.emit,
+            keys.join(", "),
+            self.id,
+            self.eviction()
+        )
+    }
+}
+
+impl DedupExec {
+    fn eviction(&self) -> String {
+        match (self.core.event_time, self.core.ttl) {
+            (Some(i), _) => format!(
+                "forget a key once {} <= watermark at the end of the batch (never without a watermark)",
+                self.core.keys[i].1
+            ),
+            (None, Some(_)) => "keys not seen for state_ttl".to_string(),
+            (None, None) => {
+                "none (no event time among the keys: every key is kept for ever; set state_ttl to bound it)"
+                    .to_string()
+            }
+        }
+    }
+}
+
+impl ExecutionPlan for DedupExec {
+    fn name(&self) -> &str {
+        "DedupExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> datafusion::common::Result<TreeNodeRecursion>,
+    ) -> datafusion::common::Result<TreeNodeRecursion> {
+        for (e, _) in &self.core.keys {
+            if f(e)? == TreeNodeRecursion::Stop {
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return Err(datafusion::error::DataFusionError::Internal(
+                "DedupExec takes one child".into(),
+            ));
+        }
+        Ok(Arc::new(Self::build(
+            self.id.clone(),
+            children.swap_remove(0),
+            Arc::clone(&self.core),
+            self.emit,
+        )))
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> datafusion::common::Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(datafusion::error::DataFusionError::Internal(format!(
+                "DedupExec has one partition, asked for {partition}"
+            )));
+        }
+        let this = self.clone();
+        let rows = futures::stream::once(async move {
+            this.run(context)
+                .await
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))
+        })
+        .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
+        .try_flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema(),
+            rows.boxed(),
+        )))
+    }
+}
+
+impl StatefulExec for DedupExec {
+    fn operator_id(&self) -> &str {
+        &self.id
+    }
+
+    fn state_schemas(&self) -> (SchemaRef, SchemaRef) {
+        (
+            Arc::clone(&self.core.key_schema),
+            Arc::clone(&self.core.value_schema),
+        )
+    }
+
+    fn description(&self) -> String {
+        let keys: Vec<&str> = self.core.keys.iter().map(|(_, n)| n.as_str()).collect();
+        format!("dedup [{}]", keys.join(", "))
+    }
+
+    fn has_late_rows(&self) -> bool {
+        self.core.event_time.is_some()
+    }
+
+    fn input_schema(&self) -> SchemaRef {
+        self.input.schema()
+    }
+}
