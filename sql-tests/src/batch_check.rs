@@ -203,8 +203,9 @@ impl SluiceDb {
             plan = without_rows(plan, late, &batch_ctx).await.map_err(err)?;
         }
         // A hand-written reference says itself which windows have closed.
-        if mode == "append" && stateful.is_some() && reference.is_none() {
-            plan = closed_windows(plan, watermark).map_err(err)?;
+        let keeps_state = stateful.is_some() || progress.iter().any(|p| !p.operators.is_empty());
+        if mode == "append" && keeps_state && reference.is_none() {
+            plan = closed_windows(plan, watermark, stateful.is_some()).map_err(err)?;
         }
         let plan_schema = plan.schema();
         let batch = collect(plan, batch_ctx.task_ctx())
@@ -441,9 +442,9 @@ async fn register_files(
 
 /// `plan` with `late` taken out of the input of the streaming aggregate
 /// they were late for, as a multiset: each late row removes one equal input
-/// row. Late rows are the first (bottom) stateful aggregate's, which in a
-/// chain of aggregates is not the topmost, and static aggregates may stand
-/// below it: the first aggregate (top down) whose input holds every late
+/// row. Late rows are the first (bottom) stateful operator's, which in a
+/// chain is not the topmost, and static aggregates may stand below it: the
+/// first aggregate or window sort (top down) whose input holds every late
 /// row is the one.
 async fn without_rows(
     plan: Arc<dyn ExecutionPlan>,
@@ -461,6 +462,17 @@ async fn without_rows(
         });
         if first_stage {
             targets.push(Arc::clone(node));
+        }
+        // A ROW_NUMBER() top-N's late rows are its window's input rows: the
+        // sort under the window node reads them, and keeps them sorted.
+        let window = any
+            .is::<sluice::deps::datafusion::physical_plan::windows::BoundedWindowAggExec>()
+            || any.is::<sluice::deps::datafusion::physical_plan::windows::WindowAggExec>();
+        if let (true, [child]) = (window, node.children().as_slice()) {
+            let sort: &dyn std::any::Any = child.as_ref();
+            if sort.is::<sluice::deps::datafusion::physical_plan::sorts::sort::SortExec>() {
+                targets.push(Arc::clone(child));
+            }
         }
         Ok(TreeNodeRecursion::Continue)
     })
@@ -568,11 +580,16 @@ fn replace(
 }
 
 /// `plan` keeping only the windows closed by `watermark`: a filter
-/// `window_end <= watermark` on the output of its streaming (topmost)
-/// aggregate, whose group keys hold the window bounds.
+/// `window_end <= watermark` on the output of its topmost aggregate, whose
+/// group keys hold the window bounds, or of its topmost window node (a
+/// `ROW_NUMBER()` top-N per window, emitted when the window closes). A
+/// deduplication (an aggregate without functions, when the query has no
+/// other aggregate) and a keep-first `ROW_NUMBER()` emit at once: nothing
+/// to filter.
 fn closed_windows(
     plan: Arc<dyn ExecutionPlan>,
     watermark: Option<i64>,
+    has_aggregate: bool,
 ) -> Result<Arc<dyn ExecutionPlan>, String> {
     use sluice::deps::datafusion::common::ScalarValue;
     use sluice::deps::datafusion::logical_expr::Operator;
@@ -582,19 +599,37 @@ fn closed_windows(
     let mut target = None;
     plan.apply(|node| {
         let any: &dyn std::any::Any = node.as_ref();
-        if any.downcast_ref::<AggregateExec>().is_some() {
-            target = Some(Arc::clone(node));
+        let window = any
+            .is::<sluice::deps::datafusion::physical_plan::windows::BoundedWindowAggExec>()
+            || any.is::<sluice::deps::datafusion::physical_plan::windows::WindowAggExec>();
+        if any.downcast_ref::<AggregateExec>().is_some() || window {
+            target = Some((Arc::clone(node), window));
             return Ok(TreeNodeRecursion::Stop);
         }
         Ok(TreeNodeRecursion::Continue)
     })
     .map_err(|e| e.to_string())?;
-    let agg = target.ok_or("an append-mode aggregate, but the batch plan has no aggregate")?;
+    let (agg, window) = match target {
+        Some(t) => t,
+        None if has_aggregate => {
+            return Err("an append-mode aggregate, but the batch plan has no aggregate".into());
+        }
+        None => return Ok(plan),
+    };
     let schema = agg.schema();
-    let at = schema.index_of("window_end").map_err(|_| {
-        "an append-mode aggregate without a window_end group key: the check cannot tell emitted windows from open ones"
-            .to_string()
-    })?;
+    let at = match schema.index_of("window_end") {
+        Ok(at) => at,
+        Err(_) if window || !has_aggregate => return Ok(plan),
+        Err(_) => {
+            return Err(
+                "an append-mode aggregate without a window_end group key: the check cannot tell emitted windows from open ones"
+                    .to_string(),
+            );
+        }
+    };
+    if !window && !has_aggregate {
+        return Ok(plan);
+    }
     let end_type = schema.field(at).data_type().clone();
     let bound = match watermark {
         Some(w) => ScalarValue::TimestampMillisecond(Some(w), None)

@@ -62,6 +62,10 @@ pub fn explain_streaming(
             explain_dedup(&mut s, a, &event_columns);
             continue;
         }
+        if let Some(n) = a.topn {
+            explain_topn(&mut s, a, n);
+            continue;
+        }
         // The topmost operator emits in the sink's mode; the ones below it
         // feed it append-only rows.
         let emit = if a.feeds { OutputMode::Append } else { mode };
@@ -128,6 +132,38 @@ pub fn explain_streaming(
         let _ = writeln!(s, "    {line}");
     }
     s
+}
+
+/// The `state:` block of a `ROW_NUMBER() <= N`.
+fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize) {
+    let _ = writeln!(
+        s,
+        "  state: top {n} per [{}] by ROW_NUMBER() (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot)",
+        a.keys.join(", "),
+        a.id,
+        a.id
+    );
+    if a.windowed {
+        let _ = writeln!(
+            s,
+            "    per batch: keep each open window's best {n} rows; emit them with their row numbers when the window closes"
+        );
+        let _ = writeln!(
+            s,
+            "    eviction: a window's rows once window_end <= watermark (end of batch), when they are emitted"
+        );
+        let _ = writeln!(
+            s,
+            "    late rows: rows whose window_end <= watermark at the start of the batch are late: counted, not ranked"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "    per batch: emit the first row of each key never seen before (the lowest by the order among the batch's rows)"
+        );
+        let _ = writeln!(s, "    eviction: none: every key is kept for ever");
+        let _ = writeln!(s, "    late rows: none");
+    }
 }
 
 /// The `state:` block of a deduplication.

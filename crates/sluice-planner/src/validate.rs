@@ -51,6 +51,8 @@ pub struct AggregateShape {
     pub id: String,
     /// Whether it is a deduplication: it emits each distinct row once.
     pub dedup: bool,
+    /// For `ROW_NUMBER() OVER (PARTITION BY keys ORDER BY ...) <= N`: N.
+    pub topn: Option<usize>,
     /// The group keys, as written.
     pub keys: Vec<String>,
     /// The aggregate functions, as written.
@@ -75,10 +77,12 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         )));
     }
     let has_watermark = stream_tables(plan).iter().any(|t| t.watermark().is_some());
-    let (mut aggregates, mut dedups) = (0, 0);
+    let (mut aggregates, mut dedups, mut topns) = (0, 0, 0);
     for a in shape.aggregates.iter_mut() {
         a.watermarked = has_watermark;
-        let (kind, n) = if a.dedup {
+        let (kind, n) = if a.topn.is_some() {
+            ("topn", &mut topns)
+        } else if a.dedup {
             ("dedup", &mut dedups)
         } else {
             ("aggregate", &mut aggregates)
@@ -89,8 +93,12 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         };
         *n += 1;
     }
-    // A deduplication's rows never change: it may feed anything.
-    for a in shape.aggregates.iter().filter(|a| a.feeds && !a.dedup) {
+    // A deduplication's or a top-N's rows never change: it may feed anything.
+    for a in shape
+        .aggregates
+        .iter()
+        .filter(|a| a.feeds && !a.dedup && a.topn.is_none())
+    {
         if !(a.windowed && has_watermark) {
             return Err(Error::not_supported(format!(
                 "query '{name}': the aggregate {} GROUP BY {} feeds another stateful operator, which needs rows that never change (an append-only edge): {}; an updating edge into a stateful operator is not supported yet",
@@ -104,10 +112,15 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
             )));
         }
     }
-    if let Some(a) = shape.top().filter(|a| a.dedup) {
+    if let Some(a) = shape.top().filter(|a| a.dedup || a.topn.is_some()) {
         return match mode {
             OutputMode::Complete => Err(Error::plan(format!(
-                "query '{name}': output mode complete re-emits a whole result table and needs an aggregate; the deduplication of [{}] emits each distinct row once, so use output_mode = 'append', 'update' or 'changelog'",
+                "query '{name}': output mode complete re-emits a whole result table and needs an aggregate; the {} of [{}] emits each row once, so use output_mode = 'append', 'update' or 'changelog'",
+                if a.dedup {
+                    "deduplication"
+                } else {
+                    "ROW_NUMBER() top-N"
+                },
                 a.keys.join(", ")
             ))),
             OutputMode::Changelog if plan.schema().fields().iter().any(|f| f.name() == "_op") => {
@@ -180,6 +193,121 @@ fn keys_text(a: &AggregateShape) -> String {
     }
 }
 
+/// If `plan` is `WHERE rn = 1 | rn <= N | rn < N + 1` over (through
+/// projections and aliases) a window node computing one `ROW_NUMBER()`:
+/// that window node and N.
+fn row_number_filter(plan: &LogicalPlan) -> Option<(&datafusion::logical_expr::Window, usize)> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    let LogicalPlan::Filter(f) = plan else {
+        return None;
+    };
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = &f.predicate else {
+        return None;
+    };
+    let (Expr::Column(_), Expr::Literal(v, _)) = (left.as_ref(), right.as_ref()) else {
+        return None;
+    };
+    let n = match v
+        .cast_to(&datafusion::arrow::datatypes::DataType::Int64)
+        .ok()?
+    {
+        datafusion::common::ScalarValue::Int64(Some(n)) => n,
+        _ => return None,
+    };
+    let limit = match (op, n) {
+        (Operator::Eq, 1) => 1,
+        (Operator::LtEq, n) if n >= 1 => n,
+        (Operator::Lt, n) if n >= 2 => n - 1,
+        _ => return None,
+    };
+    let mut node = f.input.as_ref();
+    loop {
+        match node {
+            LogicalPlan::Projection(p) => node = p.input.as_ref(),
+            LogicalPlan::SubqueryAlias(a) => node = a.input.as_ref(),
+            LogicalPlan::Window(w)
+                if w.window_expr.len() == 1 && row_number_parts(&w.window_expr[0]).is_some() =>
+            {
+                return Some((w, limit as usize));
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// A `ROW_NUMBER()` window expression's partition keys and order.
+fn row_number_parts(e: &Expr) -> Option<(&[Expr], &[datafusion::logical_expr::SortExpr])> {
+    let e = match e {
+        Expr::Alias(a) => a.expr.as_ref(),
+        e => e,
+    };
+    let Expr::WindowFunction(wf) = e else {
+        return None;
+    };
+    if !wf.fun.name().eq_ignore_ascii_case("row_number") {
+        return None;
+    }
+    Some((&wf.params.partition_by, &wf.params.order_by))
+}
+
+/// A `ROW_NUMBER() ... <= N` over a stream: a top-N per window, or (N = 1,
+/// ascending, no window) keep-first deduplication. The rest emits updates
+/// and is refused.
+fn walk_top_n(
+    window: &datafusion::logical_expr::Window,
+    limit: usize,
+    above: Above,
+    shape: &mut PlanShape,
+) -> Result<bool> {
+    if !walk(&window.input, Above::Aggregate, shape)? {
+        return Ok(false);
+    }
+    let (partition, order) = row_number_parts(&window.window_expr[0]).expect("checked");
+    let keys: Vec<String> = partition
+        .iter()
+        .map(|e| e.schema_name().to_string())
+        .collect();
+    let windowed = partition.iter().any(|e| match e {
+        Expr::Column(c) => c.name == WINDOW_END,
+        _ => false,
+    });
+    let refuse = |what: &str, fix: &str| {
+        Err(Error::not_supported(format!(
+            "{what} over a stream keeps state across micro-batches and emits updates; it is not built yet; {fix}"
+        )))
+    };
+    if above == Above::Other {
+        return refuse(
+            "ROW_NUMBER() followed by an operator other than a projection, a filter or an aggregate",
+            "apply it last",
+        );
+    }
+    if !windowed && limit > 1 {
+        return refuse(
+            &format!("ROW_NUMBER() <= {limit} without a window (a top-N whose rows change)"),
+            "partition by window_start, window_end of TUMBLE(...) for a top-N per window, emitted when the window closes",
+        );
+    }
+    if !windowed && order.first().is_some_and(|o| !o.asc) {
+        return refuse(
+            "ROW_NUMBER() OVER (... ORDER BY ... DESC) = 1 without a window (keep the last row per key)",
+            "order ascending to keep the first row per key",
+        );
+    }
+    shape.aggregates.push(AggregateShape {
+        id: String::new(),
+        dedup: false,
+        topn: Some(limit),
+        keys,
+        aggregates: vec![],
+        windowed,
+        watermarked: false,
+        session: false,
+        feeds: above == Above::Aggregate,
+    });
+    Ok(true)
+}
+
 /// What stands above a node of the plan, as far as stateful operators care.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Above {
@@ -197,6 +325,9 @@ enum Above {
 fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool> {
     if let LogicalPlan::TableScan(scan) = plan {
         return Ok(as_stream_table(scan).is_some());
+    }
+    if let Some((window, limit)) = row_number_filter(plan) {
+        return walk_top_n(window, limit, above, shape);
     }
     let passes = matches!(
         plan,
@@ -257,6 +388,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
             shape.aggregates.push(AggregateShape {
                 id: String::new(),
                 dedup: aggs.is_empty(),
+                topn: None,
                 keys,
                 aggregates: aggs,
                 windowed,
@@ -277,6 +409,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
             shape.aggregates.push(AggregateShape {
                 id: String::new(),
                 dedup: true,
+                topn: None,
                 keys: input
                     .schema()
                     .columns()

@@ -38,6 +38,12 @@ pub trait StreamingDataFrame: Sized {
     /// SQL. Group by both (and any keys): sessions of a key that come closer
     /// than the gap merge, across batches too.
     fn session(self, column: &str, gap: Duration) -> Result<DataFrame>;
+    /// Keeps the first row of each distinct value of `columns` (Spark's
+    /// `dropDuplicates(cols)`): a row is emitted the first time its key is
+    /// seen, in arrival order, and the key is remembered for ever. It is
+    /// `ROW_NUMBER() OVER (PARTITION BY columns) = 1`, so it runs as a
+    /// keep-first top-N node and its output is append-only.
+    fn drop_duplicates(self, columns: &[&str]) -> Result<DataFrame>;
     /// Whether the frame reads a stream.
     fn is_streaming(&self) -> bool;
     /// Starts describing how to run this frame as a streaming query.
@@ -125,6 +131,38 @@ impl StreamingDataFrame for DataFrame {
         Ok(self
             .with_column("window_start", ident(column))?
             .with_column("window_end", end)?)
+    }
+
+    fn drop_duplicates(self, columns: &[&str]) -> Result<DataFrame> {
+        use datafusion::logical_expr::ExprFunctionExt;
+        if columns.is_empty() {
+            return Err(Error::plan(
+                "drop_duplicates needs at least one column; use distinct() for whole rows",
+            ));
+        }
+        let names: Vec<String> = self
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        for c in columns {
+            if !names.iter().any(|n| n == c) {
+                return Err(Error::plan(format!(
+                    "drop_duplicates: no column '{c}' (columns: {})",
+                    names.join(", ")
+                )));
+            }
+        }
+        let rn = datafusion::functions_window::expr_fn::row_number()
+            .partition_by(columns.iter().map(|c| ident(*c)).collect())
+            .build()
+            .map_err(Error::from)?
+            .alias("__sluice_row_number");
+        let kept = self
+            .window(vec![rn])?
+            .filter(col("__sluice_row_number").eq(lit(1u64)))?;
+        Ok(kept.select(names.iter().map(|n| ident(n.as_str())).collect::<Vec<_>>())?)
     }
 
     fn is_streaming(&self) -> bool {

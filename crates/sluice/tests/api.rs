@@ -538,3 +538,38 @@ async fn hop_windows_from_the_dataframe_api_count_a_row_in_each_window() {
     );
     assert_eq!(text.lines().count(), 6, "{text}");
 }
+
+#[tokio::test]
+async fn drop_duplicates_keeps_the_first_row_of_each_key_across_batches() {
+    let (ctx, _clock) = manual();
+    ctx.sql("CREATE SOURCE clicks (usr VARCHAR, page VARCHAR, ts TIMESTAMP) WITH (connector = 'memory');
+             INSERT INTO clicks VALUES ('a', 'p1', '1970-01-01T00:00:01'), ('a', 'p2', '1970-01-01T00:00:02'), ('b', 'p3', '1970-01-01T00:00:03');")
+        .await
+        .unwrap();
+    let firsts = ctx
+        .session()
+        .table("clicks")
+        .await
+        .unwrap()
+        .drop_duplicates(&["usr"])
+        .unwrap();
+    let (q, table) = start_into_table(firsts, OutputMode::Append).await;
+    q.process_all_available().await.unwrap();
+    ctx.sql("INSERT INTO clicks VALUES ('a', 'p4', '1970-01-01T00:00:04'), ('c', 'p5', '1970-01-01T00:00:05')")
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    let text = table_text(&table);
+    for row in ["| a   | p1   |", "| b   | p3   |", "| c   | p5   |"] {
+        assert!(text.contains(row), "{row} missing:\n{text}");
+    }
+    // Three keys, three rows: the header, its rules and the frame are 4 lines.
+    assert_eq!(text.lines().count(), 7, "{text}");
+    let p = q.last_progress().unwrap();
+    assert_eq!(p.operators.first().map(|s| s.rows), Some(3));
+    assert_eq!(p.operators.first().map(|s| s.id.as_str()), Some("topn"));
+
+    let df = ctx.session().table("clicks").await.unwrap();
+    assert!(df.clone().drop_duplicates(&["nope"]).is_err());
+    assert!(df.drop_duplicates(&[]).is_err());
+}

@@ -25,6 +25,7 @@
 pub mod aggregate;
 pub mod changelog;
 pub mod dedup;
+pub mod topn;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -43,6 +44,7 @@ use sluice_state::store::{CommitStats, StateStore, StateStoreOptions};
 
 pub use aggregate::{StateFinalizer, StreamingAggregateExec};
 pub use dedup::DedupExec;
+pub use topn::TopNExec;
 
 /// What one micro-batch is, as the stateful nodes see it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -209,8 +211,11 @@ pub fn as_stateful(plan: &Arc<dyn ExecutionPlan>) -> Option<&dyn StatefulExec> {
     if let Some(a) = any.downcast_ref::<StreamingAggregateExec>() {
         return Some(a);
     }
-    any.downcast_ref::<DedupExec>()
-        .map(|d| d as &dyn StatefulExec)
+    if let Some(d) = any.downcast_ref::<DedupExec>() {
+        return Some(d);
+    }
+    any.downcast_ref::<TopNExec>()
+        .map(|t| t as &dyn StatefulExec)
 }
 
 /// The stateful nodes of `plan`, bottom up (the order their ids count in).
@@ -286,6 +291,38 @@ pub fn plan_stateful(
             if failure.is_some() {
                 return Ok(Transformed::no(node));
             }
+            match top_n(&node) {
+                Ok(Some(RankFilter {
+                    window,
+                    through,
+                    filter,
+                    limit,
+                })) if reads_stream(&window) => {
+                    let n = count.entry("topn").or_default();
+                    let id = operator_id("topn", *n);
+                    *n += 1;
+                    #[allow(deprecated)]
+                    let rebuilt = topn_node(id, &window, limit).and_then(|t| {
+                        let mut below: Arc<dyn ExecutionPlan> = Arc::new(t);
+                        if let Some(p) = &through {
+                            below = Arc::clone(p).with_new_children(vec![below])?;
+                        }
+                        Ok(Arc::clone(&filter).with_new_children(vec![below])?)
+                    });
+                    return match rebuilt {
+                        Ok(plan) => Ok(Transformed::yes(plan)),
+                        Err(e) => {
+                            failure = Some(e);
+                            Ok(Transformed::no(node))
+                        }
+                    };
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    return Ok(Transformed::no(node));
+                }
+                _ => {}
+            }
             match aggregate::top_aggregate(&node) {
                 Some(src) if reads_stream(&node) && aggregate::without_functions(&src) => {
                     let n = count.entry("dedup").or_default();
@@ -333,6 +370,21 @@ pub fn plan_stateful(
     if let Some(e) = failure {
         return Err(e);
     }
+    // A window function over a stream that did not become a stateful node
+    // would number each batch's rows on their own: refuse it.
+    let mut stray = false;
+    let _ = planned.apply(|p| {
+        if window_parts(p).is_some() && reads_stream(p) {
+            stray = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if stray {
+        return Err(Error::not_supported(
+            "a window function over a stream in this form keeps state across micro-batches; write ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) AS rn in a subquery and filter it with WHERE rn <= N (or rn = 1) right above it",
+        ));
+    }
     if stateful_nodes(&planned).is_empty() || options.mode == OutputMode::Append {
         return Ok(planned);
     }
@@ -344,6 +396,168 @@ pub fn plan_stateful(
     Ok(planned)
 }
 
+/// A filter on a window node's row number (see [`top_n`]).
+struct RankFilter {
+    window: Arc<dyn ExecutionPlan>,
+    /// A projection between the filter and the window node.
+    through: Option<Arc<dyn ExecutionPlan>>,
+    filter: Arc<dyn ExecutionPlan>,
+    limit: usize,
+}
+
+/// If `node` is a filter `row_number <= N` (or `= 1`, `< N + 1`) right over
+/// a window node computing one `row_number` (or over a projection of its
+/// columns): the window node, the projection, the filter, and N.
+fn top_n(node: &Arc<dyn ExecutionPlan>) -> Result<Option<RankFilter>> {
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_plan::expressions::{BinaryExpr, Column, Literal};
+    use datafusion::physical_plan::filter::FilterExec;
+    let any: &dyn std::any::Any = node.as_ref();
+    let Some(filter) = any.downcast_ref::<FilterExec>() else {
+        return Ok(None);
+    };
+    // The filter reads the window node directly, or through a projection
+    // that passes the row number on as a column.
+    let mut window = Arc::clone(filter.input());
+    let mut through: Option<Arc<dyn ExecutionPlan>> = None;
+    let mut column_map: Option<Vec<Option<usize>>> = None;
+    {
+        let any: &dyn std::any::Any = window.as_ref();
+        if let Some(p) = any.downcast_ref::<datafusion::physical_plan::projection::ProjectionExec>()
+        {
+            column_map = Some(
+                p.expr()
+                    .iter()
+                    .map(|e| {
+                        let any: &dyn std::any::Any = e.expr.as_ref();
+                        any.downcast_ref::<Column>().map(Column::index)
+                    })
+                    .collect(),
+            );
+            through = Some(Arc::clone(&window));
+            window = Arc::clone(p.input());
+        }
+    }
+    let Some((exprs, _)) = window_parts(&window) else {
+        return Ok(None);
+    };
+    let [expr] = exprs.as_slice() else {
+        return Ok(None);
+    };
+    if !is_row_number(expr) {
+        return Ok(None);
+    }
+    let rn = window.schema().fields().len() - 1;
+    let pred: &dyn std::any::Any = filter.predicate().as_ref();
+    let Some(b) = pred.downcast_ref::<BinaryExpr>() else {
+        return Ok(None);
+    };
+    let col: &dyn std::any::Any = b.left().as_ref();
+    let lit: &dyn std::any::Any = b.right().as_ref();
+    let (Some(col), Some(lit)) = (col.downcast_ref::<Column>(), lit.downcast_ref::<Literal>())
+    else {
+        return Ok(None);
+    };
+    let read = match &column_map {
+        Some(map) => map.get(col.index()).copied().flatten(),
+        None => Some(col.index()),
+    };
+    if read != Some(rn) {
+        return Ok(None);
+    }
+    let value = lit
+        .value()
+        .cast_to(&datafusion::arrow::datatypes::DataType::Int64)
+        .ok()
+        .and_then(|v| match v {
+            datafusion::common::ScalarValue::Int64(Some(v)) => Some(v),
+            _ => None,
+        });
+    let limit = match (b.op(), value) {
+        (Operator::Eq, Some(1)) => 1,
+        (Operator::LtEq, Some(n)) if n >= 1 => n,
+        (Operator::Lt, Some(n)) if n >= 2 => n - 1,
+        _ => return Ok(None),
+    };
+    Ok(Some(RankFilter {
+        window,
+        through,
+        filter: Arc::clone(node),
+        limit: limit as usize,
+    }))
+}
+
+/// A window node's window expressions and its input.
+type WindowParts = (
+    Vec<Arc<dyn datafusion::physical_expr::window::WindowExpr>>,
+    Arc<dyn ExecutionPlan>,
+);
+
+/// A window node's window expressions and input.
+fn window_parts(plan: &Arc<dyn ExecutionPlan>) -> Option<WindowParts> {
+    use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
+    let any: &dyn std::any::Any = plan.as_ref();
+    if let Some(w) = any.downcast_ref::<BoundedWindowAggExec>() {
+        return Some((w.window_expr().to_vec(), Arc::clone(w.input())));
+    }
+    any.downcast_ref::<WindowAggExec>()
+        .map(|w| (w.window_expr().to_vec(), Arc::clone(w.input())))
+}
+
+/// Whether a window expression is `ROW_NUMBER()` (whatever its alias).
+fn is_row_number(expr: &Arc<dyn datafusion::physical_expr::window::WindowExpr>) -> bool {
+    use datafusion::physical_expr::window::StandardWindowExpr;
+    use datafusion::physical_plan::windows::WindowUDFExpr;
+    let any: &dyn std::any::Any = expr.as_any();
+    any.downcast_ref::<StandardWindowExpr>().is_some_and(|w| {
+        w.get_standard_func_expr()
+            .as_any()
+            .downcast_ref::<WindowUDFExpr>()
+            .is_some_and(|f| f.fun().name() == "row_number")
+    })
+}
+
+/// The top-N node for the window node `window` (one `row_number`) kept to
+/// `limit` rows per partition. Its child is the window node's input without
+/// the sort and hash repartition DataFusion put under it for the window.
+fn topn_node(id: String, window: &Arc<dyn ExecutionPlan>, limit: usize) -> Result<TopNExec> {
+    use datafusion::physical_plan::expressions::Column;
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    use datafusion::physical_plan::sorts::sort::SortExec;
+    let (exprs, mut input) =
+        window_parts(window).ok_or_else(|| Error::internal("not a window node"))?;
+    loop {
+        let any: &dyn std::any::Any = input.as_ref();
+        if let Some(s) = any.downcast_ref::<SortExec>() {
+            input = Arc::clone(s.input());
+        } else if let Some(r) = any.downcast_ref::<RepartitionExec>() {
+            input = Arc::clone(r.input());
+        } else {
+            break;
+        }
+    }
+    let expr = &exprs[0];
+    let partition = expr
+        .partition_by()
+        .iter()
+        .map(|e| {
+            let any: &dyn std::any::Any = e.as_ref();
+            let name = any
+                .downcast_ref::<Column>()
+                .map_or_else(|| e.to_string(), |c| c.name().to_string());
+            (Arc::clone(e), name)
+        })
+        .collect();
+    TopNExec::try_new(
+        id,
+        input,
+        partition,
+        expr.order_by().to_vec(),
+        limit,
+        window.schema(),
+    )
+}
+
 /// `plan` with its topmost stateful node emitting in `mode`, and the nodes
 /// above it rebuilt over it.
 fn set_top_mode(plan: Arc<dyn ExecutionPlan>, mode: OutputMode) -> Result<Arc<dyn ExecutionPlan>> {
@@ -353,6 +567,9 @@ fn set_top_mode(plan: Arc<dyn ExecutionPlan>, mode: OutputMode) -> Result<Arc<dy
     }
     if let Some(dedup) = any.downcast_ref::<DedupExec>() {
         return Ok(Arc::new(dedup.with_emit(mode)));
+    }
+    if let Some(topn) = any.downcast_ref::<TopNExec>() {
+        return Ok(Arc::new(topn.with_emit(mode)));
     }
     let children = plan.children();
     if !children.iter().any(|c| !stateful_nodes(c).is_empty()) {
