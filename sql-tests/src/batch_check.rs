@@ -121,8 +121,9 @@ impl SluiceDb {
         // table of every row it received, and static tables are as defined.
         let batch_ctx = SessionContext::new();
         // The window rewrites call Sluice's two time functions.
-        batch_ctx.register_udf(sluice::deps::sluice_planner::SessionEnd::udf());
-        batch_ctx.register_udf(sluice::deps::sluice_planner::SessionEnd::window_end_udf());
+        for udf in sluice::deps::sluice_planner::window_udfs() {
+            batch_ctx.register_udf(udf);
+        }
         for d in &self.definitions {
             match d {
                 Statement::CreateSource(cs) => {

@@ -25,4 +25,7 @@ pub use explain::{explain_streaming, fingerprint};
 pub use parser::{CreateSink, CreateSource, Statement, WatermarkDef, parse_script};
 pub use stream_table::{BatchSlot, StreamTable, fork_streams, is_stream_scan, stream_tables};
 pub use validate::{AggregateShape, OutputMode, PlanShape, WINDOW_END, check_streaming_plan};
-pub use windows::{SESSION_END, SessionEnd, WINDOW_END_FN, rewrite_windows};
+pub use windows::{
+    SESSION_END, SessionEnd, WINDOW_END_FN, WINDOW_TIME_FN, rewrite_windows, window_time_udf,
+    window_udfs,
+};

@@ -3,6 +3,8 @@
 //! windowed aggregate is an ordinary `GROUP BY window_start, window_end, ...`
 //! that DataFusion plans and the streaming executor keeps state for.
 //!
+//! Both also add `window_time`, the window's last instant (its end minus
+//! one unit of the timestamp), for a later window over an aggregate's rows.
 //! `HOP(t, ts, slide, size)` gives each row one copy per window it falls in.
 //! `SESSION(t, ts, gap)` gives each row the session `[ts, ts + gap)`, marked
 //! by [`SESSION_END`]; the aggregate merges overlapping sessions per key.
@@ -243,7 +245,7 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
             // date_bin aligns windows to the Unix epoch, as Spark and Flink do.
             let start = format!("date_bin({size}, {ts}, {EPOCH})");
             let body = format!(
-                "SELECT *, {start} AS window_start, {WINDOW_END_FN}({start}, {size}) AS window_end FROM {{input}}"
+                "SELECT *, {start} AS window_start, {WINDOW_END_FN}({start}, {size}) AS window_end, {WINDOW_TIME_FN}({WINDOW_END_FN}({start}, {size})) AS window_time FROM {{input}}"
             );
             (table, body)
         }
@@ -261,7 +263,7 @@ fn rewrite(func: &str, args: &[String], alias: Option<String>) -> Result<TableFa
             let first = format!("date_bin({slide}, {ts} - {size}, {EPOCH})");
             let last = format!("date_bin({slide}, {ts}, {EPOCH})");
             let body = format!(
-                "SELECT * EXCLUDE (__hop_start), __hop_start AS window_start, {WINDOW_END_FN}(__hop_start, {size}) AS window_end FROM \
+                "SELECT * EXCLUDE (__hop_start), __hop_start AS window_start, {WINDOW_END_FN}(__hop_start, {size}) AS window_end, {WINDOW_TIME_FN}({WINDOW_END_FN}(__hop_start, {size})) AS window_time FROM \
                  (SELECT *, unnest(generate_series({first}, {last}, {slide})) AS __hop_start FROM {{input}}) \
                  WHERE {WINDOW_END_FN}(__hop_start, {size}) > {ts}"
             );
@@ -321,6 +323,93 @@ pub const SESSION_END: &str = "sluice_session_end";
 
 /// The function that ends a tumbling or hopping window: `start + size`.
 pub const WINDOW_END_FN: &str = "sluice_window_end";
+
+/// A window's last instant, `window_time`: its end minus one unit of the
+/// timestamp (Spark's and Flink's `window_time`), so a later window over
+/// an aggregate's rows puts each in the window its own window ends in.
+pub const WINDOW_TIME_FN: &str = "sluice_window_time";
+
+/// The scalar functions the window rewrites call, to register in a
+/// session: `sluice_session_end`, `sluice_window_end`, `sluice_window_time`.
+pub fn window_udfs() -> Vec<ScalarUDF> {
+    vec![
+        SessionEnd::udf(),
+        SessionEnd::window_end_udf(),
+        window_time_udf(),
+    ]
+}
+
+/// `sluice_window_time`, to call from a DataFrame.
+pub fn window_time_udf() -> ScalarUDF {
+    ScalarUDF::new_from_impl(WindowTime {
+        signature: Signature::any(1, Volatility::Immutable),
+    })
+}
+
+/// `sluice_window_time(end)`: `end` minus one unit of its timestamp type.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct WindowTime {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for WindowTime {
+    fn name(&self) -> &str {
+        WINDOW_TIME_FN
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
+        match &arg_types[0] {
+            t @ DataType::Timestamp(_, _) => Ok(t.clone()),
+            other => datafusion::common::plan_err!(
+                "{WINDOW_TIME_FN} takes a window end (a timestamp), got {other}"
+            ),
+        }
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::common::Result<ColumnarValue> {
+        use datafusion::arrow::array::{
+            DurationMicrosecondArray, DurationMillisecondArray, DurationNanosecondArray,
+            DurationSecondArray,
+        };
+        use datafusion::arrow::datatypes::TimeUnit;
+        let [end] = args.args.as_slice() else {
+            return datafusion::common::internal_err!("{WINDOW_TIME_FN} takes one argument");
+        };
+        let end = end.to_array(args.number_rows)?;
+        let one: datafusion::arrow::array::ArrayRef = match end.data_type() {
+            DataType::Timestamp(TimeUnit::Second, _) => {
+                std::sync::Arc::new(DurationSecondArray::from(vec![1]))
+            }
+            DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                std::sync::Arc::new(DurationMillisecondArray::from(vec![1]))
+            }
+            DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                std::sync::Arc::new(DurationMicrosecondArray::from(vec![1]))
+            }
+            DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+                std::sync::Arc::new(DurationNanosecondArray::from(vec![1]))
+            }
+            other => {
+                return datafusion::common::plan_err!(
+                    "{WINDOW_TIME_FN} takes a window end (a timestamp), got {other}"
+                );
+            }
+        };
+        Ok(ColumnarValue::Array(
+            datafusion::arrow::compute::kernels::numeric::sub(
+                &end,
+                &datafusion::arrow::array::Scalar::new(one),
+            )?,
+        ))
+    }
+}
 
 /// `sluice_session_end(ts, gap)` and `sluice_window_end(start, size)`: both
 /// `time + interval`, computed as one vectorised addition when the interval
@@ -454,7 +543,12 @@ mod tests {
         )
         .unwrap();
         assert!(s.contains("date_bin(INTERVAL '10' SECOND, ts"), "{s}");
-        assert!(s.contains("AS window_end FROM bids) AS bids"), "{s}");
+        assert!(s.contains(") AS window_end, "), "{s}");
+        assert!(
+            s.contains("sluice_window_time(sluice_window_end(")
+                && s.contains("AS window_time FROM bids) AS bids"),
+            "{s}"
+        );
         let s = rewritten(
             "SELECT * FROM TUMBLE(bids, ts, INTERVAL '1' MINUTE) AS b JOIN t ON b.x = t.x",
         )
@@ -523,7 +617,9 @@ mod properties {
             .unwrap();
         rt.block_on(async {
             let ctx = SessionContext::new();
-            ctx.register_udf(SessionEnd::window_end_udf());
+            for udf in window_udfs() {
+                ctx.register_udf(udf);
+            }
             ctx.register_table(
                 "t",
                 Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),

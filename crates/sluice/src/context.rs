@@ -203,8 +203,9 @@ impl StreamContext {
         let config = SessionConfig::new()
             .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
         let session = SessionContext::new_with_config_rt(config, runtime);
-        session.register_udf(sluice_planner::SessionEnd::udf());
-        session.register_udf(sluice_planner::SessionEnd::window_end_udf());
+        for udf in sluice_planner::window_udfs() {
+            session.register_udf(udf);
+        }
         let started: Arc<Mutex<BTreeMap<String, QueryState>>> = Arc::default();
         let checkpoint_root: Arc<Mutex<Option<PathBuf>>> = Arc::default();
         session.register_udtf(

@@ -16,21 +16,24 @@ use sluice_common::connector::Sink;
 use sluice_common::durable::Durability;
 use sluice_common::{Error, Result};
 use sluice_exec::{Fault, MicroBatchExecution, QueryConfig, StreamingQuery, Trigger};
-use sluice_planner::{OutputMode, SessionEnd, WatermarkDef, fork_streams, stream_tables};
+use sluice_planner::{
+    OutputMode, SessionEnd, WatermarkDef, fork_streams, stream_tables, window_time_udf,
+};
 
 /// Streaming verbs on a DataFusion [`DataFrame`].
 pub trait StreamingDataFrame: Sized {
     /// Declares `column` of the stream this frame reads as its event time,
     /// with the watermark trailing the largest event time seen by `delay`.
     fn with_watermark(self, column: &str, delay: Duration) -> Result<DataFrame>;
-    /// Adds `window_start` and `window_end`: the tumbling window of `size`
+    /// Adds `window_start`, `window_end` and `window_time` (the window's
+    /// last instant): the tumbling window of `size`
     /// (aligned to the Unix epoch) that timestamp column `column` falls in —
     /// what `TUMBLE(t, column, size)` adds in SQL. Group by both (and any
     /// keys) for a windowed aggregate.
     fn tumble(self, column: &str, size: Duration) -> Result<DataFrame>;
     /// One row per hopping window of `size` every `slide` (aligned to the
     /// Unix epoch) that timestamp column `column` falls in, with
-    /// `window_start` and `window_end` — what `HOP(t, column, slide, size)`
+    /// `window_start`, `window_end` and `window_time` — what `HOP(t, column, slide, size)`
     /// gives in SQL.
     fn hop(self, column: &str, slide: Duration, size: Duration) -> Result<DataFrame>;
     /// Adds `window_start` and `window_end` for session windows with `gap`
@@ -84,12 +87,11 @@ impl StreamingDataFrame for DataFrame {
         let size = interval("tumble", column, size)?;
         let epoch = lit(ScalarValue::TimestampNanosecond(Some(0), None));
         let start = date_bin(size.clone(), ident(column), epoch);
+        let end = SessionEnd::window_end_udf().call(vec![start.clone(), size]);
         Ok(self
-            .with_column("window_start", start.clone())?
-            .with_column(
-                "window_end",
-                SessionEnd::window_end_udf().call(vec![start, size]),
-            )?)
+            .with_column("window_start", start)?
+            .with_column("window_end", end.clone())?
+            .with_column("window_time", window_time_udf().call(vec![end]))?)
     }
 
     fn hop(self, column: &str, slide: Duration, size: Duration) -> Result<DataFrame> {
@@ -117,11 +119,9 @@ impl StreamingDataFrame for DataFrame {
         let mut exprs: Vec<datafusion::prelude::Expr> =
             names.iter().map(|n| ident(n.as_str())).collect();
         exprs.push(col("__hop_start").alias("window_start"));
-        exprs.push(
-            SessionEnd::window_end_udf()
-                .call(vec![col("__hop_start"), size])
-                .alias("window_end"),
-        );
+        let end = SessionEnd::window_end_udf().call(vec![col("__hop_start"), size]);
+        exprs.push(end.clone().alias("window_end"));
+        exprs.push(window_time_udf().call(vec![end]).alias("window_time"));
         Ok(starts.select(exprs)?)
     }
 
