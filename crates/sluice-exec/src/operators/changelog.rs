@@ -19,20 +19,16 @@ use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
-use datafusion::physical_plan::execution_plan::{
-    Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
-};
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::expressions::Column;
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, collect,
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, collect,
 };
-use futures::{StreamExt, TryStreamExt};
 use sluice_common::{Error, Result};
 
 use super::{as_stateful, stateful_nodes};
@@ -130,12 +126,7 @@ impl ChangelogExec {
         let schema = input.schema();
         let n = schema.fields().len();
         let values = Arc::new(Schema::new(schema.fields()[..n - 2].to_vec()));
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(with_op_field(&values)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
+        let properties = super::node_properties(with_op_field(&values));
         ChangelogExec { input, properties }
     }
 }
@@ -220,29 +211,21 @@ impl ExecutionPlan for ChangelogExec {
 
     fn execute(
         &self,
-        _partition: usize,
+        partition: usize,
         context: Arc<TaskContext>,
     ) -> datafusion::common::Result<SendableRecordBatchStream> {
         let input = Arc::clone(&self.input);
         let out = self.schema();
         let schema = Arc::clone(&out);
-        let rows = futures::stream::once(async move {
+        super::run_once("ChangelogExec", partition, out, async move {
             let in_schema = input.schema();
             let batches = collect(input, context).await?;
             let all = concat_batches(&in_schema, &batches)?;
-            let rows: Vec<RecordBatch> = if all.num_rows() == 0 {
-                vec![]
-            } else {
-                vec![
-                    normalize(&all, &schema)
-                        .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?,
-                ]
-            };
-            Ok::<_, datafusion::error::DataFusionError>(rows)
+            if all.num_rows() == 0 {
+                return Ok(vec![]);
+            }
+            Ok(vec![normalize(&all, &schema)?])
         })
-        .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
-        .try_flatten();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(out, rows.boxed())))
     }
 }
 

@@ -16,33 +16,27 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array,
-    UInt64Array,
-};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
-use datafusion::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
-};
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::aggregates::AggregateExec;
-use datafusion::physical_plan::execution_plan::{
-    Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
-};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, collect,
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, collect,
 };
-use futures::{StreamExt, TryStreamExt};
 use sluice_common::{Error, OutputMode, Result};
 use sluice_planner::WINDOW_END;
 use sluice_state::store::StateStore;
 
 use super::changelog::with_change_fields;
-use super::{BatchContext, OperatorReport, OperatorRuntime, StatefulExec};
+use super::{
+    BatchContext, OperatorReport, OperatorRuntime, StatefulExec, after_watermark, as_inserts,
+    node_properties, run_once,
+};
 
 /// The value column: the event time (ms) after which the key is forgotten;
 /// NULL when no watermark forgets it.
@@ -133,12 +127,7 @@ impl DedupExec {
             OutputMode::Changelog => with_change_fields(&core.out_schema),
             _ => Arc::clone(&core.out_schema),
         };
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
+        let properties = node_properties(schema);
         DedupExec {
             id,
             input,
@@ -192,7 +181,7 @@ impl DedupExec {
             let k = RecordBatch::try_new(Arc::clone(&core.key_schema), cols)?;
             match (core.event_time, batch.watermark_start) {
                 (Some(i), Some(wm)) => {
-                    let keep = after(k.column(i), wm)?;
+                    let keep = after_watermark(k.column(i), wm)?;
                     let late = k.num_rows() - keep.true_count();
                     if late > 0 {
                         report.late_rows += late as u64;
@@ -279,26 +268,8 @@ impl DedupExec {
         if self.emit != OutputMode::Changelog {
             return Ok(vec![out]);
         }
-        let n = out.num_rows();
-        let mut cols = out.columns().to_vec();
-        cols.push(Arc::new(StringArray::from(vec!["+I"; n])));
-        cols.push(Arc::new(UInt64Array::from_iter_values(
-            (0..n as u64).map(|j| (batch.batch_id << 32) | j),
-        )));
-        Ok(vec![RecordBatch::try_new(
-            with_change_fields(&core.out_schema),
-            cols,
-        )?])
+        Ok(vec![as_inserts(&core.out_schema, out, batch.batch_id)?])
     }
-}
-
-/// `true` where a timestamp is after `wm` (ms), or NULL: not late.
-fn after(time: &ArrayRef, wm: i64) -> Result<BooleanArray> {
-    let ms = cast(time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-    let ms = ms.as_primitive::<TimestampMillisecondType>();
-    Ok((0..ms.len())
-        .map(|i| Some(ms.is_null(i) || ms.value(i) > wm))
-        .collect())
 }
 
 impl DisplayAs for DedupExec {
@@ -390,23 +361,8 @@ impl ExecutionPlan for DedupExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> datafusion::common::Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(datafusion::error::DataFusionError::Internal(format!(
-                "DedupExec has one partition, asked for {partition}"
-            )));
-        }
         let this = self.clone();
-        let rows = futures::stream::once(async move {
-            this.run(context)
-                .await
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))
-        })
-        .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
-        .try_flatten();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.schema(),
-            rows.boxed(),
-        )))
+        run_once("DedupExec", partition, self.schema(), this.run(context))
     }
 }
 

@@ -35,8 +35,11 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::DataFusionError;
-use datafusion::execution::TaskContext;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning, PlanProperties};
 use sluice_common::durable::Durability;
 use sluice_common::{BatchId, Error, OutputMode, Result};
 use sluice_planner::is_stream_scan;
@@ -581,6 +584,82 @@ fn set_top_mode(plan: Arc<dyn ExecutionPlan>, mode: OutputMode) -> Result<Arc<dy
         .collect::<Result<_>>()?;
     #[allow(deprecated)]
     plan.with_new_children(new).map_err(Error::from)
+}
+
+/// The properties of a stateful node: one partition of `schema`, all of
+/// it at the end of the batch.
+pub(crate) fn node_properties(schema: SchemaRef) -> Arc<PlanProperties> {
+    Arc::new(PlanProperties::new(
+        EquivalenceProperties::new(schema),
+        Partitioning::UnknownPartitioning(1),
+        EmissionType::Final,
+        Boundedness::Bounded,
+    ))
+}
+
+/// A node's one-partition output: the batches `run` computes for the
+/// batch, as a stream of `schema`.
+pub(crate) fn run_once<F>(
+    name: &str,
+    partition: usize,
+    schema: SchemaRef,
+    run: F,
+) -> datafusion::common::Result<SendableRecordBatchStream>
+where
+    F: std::future::Future<Output = Result<Vec<RecordBatch>>> + Send + 'static,
+{
+    use futures::{StreamExt, TryStreamExt};
+    if partition != 0 {
+        return Err(DataFusionError::Internal(format!(
+            "{name} has one partition, asked for {partition}"
+        )));
+    }
+    let rows = futures::stream::once(async move {
+        run.await
+            .map_err(|e| DataFusionError::External(Box::new(e)))
+    })
+    .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
+    .try_flatten();
+    Ok(Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        rows.boxed(),
+    )))
+}
+
+/// `rows` (of `schema`) as inserts with the change columns: how a node whose
+/// rows never change emits in changelog mode.
+pub(crate) fn as_inserts(
+    schema: &SchemaRef,
+    rows: RecordBatch,
+    batch_id: BatchId,
+) -> Result<RecordBatch> {
+    use datafusion::arrow::array::{StringArray, UInt64Array};
+    let n = rows.num_rows();
+    let mut cols = rows.columns().to_vec();
+    cols.push(Arc::new(StringArray::from(vec!["+I"; n])));
+    cols.push(Arc::new(UInt64Array::from_iter_values(
+        (0..n as u64).map(|j| (batch_id << 32) | j),
+    )));
+    Ok(RecordBatch::try_new(
+        changelog::with_change_fields(schema),
+        cols,
+    )?)
+}
+
+/// `true` where a timestamp (a window end, or an event time) is after the
+/// watermark `wm` (ms), or NULL: the window is open, the row not late.
+pub(crate) fn after_watermark(
+    time: &datafusion::arrow::array::ArrayRef,
+    wm: i64,
+) -> Result<datafusion::arrow::array::BooleanArray> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
+    let ms =
+        datafusion::arrow::compute::cast(time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+    let ms = ms.as_primitive::<TimestampMillisecondType>();
+    Ok((0..ms.len())
+        .map(|i| Some(ms.is_null(i) || ms.value(i) > wm))
+        .collect())
 }
 
 /// The id of the `n`th (from 0, bottom up) operator of a kind.

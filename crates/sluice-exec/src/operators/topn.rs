@@ -22,34 +22,29 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array, UInt64Array,
-};
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch, UInt32Array, UInt64Array};
 use datafusion::arrow::compute::{
     SortColumn, cast, concat_batches, filter_record_batch, lexsort_to_indices, take,
     take_record_batch,
 };
-use datafusion::arrow::datatypes::{
-    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType, UInt32Type,
-};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr, PhysicalSortExpr};
-use datafusion::physical_plan::execution_plan::{
-    Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
-};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_expr::{PhysicalExpr, PhysicalSortExpr};
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, collect,
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, collect,
 };
-use futures::{StreamExt, TryStreamExt};
 use sluice_common::{Error, OutputMode, Result};
 use sluice_planner::WINDOW_END;
 use sluice_state::store::StateStore;
 
 use super::changelog::with_change_fields;
-use super::{BatchContext, OperatorReport, OperatorRuntime, StatefulExec};
+use super::{
+    BatchContext, OperatorReport, OperatorRuntime, StatefulExec, after_watermark, as_inserts,
+    node_properties, run_once,
+};
 
 /// The key column holding a kept row's rank slot (0-based).
 const SLOT: &str = "__slot";
@@ -138,12 +133,7 @@ impl TopNExec {
             OutputMode::Changelog => with_change_fields(&core.out_schema),
             _ => Arc::clone(&core.out_schema),
         };
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
+        let properties = node_properties(schema);
         TopNExec {
             id,
             input,
@@ -192,7 +182,7 @@ impl TopNExec {
                 .0
                 .evaluate(&rows)?
                 .into_array(rows.num_rows())?;
-            let keep = window_open(&end, wm)?;
+            let keep = after_watermark(&end, wm)?;
             let late = rows.num_rows() - keep.true_count();
             if late > 0 {
                 report.late_rows += late as u64;
@@ -210,7 +200,7 @@ impl TopNExec {
         }
         if let (Some(we), Some(wm)) = (core.window_end, batch.watermark_end) {
             let closed = store.remove_keys_where(|keys| {
-                let open = window_open(keys.column(we), wm)?;
+                let open = after_watermark(keys.column(we), wm)?;
                 Ok(datafusion::arrow::compute::not(&open)?)
             })?;
             if closed.num_rows() > 0 {
@@ -227,16 +217,7 @@ impl TopNExec {
         if self.emit != OutputMode::Changelog {
             return Ok(vec![out]);
         }
-        let n = out.num_rows();
-        let mut cols = out.columns().to_vec();
-        cols.push(Arc::new(StringArray::from(vec!["+I"; n])));
-        cols.push(Arc::new(UInt64Array::from_iter_values(
-            (0..n as u64).map(|j| (batch.batch_id << 32) | j),
-        )));
-        Ok(vec![RecordBatch::try_new(
-            with_change_fields(&core.out_schema),
-            cols,
-        )?])
+        Ok(vec![as_inserts(&core.out_schema, out, batch.batch_id)?])
     }
 
     /// Merges the batch's on-time `rows` into the kept rows of their
@@ -422,15 +403,6 @@ fn cast_all(cols: &[ArrayRef], schema: &SchemaRef) -> Result<Vec<ArrayRef>> {
         .collect()
 }
 
-/// `true` where a window end is after `wm` (ms), or NULL: still open.
-fn window_open(end: &ArrayRef, wm: i64) -> Result<datafusion::arrow::array::BooleanArray> {
-    let ms = cast(end, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-    let ms = ms.as_primitive::<TimestampMillisecondType>();
-    Ok((0..ms.len())
-        .map(|i| Some(ms.is_null(i) || ms.value(i) > wm))
-        .collect())
-}
-
 impl DisplayAs for TopNExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         let keys: Vec<&str> = self
@@ -522,23 +494,8 @@ impl ExecutionPlan for TopNExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> datafusion::common::Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(datafusion::error::DataFusionError::Internal(format!(
-                "TopNExec has one partition, asked for {partition}"
-            )));
-        }
         let this = self.clone();
-        let rows = futures::stream::once(async move {
-            this.run(context)
-                .await
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))
-        })
-        .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
-        .try_flatten();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.schema(),
-            rows.boxed(),
-        )))
+        run_once("TopNExec", partition, self.schema(), this.run(context))
     }
 }
 

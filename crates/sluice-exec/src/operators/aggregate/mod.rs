@@ -31,32 +31,29 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray, UInt64Array,
+    ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray, UInt64Array,
 };
-use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, interleave};
-use datafusion::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
-};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, interleave};
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr, ScalarFunctionExpr};
+use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
-use datafusion::physical_plan::execution_plan::{
-    Boundedness, EmissionType, ReplaceChildrenOptions, reset_plan_states,
-};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::execution_plan::{ReplaceChildrenOptions, reset_plan_states};
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, collect,
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, collect,
 };
-use futures::{StreamExt, TryStreamExt};
 use sluice_common::{Error, OutputMode, Result};
 use sluice_planner::{BatchSlot, SESSION_END, WINDOW_END};
 use sluice_state::store::StateStore;
 
-use super::{BatchContext, OperatorReport, OperatorRuntime, StatefulExec};
+use super::{
+    BatchContext, OperatorReport, OperatorRuntime, StatefulExec, after_watermark, node_properties,
+    run_once,
+};
 use crate::operators::changelog::with_change_fields;
 
 /// A plan fed from a slot.
@@ -435,12 +432,7 @@ impl StreamingAggregateExec {
             OutputMode::Changelog => with_change_fields(&core.agg_schema),
             _ => Arc::clone(&core.agg_schema),
         };
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Final,
-            Boundedness::Bounded,
-        ));
+        let properties = node_properties(schema);
         StreamingAggregateExec {
             id,
             narrow_input: narrow(&input),
@@ -529,7 +521,7 @@ impl StreamingAggregateExec {
             match (&core.window_end, batch.watermark_start) {
                 (Some((_, expr)), Some(wm)) if closes => {
                     let end = expr.evaluate(&rows)?.into_array(rows.num_rows())?;
-                    let keep = window_after(&end, wm)?;
+                    let keep = after_watermark(&end, wm)?;
                     let kept = filter_record_batch(&rows, &keep)?;
                     let late = rows.num_rows() - kept.num_rows();
                     if late > 0 {
@@ -587,7 +579,7 @@ impl StreamingAggregateExec {
         if let (Some((i, _)), Some(wm), true) = (&core.window_end, batch.watermark_end, closes) {
             let i = *i;
             let closed = store.remove_keys_where(|keys| {
-                let keep = window_after(keys.column(i), wm)?;
+                let keep = after_watermark(keys.column(i), wm)?;
                 Ok(datafusion::arrow::compute::not(&keep)?)
             })?;
             if self.emit == OutputMode::Append {
@@ -816,23 +808,13 @@ impl ExecutionPlan for StreamingAggregateExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> datafusion::common::Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(datafusion::error::DataFusionError::Internal(format!(
-                "StreamingAggregateExec has one partition, asked for {partition}"
-            )));
-        }
         let this = self.clone();
-        let rows = futures::stream::once(async move {
-            this.run(context)
-                .await
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))
-        })
-        .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
-        .try_flatten();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
+        run_once(
+            "StreamingAggregateExec",
+            partition,
             self.schema(),
-            rows.boxed(),
-        )))
+            this.run(context),
+        )
     }
 }
 
@@ -867,13 +849,3 @@ impl StatefulExec for StreamingAggregateExec {
 
 /// The state column holding when a key was last updated, with a TTL.
 const UPDATED: &str = "__updated_ms";
-
-/// `true` where the window end (a timestamp) is after `wm` (ms): the window
-/// is still open.
-fn window_after(end: &ArrayRef, wm: i64) -> Result<BooleanArray> {
-    let ms = cast(end, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-    let ms = ms.as_primitive::<TimestampMillisecondType>();
-    Ok((0..ms.len())
-        .map(|i| Some(ms.is_null(i) || ms.value(i) > wm))
-        .collect())
-}
