@@ -274,7 +274,7 @@ impl DedupExec {
 
 impl DisplayAs for DedupExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let keys: Vec<&str> = self.core.keys.iter().map(|(_, n)| n.as_str()).collect();
+        let keys = self.core.key_names();
         write!(
             f,
             "DedupExec: operator={}, emit={}, keys=[{}], keep=first, state=state/{}/, watermark=query watermark, eviction={}",
@@ -284,6 +284,13 @@ impl DisplayAs for DedupExec {
             self.id,
             self.eviction()
         )
+    }
+}
+
+impl DedupCore {
+    /// The keys' names, for EXPLAIN and progress.
+    fn key_names(&self) -> Vec<&str> {
+        self.keys.iter().map(|(_, n)| n.as_str()).collect()
     }
 }
 
@@ -379,7 +386,7 @@ impl StatefulExec for DedupExec {
     }
 
     fn description(&self) -> String {
-        let keys: Vec<&str> = self.core.keys.iter().map(|(_, n)| n.as_str()).collect();
+        let keys = self.core.key_names();
         format!("dedup [{}]", keys.join(", "))
     }
 

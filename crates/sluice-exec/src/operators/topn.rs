@@ -227,19 +227,13 @@ impl TopNExec {
     fn merge(&self, store: &mut StateStore, rows: RecordBatch) -> Result<Option<RecordBatch>> {
         let core = &self.core;
         let np = core.partition.len();
-        let part = |b: &RecordBatch| -> Result<Vec<ArrayRef>> {
-            core.partition
-                .iter()
-                .map(|(e, _)| Ok(e.evaluate(b)?.into_array(b.num_rows())?))
-                .collect()
-        };
         let conv = RowConverter::new(
             core.key_schema.fields()[..np]
                 .iter()
                 .map(|f| SortField::new(f.data_type().clone()))
                 .collect(),
         )?;
-        let new_parts = part(&rows)?;
+        let new_parts = core.partition_values(&rows)?;
         let new_keys = conv.convert_columns(&new_parts)?;
         // One lookup key per (distinct partition, slot).
         let mut firsts: HashMap<&[u8], usize> = HashMap::new();
@@ -311,11 +305,7 @@ impl TopNExec {
         if rows.num_rows() == 0 {
             return Ok((rows.clone(), vec![]));
         }
-        let parts: Vec<ArrayRef> = core
-            .partition
-            .iter()
-            .map(|(e, _)| Ok(e.evaluate(rows)?.into_array(rows.num_rows())?))
-            .collect::<Result<_>>()?;
+        let parts = core.partition_values(rows)?;
         let mut sort: Vec<SortColumn> = parts
             .iter()
             .map(|c| SortColumn {
@@ -357,12 +347,7 @@ impl TopNExec {
         rows: &RecordBatch,
         ranks: &[u32],
     ) -> Result<()> {
-        let mut cols: Vec<ArrayRef> = self
-            .core
-            .partition
-            .iter()
-            .map(|(e, _)| Ok(e.evaluate(rows)?.into_array(rows.num_rows())?))
-            .collect::<Result<_>>()?;
+        let mut cols = self.core.partition_values(rows)?;
         cols.push(Arc::new(UInt32Array::from(ranks.to_vec())));
         cols.extend(rows.columns().iter().cloned());
         store.put(&RecordBatch::try_new(store.row_schema(), cols)?)
@@ -394,6 +379,21 @@ impl TopNExec {
     }
 }
 
+impl TopNCore {
+    /// The partition key columns of `rows`.
+    fn partition_values(&self, rows: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        self.partition
+            .iter()
+            .map(|(e, _)| Ok(e.evaluate(rows)?.into_array(rows.num_rows())?))
+            .collect()
+    }
+
+    /// The partition keys' names, for EXPLAIN and progress.
+    fn partition_names(&self) -> Vec<&str> {
+        self.partition.iter().map(|(_, n)| n.as_str()).collect()
+    }
+}
+
 /// `cols` cast to the types of `schema`'s fields (they match; nullability
 /// is the schema's).
 fn cast_all(cols: &[ArrayRef], schema: &SchemaRef) -> Result<Vec<ArrayRef>> {
@@ -405,12 +405,7 @@ fn cast_all(cols: &[ArrayRef], schema: &SchemaRef) -> Result<Vec<ArrayRef>> {
 
 impl DisplayAs for TopNExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let keys: Vec<&str> = self
-            .core
-            .partition
-            .iter()
-            .map(|(_, n)| n.as_str())
-            .collect();
+        let keys = self.core.partition_names();
         let order: Vec<String> = self.core.order.iter().map(|o| o.to_string()).collect();
         write!(
             f,
@@ -512,12 +507,7 @@ impl StatefulExec for TopNExec {
     }
 
     fn description(&self) -> String {
-        let keys: Vec<&str> = self
-            .core
-            .partition
-            .iter()
-            .map(|(_, n)| n.as_str())
-            .collect();
+        let keys = self.core.partition_names();
         format!("top {} per [{}]", self.core.limit, keys.join(", "))
     }
 
