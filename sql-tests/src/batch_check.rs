@@ -119,7 +119,12 @@ impl SluiceDb {
 
         // The batch side: a plain DataFusion context where each stream is a
         // table of every row it received, and static tables are as defined.
-        let batch_ctx = SessionContext::new();
+        // One partition: no repartition under a join or an aggregate, so an
+        // input whose late rows are taken out can be replaced by one
+        // in-memory partition.
+        let batch_ctx = SessionContext::new_with_config(
+            sluice::deps::datafusion::prelude::SessionConfig::new().with_target_partitions(1),
+        );
         // The window rewrites call Sluice's two time functions.
         for udf in sluice::deps::sluice_planner::window_udfs() {
             batch_ctx.register_udf(udf);
@@ -206,6 +211,18 @@ impl SluiceDb {
         // A hand-written reference says itself which windows have closed.
         let keeps_state = stateful.is_some() || progress.iter().any(|p| !p.operators.is_empty());
         if mode == "append" && keeps_state && reference.is_none() {
+            // The topmost windowed operator closes windows against its own
+            // input watermark: the query's, less the delay of joins below.
+            let watermark = progress
+                .last()
+                .and_then(|p| {
+                    p.operators
+                        .iter()
+                        .rev()
+                        .find(|o| o.id.starts_with("aggregate") || o.id.starts_with("topn"))
+                })
+                .and_then(|o| o.watermark_ms)
+                .or(watermark);
             plan = closed_windows(plan, watermark, stateful.is_some()).map_err(err)?;
         }
         let plan_schema = plan.schema();
@@ -280,7 +297,7 @@ impl SluiceDb {
         query: &str,
         plan: &LogicalPlan,
         expected: u64,
-    ) -> Result<Vec<RecordBatch>, String> {
+    ) -> Result<Vec<Vec<RecordBatch>>, String> {
         let mut read = Vec::new();
         plan.apply(|node| {
             if let LogicalPlan::TableScan(scan) = node {
@@ -307,6 +324,7 @@ impl SluiceDb {
                 .ok_or_else(|| {
                     format!("late rows go to '{target}', which is not a memory table")
                 })?;
+            let mut group = Vec::new();
             for b in table.rows() {
                 // Every query reading the source writes there; `_query` says whose.
                 let mine: BooleanArray = b
@@ -319,10 +337,15 @@ impl SluiceDb {
                 let b = filter_record_batch(&b, &mine).map_err(|e| e.to_string())?;
                 let keep = b.num_columns().saturating_sub(4);
                 found += b.num_rows() as u64;
-                out.push(
-                    b.project(&(0..keep).collect::<Vec<_>>())
-                        .map_err(|e| e.to_string())?,
-                );
+                if b.num_rows() > 0 {
+                    group.push(
+                        b.project(&(0..keep).collect::<Vec<_>>())
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+            }
+            if !group.is_empty() {
+                out.push(group);
             }
         }
         if found != expected {
@@ -441,18 +464,32 @@ async fn register_files(
     done.map_err(|e| e.to_string())
 }
 
-/// `plan` with `late` taken out of the input of the streaming aggregate
+/// `plan` with `late` taken out of the input of the streaming operator
 /// they were late for, as a multiset: each late row removes one equal input
 /// row. Late rows are the first (bottom) stateful operator's, which in a
 /// chain is not the topmost, and static aggregates may stand below it: the
-/// first aggregate or window sort (top down) whose input holds every late
-/// row is the one.
+/// first aggregate, window sort or join input (top down) that holds every
+/// late row of a group is the one. Each group holds one stream's late rows
+/// (a join's two sides have two).
 async fn without_rows(
-    plan: Arc<dyn ExecutionPlan>,
-    late: Vec<RecordBatch>,
+    mut plan: Arc<dyn ExecutionPlan>,
+    late: Vec<Vec<RecordBatch>>,
     ctx: &SessionContext,
 ) -> Result<Arc<dyn ExecutionPlan>, String> {
-    let mut targets = Vec::new();
+    for group in late {
+        plan = without_group(plan, &group, ctx).await?;
+    }
+    Ok(plan)
+}
+
+/// [`without_rows`] for one stream's late rows.
+async fn without_group(
+    plan: Arc<dyn ExecutionPlan>,
+    late: &[RecordBatch],
+    ctx: &SessionContext,
+) -> Result<Arc<dyn ExecutionPlan>, String> {
+    // (node, which of its children is the input the rows were late in).
+    let mut targets: Vec<(Arc<dyn ExecutionPlan>, usize)> = Vec::new();
     plan.apply(|node| {
         let any: &dyn std::any::Any = node.as_ref();
         let first_stage = any.downcast_ref::<AggregateExec>().is_some_and(|agg| {
@@ -462,7 +499,7 @@ async fn without_rows(
             )
         });
         if first_stage {
-            targets.push(Arc::clone(node));
+            targets.push((Arc::clone(node), 0));
         }
         // A ROW_NUMBER() top-N's late rows are its window's input rows: the
         // sort under the window node reads them, and keeps them sorted.
@@ -472,15 +509,20 @@ async fn without_rows(
         if let (true, [child]) = (window, node.children().as_slice()) {
             let sort: &dyn std::any::Any = child.as_ref();
             if sort.is::<sluice::deps::datafusion::physical_plan::sorts::sort::SortExec>() {
-                targets.push(Arc::clone(child));
+                targets.push((Arc::clone(child), 0));
             }
+        }
+        // A join's late rows are rows of one of its two inputs.
+        if node.name().contains("Join") && node.children().len() == 2 {
+            targets.push((Arc::clone(node), 0));
+            targets.push((Arc::clone(node), 1));
         }
         Ok(TreeNodeRecursion::Continue)
     })
     .map_err(|e| e.to_string())?;
-    let mut last = Err("rows were late but the batch plan has no aggregate".to_string());
-    for agg in targets {
-        last = without_rows_below(Arc::clone(&plan), &agg, &late, ctx).await;
+    let mut last = Err("rows were late but the batch plan has no aggregate or join".to_string());
+    for (node, child) in targets {
+        last = without_rows_below(Arc::clone(&plan), &node, child, late, ctx).await;
         if last.is_ok() {
             break;
         }
@@ -488,14 +530,15 @@ async fn without_rows(
     last
 }
 
-/// `plan` with `late` taken out of the input of its aggregate `agg`.
+/// `plan` with `late` taken out of child `child` of its node `agg`.
 async fn without_rows_below(
     plan: Arc<dyn ExecutionPlan>,
     agg: &Arc<dyn ExecutionPlan>,
+    child: usize,
     late: &[RecordBatch],
     ctx: &SessionContext,
 ) -> Result<Arc<dyn ExecutionPlan>, String> {
-    let input = Arc::clone(agg.children()[0]);
+    let input = Arc::clone(agg.children()[child]);
     let schema = input.schema();
     let rows = collect(Arc::clone(&input), ctx.task_ctx())
         .await
@@ -555,8 +598,10 @@ async fn without_rows_below(
     }
     let source =
         MemorySourceConfig::try_new_exec(&[kept], schema, None).map_err(|e| e.to_string())?;
+    let mut children: Vec<Arc<dyn ExecutionPlan>> = agg.children().into_iter().cloned().collect();
+    children[child] = source;
     let new_agg =
-        replace_children_if_necessary(Arc::clone(agg), vec![source]).map_err(|e| e.to_string())?;
+        replace_children_if_necessary(Arc::clone(agg), children).map_err(|e| e.to_string())?;
     replace(plan, agg, &new_agg)
 }
 

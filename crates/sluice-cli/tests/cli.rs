@@ -377,6 +377,36 @@ fn explain_shows_the_state_of_a_windowed_aggregate() {
     }
 }
 
+#[test]
+fn explain_shows_the_state_and_eviction_of_a_stream_join() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::write(
+        dir.join("join.sql"),
+        "CREATE SOURCE imp (ad BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) WITH (connector = 'memory');
+         CREATE SOURCE clk (ad BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) WITH (connector = 'memory');
+         CREATE SINK per_minute WITH (connector = 'console', output_mode = 'append') AS
+         SELECT window_start, count(*) AS n, count(clk_ts) AS clicked FROM TUMBLE(
+           (SELECT imp.ad, imp.ts, clk.ts AS clk_ts FROM imp LEFT JOIN clk ON imp.ad = clk.ad
+              AND clk.ts BETWEEN imp.ts AND imp.ts + INTERVAL '1' MINUTE),
+           ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end;",
+    )
+    .unwrap();
+    let out = sluice(&["explain", "join.sql"], dir, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "state: left join of two streams on [imp.ad = clk.ad AND clk.ts >= imp.ts AND clk.ts <= imp.ts + INTERVAL '60' SECOND]",
+        "eviction: left row once left.ts + 60000 ms <= watermark, right row once right.ts <= watermark",
+        "(operator 'join': state/join/",
+        "StreamJoinExec: operator=join,",
+        "late rows: a row whose event time <= watermark at the start of the batch",
+        "whose watermark is delayed by the join's bound",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+}
+
 /// Runs the windowed-count pipeline in `dir` until it stops, crashing first
 /// at each of `crashes`; returns the sink's rows.
 fn windowed_run(dir: &Path, crashes: &[&str]) -> Vec<String> {

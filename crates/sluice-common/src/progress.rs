@@ -88,4 +88,9 @@ pub struct StateProgress {
     pub memory_bytes: u64,
     /// Bytes of state files the batch wrote.
     pub bytes_written: u64,
+    /// The operator's input watermark after the batch (ms; what its state
+    /// was evicted against): the query's, less the delay of the joins
+    /// below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark_ms: Option<i64>,
 }

@@ -26,6 +26,7 @@ use datafusion::arrow::compute::{cast, max};
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
 };
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::LogicalPlan;
@@ -44,7 +45,7 @@ use crate::fault::{Fault, FaultPoint};
 use crate::operators::changelog::with_op_field;
 use crate::operators::{
     BatchContext, OperatorRuntime, StateFinalizer, StatefulOptions, StreamingAggregateExec,
-    first_aggregate, open_states, plan_stateful, stateful_nodes,
+    first_aggregate, open_states, plan_stateful, stateful_nodes, watermark_delays,
 };
 use crate::trigger::Trigger;
 
@@ -156,9 +157,8 @@ pub struct MicroBatchExecution {
     runtime: Arc<OperatorRuntime>,
     /// What turns the first aggregate's stored states into values.
     finalizer: Option<StateFinalizer>,
-    /// Where late rows go, if the stream asked for it, and the schema of
-    /// the rows that reach the operator they are late for.
-    late_sink: Option<(Arc<dyn Sink>, SchemaRef)>,
+    /// Where late rows go, for each stream that asked for it.
+    late_sinks: Vec<LateSink>,
     task_ctx: Arc<TaskContext>,
     next_batch: BatchId,
     pending: Option<OffsetEntry>,
@@ -240,14 +240,16 @@ impl MicroBatchExecution {
             .iter()
             .map(|n| (n.operator_id().to_string(), n.description()))
             .collect();
-        // Late rows of the operator that reads the streams: the first one.
-        let late_input = nodes
+        // Late rows of the operator that reads the streams (the first one),
+        // per input it has (a join has two).
+        let late_inputs: Vec<Arc<dyn ExecutionPlan>> = nodes
             .first()
             .filter(|n| n.has_late_rows())
-            .map(|n| n.input_schema());
+            .map(|n| n.late_inputs())
+            .unwrap_or_default();
         let finalizer = first_aggregate(&physical).map(StreamingAggregateExec::finalizer);
         drop(nodes);
-        let runtime = OperatorRuntime::new(states);
+        let runtime = OperatorRuntime::with_delays(states, watermark_delays(&physical));
         let mut inputs = Vec::new();
         for table in tables {
             let src = Arc::clone(table.source());
@@ -276,25 +278,52 @@ impl MicroBatchExecution {
                 dead_letter,
             });
         }
-        let asked: Vec<Arc<dyn Sink>> = inputs.iter().filter_map(|i| i.table.late_rows()).collect();
-        let late_sink = match (late_input, asked.first()) {
-            (Some(input), Some(sink)) => {
-                if inputs.len() > 1 {
-                    return Err(ctx(Error::not_supported(
-                        "late_rows on a query reading several streams: a late row reaches the aggregate without its source",
-                    )));
-                }
-                let sink = sink
-                    .for_query(&config.name)
-                    .unwrap_or_else(|| Arc::clone(sink));
-                sink.open(&late_schema(&input), OutputMode::Append)
-                    .await
-                    .map_err(ctx)?;
-                Some((sink, input))
+        let mut late_sinks = Vec::new();
+        for (k, late_input) in late_inputs.iter().enumerate() {
+            // The streams this input of the operator reads.
+            let read: Vec<usize> = (0..inputs.len())
+                .filter(|&i| {
+                    let mut found = false;
+                    let _ = late_input.apply(|p| {
+                        found |= inputs[i].table.is_scan_of(p.as_ref());
+                        Ok(if found {
+                            TreeNodeRecursion::Stop
+                        } else {
+                            TreeNodeRecursion::Continue
+                        })
+                    });
+                    found
+                })
+                .collect();
+            let asked: Vec<usize> = read
+                .iter()
+                .copied()
+                .filter(|&i| inputs[i].table.late_rows().is_some())
+                .collect();
+            let Some(&source) = asked.first() else {
+                continue;
+            };
+            if read.len() > 1 {
+                return Err(ctx(Error::not_supported(format!(
+                    "late_rows on source '{}', read together with other streams before the stateful operator its rows are late for: a late row reaches that operator without its source",
+                    inputs[source].table.source().name()
+                ))));
             }
-            // A query without a windowed aggregate has no late rows.
-            _ => None,
-        };
+            let sink = inputs[source].table.late_rows().expect("asked");
+            let sink = sink
+                .for_query(&config.name)
+                .unwrap_or_else(|| Arc::clone(&sink));
+            let schema = late_input.schema();
+            sink.open(&late_schema(&schema), OutputMode::Append)
+                .await
+                .map_err(ctx)?;
+            late_sinks.push(LateSink {
+                input: k,
+                source,
+                sink,
+                schema,
+            });
+        }
         let stateful = !operators.is_empty();
         let output_schema = match (stateful, config.output_mode) {
             (false, OutputMode::Changelog) => with_op_field(&physical.schema()),
@@ -320,7 +349,7 @@ impl MicroBatchExecution {
             task_ctx: runtime.task_ctx(&state.task_ctx()),
             runtime,
             finalizer,
-            late_sink,
+            late_sinks,
             next_batch: 0,
             pending: None,
             clock,
@@ -435,8 +464,8 @@ impl MicroBatchExecution {
                 let w = self.checkpoint.start_write_offsets(&entry)?;
                 // No attempt of this batch has reached a sink before.
                 self.sink.planned(entry.batch_id);
-                if let Some((ls, _)) = &self.late_sink {
-                    ls.planned(entry.batch_id);
+                for ls in &self.late_sinks {
+                    ls.sink.planned(entry.batch_id);
                 }
                 for input in &self.inputs {
                     if let Some(dl) = &input.dead_letter {
@@ -669,7 +698,7 @@ impl MicroBatchExecution {
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         // What the stateful operators did: late rows, and the time of their steps.
         let mut late_rows = 0;
-        let mut late = Vec::new();
+        let mut late: Vec<(usize, RecordBatch)> = Vec::new();
         // Bottom up: the first operator reads the streams, so its late rows
         // are source rows.
         for (n, (id, _)) in self.operators.iter().enumerate() {
@@ -705,6 +734,7 @@ impl MicroBatchExecution {
                     removed: stats.removed,
                     memory_bytes: state.store.memory_bytes() as u64,
                     bytes_written: stats.bytes_written,
+                    watermark_ms: watermark.map(|w| w.saturating_sub(self.runtime.delay(op))),
                 });
             }
             durations.insert("state_commit".to_string(), ms(t.elapsed()));
@@ -716,11 +746,11 @@ impl MicroBatchExecution {
 
         let t = Instant::now();
         self.sink.write(id, &self.output_schema, output).await?;
-        if let Some((ls, input_schema)) = &self.late_sink {
+        for ls in &self.late_sinks {
             // Written every batch (empty too): keyed by batch id like any sink.
-            // The one stream's name and the batch's offset range say where
-            // the rows came from.
-            let input = &self.inputs[0];
+            // The stream's name and the batch's offset range say where the
+            // rows came from.
+            let input = &self.inputs[ls.source];
             let name = input.table.source().name();
             let query = self.config.name.as_str();
             let range = entry
@@ -728,10 +758,11 @@ impl MicroBatchExecution {
                 .get(name)
                 .map(|r| format!("[{}, {})", r.start, r.end))
                 .unwrap_or_default();
-            let schema = late_schema(input_schema);
+            let schema = late_schema(&ls.schema);
             let rows = late
-                .into_iter()
-                .map(|b| {
+                .iter()
+                .filter(|(k, _)| *k == ls.input)
+                .map(|(_, b)| {
                     let n = b.num_rows();
                     let mut cols = b.columns().to_vec();
                     cols.push(Arc::new(StringArray::from(vec![name; n])));
@@ -743,7 +774,7 @@ impl MicroBatchExecution {
                     RecordBatch::try_new(Arc::clone(&schema), cols)
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            ls.write(id, &schema, rows).await?;
+            ls.sink.write(id, &schema, rows).await?;
         }
         for (sink, letters) in dead {
             let batches = if letters.is_empty() {
@@ -913,6 +944,19 @@ struct Outcome {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Where the late rows that reach the first stateful operator by one of
+/// its inputs go: the late-rows sink of the one stream that input reads.
+#[derive(Debug)]
+struct LateSink {
+    /// Which input of the operator ([`OperatorReport::late`] numbers them).
+    input: usize,
+    /// The stream, as an index into the query's inputs.
+    source: usize,
+    sink: Arc<dyn Sink>,
+    /// The schema of the rows that reach the operator by that input.
+    schema: SchemaRef,
 }
 
 /// The schema of late rows: as they reached the aggregate, then the source,

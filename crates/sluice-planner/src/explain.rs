@@ -57,7 +57,12 @@ pub fn explain_streaming(
         .iter()
         .filter_map(|t| t.watermark().map(|w| w.column))
         .collect();
+    let physical_text = displayable(physical.as_ref()).indent(true).to_string();
     for a in &shape.aggregates {
+        if let Some(kind) = &a.join {
+            explain_join(&mut s, a, kind, &physical_text);
+            continue;
+        }
         if a.dedup {
             explain_dedup(&mut s, a, &event_columns);
             continue;
@@ -132,6 +137,85 @@ pub fn explain_streaming(
         let _ = writeln!(s, "    {line}");
     }
     s
+}
+
+/// The `state:` block of a join of two streams; its bound and eviction
+/// rule come from its node in the physical plan (`physical`, as text).
+fn explain_join(s: &mut String, a: &crate::AggregateShape, kind: &str, physical: &str) {
+    let _ = writeln!(
+        s,
+        "  state: {} join of two streams on [{}] (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot; both sides' rows, indexed by join key)",
+        kind.to_lowercase(),
+        readable_intervals(&a.keys.join(" AND ")),
+        a.id,
+        a.id
+    );
+    let _ = writeln!(
+        s,
+        "    per batch: join each side's on-time rows with the other side's stored and new rows, store them, then evict"
+    );
+    let node = physical
+        .lines()
+        .find(|l| l.contains(&format!("StreamJoinExec: operator={},", a.id)));
+    let eviction = node
+        .and_then(|l| l.split_once("eviction="))
+        .map_or("see the physical plan", |(_, e)| e);
+    let _ = writeln!(s, "    eviction: {eviction}");
+    let _ = writeln!(
+        s,
+        "    late rows: a row whose event time <= watermark at the start of the batch: counted, not joined"
+    );
+    if a.feeds {
+        let _ = writeln!(
+            s,
+            "    emits: append (joined rows, and NULL-padded ones once no match is possible) into the next operator, whose watermark is delayed by the join's bound"
+        );
+    }
+}
+
+/// `text` with DataFusion's debug form of an interval literal,
+/// `IntervalMonthDayNano("IntervalMonthDayNano { months: 0, days: 0,
+/// nanoseconds: 60000000000 }")`, written as SQL (`INTERVAL '60' SECOND`).
+fn readable_intervals(text: &str) -> String {
+    const OPEN: &str = "IntervalMonthDayNano(\"IntervalMonthDayNano { ";
+    const CLOSE: &str = " }\")";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(OPEN) {
+        out.push_str(&rest[..at]);
+        let body = &rest[at + OPEN.len()..];
+        let Some(end) = body.find(CLOSE) else {
+            out.push_str(&rest[at..]);
+            return out;
+        };
+        let field = |name: &str| {
+            body[..end]
+                .split(", ")
+                .find_map(|f| {
+                    f.strip_prefix(name)?
+                        .strip_prefix(": ")?
+                        .parse::<i128>()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        let (months, days, nanos) = (field("months"), field("days"), field("nanoseconds"));
+        let mut parts = Vec::new();
+        if months != 0 {
+            parts.push(format!("INTERVAL '{months}' MONTH"));
+        }
+        if days != 0 {
+            parts.push(format!("INTERVAL '{days}' DAY"));
+        }
+        if nanos != 0 || parts.is_empty() {
+            let secs = nanos as f64 / 1e9;
+            parts.push(format!("INTERVAL '{secs}' SECOND"));
+        }
+        out.push_str(&parts.join(" + "));
+        rest = &body[end + CLOSE.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The `state:` block of a `ROW_NUMBER() <= N`.
@@ -213,4 +297,33 @@ pub fn fingerprint(plan: &LogicalPlan) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable_intervals;
+
+    #[test]
+    fn interval_literals_read_as_sql() {
+        let dbg = |m: i32, d: i32, n: i64| {
+            format!(
+                "IntervalMonthDayNano(\"IntervalMonthDayNano {{ months: {m}, days: {d}, nanoseconds: {n} }}\")"
+            )
+        };
+        assert_eq!(
+            readable_intervals(&format!("b.ts <= a.ts + {}", dbg(0, 0, 60_000_000_000))),
+            "b.ts <= a.ts + INTERVAL '60' SECOND"
+        );
+        assert_eq!(
+            readable_intervals(&format!(
+                "x - {} < y AND z > {}",
+                dbg(1, 2, 500_000_000),
+                dbg(0, 0, 0)
+            )),
+            "x - INTERVAL '1' MONTH + INTERVAL '2' DAY + INTERVAL '0.5' SECOND < y AND z > INTERVAL '0' SECOND"
+        );
+        // Text that only starts like one is kept as it is.
+        let cut = "a + IntervalMonthDayNano(\"IntervalMonthDayNano { months: 0";
+        assert_eq!(readable_intervals(cut), cut);
+    }
 }

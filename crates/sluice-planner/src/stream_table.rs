@@ -40,6 +40,10 @@ pub struct StreamTable {
 #[derive(Debug, Default)]
 pub struct BatchSlot {
     batches: Mutex<Vec<RecordBatch>>,
+    /// The partitions of the scans made of this slot: a weak pointer keeps
+    /// each one's address unique while it is listed, so a physical plan's
+    /// scan can be traced back to its stream ([`BatchSlot::is_scanned_by`]).
+    made: Mutex<Vec<std::sync::Weak<SlotPartition>>>,
 }
 
 impl BatchSlot {
@@ -51,6 +55,19 @@ impl BatchSlot {
     /// Replaces the slot's rows.
     pub fn set(&self, batches: Vec<RecordBatch>) {
         *self.batches.lock().unwrap_or_else(|p| p.into_inner()) = batches;
+    }
+
+    /// Whether `plan` is a scan of this slot.
+    pub fn is_scanned_by(&self, plan: &dyn ExecutionPlan) -> bool {
+        let any: &dyn Any = plan;
+        let Some(scan) = any.downcast_ref::<StreamingTableExec>() else {
+            return false;
+        };
+        let list = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        scan.partitions().iter().any(|p| {
+            let at = Arc::as_ptr(p) as *const ();
+            list.iter().any(|w| w.as_ptr() as *const () == at)
+        })
     }
 
     /// A one-partition scan of `schema` reading whatever the slot holds at
@@ -81,15 +98,24 @@ impl BatchSlot {
         projection: Option<&Vec<usize>>,
         limit: Option<usize>,
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
-        let partitions: Vec<Arc<dyn PartitionStream>> = (0..parts)
+        let made: Vec<Arc<SlotPartition>> = (0..parts)
             .map(|index| {
                 Arc::new(SlotPartition {
                     schema: Arc::clone(&schema),
                     slot: Arc::clone(self),
                     index,
                     parts,
-                }) as Arc<dyn PartitionStream>
+                })
             })
+            .collect();
+        {
+            let mut list = self.made.lock().unwrap_or_else(|p| p.into_inner());
+            list.retain(|w| w.strong_count() > 0);
+            list.extend(made.iter().map(Arc::downgrade));
+        }
+        let partitions: Vec<Arc<dyn PartitionStream>> = made
+            .into_iter()
+            .map(|p| p as Arc<dyn PartitionStream>)
             .collect();
         // Bounded: each execution reads the slot once and ends.
         Ok(Arc::new(StreamingTableExec::try_new(
@@ -197,6 +223,11 @@ impl StreamTable {
             clock: Arc::clone(&self.clock),
             slot: Arc::default(),
         }
+    }
+
+    /// Whether `plan` is a scan of this table (of its slot).
+    pub fn is_scan_of(&self, plan: &dyn ExecutionPlan) -> bool {
+        self.slot.is_scanned_by(plan)
     }
 
     /// Puts the rows of the current micro-batch in the slot.

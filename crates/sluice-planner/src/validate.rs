@@ -53,6 +53,9 @@ pub struct AggregateShape {
     pub dedup: bool,
     /// For `ROW_NUMBER() OVER (PARTITION BY keys ORDER BY ...) <= N`: N.
     pub topn: Option<usize>,
+    /// For a join of two streams: its type (`Inner`, `Left`, ...); `keys`
+    /// then holds its condition.
+    pub join: Option<String>,
     /// The group keys, as written.
     pub keys: Vec<String>,
     /// The aggregate functions, as written.
@@ -77,10 +80,12 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         )));
     }
     let has_watermark = stream_tables(plan).iter().any(|t| t.watermark().is_some());
-    let (mut aggregates, mut dedups, mut topns) = (0, 0, 0);
+    let (mut aggregates, mut dedups, mut topns, mut joins) = (0, 0, 0, 0);
     for a in shape.aggregates.iter_mut() {
         a.watermarked = has_watermark;
-        let (kind, n) = if a.topn.is_some() {
+        let (kind, n) = if a.join.is_some() {
+            ("join", &mut joins)
+        } else if a.topn.is_some() {
             ("topn", &mut topns)
         } else if a.dedup {
             ("dedup", &mut dedups)
@@ -97,7 +102,7 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
     for a in shape
         .aggregates
         .iter()
-        .filter(|a| a.feeds && !a.dedup && a.topn.is_none())
+        .filter(|a| a.feeds && !a.dedup && a.topn.is_none() && a.join.is_none())
     {
         if !(a.windowed && has_watermark) {
             return Err(Error::not_supported(format!(
@@ -112,12 +117,17 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
             )));
         }
     }
-    if let Some(a) = shape.top().filter(|a| a.dedup || a.topn.is_some()) {
+    if let Some(a) = shape
+        .top()
+        .filter(|a| a.dedup || a.topn.is_some() || a.join.is_some())
+    {
         return match mode {
             OutputMode::Complete => Err(Error::plan(format!(
                 "query '{name}': output mode complete re-emits a whole result table and needs an aggregate; the {} of [{}] emits each row once, so use output_mode = 'append', 'update' or 'changelog'",
                 if a.dedup {
                     "deduplication"
+                } else if a.join.is_some() {
+                    "stream-stream join"
                 } else {
                     "ROW_NUMBER() top-N"
                 },
@@ -298,10 +308,64 @@ fn walk_top_n(
         id: String::new(),
         dedup: false,
         topn: Some(limit),
+        join: None,
         keys,
         aggregates: vec![],
         windowed,
         watermarked: false,
+        session: false,
+        feeds: above == Above::Aggregate,
+    });
+    Ok(true)
+}
+
+/// A join of two streams: a stateful join node. Both sides need a
+/// watermark (their rows are evicted by it); anti and mark joins are not
+/// built. Whether the condition bounds the two event times is checked when
+/// the physical plan is made (`plan_stateful`).
+fn walk_stream_join(
+    j: &datafusion::logical_expr::Join,
+    above: Above,
+    shape: &mut PlanShape,
+) -> Result<bool> {
+    if !matches!(
+        j.join_type,
+        JoinType::Inner
+            | JoinType::Left
+            | JoinType::Right
+            | JoinType::Full
+            | JoinType::LeftSemi
+            | JoinType::RightSemi
+    ) {
+        return Err(Error::not_supported(format!(
+            "a {} join of two streams (NOT EXISTS, NOT IN, or a mark join) keeps state across micro-batches; it is not built yet; inner, left, right, full outer and semi (EXISTS / IN) joins of two streams are",
+            j.join_type
+        )));
+    }
+    for (side, input) in [("left", &j.left), ("right", &j.right)] {
+        if let Some(t) = stream_tables(input)
+            .iter()
+            .find(|t| t.watermark().is_none())
+        {
+            return Err(Error::plan(format!(
+                "a join of two streams needs a watermark on every stream it reads, to know when a row can no longer match; stream '{}' on its {side} side has none: declare WATERMARK FOR <time column> AS <time column> - INTERVAL '...' in its CREATE SOURCE",
+                t.source().name()
+            )));
+        }
+    }
+    let mut keys: Vec<String> = j.on.iter().map(|(l, r)| format!("{l} = {r}")).collect();
+    if let Some(f) = &j.filter {
+        keys.push(f.to_string());
+    }
+    shape.aggregates.push(AggregateShape {
+        id: String::new(),
+        dedup: false,
+        topn: None,
+        join: Some(j.join_type.to_string()),
+        keys,
+        aggregates: vec![],
+        windowed: false,
+        watermarked: true,
         session: false,
         feeds: above == Above::Aggregate,
     });
@@ -333,8 +397,11 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
         plan,
         LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_)
     );
+    let stream_join = matches!(plan, LogicalPlan::Join(j)
+        if !stream_tables(&j.left).is_empty() && !stream_tables(&j.right).is_empty());
     let below = match (plan, above) {
         (LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_), _) => Above::Aggregate,
+        (LogicalPlan::Join(_), _) if stream_join => Above::Aggregate,
         (_, Above::Root) if passes => Above::Root,
         (_, Above::Aggregate) => Above::Aggregate,
         _ => Above::Other,
@@ -389,6 +456,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                 id: String::new(),
                 dedup: aggs.is_empty(),
                 topn: None,
+                join: None,
                 keys,
                 aggregates: aggs,
                 windowed,
@@ -410,6 +478,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                 id: String::new(),
                 dedup: true,
                 topn: None,
+                join: None,
                 keys: input
                     .schema()
                     .columns()
@@ -450,10 +519,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
         LogicalPlan::Join(j) => {
             let (left, right) = (flags[0], flags[1]);
             if left && right {
-                return stateful(
-                    "a join of two streams".into(),
-                    "stream-stream joins are not built yet; join a stream with a static table (CREATE EXTERNAL TABLE) instead",
-                );
+                return walk_stream_join(j, above, shape);
             }
             let ok = match j.join_type {
                 JoinType::Inner => true,

@@ -186,7 +186,7 @@ impl DedupExec {
                     if late > 0 {
                         report.late_rows += late as u64;
                         let gone = datafusion::arrow::compute::not(&keep)?;
-                        report.late.push(filter_record_batch(&rows, &gone)?);
+                        report.late.push((0, filter_record_batch(&rows, &gone)?));
                     }
                     keys.push(filter_record_batch(&k, &keep)?);
                 }

@@ -25,6 +25,7 @@
 pub mod aggregate;
 pub mod changelog;
 pub mod dedup;
+pub mod join;
 pub mod topn;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,7 @@ use sluice_state::store::{CommitStats, StateStore, StateStoreOptions};
 
 pub use aggregate::{StateFinalizer, StreamingAggregateExec};
 pub use dedup::DedupExec;
+pub use join::StreamJoinExec;
 pub use topn::TopNExec;
 
 /// What one micro-batch is, as the stateful nodes see it.
@@ -117,8 +119,9 @@ pub struct OperatorReport {
     pub input_rows: u64,
     /// Rows left out because they were late.
     pub late_rows: u64,
-    /// The late rows, as they reached the operator.
-    pub late: Vec<RecordBatch>,
+    /// The late rows, as they reached the operator, each with the input
+    /// it came in by (0 for a node with one input; 0 or 1 for a join).
+    pub late: Vec<(usize, RecordBatch)>,
     /// Milliseconds per step of the run.
     pub steps: Vec<(&'static str, f64)>,
 }
@@ -132,14 +135,24 @@ pub type OperatorStates = BTreeMap<String, Arc<tokio::sync::Mutex<OperatorState>
 pub struct OperatorRuntime {
     batch: Mutex<BatchContext>,
     states: OperatorStates,
+    /// Per operator id, how far (ms) its input watermark is below the
+    /// query's (see [`watermark_delays`]).
+    delays: BTreeMap<String, i64>,
 }
 
 impl OperatorRuntime {
     /// A runtime over `states`, before any batch.
     pub fn new(states: OperatorStates) -> Arc<Self> {
+        Self::with_delays(states, BTreeMap::new())
+    }
+
+    /// A runtime over `states` whose operators see the query watermark
+    /// delayed by `delays` (ms, by operator id; see [`watermark_delays`]).
+    pub fn with_delays(states: OperatorStates, delays: BTreeMap<String, i64>) -> Arc<Self> {
         Arc::new(OperatorRuntime {
             batch: Mutex::new(BatchContext::default()),
             states,
+            delays,
         })
     }
 
@@ -151,6 +164,11 @@ impl OperatorRuntime {
     /// The batch being run.
     pub fn batch(&self) -> BatchContext {
         *self.batch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How far (ms) operator `id`'s input watermark is below the query's.
+    pub fn delay(&self, id: &str) -> i64 {
+        self.delays.get(id).copied().unwrap_or(0).max(0)
     }
 
     /// Every operator's state.
@@ -174,7 +192,12 @@ impl OperatorRuntime {
         let state = rt.states.get(id).cloned().ok_or_else(|| {
             DataFusionError::Internal(format!("stateful operator '{id}' has no state opened"))
         })?;
-        Ok((rt.batch(), state))
+        let mut batch = rt.batch();
+        if let Some(&d) = rt.delays.get(id).filter(|d| **d > 0) {
+            batch.watermark_start = batch.watermark_start.map(|w| w.saturating_sub(d));
+            batch.watermark_end = batch.watermark_end.map(|w| w.saturating_sub(d));
+        }
+        Ok((batch, state))
     }
 
     /// A task context like `base` that carries this runtime.
@@ -206,6 +229,17 @@ pub trait StatefulExec: ExecutionPlan {
     fn has_late_rows(&self) -> bool;
     /// The schema of the rows that reach it (and of its late rows).
     fn input_schema(&self) -> SchemaRef;
+    /// The inputs its late rows come in by, in the order
+    /// [`OperatorReport::late`] numbers them.
+    fn late_inputs(&self) -> Vec<Arc<dyn ExecutionPlan>> {
+        self.children().into_iter().take(1).cloned().collect()
+    }
+    /// How far (ms) below its input watermark the event times of the rows
+    /// it emits can be: the operators above it see a watermark delayed by
+    /// that much (a join's bound; 0 for the others).
+    fn output_delay_ms(&self) -> i64 {
+        0
+    }
 }
 
 /// `plan` as a stateful node, if it is one.
@@ -216,6 +250,9 @@ pub fn as_stateful(plan: &Arc<dyn ExecutionPlan>) -> Option<&dyn StatefulExec> {
     }
     if let Some(d) = any.downcast_ref::<DedupExec>() {
         return Some(d);
+    }
+    if let Some(j) = any.downcast_ref::<StreamJoinExec>() {
+        return Some(j);
     }
     any.downcast_ref::<TopNExec>()
         .map(|t| t as &dyn StatefulExec)
@@ -232,6 +269,33 @@ pub fn stateful_nodes(plan: &Arc<dyn ExecutionPlan>) -> Vec<&dyn StatefulExec> {
         }
     }
     let mut out = Vec::new();
+    walk(plan, &mut out);
+    out
+}
+
+/// Each stateful node's input watermark delay (ms), by operator id: as in
+/// Spark 3.5, an operator's input watermark is the minimum of its inputs'
+/// output watermarks, and a node's output watermark is its input watermark
+/// less its [`StatefulExec::output_delay_ms`] (a join emits rows whose
+/// event time can be that far behind). Only joins delay it, so a query
+/// without one has every delay 0.
+pub fn watermark_delays(plan: &Arc<dyn ExecutionPlan>) -> BTreeMap<String, i64> {
+    fn walk(p: &Arc<dyn ExecutionPlan>, out: &mut BTreeMap<String, i64>) -> i64 {
+        let below = p
+            .children()
+            .into_iter()
+            .map(|c| walk(c, out))
+            .max()
+            .unwrap_or(0);
+        match as_stateful(p) {
+            Some(s) => {
+                out.insert(s.operator_id().to_string(), below);
+                below.saturating_add(s.output_delay_ms())
+            }
+            None => below,
+        }
+    }
+    let mut out = BTreeMap::new();
     walk(plan, &mut out);
     out
 }
@@ -325,6 +389,40 @@ pub fn plan_stateful(
                     return Ok(Transformed::no(node));
                 }
                 _ => {}
+            }
+            {
+                use datafusion::physical_plan::joins::HashJoinExec;
+                let any: &dyn std::any::Any = node.as_ref();
+                if let Some(join) = any.downcast_ref::<HashJoinExec>()
+                    && reads_stream(join.left())
+                    && reads_stream(join.right())
+                {
+                    let n = count.entry("join").or_default();
+                    let id = operator_id("join", *n);
+                    *n += 1;
+                    return match StreamJoinExec::from_hash_join(
+                        id,
+                        join,
+                        event_time_columns,
+                        options.state_ttl,
+                    ) {
+                        Ok(exec) => Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>)),
+                        Err(e) => {
+                            failure = Some(e);
+                            Ok(Transformed::no(node))
+                        }
+                    };
+                }
+                let two_streams = node.name().contains("Join")
+                    && node.children().len() == 2
+                    && node.children().iter().all(|c| reads_stream(c));
+                if two_streams {
+                    failure = Some(Error::not_supported(format!(
+                        "a join of two streams planned as {}: a stream-stream join needs at least one equality between the two sides (a.k = b.k)",
+                        node.name()
+                    )));
+                    return Ok(Transformed::no(node));
+                }
             }
             match aggregate::top_aggregate(&node) {
                 Some(src) if reads_stream(&node) && aggregate::without_functions(&src) => {
@@ -573,6 +671,9 @@ fn set_top_mode(plan: Arc<dyn ExecutionPlan>, mode: OutputMode) -> Result<Arc<dy
     }
     if let Some(topn) = any.downcast_ref::<TopNExec>() {
         return Ok(Arc::new(topn.with_emit(mode)));
+    }
+    if let Some(join) = any.downcast_ref::<StreamJoinExec>() {
+        return Ok(Arc::new(join.with_emit(mode)));
     }
     let children = plan.children();
     if !children.iter().any(|c| !stateful_nodes(c).is_empty()) {

@@ -286,6 +286,22 @@ impl StateStore {
         self.to_batch(found.into_iter())
     }
 
+    /// Removes the given keys (those that exist), touching nothing else:
+    /// O(keys given), however large the state. Returns how many existed.
+    pub fn remove(&mut self, keys: &[ArrayRef]) -> Result<usize> {
+        if keys.first().is_none_or(|k| k.is_empty()) {
+            return Ok(0);
+        }
+        let rows = self.keys.convert_columns(keys)?;
+        let mut removed = 0;
+        for i in 0..rows.num_rows() {
+            let k = rows.row(i).data();
+            let p = self.partition_of(k);
+            removed += usize::from(self.partitions[p].remove(k).is_some());
+        }
+        Ok(removed)
+    }
+
     /// Removes the rows for which `predicate` (over a batch of live rows:
     /// key columns, then value columns) is true, returning them.
     pub fn remove_where(
