@@ -1,5 +1,6 @@
 //! The crash harness: the real `sluice` binary on a file → file pipeline with
-//! a stateful and a stateless sink, killed at random moments of its durable
+//! stateful and stateless sinks (a windowed count; a stream–stream left outer
+//! join feeding a windowed count; a filtered copy), killed at random moments of its durable
 //! writes (inside checkpoint, state and sink writes: a temp file half
 //! written, before and after a rename) and restarted until it finishes, many
 //! times over; and the same pipeline on a disk that fills up mid-batch. The
@@ -78,8 +79,8 @@ fn temp_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-fn outputs(dir: &Path) -> [Vec<String>; 3] {
-    ["counts", "copy", "late"].map(|d| sink_rows(&dir.join(d)))
+fn outputs(dir: &Path) -> [Vec<String>; 4] {
+    ["counts", "copy", "late", "joined"].map(|d| sink_rows(&dir.join(d)))
 }
 
 const ARGS: [&str; 6] = [
@@ -92,9 +93,9 @@ const ARGS: [&str; 6] = [
 ];
 
 /// The pipeline and its input: the SPEC §3 example's rows, a file each, and
-/// a last file that closes every window.
+/// a last file that closes every window; and a second stream of the same
+/// keys that the first (read again as `ev2`) joins within two seconds.
 fn setup(dir: &Path) {
-    fs::create_dir_all(dir.join("in")).unwrap();
     fs::write(
         dir.join("p.sql"),
         "SET max_batch_retries = 1;
@@ -104,16 +105,36 @@ fn setup(dir: &Path) {
          CREATE SINK counts WITH (connector = 'file', path = 'counts', format = 'json', output_mode = 'append') AS
          SELECT window_start, k, count(*) AS n, max(ts) AS last FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;
          CREATE SINK copy WITH (connector = 'file', path = 'copy', format = 'json') AS
-         SELECT k, ts, upper(k) AS big FROM ev WHERE k <> 'z';",
+         SELECT k, ts, upper(k) AS big FROM ev WHERE k <> 'z';
+         CREATE SOURCE ev2 (k VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+           WITH (connector = 'file', path = 'in', format = 'json', max_files_per_trigger = 1);
+         CREATE SOURCE im (k VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+           WITH (connector = 'file', path = 'in2', format = 'json', max_files_per_trigger = 1);
+         CREATE SINK joined WITH (connector = 'file', path = 'joined', format = 'json', output_mode = 'append') AS
+         SELECT window_start, k, count(*) AS n, count(im_ts) AS matched FROM TUMBLE(
+           (SELECT ev2.k, ev2.ts, im.ts AS im_ts FROM ev2 LEFT JOIN im ON ev2.k = im.k
+              AND im.ts BETWEEN ev2.ts - INTERVAL '2' SECOND AND ev2.ts + INTERVAL '2' SECOND),
+           ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;",
     )
     .unwrap();
-    let files = [
-        "a@1 a@4 b@7 a@12",
-        "b@9 a@16 b@21",
-        "a@3 b@14 a@18 a@27",
-        "c@31 a@33 b@38",
-        "z@100",
-    ];
+    write_rows(&dir.join("in"), &EVENTS);
+    write_rows(&dir.join("in2"), &IMPRESSIONS);
+}
+
+/// `ev`'s rows, one file per micro-batch (`key@second`).
+const EVENTS: [&str; 5] = [
+    "a@1 a@4 b@7 a@12",
+    "b@9 a@16 b@21",
+    "a@3 b@14 a@18 a@27",
+    "c@31 a@33 b@38",
+    "z@100",
+];
+
+/// `im`'s rows, read beside `ev`'s, a file per micro-batch.
+const IMPRESSIONS: [&str; 5] = ["a@2 b@8", "a@15 c@30", "b@20 a@26", "b@37 a@34", "y@100"];
+
+fn write_rows(dir: &Path, files: &[&str]) {
+    fs::create_dir_all(dir).unwrap();
     for (i, f) in files.iter().enumerate() {
         let body: String = f
             .split(' ')
@@ -127,7 +148,7 @@ fn setup(dir: &Path) {
                 )
             })
             .collect();
-        fs::write(dir.join("in").join(format!("{i}.json")), body).unwrap();
+        fs::write(dir.join(format!("{i}.json")), body).unwrap();
     }
 }
 
@@ -173,6 +194,35 @@ fn random_kills_inside_durable_writes_never_lose_or_duplicate_a_row() {
     assert_eq!(expected[0].len(), 9, "{:?}", expected[0]);
     assert_eq!(expected[1].len(), 14, "{:?}", expected[1]);
     assert_eq!(expected[2].len(), 1, "the late a@3: {:?}", expected[2]);
+    // Per window and key, rows of `ev2` (a@3 and b@14 are late for the
+    // join) and how many found an `im` row within two seconds: a@12 and
+    // a@18 never do, and come out once each with NULLs when evicted.
+    let joined: Vec<(String, String, u64, u64)> = expected[3]
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r).unwrap();
+            let text = |f: &str| v[f].as_str().unwrap_or_default().to_string();
+            let count = |f: &str| v[f].as_u64().unwrap_or_default();
+            (
+                text("window_start"),
+                text("k"),
+                count("n"),
+                count("matched"),
+            )
+        })
+        .collect();
+    let want = [
+        (0, "a", 2, 2),
+        (0, "b", 2, 2),
+        (10, "a", 3, 1),
+        (20, "a", 1, 1),
+        (20, "b", 1, 1),
+        (30, "a", 1, 1),
+        (30, "b", 1, 1),
+        (30, "c", 1, 1),
+    ]
+    .map(|(s, k, n, m)| (format!("1970-01-01T00:00:{s:02}"), k.to_string(), n, m));
+    assert_eq!(joined, want, "{:?}", expected[3]);
 
     let steps = count_steps();
     assert!(steps > 20, "a run takes {steps} durable-write steps");
