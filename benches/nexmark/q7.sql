@@ -1,8 +1,9 @@
--- q7 (highest bid) as a top-1: the highest bid of each 10-second window
--- (Nexmark joins the window's maximum back to the bids, so it keeps every
--- bid at the maximum; this keeps the earliest).
-SELECT auction, price, bidder, date_time, window_end FROM (
-  SELECT auction, price, bidder, date_time, window_start, window_end,
-         ROW_NUMBER() OVER (PARTITION BY window_start, window_end ORDER BY price DESC, date_time, bidder, auction) AS rn
-  FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND))
-WHERE rn = 1
+-- q7 (highest bid): every bid at the highest price of its 10-second
+-- window: the window's maximum joined back to the bids inside the window.
+SELECT b.auction, b.price, b.bidder, b.date_time
+FROM bid b
+JOIN (SELECT max(price) AS maxprice, window_end
+      FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND)
+      GROUP BY window_start, window_end) m
+ON b.price = m.maxprice
+AND b.date_time >= m.window_end - INTERVAL '10' SECOND AND b.date_time < m.window_end
