@@ -299,7 +299,8 @@ impl SluiceDb {
         expected: u64,
     ) -> Result<Vec<Vec<RecordBatch>>, String> {
         let mut read = Vec::new();
-        plan.apply(|node| {
+        // Subqueries too: an EXISTS / IN over a stream is a join of it.
+        plan.apply_with_subqueries(|node| {
             if let LogicalPlan::TableScan(scan) = node {
                 read.push(scan.table_name.table().to_string());
             }
@@ -325,16 +326,22 @@ impl SluiceDb {
                     format!("late rows go to '{target}', which is not a memory table")
                 })?;
             let mut group = Vec::new();
-            for b in table.rows() {
-                // Every query reading the source writes there; `_query` says whose.
-                let mine: BooleanArray = b
+            // Every query reading the source writes there, each in the
+            // shape of its own operator's input: read this query's rows as
+            // it wrote them, and check that `_query` says so.
+            for b in table.rows_of(query) {
+                let theirs = b
                     .column_by_name("_query")
                     .and_then(|c| c.as_string_opt::<i32>())
                     .ok_or_else(|| format!("'{target}' has no _query column"))?
                     .iter()
-                    .map(|q| Some(q == Some(query)))
-                    .collect();
-                let b = filter_record_batch(&b, &mine).map_err(|e| e.to_string())?;
+                    .filter(|q| *q != Some(query))
+                    .count();
+                if theirs > 0 {
+                    return Err(format!(
+                        "'{target}' holds {theirs} rows of another query among those query '{query}' wrote"
+                    ));
+                }
                 let keep = b.num_columns().saturating_sub(4);
                 found += b.num_rows() as u64;
                 if b.num_rows() > 0 {

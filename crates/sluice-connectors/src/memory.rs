@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use datafusion::arrow::array::new_null_array;
 use datafusion::arrow::compute::concat_batches;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 use sluice_common::{BatchId, Error, OutputMode, Result};
@@ -255,9 +256,84 @@ impl MemoryTable {
         all.insert((scope.to_string(), id), batches);
     }
 
-    /// Every row, in batch order.
+    /// Binds the table to one more writer's schema where several queries
+    /// write their own rows (a source's late rows: each query's are rows of
+    /// its operator's input, whose columns depend on the query). The table
+    /// holds the union of their columns, every one nullable: the columns
+    /// all writers end with in the same order stay last (the late rows'
+    /// `_source`, `_query`, `_batch_id`, `_offsets`), the others come in the
+    /// order first seen. A column two writers give different types is an
+    /// error naming it.
+    pub fn widen_schema(&self, name: &str, schema: &SchemaRef) -> Result<()> {
+        let mut s = lock(&self.schema);
+        let Some(existing) = s.clone() else {
+            *s = Some(Arc::clone(schema));
+            return Ok(());
+        };
+        if existing.fields() == schema.fields() {
+            return Ok(());
+        }
+        for f in schema.fields() {
+            if let Ok(e) = existing.field_with_name(f.name())
+                && e.data_type() != f.data_type()
+            {
+                return Err(Error::plan(format!(
+                    "sink '{name}' holds rows of several queries, and they disagree on column '{}': {} in one, {} in the new query",
+                    f.name(),
+                    e.data_type(),
+                    f.data_type()
+                )));
+            }
+        }
+        let names = |sc: &SchemaRef| {
+            sc.fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (names(&existing), names(schema));
+        let common_tail = a
+            .iter()
+            .rev()
+            .zip(b.iter().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        let mut fields: Vec<Field> = Vec::new();
+        let heads = existing.fields()[..a.len() - common_tail]
+            .iter()
+            .chain(&schema.fields()[..b.len() - common_tail]);
+        for f in heads.chain(&existing.fields()[a.len() - common_tail..]) {
+            if !fields.iter().any(|g| g.name() == f.name()) {
+                fields.push(f.as_ref().clone().with_nullable(true));
+            }
+        }
+        *s = Some(Arc::new(Schema::new(fields)));
+        Ok(())
+    }
+
+    /// Every row, in batch order, in the table's schema (a batch written
+    /// before the table widened gets NULL in the columns it lacks).
     pub fn rows(&self) -> Vec<RecordBatch> {
-        lock(&self.batches).values().flatten().cloned().collect()
+        let schema = self.schema();
+        let all = lock(&self.batches);
+        let mut out = Vec::with_capacity(all.len());
+        for b in all.values().flatten() {
+            match &schema {
+                Some(sc) if sc.fields() != b.schema().fields() => out.push(widened(b, sc)),
+                _ => out.push(b.clone()),
+            }
+        }
+        out
+    }
+
+    /// The rows one writer wrote (its scope: a query's name for late
+    /// rows), in batch order, in that writer's own schema.
+    pub fn rows_of(&self, scope: &str) -> Vec<RecordBatch> {
+        lock(&self.batches)
+            .iter()
+            .filter(|((s, _), _)| s == scope)
+            .flat_map(|(_, b)| b.iter().cloned())
+            .collect()
     }
 
     /// Every row as one batch.
@@ -272,6 +348,21 @@ impl MemoryTable {
     pub fn batch_ids(&self) -> Vec<BatchId> {
         lock(&self.batches).keys().map(|(_, id)| *id).collect()
     }
+}
+
+/// `b` in `schema`, a widening of its own: its columns by name, NULL for
+/// the others.
+fn widened(b: &RecordBatch, schema: &SchemaRef) -> RecordBatch {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| match b.column_by_name(f.name()) {
+            Some(c) => Arc::clone(c),
+            None => new_null_array(f.data_type(), b.num_rows()),
+        })
+        .collect();
+    // Every table column is nullable and typed as the batch's own.
+    RecordBatch::try_new(Arc::clone(schema), columns).unwrap_or_else(|_| b.clone())
 }
 
 /// A sink that keeps its rows in a [`MemoryTable`].
@@ -305,7 +396,12 @@ impl Sink for MemorySink {
     }
 
     async fn open(&self, schema: &SchemaRef, mode: OutputMode) -> Result<()> {
-        self.table.bind_schema(&self.name, schema)?;
+        if self.scope.is_empty() {
+            self.table.bind_schema(&self.name, schema)?;
+        } else {
+            // Several queries' rows (late rows): the union of their columns.
+            self.table.widen_schema(&self.name, schema)?;
+        }
         self.table.set_mode(mode);
         Ok(())
     }
@@ -336,7 +432,7 @@ impl Sink for MemorySink {
 mod tests {
     use super::*;
     use datafusion::arrow::array::Int64Array;
-    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::datatypes::DataType;
 
     fn batch(schema: &SchemaRef, v: &[i64]) -> RecordBatch {
         RecordBatch::try_new(
@@ -375,5 +471,61 @@ mod tests {
             .collect();
         assert_eq!(vals, vec![2, 3, 4]);
         assert!(r.read(&Value::from(4), &Value::from(9)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn queries_sharing_a_late_rows_table_widen_it_to_the_union_of_their_columns() {
+        let int = |n: &str| Field::new(n, DataType::Int64, false);
+        let one: SchemaRef = Arc::new(Schema::new(vec![int("a"), int("b"), int("_query")]));
+        let two: SchemaRef = Arc::new(Schema::new(vec![int("c"), int("a"), int("_query")]));
+        let table = MemoryTable::new();
+        let sink = MemorySink::new("late", Arc::clone(&table));
+        let (s1, s2) = (sink.for_query("q1").unwrap(), sink.for_query("q2").unwrap());
+        s1.open(&one, OutputMode::Append).await.unwrap();
+        let rows = |sc: &SchemaRef, cols: &[&[i64]]| {
+            let columns = cols
+                .iter()
+                .map(|c| Arc::new(Int64Array::from(c.to_vec())) as _)
+                .collect();
+            RecordBatch::try_new(Arc::clone(sc), columns).unwrap()
+        };
+        s1.write(1, &one, vec![rows(&one, &[&[1], &[2], &[0]])])
+            .await
+            .unwrap();
+        s2.open(&two, OutputMode::Append).await.unwrap();
+        s2.write(1, &two, vec![rows(&two, &[&[7], &[8], &[9]])])
+            .await
+            .unwrap();
+        let schema = table.schema().unwrap();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "_query"]);
+        assert!(schema.fields().iter().all(|f| f.is_nullable()));
+        let all = table.to_batch().unwrap().unwrap();
+        let col = |n: &str| {
+            all.column_by_name(n)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(col("a"), [Some(1), Some(8)]);
+        assert_eq!(col("b"), [Some(2), None]);
+        assert_eq!(col("c"), [None, Some(7)]);
+        // Each query's rows come back in its own shape.
+        assert_eq!(table.rows_of("q2")[0].schema(), two);
+        // A column of another type is refused, naming it.
+        let three: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Utf8, true),
+            int("_query"),
+        ]));
+        let s3 = sink.for_query("q3").unwrap();
+        let err = s3.open(&three, OutputMode::Append).await.unwrap_err();
+        assert!(err.to_string().contains("column 'a'"), "{err}");
+        // A sink of one query still refuses another shape.
+        let solo = MemorySink::new("solo", MemoryTable::new());
+        solo.open(&one, OutputMode::Append).await.unwrap();
+        assert!(solo.open(&two, OutputMode::Append).await.is_err());
     }
 }

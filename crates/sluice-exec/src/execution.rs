@@ -45,7 +45,7 @@ use crate::fault::{Fault, FaultPoint};
 use crate::operators::changelog::with_op_field;
 use crate::operators::{
     BatchContext, OperatorRuntime, StateFinalizer, StatefulOptions, StreamingAggregateExec,
-    first_aggregate, open_states, plan_stateful, stateful_nodes, watermark_delays,
+    as_stateful, first_aggregate, open_states, plan_stateful, stateful_nodes, watermark_delays,
 };
 use crate::trigger::Trigger;
 
@@ -240,13 +240,19 @@ impl MicroBatchExecution {
             .iter()
             .map(|n| (n.operator_id().to_string(), n.description()))
             .collect();
-        // Late rows of the operator that reads the streams (the first one),
-        // per input it has (a join has two).
-        let late_inputs: Vec<Arc<dyn ExecutionPlan>> = nodes
-            .first()
+        // Late rows of every operator that reads streams directly (not
+        // through another operator), per input it has (a join has two):
+        // (operator id, input index, input plan).
+        let late_inputs: Vec<(String, usize, Arc<dyn ExecutionPlan>)> = nodes
+            .iter()
             .filter(|n| n.has_late_rows())
-            .map(|n| n.late_inputs())
-            .unwrap_or_default();
+            .flat_map(|n| {
+                n.late_inputs()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, input)| (n.operator_id().to_string(), k, input))
+            })
+            .collect();
         let finalizer = first_aggregate(&physical).map(StreamingAggregateExec::finalizer);
         drop(nodes);
         let runtime = OperatorRuntime::with_delays(states, watermark_delays(&physical));
@@ -279,12 +285,17 @@ impl MicroBatchExecution {
             });
         }
         let mut late_sinks = Vec::new();
-        for (k, late_input) in late_inputs.iter().enumerate() {
-            // The streams this input of the operator reads.
+        for (operator, k, late_input) in &late_inputs {
+            // The streams this input of the operator reads, not counting
+            // those read through another stateful operator (rows late for
+            // this one are that operator's output, not a source's rows).
             let read: Vec<usize> = (0..inputs.len())
                 .filter(|&i| {
                     let mut found = false;
                     let _ = late_input.apply(|p| {
+                        if as_stateful(p).is_some() {
+                            return Ok(TreeNodeRecursion::Jump);
+                        }
                         found |= inputs[i].table.is_scan_of(p.as_ref());
                         Ok(if found {
                             TreeNodeRecursion::Stop
@@ -318,7 +329,8 @@ impl MicroBatchExecution {
                 .await
                 .map_err(ctx)?;
             late_sinks.push(LateSink {
-                input: k,
+                operator: operator.clone(),
+                input: *k,
                 source,
                 sink,
                 schema,
@@ -698,18 +710,16 @@ impl MicroBatchExecution {
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         // What the stateful operators did: late rows, and the time of their steps.
         let mut late_rows = 0;
-        let mut late: Vec<(usize, RecordBatch)> = Vec::new();
-        // Bottom up: the first operator reads the streams, so its late rows
-        // are source rows.
-        for (n, (id, _)) in self.operators.iter().enumerate() {
+        // (operator id, input index, rows): routed to the late-rows sinks
+        // of the operators that read streams directly.
+        let mut late: Vec<(String, usize, RecordBatch)> = Vec::new();
+        for (id, _) in &self.operators {
             let Some(state) = self.runtime.states().get(id) else {
                 continue;
             };
             let report = std::mem::take(&mut state.lock().await.report);
             late_rows += report.late_rows;
-            if n == 0 {
-                late = report.late;
-            }
+            late.extend(report.late.into_iter().map(|(k, b)| (id.clone(), k, b)));
             for (step, ms) in report.steps {
                 durations.insert(format!("{}_{step}", id.replace('-', "_")), ms);
             }
@@ -746,11 +756,18 @@ impl MicroBatchExecution {
 
         let t = Instant::now();
         self.sink.write(id, &self.output_schema, output).await?;
-        for ls in &self.late_sinks {
-            // Written every batch (empty too): keyed by batch id like any sink.
-            // The stream's name and the batch's offset range say where the
-            // rows came from.
-            let input = &self.inputs[ls.source];
+        // One write per stream's late-rows sink, every batch (empty too):
+        // keyed by batch id like any sink, so the rows of every operator
+        // input reading that stream (both sides of a self-join) go in that
+        // one write. The stream's name and the batch's offset range say
+        // where the rows came from.
+        let mut written: Vec<usize> = Vec::new();
+        for first in &self.late_sinks {
+            if written.contains(&first.source) {
+                continue;
+            }
+            written.push(first.source);
+            let input = &self.inputs[first.source];
             let name = input.table.source().name();
             let query = self.config.name.as_str();
             let range = entry
@@ -758,11 +775,13 @@ impl MicroBatchExecution {
                 .get(name)
                 .map(|r| format!("[{}, {})", r.start, r.end))
                 .unwrap_or_default();
-            let schema = late_schema(&ls.schema);
-            let rows = late
-                .iter()
-                .filter(|(k, _)| *k == ls.input)
-                .map(|(_, b)| {
+            let mut rows = Vec::new();
+            for ls in self.late_sinks.iter().filter(|l| l.source == first.source) {
+                let schema = late_schema(&ls.schema);
+                for (_, _, b) in late
+                    .iter()
+                    .filter(|(op, k, _)| *op == ls.operator && *k == ls.input)
+                {
                     let n = b.num_rows();
                     let mut cols = b.columns().to_vec();
                     cols.push(Arc::new(StringArray::from(vec![name; n])));
@@ -771,10 +790,13 @@ impl MicroBatchExecution {
                         vec![id; n],
                     )));
                     cols.push(Arc::new(StringArray::from(vec![range.as_str(); n])));
-                    RecordBatch::try_new(Arc::clone(&schema), cols)
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            ls.sink.write(id, &schema, rows).await?;
+                    rows.push(RecordBatch::try_new(Arc::clone(&schema), cols)?);
+                }
+            }
+            first
+                .sink
+                .write(id, &late_schema(&first.schema), rows)
+                .await?;
         }
         for (sink, letters) in dead {
             let batches = if letters.is_empty() {
@@ -946,10 +968,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Where the late rows that reach the first stateful operator by one of
-/// its inputs go: the late-rows sink of the one stream that input reads.
+/// Where the late rows that reach a stateful operator by one of its inputs
+/// go, when that input reads a stream directly: the late-rows sink of the
+/// one stream it reads.
 #[derive(Debug)]
 struct LateSink {
+    /// The operator's id.
+    operator: String,
     /// Which input of the operator ([`OperatorReport::late`] numbers them).
     input: usize,
     /// The stream, as an index into the query's inputs.
