@@ -310,7 +310,16 @@ fn state(dir: PathBuf, version: Option<u64>) -> sluice::Result<()> {
     let meta: Metadata = read_json(&dir.join("metadata"))?;
     let state_dir = dir.join("state").join("aggregate");
     if !state_dir.join("meta").exists() {
-        println!("query '{}' keeps no state (it is stateless)", meta.name);
+        let others = sluice::other_operators(&dir);
+        if others.is_empty() {
+            println!("query '{}' keeps no state (it is stateless)", meta.name);
+        } else {
+            println!(
+                "query '{}' keeps its state in {} (under state/); `sluice state` shows only a first aggregate's (state/aggregate) for now",
+                meta.name,
+                others.join(", ")
+            );
+        }
         return Ok(());
     }
     let last = last_committed(&dir)?.ok_or_else(|| {

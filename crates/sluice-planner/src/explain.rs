@@ -161,10 +161,12 @@ fn explain_join(s: &mut String, a: &crate::AggregateShape, kind: &str, physical:
         .and_then(|l| l.split_once("eviction="))
         .map_or("see the physical plan", |(_, e)| e);
     let _ = writeln!(s, "    eviction: {eviction}");
-    let _ = writeln!(
-        s,
-        "    late rows: a row whose event time <= watermark at the start of the batch: counted, not joined"
-    );
+    let late = if eviction.starts_with("rows stored more than state_ttl") {
+        "none: with no time bound, a row of any event time is joined"
+    } else {
+        "a row whose event time <= watermark at the start of the batch: counted, not joined"
+    };
+    let _ = writeln!(s, "    late rows: {late}");
     if a.feeds {
         let _ = writeln!(
             s,

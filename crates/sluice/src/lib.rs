@@ -49,6 +49,7 @@ pub use sluice_connectors::{
 };
 pub use sluice_exec::{Fault, FaultPoint, StreamingQuery, Trigger};
 pub use sluice_planner::{OutputMode, WatermarkDef};
+pub use state_table::other_operators;
 
 /// The crates Sluice is built on, for types not re-exported here.
 pub mod deps {

@@ -104,9 +104,15 @@ impl TableFunctionImpl for StateFunction {
 fn load(name: &str, query: &QueryState, version: Option<u64>) -> Result<RecordBatch> {
     let state_dir = query.checkpoint.join("state").join("aggregate");
     if !state_dir.join("meta").exists() {
-        return Err(Error::plan(format!(
-            "state('{name}'): the query keeps no state (it is stateless)"
-        )));
+        let others = other_operators(&query.checkpoint);
+        return Err(Error::plan(if others.is_empty() {
+            format!("state('{name}'): the query keeps no state (it is stateless)")
+        } else {
+            format!(
+                "state('{name}'): the query's state is kept by {} (under state/), and state() reads only a first aggregate's (state/aggregate) for now",
+                others.join(", ")
+            )
+        }));
     }
     let last = last_committed(&query.checkpoint)?;
     let version = match (version, last) {
@@ -124,6 +130,22 @@ fn load(name: &str, query: &QueryState, version: Option<u64>) -> Result<RecordBa
         (Some(v), Some(_)) => v,
     };
     Ok(read_state(&state_dir, version)?.0)
+}
+
+/// The operators with state under a query's checkpoint (`state/<id>/meta`)
+/// other than the first aggregate, by id.
+pub fn other_operators(checkpoint: &std::path::Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(checkpoint.join("state"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("meta").exists())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|id| id != "aggregate")
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids.iter().map(|id| format!("operator '{id}'")).collect()
 }
 
 #[derive(Debug)]

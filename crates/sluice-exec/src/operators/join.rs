@@ -391,6 +391,12 @@ impl StreamJoinExec {
         )
     }
 
+    /// Whether rows are kept for `state_ttl` (no time bound) rather than
+    /// evicted by watermark.
+    pub fn kept_by_ttl(&self) -> bool {
+        matches!(self.core.eviction, Eviction::Ttl(_))
+    }
+
     /// How far below its input watermark the event times of the rows it
     /// emits can be (ms): the width of its bound.
     pub fn output_delay_ms(&self) -> i64 {

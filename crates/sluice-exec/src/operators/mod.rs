@@ -273,6 +273,43 @@ pub fn stateful_nodes(plan: &Arc<dyn ExecutionPlan>) -> Vec<&dyn StatefulExec> {
     out
 }
 
+/// A join kept by `state_ttl` has no time bound, so the rows it emits can
+/// be any age: an operator above it that drops rows by event time (a
+/// windowed aggregate, a join with a bound, ...) would drop them as late.
+/// Refused, naming both.
+fn refuse_ttl_join_under_event_time(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
+    fn ttl_join_below(p: &Arc<dyn ExecutionPlan>) -> Option<String> {
+        for c in p.children() {
+            let any: &dyn std::any::Any = c.as_ref();
+            if let Some(j) = any.downcast_ref::<StreamJoinExec>()
+                && j.kept_by_ttl()
+            {
+                return Some(j.operator_id().to_string());
+            }
+            if let Some(found) = ttl_join_below(c) {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let mut refused = None;
+    let _ = plan.apply(|p| {
+        if let Some(op) = as_stateful(p).filter(|op| op.has_late_rows())
+            && let Some(join) = ttl_join_below(p)
+        {
+            refused = Some(Error::not_supported(format!(
+                "operator '{}' ({}) reads the rows of join '{join}', which has no time bound and keeps its rows for state_ttl: those rows can be of any age, and '{}' would drop them as late; bound the join's event times (b.ts BETWEEN a.ts AND a.ts + INTERVAL ...) or join equal windows",
+                op.operator_id(),
+                op.description(),
+                op.operator_id()
+            )));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    refused.map_or(Ok(()), Err)
+}
+
 /// Each stateful node's input watermark delay (ms), by operator id: as in
 /// Spark 3.5, an operator's input watermark is the minimum of its inputs'
 /// output watermarks, and a node's output watermark is its input watermark
@@ -471,6 +508,7 @@ pub fn plan_stateful(
     if let Some(e) = failure {
         return Err(e);
     }
+    refuse_ttl_join_under_event_time(&planned)?;
     // A window function over a stream that did not become a stateful node
     // would number each batch's rows on their own: refuse it.
     let mut stray = false;
