@@ -52,7 +52,8 @@ pub(crate) async fn nexmark(
     let text = std::fs::read_to_string(file)
         .map_err(|e| sluice::Error::io(format!("reading {}", file.display()), e))?;
     // Leading `--` lines describe the query; a `-- sink: <options>` line
-    // among them adds options to the sink (q3's `state_ttl`).
+    // among them adds options to the sink (q3's `state_ttl`, q4's
+    // `output_mode`).
     let header: Vec<&str> = text
         .lines()
         .take_while(|l| l.starts_with("--"))
@@ -63,6 +64,12 @@ pub(crate) async fn nexmark(
         .filter_map(|l| l.strip_prefix("sink:"))
         .map(|o| format!(", {}", o.trim()))
         .collect();
+    // Append mode unless the file's sink line says otherwise (q4's changes).
+    let mode = if sink_options.contains("output_mode") {
+        ""
+    } else {
+        ", output_mode = 'append'"
+    };
     let what = header
         .iter()
         .filter(|l| !l.starts_with("sink:"))
@@ -111,7 +118,7 @@ pub(crate) async fn nexmark(
                                     WATERMARK FOR date_time AS date_time - INTERVAL '4' SECOND)
                WITH (connector = 'nexmark', table = 'auction', events = {events},
                      max_events_per_trigger = {per_batch}, pregenerate = {pregenerate});
-             CREATE SINK out WITH (connector = 'memory', output_mode = 'append'{sink_options}) AS {select};"
+             CREATE SINK out WITH (connector = 'memory'{mode}{sink_options}) AS {select};"
         );
         // With pregenerate, opening the source generates its events:
         // before the clock.

@@ -263,13 +263,20 @@ impl SluiceDb {
                     Some(b) => b.schema(),
                     None => return compare(rows_of(&batch)?, vec![]).map_err(err),
                 };
-                let keys = f.schema().fields()[..f.key_count()]
+                // The topmost aggregate's keys identify a row of the result.
+                let names: Vec<String> = match running.and_then(|q| q.result_keys()) {
+                    Some(keys) => keys.to_vec(),
+                    None => f.schema().fields()[..f.key_count()]
+                        .iter()
+                        .map(|k| k.name().clone())
+                        .collect(),
+                };
+                let keys = names
                     .iter()
                     .map(|k| {
-                        schema.index_of(k.name()).map_err(|_| {
+                        schema.index_of(k).map_err(|_| {
                             err(format!(
-                                "update mode: group key '{}' is not an output column, so rows cannot be matched by key",
-                                k.name()
+                                "update mode: group key '{k}' is not an output column, so rows cannot be matched by key"
                             ))
                         })
                     })

@@ -157,6 +157,9 @@ pub struct MicroBatchExecution {
     runtime: Arc<OperatorRuntime>,
     /// What turns the first aggregate's stored states into values.
     finalizer: Option<StateFinalizer>,
+    /// When the topmost stateful operator is an aggregate: its key columns,
+    /// which identify a row of the result.
+    result_keys: Option<Vec<String>>,
     /// Where late rows go, for each stream that asked for it.
     late_sinks: Vec<LateSink>,
     task_ctx: Arc<TaskContext>,
@@ -191,6 +194,7 @@ impl MicroBatchExecution {
         let name = config.name.clone();
         let ctx = |e: Error| e.context(format!("query '{name}'"));
         let plan = state.optimize(&plan).map_err(Error::from)?;
+        let plan = sluice_planner::sign_updating_edges(plan)?;
         let shape = check_streaming_plan(&name, &plan, config.output_mode)?;
         let (plan, tables) = fork_streams(plan)?;
         let physical = state
@@ -254,6 +258,16 @@ impl MicroBatchExecution {
             })
             .collect();
         let finalizer = first_aggregate(&physical).map(StreamingAggregateExec::finalizer);
+        let result_keys = nodes.last().and_then(|n| {
+            let any: &dyn std::any::Any = *n;
+            any.downcast_ref::<StreamingAggregateExec>().map(|a| {
+                let f = a.finalizer();
+                f.schema().fields()[..f.key_count()]
+                    .iter()
+                    .map(|k| k.name().clone())
+                    .collect()
+            })
+        });
         drop(nodes);
         let runtime = OperatorRuntime::with_delays(states, watermark_delays(&physical));
         let mut inputs = Vec::new();
@@ -361,6 +375,7 @@ impl MicroBatchExecution {
             task_ctx: runtime.task_ctx(&state.task_ctx()),
             runtime,
             finalizer,
+            result_keys,
             late_sinks,
             next_batch: 0,
             pending: None,
@@ -890,6 +905,12 @@ impl MicroBatchExecution {
     /// values, if it keeps state.
     pub fn state_finalizer(&self) -> Option<StateFinalizer> {
         self.finalizer.clone()
+    }
+
+    /// When the topmost stateful operator is an aggregate: its key columns,
+    /// which identify a row of the result (an update-mode sink's upsert key).
+    pub fn result_keys(&self) -> Option<Vec<String>> {
+        self.result_keys.clone()
     }
 
     /// What loading state had to work around since the last batch.

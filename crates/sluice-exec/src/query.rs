@@ -24,6 +24,7 @@ pub struct StreamingQuery {
     id: String,
     checkpoint: std::path::PathBuf,
     finalizer: Option<StateFinalizer>,
+    result_keys: Option<Vec<String>>,
     exec: Arc<AsyncMutex<MicroBatchExecution>>,
     progress: Arc<Mutex<VecDeque<Progress>>>,
     stop_tx: watch::Sender<bool>,
@@ -38,6 +39,7 @@ impl StreamingQuery {
         let progress = exec.progress_handle();
         let checkpoint = exec.checkpoint_dir().to_path_buf();
         let finalizer = exec.state_finalizer();
+        let result_keys = exec.result_keys();
         let trigger = exec.config().trigger;
         let exec = Arc::new(AsyncMutex::new(exec));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -54,6 +56,7 @@ impl StreamingQuery {
             id,
             checkpoint,
             finalizer,
+            result_keys,
             exec,
             progress,
             stop_tx,
@@ -74,6 +77,12 @@ impl StreamingQuery {
     /// What turns the query's stored states into values, if it keeps state.
     pub fn state_finalizer(&self) -> Option<&StateFinalizer> {
         self.finalizer.as_ref()
+    }
+
+    /// When the topmost stateful operator is an aggregate: its key columns,
+    /// which identify a row of the result (an update-mode sink's upsert key).
+    pub fn result_keys(&self) -> Option<&[String]> {
+        self.result_keys.as_deref()
     }
 
     /// The query's id, fixed for the life of its checkpoint.

@@ -86,7 +86,18 @@ pub fn explain_streaming(
             s,
             "    per batch: Partial(on-time rows) -> PartialReduce(+ stored states of the same keys) -> store -> Final(keys to emit)"
         );
-        if a.feeds {
+        if a.undoes {
+            let _ = writeln!(
+                s,
+                "    reads changes: each old value with sign -1, each new one with +1; count, sum and avg are kept as signed sums, and a key whose rows are all taken back leaves the result"
+            );
+        }
+        if a.feeds_signed {
+            let _ = writeln!(
+                s,
+                "    emits: every change as signed rows (old value -1, new value +1) into the next aggregate, which takes the old value back"
+            );
+        } else if a.feeds {
             let _ = writeln!(
                 s,
                 "    emits: append (each window once, when it closes) into the next aggregate"

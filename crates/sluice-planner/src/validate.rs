@@ -68,11 +68,19 @@ pub struct AggregateShape {
     pub session: bool,
     /// Whether another stateful operator reads its rows.
     pub feeds: bool,
+    /// Whether it feeds an aggregate that undoes its old values (it emits
+    /// each change as signed rows; see [`crate::retract`]).
+    pub feeds_signed: bool,
+    /// Whether it reads such signed rows: its functions are kept as signed
+    /// sums, and it takes old values back.
+    pub undoes: bool,
 }
 
 /// Checks that `plan` reads at least one stream, can run incrementally, and
 /// suits `mode`; returns its shape. `name` is the query's name, for messages.
 pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) -> Result<PlanShape> {
+    let signed = crate::retract::sign_updating_edges(plan.clone())?;
+    let plan = &signed;
     let mut shape = PlanShape::default();
     if !walk(plan, Above::Root, &mut shape)? {
         return Err(Error::plan(format!(
@@ -102,11 +110,11 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
     for a in shape
         .aggregates
         .iter()
-        .filter(|a| a.feeds && !a.dedup && a.topn.is_none() && a.join.is_none())
+        .filter(|a| a.feeds && !a.feeds_signed && !a.dedup && a.topn.is_none() && a.join.is_none())
     {
         if !(a.windowed && has_watermark) {
             return Err(Error::not_supported(format!(
-                "query '{name}': the aggregate {} GROUP BY {} feeds another stateful operator, which needs rows that never change (an append-only edge): {}; an updating edge into a stateful operator is not supported yet",
+                "query '{name}': the aggregate {} GROUP BY {} feeds another stateful operator, which needs rows that never change (an append-only edge): {}; the one updating edge that runs is into an unwindowed aggregate of count, sum and avg (of signed integers or floats; sum also of decimals), without DISTINCT, which undoes old values",
                 a.aggregates.join(", "),
                 keys_text(a),
                 if a.windowed {
@@ -314,7 +322,9 @@ fn walk_top_n(
         windowed,
         watermarked: false,
         session: false,
-        feeds: above == Above::Aggregate,
+        feeds: matches!(above, Above::Aggregate | Above::Signed),
+        feeds_signed: above == Above::Signed,
+        undoes: false,
     });
     Ok(true)
 }
@@ -367,7 +377,9 @@ fn walk_stream_join(
         windowed: false,
         watermarked: true,
         session: false,
-        feeds: above == Above::Aggregate,
+        feeds: matches!(above, Above::Aggregate | Above::Signed),
+        feeds_signed: above == Above::Signed,
+        undoes: false,
     });
     Ok(true)
 }
@@ -380,6 +392,9 @@ enum Above {
     Root,
     /// Stateless operators up to a stateful aggregate that reads the rows.
     Aggregate,
+    /// Stateless operators up to an aggregate that undoes old values,
+    /// through the projection that gives each change its sign.
+    Signed,
     /// Some other operator with no stateful one above it.
     Other,
 }
@@ -399,11 +414,18 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
     );
     let stream_join = matches!(plan, LogicalPlan::Join(j)
         if !stream_tables(&j.left).is_empty() && !stream_tables(&j.right).is_empty());
+    let signs = matches!(plan, LogicalPlan::Projection(p)
+    if p.expr.iter().any(|e| crate::retract::is_sign_placeholder(match e {
+        Expr::Alias(a) => a.expr.as_ref(),
+        e => e,
+    })));
     let below = match (plan, above) {
         (LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_), _) => Above::Aggregate,
         (LogicalPlan::Join(_), _) if stream_join => Above::Aggregate,
+        (_, Above::Aggregate | Above::Signed) if signs => Above::Signed,
         (_, Above::Root) if passes => Above::Root,
         (_, Above::Aggregate) => Above::Aggregate,
+        (_, Above::Signed) if passes => Above::Signed,
         _ => Above::Other,
     };
     let mut flags = Vec::new();
@@ -425,11 +447,12 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                 .iter()
                 .map(|e| e.schema_name().to_string())
                 .collect();
-            let aggs: Vec<String> = a
-                .aggr_expr
-                .iter()
-                .map(|e| e.schema_name().to_string())
-                .collect();
+            let aggs: Vec<String> = crate::retract::written_functions(
+                a.aggr_expr
+                    .iter()
+                    .map(|e| e.schema_name().to_string())
+                    .collect(),
+            );
             if a.group_expr
                 .iter()
                 .any(|e| matches!(e, Expr::GroupingSet(_)))
@@ -462,7 +485,12 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                 windowed,
                 watermarked: false,
                 session: uses_session_end(&a.input),
-                feeds: above == Above::Aggregate,
+                feeds: matches!(above, Above::Aggregate | Above::Signed),
+                feeds_signed: above == Above::Signed,
+                undoes: a
+                    .input
+                    .schema()
+                    .has_column_with_unqualified_name(crate::retract::SIGN),
             });
             Ok(true)
         }
@@ -489,7 +517,9 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                 windowed: false,
                 watermarked: false,
                 session: false,
-                feeds: above == Above::Aggregate,
+                feeds: matches!(above, Above::Aggregate | Above::Signed),
+                feeds_signed: above == Above::Signed,
+                undoes: false,
             });
             Ok(true)
         }

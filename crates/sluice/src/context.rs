@@ -656,6 +656,7 @@ impl StreamContext {
         let mode: OutputMode = options.get("output_mode").unwrap_or("append").parse()?;
         let (state, plan) = df.into_parts();
         let plan = state.optimize(&plan).map_err(Error::from)?;
+        let plan = sluice_planner::sign_updating_edges(plan)?;
         let shape = check_streaming_plan(&name, &plan, mode)?;
         let (plan, _) = fork_streams(plan)?;
         let physical = state

@@ -31,7 +31,14 @@ use datafusion::physical_plan::{
 };
 use sluice_common::{Error, Result};
 
-use super::{as_stateful, stateful_nodes};
+use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::physical_expr::ScalarFunctionExpr;
+use datafusion::physical_plan::expressions::{CaseExpr, Literal};
+use sluice_common::OutputMode;
+use sluice_planner::SIGN_PLACEHOLDER;
+
+use super::{StreamingAggregateExec, as_stateful, stateful_nodes};
 
 /// The operation column of a changelog.
 pub const OP: &str = "_op";
@@ -63,8 +70,91 @@ pub fn carry_to_root(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPl
 }
 
 fn carry(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    carry_with(plan, &|node| Ok(node))
+}
+
+/// Makes every aggregate that feeds an updating edge (a projection with
+/// the sign placeholder above it, see `sluice_planner::retract`) emit its
+/// changes, and puts each change's sign in the placeholder's place: −1 for
+/// an old value (`-U`, `-D`), +1 for a new one.
+pub fn sign_edges(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let mut failure: Option<Error> = None;
+    let out = plan
+        .transform_up(|node| {
+            let any: &dyn std::any::Any = node.as_ref();
+            let Some(p) = any.downcast_ref::<ProjectionExec>() else {
+                return Ok(Transformed::no(node));
+            };
+            if failure.is_some() || !p.expr().iter().any(|e| is_sign_placeholder(&e.expr)) {
+                return Ok(Transformed::no(node));
+            }
+            match signed_projection(p) {
+                Ok(plan) => Ok(Transformed::yes(plan)),
+                Err(e) => {
+                    failure = Some(e);
+                    Ok(Transformed::no(node))
+                }
+            }
+        })
+        .map_err(Error::from)?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(out.data),
+    }
+}
+
+fn is_sign_placeholder(e: &Arc<dyn PhysicalExpr>) -> bool {
+    let any: &dyn std::any::Any = e.as_ref();
+    any.downcast_ref::<ScalarFunctionExpr>()
+        .is_some_and(|f| f.name() == SIGN_PLACEHOLDER)
+}
+
+/// The projection `p` over its input carrying changes, the placeholder
+/// replaced by `CASE _op WHEN '-U' THEN -1 WHEN '-D' THEN -1 ELSE 1 END`.
+fn signed_projection(p: &ProjectionExec) -> Result<Arc<dyn ExecutionPlan>> {
+    let input = carry_with(Arc::clone(p.input()), &|node| {
+        let any: &dyn std::any::Any = node.as_ref();
+        match any.downcast_ref::<StreamingAggregateExec>() {
+            Some(agg) => Ok(Arc::new(agg.with_emit(OutputMode::Changelog)?)),
+            None => Err(Error::not_supported(format!(
+                "an aggregate over the changes of {}: only an aggregate's changes can be undone",
+                node.name()
+            ))),
+        }
+    })?;
+    let n = input.schema().fields().len();
+    let text = |s: &str| -> Arc<dyn PhysicalExpr> {
+        Arc::new(Literal::new(ScalarValue::Utf8(Some(s.to_string()))))
+    };
+    let int =
+        |v: i64| -> Arc<dyn PhysicalExpr> { Arc::new(Literal::new(ScalarValue::Int64(Some(v)))) };
+    let sign: Arc<dyn PhysicalExpr> = Arc::new(CaseExpr::try_new(
+        Some(Arc::new(Column::new(OP, n - 2))),
+        vec![(text("-U"), int(-1)), (text("-D"), int(-1))],
+        Some(int(1)),
+    )?);
+    let exprs: Vec<ProjectionExpr> = p
+        .expr()
+        .iter()
+        .map(|e| {
+            if is_sign_placeholder(&e.expr) {
+                ProjectionExpr::new(Arc::clone(&sign), e.alias.clone())
+            } else {
+                e.clone()
+            }
+        })
+        .collect();
+    Ok(Arc::new(ProjectionExec::try_new(exprs, input)?))
+}
+
+/// `plan` rebuilt to carry the change columns up from the stateful node
+/// under it, which `leaf` makes emit them.
+fn carry_with(
+    plan: Arc<dyn ExecutionPlan>,
+    leaf: &dyn Fn(Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
     if as_stateful(&plan).is_some() {
-        return Ok(plan);
+        return leaf(plan);
     }
     let children = plan.children();
     let [child] = children.as_slice() else {
@@ -78,7 +168,7 @@ fn carry(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
             "changelog: no stateful operator under the plan's root",
         ));
     }
-    let child = carry(Arc::clone(child))?;
+    let child = carry_with(Arc::clone(child), leaf)?;
     let n = child.schema().fields().len();
     let any: &dyn std::any::Any = plan.as_ref();
     let change_columns = || {

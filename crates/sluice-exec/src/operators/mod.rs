@@ -509,6 +509,8 @@ pub fn plan_stateful(
         return Err(e);
     }
     refuse_ttl_join_under_event_time(&planned)?;
+    // Aggregates that feed an aggregate undoing old values emit signed changes.
+    let planned = changelog::sign_edges(planned)?;
     // A window function over a stream that did not become a stateful node
     // would number each batch's rows on their own: refuse it.
     let mut stray = false;
