@@ -254,22 +254,25 @@ impl SluiceDb {
                     .map_err(|e| err(e.to_string()))?
             }
         };
-        let got = match (mode.as_str(), stateful) {
+        // The columns that identify a row of an update-mode result: the
+        // topmost aggregate's keys (or a top-1's partition keys).
+        let upsert_keys: Option<Vec<String>> = match running.and_then(|q| q.result_keys()) {
+            Some(keys) => Some(keys.to_vec()),
+            None => stateful.map(|f| {
+                f.schema().fields()[..f.key_count()]
+                    .iter()
+                    .map(|k| k.name().clone())
+                    .collect()
+            }),
+        };
+        let got = match (mode.as_str(), upsert_keys) {
             // A complete-mode memory table holds only the last result.
             ("complete", _) | ("append" | "update", None) => rows_of(&emitted)?,
             ("append", Some(_)) => rows_of(&emitted)?,
-            ("update", Some(f)) => {
+            ("update", Some(names)) => {
                 let schema = match emitted.first() {
                     Some(b) => b.schema(),
                     None => return compare(rows_of(&batch)?, vec![]).map_err(err),
-                };
-                // The topmost aggregate's keys identify a row of the result.
-                let names: Vec<String> = match running.and_then(|q| q.result_keys()) {
-                    Some(keys) => keys.to_vec(),
-                    None => f.schema().fields()[..f.key_count()]
-                        .iter()
-                        .map(|k| k.name().clone())
-                        .collect(),
                 };
                 let keys = names
                     .iter()

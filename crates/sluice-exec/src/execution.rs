@@ -157,8 +157,9 @@ pub struct MicroBatchExecution {
     runtime: Arc<OperatorRuntime>,
     /// What turns the first aggregate's stored states into values.
     finalizer: Option<StateFinalizer>,
-    /// When the topmost stateful operator is an aggregate: its key columns,
-    /// which identify a row of the result.
+    /// When the topmost stateful operator is an aggregate (or a top-1
+    /// without a window): its key columns, which identify a row of the
+    /// result.
     result_keys: Option<Vec<String>>,
     /// Where late rows go, for each stream that asked for it.
     late_sinks: Vec<LateSink>,
@@ -207,6 +208,7 @@ impl MicroBatchExecution {
                 StatefulOptions {
                     mode: config.output_mode,
                     state_ttl: config.state_ttl,
+                    signed_edges: shape.aggregates.iter().filter(|a| a.feeds_signed).count(),
                 },
                 &crate::operators::event_time_columns(&plan),
             )
@@ -260,13 +262,20 @@ impl MicroBatchExecution {
         let finalizer = first_aggregate(&physical).map(StreamingAggregateExec::finalizer);
         let result_keys = nodes.last().and_then(|n| {
             let any: &dyn std::any::Any = *n;
-            any.downcast_ref::<StreamingAggregateExec>().map(|a| {
-                let f = a.finalizer();
-                f.schema().fields()[..f.key_count()]
-                    .iter()
-                    .map(|k| k.name().clone())
-                    .collect()
-            })
+            match any.downcast_ref::<StreamingAggregateExec>() {
+                Some(a) => {
+                    let f = a.finalizer();
+                    Some(
+                        f.schema().fields()[..f.key_count()]
+                            .iter()
+                            .map(|k| k.name().clone())
+                            .collect(),
+                    )
+                }
+                None => any
+                    .downcast_ref::<crate::operators::TopNExec>()
+                    .and_then(crate::operators::TopNExec::upsert_keys),
+            }
         });
         drop(nodes);
         let runtime = OperatorRuntime::with_delays(states, watermark_delays(&physical));

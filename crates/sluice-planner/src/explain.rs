@@ -253,6 +253,16 @@ fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize) {
             s,
             "    late rows: rows whose window_end <= watermark at the start of the batch are late: counted, not ranked"
         );
+    } else if a.updates {
+        let _ = writeln!(
+            s,
+            "    per batch: merge the batch's rows into each partition's best {n}; per rank whose row changed emit -U old row / +U new row, per rank that was empty +I (update mode: the new rows)"
+        );
+        let _ = writeln!(
+            s,
+            "    eviction: none: every partition's best {n} rows are kept for ever"
+        );
+        let _ = writeln!(s, "    late rows: none");
     } else {
         let _ = writeln!(
             s,

@@ -44,7 +44,7 @@ use datafusion::logical_expr::{
 use sluice_common::{Error, Result};
 
 use crate::stream_table::stream_tables;
-use crate::validate::WINDOW_END;
+use crate::validate::{WINDOW_END, row_number_filter, top_n_updates};
 
 /// The placeholder function that stands for the sign of a change.
 pub const SIGN_PLACEHOLDER: &str = "__sluice_change_sign";
@@ -125,6 +125,22 @@ pub fn sign_updating_edges(plan: LogicalPlan) -> Result<LogicalPlan> {
     let watermarked = stream_tables(&plan).iter().any(|t| t.watermark().is_some());
     let out = plan
         .transform_up(|node| {
+            // A top-N without a window over an updating edge: it keeps
+            // every row of a partition and takes retracted ones back.
+            if let Some((window, limit)) = row_number_filter(&node)
+                && top_n_updates(window, limit)
+                && !window.input.schema().has_column_with_unqualified_name(SIGN)
+            {
+                return match signed(&window.input, watermarked) {
+                    Ok(Some(input)) => match over_signed_input(&node, input).and_then(without_sign)
+                    {
+                        Ok(plan) => Ok(Transformed::yes(plan)),
+                        Err(e) => Err(datafusion::error::DataFusionError::External(Box::new(e))),
+                    },
+                    Ok(None) => Ok(Transformed::no(node)),
+                    Err(e) => Err(datafusion::error::DataFusionError::External(Box::new(e))),
+                };
+            }
             let LogicalPlan::Aggregate(agg) = &node else {
                 return Ok(Transformed::no(node));
             };
@@ -177,6 +193,31 @@ fn signed(plan: &LogicalPlan, watermarked: bool) -> Result<Option<LogicalPlan>> 
             .map_err(Error::from)?;
         Ok(Expr::Column(Column::new(q.cloned(), f.name())))
     };
+    // A top-N without a window emits changes too: its own sign replaces
+    // the one it read.
+    if let Some((window, limit)) = row_number_filter(plan)
+        && top_n_updates(window, limit)
+        && !stream_tables(plan).is_empty()
+    {
+        let mut expr: Vec<Expr> = plan
+            .schema()
+            .columns()
+            .into_iter()
+            .filter(|c| c.name != SIGN)
+            .map(Expr::Column)
+            .collect();
+        expr.push(
+            Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
+                placeholder(),
+                vec![],
+            ))
+            .alias(SIGN),
+        );
+        return Ok(Some(LogicalPlan::Projection(Projection::try_new(
+            expr,
+            Arc::new(plan.clone()),
+        )?)));
+    }
     Ok(match plan {
         LogicalPlan::Projection(p) => match signed(&p.input, watermarked)? {
             Some(input) => {
@@ -228,6 +269,80 @@ fn signed(plan: &LogicalPlan, watermarked: bool) -> Result<Option<LogicalPlan>> 
         }
         _ => None,
     })
+}
+
+/// The top-N `plan` (a filter over projections and aliases over a window
+/// node) with the window node reading `input`, which carries the sign.
+fn over_signed_input(plan: &LogicalPlan, input: LogicalPlan) -> Result<LogicalPlan> {
+    Ok(match plan {
+        LogicalPlan::Filter(f) => LogicalPlan::Filter(Filter::try_new(
+            f.predicate.clone(),
+            Arc::new(over_signed_input(&f.input, input)?),
+        )?),
+        LogicalPlan::Projection(p) => LogicalPlan::Projection(Projection::try_new(
+            p.expr.clone(),
+            Arc::new(over_signed_input(&p.input, input)?),
+        )?),
+        LogicalPlan::SubqueryAlias(a) => LogicalPlan::SubqueryAlias(SubqueryAlias::try_new(
+            Arc::new(over_signed_input(&a.input, input)?),
+            a.alias.clone(),
+        )?),
+        LogicalPlan::Window(w) => {
+            // The sign joins the ranking's order as a last key (every row
+            // the top-N keeps has sign 1, so the ranks do not change): the
+            // optimizer would otherwise drop the column, which nothing above
+            // the window node reads. The expression keeps its name.
+            let exprs: Vec<Expr> = w
+                .window_expr
+                .iter()
+                .map(|e| {
+                    let name = e.schema_name().to_string();
+                    let inner = match e {
+                        Expr::Alias(a) => a.expr.as_ref().clone(),
+                        e => e.clone(),
+                    };
+                    match inner {
+                        Expr::WindowFunction(mut wf) => {
+                            wf.params
+                                .order_by
+                                .push(datafusion::logical_expr::SortExpr::new(
+                                    Expr::Column(Column::new_unqualified(SIGN)),
+                                    true,
+                                    false,
+                                ));
+                            Expr::WindowFunction(wf).alias(name)
+                        }
+                        other => other.alias(name),
+                    }
+                })
+                .collect();
+            LogicalPlan::Window(datafusion::logical_expr::Window::try_new(
+                exprs,
+                Arc::new(input),
+            )?)
+        }
+        other => {
+            return Err(Error::internal(format!(
+                "a top-N over changes: unexpected {} between its filter and its window node",
+                other.display()
+            )));
+        }
+    })
+}
+
+/// `plan` without the sign column it read (the top-N consumed it).
+fn without_sign(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let expr: Vec<Expr> = plan
+        .schema()
+        .columns()
+        .into_iter()
+        .filter(|c| c.name != SIGN)
+        .map(Expr::Column)
+        .collect();
+    Ok(LogicalPlan::Projection(Projection::try_new(
+        expr,
+        Arc::new(plan),
+    )?))
 }
 
 /// One function of the upper aggregate, as sums of signed values.

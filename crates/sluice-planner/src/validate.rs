@@ -74,6 +74,9 @@ pub struct AggregateShape {
     /// Whether it reads such signed rows: its functions are kept as signed
     /// sums, and it takes old values back.
     pub undoes: bool,
+    /// For a top-N without a window (other than keep-first): its kept rows
+    /// change, so it emits updates.
+    pub updates: bool,
 }
 
 /// Checks that `plan` reads at least one stream, can run incrementally, and
@@ -121,6 +124,25 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
                     "declare a WATERMARK on the stream's time column so that its windows close"
                 } else {
                     "group it by an event-time window (TUMBLE/HOP) and declare a WATERMARK, so that it emits each window once, when it closes"
+                }
+            )));
+        }
+    }
+    if let Some(a) = shape.top().filter(|a| a.updates) {
+        let n = a.topn.unwrap_or(1);
+        let fits = match mode {
+            OutputMode::Changelog => true,
+            OutputMode::Update => n == 1,
+            _ => false,
+        };
+        if !fits {
+            return Err(Error::plan(format!(
+                "query '{name}': ROW_NUMBER() <= {n} without a window over [{}] changes the rows it kept (a better row pushes one out), so output mode {mode} cannot carry it; use output_mode = 'changelog'{}",
+                a.keys.join(", "),
+                if n == 1 {
+                    " (-U old row, +U new row), or 'update' (the new row per key)"
+                } else {
+                    " (-U old row, +U new row, per rank)"
                 }
             )));
         }
@@ -214,7 +236,9 @@ fn keys_text(a: &AggregateShape) -> String {
 /// If `plan` is `WHERE rn = 1 | rn <= N | rn < N + 1` over (through
 /// projections and aliases) a window node computing one `ROW_NUMBER()`:
 /// that window node and N.
-fn row_number_filter(plan: &LogicalPlan) -> Option<(&datafusion::logical_expr::Window, usize)> {
+pub(crate) fn row_number_filter(
+    plan: &LogicalPlan,
+) -> Option<(&datafusion::logical_expr::Window, usize)> {
     use datafusion::logical_expr::{BinaryExpr, Operator};
     let LogicalPlan::Filter(f) = plan else {
         return None;
@@ -268,9 +292,33 @@ fn row_number_parts(e: &Expr) -> Option<(&[Expr], &[datafusion::logical_expr::So
     Some((&wf.params.partition_by, &wf.params.order_by))
 }
 
-/// A `ROW_NUMBER() ... <= N` over a stream: a top-N per window, or (N = 1,
-/// ascending, no window) keep-first deduplication. The rest emits updates
-/// and is refused.
+/// Whether the top-N `ROW_NUMBER() ... <= limit` of `window` emits
+/// updates: it has no window, and it is not keep-first. Keep-first
+/// (append) is `= 1` ascending by a time column, rows arriving in time
+/// order as Flink's deduplication assumes, or without an order (the first
+/// to arrive, as `drop_duplicates`); by any other column a later row can
+/// rank first.
+pub(crate) fn top_n_updates(window: &datafusion::logical_expr::Window, limit: usize) -> bool {
+    let Some((partition, order)) = row_number_parts(&window.window_expr[0]) else {
+        return false;
+    };
+    let windowed = partition
+        .iter()
+        .any(|e| matches!(e, Expr::Column(c) if c.name == WINDOW_END));
+    let by_time = order.first().is_none_or(|o| {
+        use datafusion::logical_expr::ExprSchemable;
+        o.asc
+            && matches!(
+                o.expr.get_type(window.input.schema()),
+                Ok(datafusion::arrow::datatypes::DataType::Timestamp(_, _))
+            )
+    });
+    !windowed && (limit > 1 || !by_time)
+}
+
+/// A `ROW_NUMBER() ... <= N` over a stream: a top-N per window, (N = 1,
+/// ascending, no window) keep-first deduplication, or a top-N without a
+/// window, which emits updates (so it must be the last stateful operator).
 fn walk_top_n(
     window: &datafusion::logical_expr::Window,
     limit: usize,
@@ -280,7 +328,7 @@ fn walk_top_n(
     if !walk(&window.input, Above::Aggregate, shape)? {
         return Ok(false);
     }
-    let (partition, order) = row_number_parts(&window.window_expr[0]).expect("checked");
+    let (partition, _) = row_number_parts(&window.window_expr[0]).expect("checked");
     let keys: Vec<String> = partition
         .iter()
         .map(|e| e.schema_name().to_string())
@@ -300,16 +348,13 @@ fn walk_top_n(
             "apply it last",
         );
     }
-    if !windowed && limit > 1 {
+    let updates = top_n_updates(window, limit);
+    if updates && !matches!(above, Above::Root | Above::Signed) {
         return refuse(
-            &format!("ROW_NUMBER() <= {limit} without a window (a top-N whose rows change)"),
-            "partition by window_start, window_end of TUMBLE(...) for a top-N per window, emitted when the window closes",
-        );
-    }
-    if !windowed && order.first().is_some_and(|o| !o.asc) {
-        return refuse(
-            "ROW_NUMBER() OVER (... ORDER BY ... DESC) = 1 without a window (keep the last row per key)",
-            "order ascending to keep the first row per key",
+            &format!(
+                "ROW_NUMBER() <= {limit} without a window (a top-N whose rows change) feeding another stateful operator"
+            ),
+            "partition by window_start, window_end of TUMBLE(...) for a top-N per window, whose rows never change; only an unwindowed count, sum or avg may read its changes",
         );
     }
     shape.aggregates.push(AggregateShape {
@@ -324,7 +369,11 @@ fn walk_top_n(
         session: false,
         feeds: matches!(above, Above::Aggregate | Above::Signed),
         feeds_signed: above == Above::Signed,
-        undoes: false,
+        undoes: window
+            .input
+            .schema()
+            .has_column_with_unqualified_name(crate::retract::SIGN),
+        updates,
     });
     Ok(true)
 }
@@ -380,6 +429,7 @@ fn walk_stream_join(
         feeds: matches!(above, Above::Aggregate | Above::Signed),
         feeds_signed: above == Above::Signed,
         undoes: false,
+        updates: false,
     });
     Ok(true)
 }
@@ -491,6 +541,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                     .input
                     .schema()
                     .has_column_with_unqualified_name(crate::retract::SIGN),
+                updates: false,
             });
             Ok(true)
         }
@@ -520,6 +571,7 @@ fn walk(plan: &LogicalPlan, above: Above, shape: &mut PlanShape) -> Result<bool>
                 feeds: matches!(above, Above::Aggregate | Above::Signed),
                 feeds_signed: above == Above::Signed,
                 undoes: false,
+                updates: false,
             });
             Ok(true)
         }

@@ -670,6 +670,7 @@ impl StreamContext {
                 sluice_exec::operators::StatefulOptions {
                     mode,
                     state_ttl: options.get_duration("state_ttl")?,
+                    signed_edges: shape.aggregates.iter().filter(|a| a.feeds_signed).count(),
                 },
                 &sluice_exec::operators::event_time_columns(&plan),
             )

@@ -38,7 +38,7 @@ use datafusion::physical_plan::expressions::{CaseExpr, Literal};
 use sluice_common::OutputMode;
 use sluice_planner::SIGN_PLACEHOLDER;
 
-use super::{StreamingAggregateExec, as_stateful, stateful_nodes};
+use super::{StreamingAggregateExec, TopNExec, as_stateful, stateful_nodes};
 
 /// The operation column of a changelog.
 pub const OP: &str = "_op";
@@ -73,12 +73,13 @@ fn carry(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     carry_with(plan, &|node| Ok(node))
 }
 
-/// Makes every aggregate that feeds an updating edge (a projection with
-/// the sign placeholder above it, see `sluice_planner::retract`) emit its
-/// changes, and puts each change's sign in the placeholder's place: −1 for
+/// Makes every aggregate or top-N that feeds an updating edge (a
+/// projection with the sign placeholder above it, see
+/// `sluice_planner::retract`) emit its changes, and puts each change's sign in the placeholder's place: −1 for
 /// an old value (`-U`, `-D`), +1 for a new one.
-pub fn sign_edges(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+pub fn sign_edges(plan: Arc<dyn ExecutionPlan>) -> Result<(Arc<dyn ExecutionPlan>, usize)> {
     let mut failure: Option<Error> = None;
+    let mut signed = 0;
     let out = plan
         .transform_up(|node| {
             let any: &dyn std::any::Any = node.as_ref();
@@ -89,7 +90,10 @@ pub fn sign_edges(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>
                 return Ok(Transformed::no(node));
             }
             match signed_projection(p) {
-                Ok(plan) => Ok(Transformed::yes(plan)),
+                Ok(plan) => {
+                    signed += 1;
+                    Ok(Transformed::yes(plan))
+                }
                 Err(e) => {
                     failure = Some(e);
                     Ok(Transformed::no(node))
@@ -99,7 +103,7 @@ pub fn sign_edges(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>
         .map_err(Error::from)?;
     match failure {
         Some(e) => Err(e),
-        None => Ok(out.data),
+        None => Ok((out.data, signed)),
     }
 }
 
@@ -114,10 +118,13 @@ fn is_sign_placeholder(e: &Arc<dyn PhysicalExpr>) -> bool {
 fn signed_projection(p: &ProjectionExec) -> Result<Arc<dyn ExecutionPlan>> {
     let input = carry_with(Arc::clone(p.input()), &|node| {
         let any: &dyn std::any::Any = node.as_ref();
-        match any.downcast_ref::<StreamingAggregateExec>() {
-            Some(agg) => Ok(Arc::new(agg.with_emit(OutputMode::Changelog)?)),
+        if let Some(agg) = any.downcast_ref::<StreamingAggregateExec>() {
+            return Ok(Arc::new(agg.with_emit(OutputMode::Changelog)?));
+        }
+        match any.downcast_ref::<TopNExec>() {
+            Some(topn) => Ok(Arc::new(topn.with_emit(OutputMode::Changelog))),
             None => Err(Error::not_supported(format!(
-                "an aggregate over the changes of {}: only an aggregate's changes can be undone",
+                "an operator over the changes of {}: only an aggregate's and a top-N's changes can be undone",
                 node.name()
             ))),
         }

@@ -366,6 +366,10 @@ pub struct StatefulOptions {
     pub mode: OutputMode,
     /// Drop an unwindowed aggregate's keys not updated for this long.
     pub state_ttl: Option<std::time::Duration>,
+    /// How many updating edges the logical plan signs (operators whose
+    /// changes an aggregate or a top-N takes back): the physical plan must
+    /// have as many, or a sign was optimized away.
+    pub signed_edges: usize,
 }
 
 /// The names of the streams' watermark columns in `plan`: a deduplication
@@ -510,7 +514,13 @@ pub fn plan_stateful(
     }
     refuse_ttl_join_under_event_time(&planned)?;
     // Aggregates that feed an aggregate undoing old values emit signed changes.
-    let planned = changelog::sign_edges(planned)?;
+    let (planned, signed) = changelog::sign_edges(planned)?;
+    if signed != options.signed_edges {
+        return Err(Error::internal(format!(
+            "the physical plan signs {signed} updating edge(s), the logical plan {}: a sign column was optimized away",
+            options.signed_edges
+        )));
+    }
     // A window function over a stream that did not become a stateful node
     // would number each batch's rows on their own: refuse it.
     let mut stray = false;

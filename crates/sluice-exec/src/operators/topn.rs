@@ -1,19 +1,27 @@
 //! Top-N and first-row deduplication: `ROW_NUMBER() OVER (PARTITION BY p
 //! ORDER BY o) <= N` over a stream, as a node of the physical plan.
 //!
-//! Two forms run today (Flink's window top-N and keep-first deduplication):
+//! Three forms (Flink's window top-N, keep-first deduplication, and rank):
 //! - **per window**, when `window_end` is among the partition keys: the node
 //!   keeps the best N rows of each open window (by `o`) and emits them, with
 //!   their row numbers, in the batch whose watermark closes the window; then
 //!   it forgets the window. A row whose window had closed at the start of
 //!   the batch is late. Its rows never change (append).
-//! - **keep first**, `= 1` without a window: the first row of each key —
-//!   the lowest by `o` among a batch's rows, the first to arrive among
-//!   equals — is emitted once, and the key is remembered for ever; later
-//!   rows of the key are dropped (append).
-//!
-//! Top-N without a window, and keep-last (`ORDER BY ... DESC) = 1`), emit
-//! updates and are refused at planning (not built yet).
+//! - **keep first**, `= 1` without a window, ascending by a time column
+//!   (rows are taken to arrive in time order, as Flink's deduplication
+//!   does): the first row of each key — the lowest by `o` among a batch's
+//!   rows, the first to arrive among equals — is emitted once, and the key
+//!   is remembered for ever; later rows of the key are dropped (append).
+//! - **without a window**, every other `<= N` (keep-last, `ORDER BY ...
+//!   DESC) = 1`; `= 1` by a column that is not a time; `<= N` for N > 1):
+//!   the node keeps the best N rows of each partition for ever, and per
+//!   batch emits what changed in each partition it touched: `-U` / `+U`
+//!   (old and new row number) for a kept row whose rank moved, `-U` old
+//!   row / `+U` new row where a row that entered took the rank of a row
+//!   pushed out (a top-1's update), `+I` for another row that entered the
+//!   best N and `-D` for another pushed out. Its rows
+//!   change, so the sink's mode is `changelog` (or `update` for a top-1,
+//!   whose partition key identifies its row).
 //!
 //! The state row of a kept row is keyed by the partition key and its rank
 //! slot (`__slot`, 0 to N−1); its value is the whole input row.
@@ -66,6 +74,12 @@ struct TopNCore {
     limit: usize,
     /// Where `window_end` is among the partition keys: a top-N per window.
     window_end: Option<usize>,
+    /// No window, and not keep-first: the kept rows change (see the module
+    /// docs).
+    updating: bool,
+    /// Where the input's sign column is, when the input is another
+    /// operator's changes: then every row of a partition is kept.
+    signed: Option<usize>,
     in_schema: SchemaRef,
     /// The input's columns, then the row number (the window node's schema).
     out_schema: SchemaRef,
@@ -100,17 +114,28 @@ impl TopNExec {
         let window_end = partition.iter().position(|(e, name)| {
             name == WINDOW_END && matches!(e.data_type(&in_schema), Ok(DataType::Timestamp(_, _)))
         });
-        if window_end.is_none() && limit != 1 {
-            return Err(Error::not_supported(
-                "ROW_NUMBER() <= N without a window over a stream (a top-N that emits updates); partition by window_start, window_end of TUMBLE(...) for a top-N per window",
-            ));
-        }
         let mut keys = Vec::new();
         for (e, name) in &partition {
             keys.push(Field::new(name, e.data_type(&in_schema)?, true));
         }
         keys.push(Field::new(SLOT, DataType::UInt32, false));
+        // As the planner decides: ascending by a time column (see
+        // `sluice_planner::validate`).
+        let keep_first = limit == 1
+            && order.first().is_none_or(|o| {
+                !o.options.descending
+                    && matches!(o.expr.data_type(&in_schema), Ok(DataType::Timestamp(_, _)))
+            });
+        let updating = window_end.is_none() && !keep_first;
+        let signed = in_schema.index_of(sluice_planner::SIGN).ok();
+        if signed.is_some() && !updating {
+            return Err(Error::internal(
+                "a top-N per window or keep-first over another operator's changes",
+            ));
+        }
         let core = TopNCore {
+            updating,
+            signed,
             key_schema: nullable(keys),
             value_schema: nullable(in_schema.fields().iter().map(|f| f.as_ref().clone())),
             partition,
@@ -153,6 +178,18 @@ impl TopNExec {
         )
     }
 
+    /// For a top-1 without a window (its update-mode rows are upserts):
+    /// the partition keys, which identify a row of the result.
+    pub fn upsert_keys(&self) -> Option<Vec<String>> {
+        (self.core.updating && self.core.limit == 1).then(|| {
+            self.core
+                .partition_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        })
+    }
+
     async fn run(self, ctx: Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
         let (batch, state) = OperatorRuntime::of(&ctx, &self.id)?;
         let mut guard = state.lock().await;
@@ -192,6 +229,13 @@ impl TopNExec {
             }
         }
         report.input_rows = rows.num_rows() as u64;
+        if core.updating {
+            let out = self.update(store, rows, batch.batch_id)?;
+            report
+                .steps
+                .push(("run", started.elapsed().as_secs_f64() * 1000.0));
+            return Ok(out.into_iter().collect());
+        }
         let mut emit: Vec<RecordBatch> = Vec::new();
         if rows.num_rows() > 0
             && let Some(first) = self.merge(store, rows)?
@@ -281,14 +325,409 @@ impl TopNExec {
             )?));
         }
         let all = concat_batches(&core.in_schema, [&stored_rows, &rows])?;
-        let (best, ranks) = self.best_ranked(&all, &conv)?;
+        let (best, ranks) = self.best_ranked(&all, &conv, core.limit)?;
         self.store_ranked(store, &best, &ranks)?;
         Ok(None)
     }
 
+    /// Merges the batch's `rows` into the kept rows of their partitions
+    /// (a top-N without a window) and returns the changes: in changelog
+    /// mode `-U` old / `+U` new row number for a kept row whose rank
+    /// moved, `-U` old / `+U` new row where a row that entered took the
+    /// rank of one pushed out, `+I` for another row that entered the best
+    /// N, `-D` for another pushed out; in update mode the new rows (a
+    /// top-1: each changed partition's new row).
+    fn update(
+        &self,
+        store: &mut StateStore,
+        rows: RecordBatch,
+        batch_id: u64,
+    ) -> Result<Option<RecordBatch>> {
+        let core = &self.core;
+        if rows.num_rows() == 0 {
+            return Ok(None);
+        }
+        if let Some(sign) = core.signed {
+            return self.update_pool(store, rows, sign, batch_id);
+        }
+        let np = core.partition.len();
+        let conv = self.partition_converter()?;
+        let (stored, stored_rows) = self.kept_of(store, &rows, &conv)?;
+        let all = concat_batches(&core.in_schema, [&stored_rows, &rows])?;
+        let (best, ranks) = self.best_ranked(&all, &conv, core.limit)?;
+        let old_ranks: Vec<u32> = stored
+            .column(np)
+            .as_primitive::<UInt32Type>()
+            .values()
+            .to_vec();
+        let (out, moved) =
+            self.changes(&stored_rows, &old_ranks, &best, &ranks, &conv, batch_id)?;
+        // The input only adds rows, so every rank held before is held after
+        // (by the same row or another): overwriting the moved ones is all.
+        let moved = UInt32Array::from(moved);
+        let keep = take_record_batch(&best, &moved)?;
+        let keep_ranks: Vec<u32> = moved.values().iter().map(|j| ranks[*j as usize]).collect();
+        self.store_ranked(store, &keep, &keep_ranks)?;
+        Ok(out)
+    }
+
+    /// A top-N over changes (its input's rows carry a sign in column
+    /// `sign`): every row of a partition is kept, ranked, so that when a
+    /// kept row is taken back (−1) the next one moves up. Merges the
+    /// batch's rows into their partitions' rows and returns the changes of
+    /// the best N, as [`Self::update`] does.
+    fn update_pool(
+        &self,
+        store: &mut StateStore,
+        rows: RecordBatch,
+        sign: usize,
+        batch_id: u64,
+    ) -> Result<Option<RecordBatch>> {
+        use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
+        use datafusion::arrow::datatypes::Int64Type;
+        let core = &self.core;
+        let np = core.partition.len();
+        let conv = self.partition_converter()?;
+        let (stored, stored_rows) = self.pool_of(store, &rows, &conv)?;
+        let old_slots: Vec<u32> = stored
+            .column(np)
+            .as_primitive::<UInt32Type>()
+            .values()
+            .to_vec();
+        let signs = rows.column(sign).as_primitive::<Int64Type>();
+        let adds: BooleanArray = (0..rows.num_rows())
+            .map(|i| Some(signs.is_null(i) || signs.value(i) > 0))
+            .collect();
+        let takes = datafusion::arrow::compute::not(&adds)?;
+        // Rows are kept with sign 1, so a row and its retraction compare
+        // equal once the retraction's sign is set to 1 too.
+        let positive = |b: RecordBatch| -> Result<RecordBatch> {
+            let mut cols = b.columns().to_vec();
+            cols[sign] = Arc::new(Int64Array::from(vec![1i64; b.num_rows()]));
+            Ok(RecordBatch::try_new(Arc::clone(&core.in_schema), cols)?)
+        };
+        let added = positive(filter_record_batch(&rows, &adds)?)?;
+        let taken = positive(filter_record_batch(&rows, &takes)?)?;
+        let all = concat_batches(&core.in_schema, [&stored_rows, &added])?;
+        let row_conv = self.row_converter()?;
+        let all_rows = row_conv.convert_columns(all.columns())?;
+        let mut at: HashMap<&[u8], Vec<usize>> = HashMap::new();
+        for i in (0..all.num_rows()).rev() {
+            at.entry(all_rows.row(i).data()).or_default().push(i);
+        }
+        let mut keep = vec![true; all.num_rows()];
+        let taken_rows = row_conv.convert_columns(taken.columns())?;
+        for t in 0..taken.num_rows() {
+            match at.get_mut(taken_rows.row(t).data()).and_then(Vec::pop) {
+                Some(i) => keep[i] = false,
+                None => {
+                    return Err(Error::internal(format!(
+                        "operator '{}': a retraction of a row the top-N does not hold",
+                        self.id
+                    )));
+                }
+            }
+        }
+        let keep: BooleanArray = keep.into_iter().map(Some).collect();
+        let pool = filter_record_batch(&all, &keep)?;
+        let (ranked, ranks) = self.best_ranked(&pool, &conv, usize::MAX)?;
+        let top = |rows: &RecordBatch, ranks: &[u32]| -> Result<(RecordBatch, Vec<u32>)> {
+            let idx: Vec<u32> = (0..ranks.len() as u32)
+                .filter(|i| (ranks[*i as usize] as usize) < core.limit)
+                .collect();
+            let r: Vec<u32> = idx.iter().map(|i| ranks[*i as usize]).collect();
+            Ok((take_record_batch(rows, &UInt32Array::from(idx))?, r))
+        };
+        let (old_top, old_top_ranks) = top(&stored_rows, &old_slots)?;
+        let (new_top, new_top_ranks) = top(&ranked, &ranks)?;
+        let (out, _) = self.changes(
+            &old_top,
+            &old_top_ranks,
+            &new_top,
+            &new_top_ranks,
+            &conv,
+            batch_id,
+        )?;
+        // The partitions' rows at their new ranks; slots past a
+        // partition's new size go.
+        self.store_ranked(store, &ranked, &ranks)?;
+        let sizes = |parts: &[ArrayRef], n: usize| -> Result<HashMap<Vec<u8>, (u32, usize)>> {
+            let keys = conv.convert_columns(parts)?;
+            let mut out: HashMap<Vec<u8>, (u32, usize)> = HashMap::new();
+            for i in 0..n {
+                out.entry(keys.row(i).data().to_vec()).or_insert((0, i)).0 += 1;
+            }
+            Ok(out)
+        };
+        let old_parts = stored.columns()[..np].to_vec();
+        let before = sizes(&old_parts, stored.num_rows())?;
+        let after = sizes(&core.partition_values(&ranked)?, ranked.num_rows())?;
+        let (mut rows_at, mut slots) = (Vec::new(), Vec::new());
+        for (key, (old_n, i)) in &before {
+            let new_n = after.get(key).map_or(0, |(n, _)| *n);
+            for slot in new_n..*old_n {
+                rows_at.push(*i as u32);
+                slots.push(slot);
+            }
+        }
+        if !slots.is_empty() {
+            let at = UInt32Array::from(rows_at);
+            let mut keys: Vec<ArrayRef> = old_parts
+                .iter()
+                .map(|c| take(c.as_ref(), &at, None))
+                .collect::<std::result::Result<_, _>>()?;
+            keys.push(Arc::new(UInt32Array::from(slots)));
+            store.remove(&keys)?;
+        }
+        Ok(out)
+    }
+
+    /// The changes from the best rows `old` (ranks `old_ranks`) of some
+    /// partitions to their best rows `new` (ranks `new_ranks`), as the
+    /// node emits them (see [`Self::update`]); and which of `new` entered
+    /// or moved.
+    fn changes(
+        &self,
+        old: &RecordBatch,
+        old_ranks: &[u32],
+        new: &RecordBatch,
+        new_ranks: &[u32],
+        conv: &RowConverter,
+        batch_id: u64,
+    ) -> Result<(Option<RecordBatch>, Vec<u32>)> {
+        use datafusion::arrow::array::StringArray;
+        use datafusion::arrow::compute::interleave_record_batch;
+        let core = &self.core;
+        let (stored_rows, best, ranks) = (old, new, new_ranks);
+        // Rows are matched by their whole content (which holds the
+        // partition key): a kept row that stays is the same row at the same
+        // or another rank.
+        let row_conv = self.row_converter()?;
+        let old_rows = row_conv.convert_columns(stored_rows.columns())?;
+        let new_rows = row_conv.convert_columns(best.columns())?;
+        let mut old_of: HashMap<&[u8], Vec<usize>> = HashMap::new();
+        for i in (0..stored_rows.num_rows()).rev() {
+            old_of.entry(old_rows.row(i).data()).or_default().push(i);
+        }
+        let numbered = |rows: &RecordBatch, ranks: &[u32]| -> Result<RecordBatch> {
+            let mut cols = rows.columns().to_vec();
+            cols.push(Arc::new(UInt64Array::from_iter_values(
+                ranks.iter().map(|r| u64::from(*r) + 1),
+            )));
+            Ok(RecordBatch::try_new(Arc::clone(&core.out_schema), cols)?)
+        };
+        let old_out = numbered(stored_rows, old_ranks)?;
+        let new_out = numbered(best, ranks)?;
+        let (mut picks, mut ops, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        // New rows, and rows whose rank changed, go to the store.
+        let mut moved: Vec<u32> = Vec::new();
+        let mut stayed = vec![false; stored_rows.num_rows()];
+        let mut entered: Vec<usize> = Vec::new();
+        for (j, &rank) in ranks.iter().enumerate() {
+            let seq = (batch_id << 32) | j as u64;
+            match old_of.get_mut(new_rows.row(j).data()).and_then(Vec::pop) {
+                Some(i) => {
+                    stayed[i] = true;
+                    if old_ranks[i] == rank {
+                        continue;
+                    }
+                    picks.extend([(0, i), (1, j)]);
+                    ops.extend(["-U", "+U"]);
+                    seqs.extend([seq, seq]);
+                }
+                None => entered.push(j),
+            }
+            moved.push(j as u32);
+        }
+        // A row that entered at the rank a pushed-out row held replaces it
+        // (-U old / +U new: for a top-1, each key's row is updated); the
+        // other rows that entered are +I, the other pushed-out rows -D.
+        let parts_of = |rows: &RecordBatch| -> Result<datafusion::arrow::row::Rows> {
+            Ok(conv.convert_columns(&core.partition_values(rows)?)?)
+        };
+        let (old_parts, new_parts) = (parts_of(stored_rows)?, parts_of(best)?);
+        let at = |parts: &datafusion::arrow::row::Rows, i: usize, rank: u32| -> Vec<u8> {
+            let mut k = parts.row(i).data().to_vec();
+            k.extend_from_slice(&rank.to_be_bytes());
+            k
+        };
+        let mut entrants: HashMap<Vec<u8>, usize> = entered
+            .iter()
+            .map(|&j| (at(&new_parts, j, ranks[j]), j))
+            .collect();
+        let base = best.num_rows() as u64;
+        for (i, stays) in stayed.iter().enumerate() {
+            if *stays {
+                continue;
+            }
+            match entrants.remove(&at(&old_parts, i, old_ranks[i])) {
+                Some(j) => {
+                    let seq = (batch_id << 32) | j as u64;
+                    picks.extend([(0, i), (1, j)]);
+                    ops.extend(["-U", "+U"]);
+                    seqs.extend([seq, seq]);
+                }
+                None => {
+                    picks.push((0, i));
+                    ops.push("-D");
+                    seqs.push((batch_id << 32) | (base + i as u64));
+                }
+            }
+        }
+        for j in entered {
+            if entrants.contains_key(&at(&new_parts, j, ranks[j])) {
+                picks.push((1, j));
+                ops.push("+I");
+                seqs.push((batch_id << 32) | j as u64);
+            }
+        }
+        if picks.is_empty() {
+            return Ok((None, moved));
+        }
+        let out = interleave_record_batch(&[&old_out, &new_out], &picks)?;
+        if self.emit != OutputMode::Changelog {
+            // Update mode (a top-1): the new row of each partition.
+            let new: datafusion::arrow::array::BooleanArray = ops
+                .iter()
+                .map(|op| Some(*op != "-U" && *op != "-D"))
+                .collect();
+            return Ok((Some(filter_record_batch(&out, &new)?), moved));
+        }
+        let mut cols = out.columns().to_vec();
+        cols.push(Arc::new(StringArray::from(ops)));
+        cols.push(Arc::new(UInt64Array::from(seqs)));
+        Ok((
+            Some(RecordBatch::try_new(
+                with_change_fields(&core.out_schema),
+                cols,
+            )?),
+            moved,
+        ))
+    }
+
+    /// Compares partition keys.
+    fn partition_converter(&self) -> Result<RowConverter> {
+        let np = self.core.partition.len();
+        Ok(RowConverter::new(
+            self.core.key_schema.fields()[..np]
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?)
+    }
+
+    /// Compares whole input rows.
+    fn row_converter(&self) -> Result<RowConverter> {
+        Ok(RowConverter::new(
+            self.core
+                .in_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?)
+    }
+
+    /// Every kept row of the partitions of `rows` (a top-N over changes
+    /// keeps them all, at slots 0, 1, ...): as stored, and as input rows.
+    /// Slots are looked up in growing ranges until a partition's run ends.
+    fn pool_of(
+        &self,
+        store: &StateStore,
+        rows: &RecordBatch,
+        conv: &RowConverter,
+    ) -> Result<(RecordBatch, RecordBatch)> {
+        let core = &self.core;
+        let np = core.partition.len();
+        let parts = core.partition_values(rows)?;
+        let keys = conv.convert_columns(&parts)?;
+        let mut firsts: HashMap<&[u8], u32> = HashMap::new();
+        for i in 0..rows.num_rows() {
+            firsts.entry(keys.row(i).data()).or_insert(i as u32);
+        }
+        let mut open: Vec<u32> = firsts.into_values().collect();
+        open.sort_unstable();
+        let mut found: Vec<RecordBatch> = Vec::new();
+        let (mut from, mut width) = (0u32, core.limit.max(16) as u32);
+        // Each round doubles the range; a partition holds fewer than
+        // 2^32 rows, so the loop ends.
+        while !open.is_empty() {
+            let at: UInt32Array = open
+                .iter()
+                .flat_map(|i| std::iter::repeat_n(*i, width as usize))
+                .collect();
+            let slots: UInt32Array = open.iter().flat_map(|_| from..from + width).collect();
+            let mut lookup: Vec<ArrayRef> = parts
+                .iter()
+                .map(|c| take(c.as_ref(), &at, None))
+                .collect::<std::result::Result<_, _>>()?;
+            lookup.push(Arc::new(slots));
+            let got = store.get(&lookup)?;
+            // The partitions whose every slot of the range is held may
+            // hold more.
+            let got_keys = conv.convert_columns(&got.columns()[..np])?;
+            let mut held: HashMap<&[u8], u32> = HashMap::new();
+            for r in 0..got.num_rows() {
+                *held.entry(got_keys.row(r).data()).or_default() += 1;
+            }
+            open.retain(|i| held.get(keys.row(*i as usize).data()) == Some(&width));
+            found.push(got);
+            from = from.saturating_add(width);
+            width = width.saturating_mul(2);
+            if from == u32::MAX {
+                break;
+            }
+        }
+        let stored = match found.first() {
+            Some(first) => concat_batches(&first.schema(), &found)?,
+            None => return Err(Error::internal("a top-N batch without rows")),
+        };
+        let stored_rows = RecordBatch::try_new(
+            Arc::clone(&core.in_schema),
+            cast_all(&stored.columns()[np + 1..], &core.in_schema)?,
+        )?;
+        Ok((stored, stored_rows))
+    }
+
+    /// The kept rows of the partitions of `rows`: as stored (keys, slot,
+    /// values), and as input rows.
+    fn kept_of(
+        &self,
+        store: &StateStore,
+        rows: &RecordBatch,
+        conv: &RowConverter,
+    ) -> Result<(RecordBatch, RecordBatch)> {
+        let core = &self.core;
+        let np = core.partition.len();
+        let parts = core.partition_values(rows)?;
+        let keys = conv.convert_columns(&parts)?;
+        let mut firsts: HashMap<&[u8], u32> = HashMap::new();
+        for i in 0..rows.num_rows() {
+            firsts.entry(keys.row(i).data()).or_insert(i as u32);
+        }
+        let mut uniq: Vec<u32> = firsts.into_values().collect();
+        uniq.sort_unstable();
+        let at: UInt32Array = uniq
+            .iter()
+            .flat_map(|i| std::iter::repeat_n(*i, core.limit))
+            .collect();
+        let slots: UInt32Array = uniq.iter().flat_map(|_| 0..core.limit as u32).collect();
+        let mut lookup: Vec<ArrayRef> = parts
+            .iter()
+            .map(|c| take(c.as_ref(), &at, None))
+            .collect::<std::result::Result<_, _>>()?;
+        lookup.push(Arc::new(slots));
+        let stored = store.get(&lookup)?;
+        let stored_rows = RecordBatch::try_new(
+            Arc::clone(&core.in_schema),
+            cast_all(&stored.columns()[np + 1..], &core.in_schema)?,
+        )?;
+        Ok((stored, stored_rows))
+    }
+
     /// The first row (by the order) of each partition of `rows`.
     fn best(&self, rows: &RecordBatch, conv: &RowConverter) -> Result<RecordBatch> {
-        let (best, ranks) = self.best_ranked(rows, conv)?;
+        let (best, ranks) = self.best_ranked(rows, conv, self.core.limit)?;
         let first: datafusion::arrow::array::BooleanArray =
             ranks.iter().map(|r| Some(*r == 0)).collect();
         Ok(filter_record_batch(&best, &first)?)
@@ -300,6 +739,7 @@ impl TopNExec {
         &self,
         rows: &RecordBatch,
         conv: &RowConverter,
+        limit: usize,
     ) -> Result<(RecordBatch, Vec<u32>)> {
         let core = &self.core;
         if rows.num_rows() == 0 {
@@ -331,7 +771,7 @@ impl TopNExec {
             let k = keys.row(i as usize).data();
             rank = if prev == Some(k) { rank + 1 } else { 0 };
             prev = Some(k);
-            if (rank as usize) < core.limit {
+            if (rank as usize) < limit {
                 picked.push(i);
                 ranks.push(rank);
             }
@@ -418,6 +858,8 @@ impl DisplayAs for TopNExec {
             self.id,
             if self.core.window_end.is_some() {
                 "emit a window's rows once window_end <= watermark at the end of the batch, then remove them (never without a watermark)"
+            } else if self.core.updating {
+                "none (the best N rows of every partition are kept for ever)"
             } else {
                 "none (keep first: every key is kept for ever)"
             }
