@@ -68,7 +68,7 @@ pub fn explain_streaming(
             continue;
         }
         if let Some(n) = a.topn {
-            explain_topn(&mut s, a, n);
+            explain_topn(&mut s, a, n, &physical_text);
             continue;
         }
         // The topmost operator emits in the sink's mode; the ones below it
@@ -232,7 +232,7 @@ fn readable_intervals(text: &str) -> String {
 }
 
 /// The `state:` block of a `ROW_NUMBER() <= N`.
-fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize) {
+fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize, physical_text: &str) {
     let _ = writeln!(
         s,
         "  state: top {n} per [{}] by ROW_NUMBER() (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot)",
@@ -263,6 +263,21 @@ fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize) {
             "    eviction: none: every partition's best {n} rows are kept for ever"
         );
         let _ = writeln!(s, "    late rows: none");
+    } else if physical_text.lines().any(|l| {
+        l.contains(&format!("operator={},", a.id)) && l.contains("drop_duplicates_within_watermark")
+    }) {
+        let _ = writeln!(
+            s,
+            "    per batch: emit the first row of each key not held (the lowest by event time among the batch's rows)"
+        );
+        let _ = writeln!(
+            s,
+            "    eviction: a key once the watermark (end of batch) reaches its first row's event time plus the watermark delay"
+        );
+        let _ = writeln!(
+            s,
+            "    late rows: rows whose event time <= watermark at the start of the batch are late: counted, not kept"
+        );
     } else {
         let _ = writeln!(
             s,

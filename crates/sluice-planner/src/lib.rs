@@ -28,6 +28,6 @@ pub use retract::{SIGN, SIGN_PLACEHOLDER, is_sign_placeholder, sign_updating_edg
 pub use stream_table::{BatchSlot, StreamTable, fork_streams, is_stream_scan, stream_tables};
 pub use validate::{AggregateShape, OutputMode, PlanShape, WINDOW_END, check_streaming_plan};
 pub use windows::{
-    SESSION_END, SessionEnd, WINDOW_END_FN, WINDOW_TIME_FN, rewrite_windows, window_time_udf,
-    window_udfs,
+    SESSION_END, SessionEnd, WINDOW_END_FN, WINDOW_TIME_FN, WITHIN_WATERMARK_FN, rewrite_windows,
+    window_time_udf, window_udfs, within_watermark_udf,
 };

@@ -700,3 +700,50 @@ mod properties {
         }
     }
 }
+
+/// `sluice_within_watermark(time, delay_ms)`: `time`, unchanged. It marks
+/// the order of a keep-first `ROW_NUMBER()` built by the DataFrame's
+/// `drop_duplicates_within_watermark`: the node keeps a key until the
+/// watermark reaches its first row's `time` plus `delay_ms`.
+pub const WITHIN_WATERMARK_FN: &str = "sluice_within_watermark";
+
+/// `sluice_within_watermark`, to call from a DataFrame.
+pub fn within_watermark_udf() -> ScalarUDF {
+    ScalarUDF::new_from_impl(WithinWatermark {
+        signature: Signature::any(2, Volatility::Immutable),
+    })
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct WithinWatermark {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for WithinWatermark {
+    fn name(&self) -> &str {
+        WITHIN_WATERMARK_FN
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> datafusion::common::Result<DataType> {
+        match (&arg_types[0], &arg_types[1]) {
+            (t @ DataType::Timestamp(_, _), DataType::Int64) => Ok(t.clone()),
+            (t, d) => datafusion::common::plan_err!(
+                "{WITHIN_WATERMARK_FN} takes an event time (a timestamp) and a delay in ms (BIGINT), got {t} and {d}"
+            ),
+        }
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::common::Result<ColumnarValue> {
+        match args.args.into_iter().next() {
+            Some(time) => Ok(time),
+            None => datafusion::common::internal_err!("{WITHIN_WATERMARK_FN} takes two arguments"),
+        }
+    }
+}

@@ -47,6 +47,15 @@ pub trait StreamingDataFrame: Sized {
     /// `ROW_NUMBER() OVER (PARTITION BY columns) = 1`, so it runs as a
     /// keep-first top-N node and its output is append-only.
     fn drop_duplicates(self, columns: &[&str]) -> Result<DataFrame>;
+    /// Keeps the first row of each distinct value of `columns` among rows
+    /// whose event times lie within the watermark delay of each other
+    /// (Spark's `dropDuplicatesWithinWatermark(cols)`): a key is remembered
+    /// until the watermark reaches its first row's event time plus the
+    /// delay, then forgotten, so a later row of the key is emitted again.
+    /// Rows at or below the watermark are late. The frame must read a
+    /// stream with a watermark ([`Self::with_watermark`] or `WATERMARK FOR`)
+    /// on a column it still has. Its output is append-only.
+    fn drop_duplicates_within_watermark(self, columns: &[&str]) -> Result<DataFrame>;
     /// Whether the frame reads a stream.
     fn is_streaming(&self) -> bool;
     /// Starts describing how to run this frame as a streaming query.
@@ -156,6 +165,54 @@ impl StreamingDataFrame for DataFrame {
         }
         let rn = datafusion::functions_window::expr_fn::row_number()
             .partition_by(columns.iter().map(|c| ident(*c)).collect())
+            .build()
+            .map_err(Error::from)?
+            .alias("__sluice_row_number");
+        let kept = self
+            .window(vec![rn])?
+            .filter(col("__sluice_row_number").eq(lit(1u64)))?;
+        Ok(kept.select(names.iter().map(|n| ident(n.as_str())).collect::<Vec<_>>())?)
+    }
+
+    fn drop_duplicates_within_watermark(self, columns: &[&str]) -> Result<DataFrame> {
+        use datafusion::logical_expr::ExprFunctionExt;
+        let what = "drop_duplicates_within_watermark";
+        if columns.is_empty() {
+            return Err(Error::plan(format!("{what} needs at least one column")));
+        }
+        let names: Vec<String> = self
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        for c in columns {
+            if !names.iter().any(|n| n == c) {
+                return Err(Error::plan(format!(
+                    "{what}: no column '{c}' (columns: {})",
+                    names.join(", ")
+                )));
+            }
+        }
+        let watermark = stream_tables(self.logical_plan())
+            .iter()
+            .filter_map(|t| t.watermark())
+            .find(|w| names.contains(&w.column))
+            .ok_or_else(|| {
+                Error::plan(format!(
+                    "{what} needs a watermark on an event-time column of the frame, to know when a key may be forgotten: call with_watermark(column, delay) first, or declare WATERMARK FOR in the source"
+                ))
+            })?;
+        let delay_ms = i64::try_from(watermark.delay.as_millis()).unwrap_or(i64::MAX);
+        let order = datafusion::logical_expr::Expr::ScalarFunction(
+            datafusion::logical_expr::expr::ScalarFunction::new_udf(
+                Arc::new(sluice_planner::within_watermark_udf()),
+                vec![ident(watermark.column.as_str()), lit(delay_ms)],
+            ),
+        );
+        let rn = datafusion::functions_window::expr_fn::row_number()
+            .partition_by(columns.iter().map(|c| ident(*c)).collect())
+            .order_by(vec![order.sort(true, false)])
             .build()
             .map_err(Error::from)?
             .alias("__sluice_row_number");

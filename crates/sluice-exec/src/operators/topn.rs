@@ -77,6 +77,10 @@ struct TopNCore {
     /// No window, and not keep-first: the kept rows change (see the module
     /// docs).
     updating: bool,
+    /// For `drop_duplicates_within_watermark` (a keep-first ordered by
+    /// `sluice_within_watermark(time, delay)`): the event time, and the
+    /// delay (ms) after it until which a key is kept.
+    within: Option<(Arc<dyn PhysicalExpr>, i64)>,
     /// Where the input's sign column is, when the input is another
     /// operator's changes: then every row of a partition is kept.
     signed: Option<usize>,
@@ -127,6 +131,24 @@ impl TopNExec {
                     && matches!(o.expr.data_type(&in_schema), Ok(DataType::Timestamp(_, _)))
             });
         let updating = window_end.is_none() && !keep_first;
+        let within = order.first().and_then(|o| {
+            let any: &dyn std::any::Any = o.expr.as_ref();
+            let f = any.downcast_ref::<datafusion::physical_expr::ScalarFunctionExpr>()?;
+            if f.name() != sluice_planner::WITHIN_WATERMARK_FN {
+                return None;
+            }
+            let [time, delay] = f.args() else {
+                return None;
+            };
+            let any: &dyn std::any::Any = delay.as_ref();
+            match any
+                .downcast_ref::<datafusion::physical_plan::expressions::Literal>()?
+                .value()
+            {
+                datafusion::common::ScalarValue::Int64(Some(d)) => Some((Arc::clone(time), *d)),
+                _ => None,
+            }
+        });
         let signed = in_schema.index_of(sluice_planner::SIGN).ok();
         if signed.is_some() && !updating {
             return Err(Error::internal(
@@ -134,6 +156,7 @@ impl TopNExec {
             ));
         }
         let core = TopNCore {
+            within,
             updating,
             signed,
             key_schema: nullable(keys),
@@ -228,6 +251,17 @@ impl TopNExec {
                 rows = filter_record_batch(&rows, &keep)?;
             }
         }
+        if let (Some((time, _)), Some(wm)) = (&core.within, batch.watermark_start) {
+            let t = time.evaluate(&rows)?.into_array(rows.num_rows())?;
+            let keep = after_watermark(&t, wm)?;
+            let late = rows.num_rows() - keep.true_count();
+            if late > 0 {
+                report.late_rows += late as u64;
+                let gone = datafusion::arrow::compute::not(&keep)?;
+                report.late.push((0, filter_record_batch(&rows, &gone)?));
+                rows = filter_record_batch(&rows, &keep)?;
+            }
+        }
         report.input_rows = rows.num_rows() as u64;
         if core.updating {
             let out = self.update(store, rows, batch.batch_id)?;
@@ -241,6 +275,20 @@ impl TopNExec {
             && let Some(first) = self.merge(store, rows)?
         {
             emit.push(first);
+        }
+        if let (Some((time, delay)), Some(wm)) = (&core.within, batch.watermark_end) {
+            // A key goes once the watermark reaches its first row's time
+            // plus the delay.
+            let np = core.partition.len();
+            store.remove_where(|live| {
+                let kept = RecordBatch::try_new(
+                    Arc::clone(&core.in_schema),
+                    cast_all(&live.columns()[np + 1..], &core.in_schema)?,
+                )?;
+                let t = time.evaluate(&kept)?.into_array(kept.num_rows())?;
+                let open = after_watermark(&t, wm.saturating_sub(*delay))?;
+                Ok(datafusion::arrow::compute::not(&open)?)
+            })?;
         }
         if let (Some(we), Some(wm)) = (core.window_end, batch.watermark_end) {
             let closed = store.remove_keys_where(|keys| {
@@ -860,6 +908,8 @@ impl DisplayAs for TopNExec {
                 "emit a window's rows once window_end <= watermark at the end of the batch, then remove them (never without a watermark)"
             } else if self.core.updating {
                 "none (the best N rows of every partition are kept for ever)"
+            } else if self.core.within.is_some() {
+                "a key once the watermark reaches its first row's event time plus the watermark delay (drop_duplicates_within_watermark)"
             } else {
                 "none (keep first: every key is kept for ever)"
             }
@@ -954,7 +1004,7 @@ impl StatefulExec for TopNExec {
     }
 
     fn has_late_rows(&self) -> bool {
-        self.core.window_end.is_some()
+        self.core.window_end.is_some() || self.core.within.is_some()
     }
 
     fn input_schema(&self) -> SchemaRef {
