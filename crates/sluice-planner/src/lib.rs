@@ -24,7 +24,9 @@ pub mod windows;
 
 pub use explain::{explain_streaming, fingerprint};
 pub use parser::{CreateSink, CreateSource, Statement, WatermarkDef, parse_script};
-pub use retract::{SIGN, SIGN_PLACEHOLDER, is_sign_placeholder, sign_updating_edges};
+pub use retract::{
+    SIGN, SIGN_PLACEHOLDER, distinct_on_as_row_number, is_sign_placeholder, sign_updating_edges,
+};
 pub use stream_table::{BatchSlot, StreamTable, fork_streams, is_stream_scan, stream_tables};
 pub use validate::{AggregateShape, OutputMode, PlanShape, WINDOW_END, check_streaming_plan};
 pub use windows::{

@@ -499,3 +499,85 @@ fn cast_if_needed(e: Expr, ty: &DataType, schema: &DFSchema) -> Result<Expr> {
     let t = e.get_type(schema).map_err(Error::from)?;
     Ok(if &t == ty { e } else { cast(e, ty.clone()) })
 }
+
+/// `SELECT DISTINCT ON (k) ... ORDER BY k, o` over streams as what it
+/// means, `ROW_NUMBER() OVER (PARTITION BY k ORDER BY o) = 1`: the first
+/// row per key by the order, which runs as a keep-first (ascending by a
+/// time) or a top-1 that emits updates. The `ORDER BY` that DISTINCT ON
+/// needs also sorts the output, which a stream cannot; that sort goes (a
+/// sink's rows have no order). Plans without DISTINCT ON over a stream
+/// come back unchanged.
+pub fn distinct_on_as_row_number(plan: LogicalPlan) -> Result<LogicalPlan> {
+    use datafusion::logical_expr::{Distinct, ExprFunctionExt, Window};
+    if stream_tables(&plan).is_empty() {
+        return Ok(plan);
+    }
+    let out = plan
+        .transform_up(|node| {
+            // The output sort right over a rewritten DISTINCT ON (through
+            // projections) goes.
+            if let LogicalPlan::Sort(s) = &node
+                && marks_distinct_on(&s.input)
+            {
+                return Ok(Transformed::yes(s.input.as_ref().clone()));
+            }
+            let LogicalPlan::Distinct(Distinct::On(d)) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            if stream_tables(&d.input).is_empty() {
+                return Ok(Transformed::no(node));
+            }
+            // The ORDER BY starts with the ON keys (DataFusion checks it);
+            // within a key they are constant, and the rest is the order.
+            let order: Vec<datafusion::logical_expr::SortExpr> = d
+                .sort_expr
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .filter(|(i, o)| d.on_expr.get(*i) != Some(&o.expr))
+                .map(|(_, o)| o)
+                .collect();
+            let rn = datafusion::functions_window::expr_fn::row_number()
+                .partition_by(d.on_expr.clone())
+                .order_by(order)
+                .build()?
+                .alias(DISTINCT_ON_RANK);
+            let window = LogicalPlan::Window(Window::try_new(vec![rn], Arc::clone(&d.input))?);
+            let first = LogicalPlan::Filter(Filter::try_new(
+                Expr::Column(Column::new_unqualified(DISTINCT_ON_RANK)).eq(lit(1u64)),
+                Arc::new(window),
+            )?);
+            let values: Vec<Expr> = d
+                .select_expr
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let (q, f) = d.schema.qualified_field(i);
+                    e.clone().alias_qualified(q.cloned(), f.name())
+                })
+                .collect();
+            Ok(Transformed::yes(LogicalPlan::Projection(
+                Projection::try_new(values, Arc::new(first))?,
+            )))
+        })
+        .map_err(Error::from)?;
+    Ok(out.data)
+}
+
+/// The row number a rewritten DISTINCT ON filters on.
+const DISTINCT_ON_RANK: &str = "__sluice_distinct_on_rank";
+
+/// Whether `plan` is (through projections and aliases) a rewritten
+/// DISTINCT ON.
+fn marks_distinct_on(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Projection(p) => {
+            matches!(p.input.as_ref(), LogicalPlan::Filter(f)
+                if f.input.schema().has_column_with_unqualified_name(DISTINCT_ON_RANK))
+                || marks_distinct_on(&p.input)
+        }
+        LogicalPlan::SubqueryAlias(a) => marks_distinct_on(&a.input),
+        _ => false,
+    }
+}

@@ -176,9 +176,6 @@ pub fn check_streaming_plan(name: &str, plan: &LogicalPlan, mode: OutputMode) ->
         (None, OutputMode::Complete) => Err(Error::plan(format!(
             "query '{name}': output mode complete re-emits the whole result table and needs an aggregate; this query is stateless (projection/filter/join), so use output_mode = 'append' or 'update'"
         ))),
-        (Some(a), OutputMode::Changelog) if a.session => Err(Error::not_supported(format!(
-            "query '{name}': output mode changelog on session windows (a merge would retract sessions); use update, append or complete"
-        ))),
         (_, OutputMode::Changelog) if plan.schema().fields().iter().any(|f| f.name() == "_op") => {
             Err(Error::plan(format!(
                 "query '{name}': output mode changelog adds an _op column, and the query already has one; rename it"

@@ -468,6 +468,8 @@ impl StreamContext {
         let stmt = DFStatement::Statement(Box::new(ast::Statement::Query(q)));
         let state = self.session.state();
         let plan = state.statement_to_plan(stmt).await.map_err(Error::from)?;
+        // DISTINCT ON over a stream runs as the ROW_NUMBER() = 1 it means.
+        let plan = sluice_planner::distinct_on_as_row_number(plan)?;
         Ok(DataFrame::new(state, plan))
     }
 

@@ -540,14 +540,14 @@ impl StreamingAggregateExec {
         let partial = core.partial.run(on_time, ctx).await?;
         let partial = concat_batches(&core.partial_schema, &partial)?;
         lap(report, "partial");
-        let (stored, partial) = match core.session {
+        let (stored, partial, before) = match core.session {
             Some((ws, we)) => core.merge_sessions(store, partial, ws, we)?,
             None => {
-                let stored = store.get(&core.keys_of(&partial))?;
-                (core.state_rows(&stored)?, partial)
+                let stored = core.state_rows(&store.get(&core.keys_of(&partial))?)?;
+                let before = stored.clone();
+                (stored, partial, before)
             }
         };
-        let before = stored.clone();
         lap(report, "get");
         let merged = core.reduce.run(vec![stored, partial], ctx).await?;
         let merged = concat_batches(&core.partial_schema, &merged)?;
@@ -668,6 +668,7 @@ impl AggregateCore {
     }
 
     /// `-U old, +U new` for keys that had a value, `+I new` for new keys,
+    /// `-D old` for old keys no new row has (sessions merged into another),
     /// with the change columns after the values: the operation, and a
     /// sequence number shared by the two rows of one update, unique in the
     /// batch (`batch id << 32 | pair`), so that a filter above can drop
@@ -700,6 +701,12 @@ impl AggregateCore {
                 .map(|j| index.get(&new_keys.row(j).owned()).copied())
                 .collect()
         };
+        // An old row no new row has the key of left the result: a session
+        // merged into a larger one.
+        let mut left = vec![true; old.num_rows()];
+        for i in matches.iter().flatten() {
+            left[*i as usize] = false;
+        }
         let mut picks: Vec<(usize, usize)> = Vec::new();
         let mut ops: Vec<&str> = Vec::new();
         let mut seqs: Vec<u64> = Vec::new();
@@ -716,6 +723,13 @@ impl AggregateCore {
                 picks.push((1, j));
                 ops.push("+I");
                 seqs.push(seq);
+            }
+        }
+        for (i, gone) in left.iter().enumerate() {
+            if *gone {
+                picks.push((0, i));
+                ops.push("-D");
+                seqs.push((batch_id << 32) | (new.num_rows() + i) as u64);
             }
         }
         let mut cols: Vec<ArrayRef> = Vec::new();

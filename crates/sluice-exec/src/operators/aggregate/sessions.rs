@@ -18,13 +18,15 @@ impl AggregateCore {
     /// of the same keys the bounds of the merged sessions they fall in (two
     /// sessions merge when one starts at or before the other's end: touching sessions merge, as in Spark and Flink), and takes
     /// those stored sessions out of the store — they come back merged.
+    /// Also gives those stored sessions as they were (their old bounds):
+    /// a changelog retracts them.
     pub(super) fn merge_sessions(
         &self,
         store: &mut StateStore,
         partial: RecordBatch,
         ws: usize,
         we: usize,
-    ) -> Result<(RecordBatch, RecordBatch)> {
+    ) -> Result<(RecordBatch, RecordBatch, RecordBatch)> {
         let others: Vec<usize> = (0..self.n_keys).filter(|i| *i != ws && *i != we).collect();
         // No other keys: every session shares one (constant) key.
         let fields: Vec<SortField> = if others.is_empty() {
@@ -150,7 +152,7 @@ impl AggregateCore {
                     .collect())
             })?;
         }
-        Ok((stored_new, partial_new))
+        Ok((stored_new, partial_new, stored))
     }
 }
 
