@@ -95,7 +95,7 @@ pub fn explain_streaming(
         if a.feeds_signed {
             let _ = writeln!(
                 s,
-                "    emits: every change as signed rows (old value -1, new value +1) into the next aggregate, which takes the old value back"
+                "    emits: every change as signed rows (old value -1, new value +1) into the next operator, which takes the old value back"
             );
         } else if a.feeds {
             let _ = writeln!(
@@ -256,12 +256,28 @@ fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize, physical_te
     } else if a.updates {
         let _ = writeln!(
             s,
-            "    per batch: merge the batch's rows into each partition's best {n}; per rank whose row changed emit -U old row / +U new row, per rank that was empty +I (update mode: the new rows)"
+            "    per batch: merge the batch's rows into each partition's {}; a kept row whose rank moved is -U/+U (old and new row number), a row that took a pushed-out row's rank replaces it (-U/+U), other rows that entered are +I, other rows pushed out -D (update mode: the new rows)",
+            if a.undoes {
+                "rows (the input changes: +1 rows are added, -1 rows take an equal kept row back, and every row is kept so the next one can move up)".to_string()
+            } else {
+                format!("best {n}")
+            }
         );
         let _ = writeln!(
             s,
-            "    eviction: none: every partition's best {n} rows are kept for ever"
+            "    eviction: none: {}",
+            if a.undoes {
+                "every row of every partition is kept for ever".to_string()
+            } else {
+                format!("every partition's best {n} rows are kept for ever")
+            }
         );
+        if a.feeds_signed {
+            let _ = writeln!(
+                s,
+                "    emits: its changes as signed rows (-1 for -U/-D, +1 for +U/+I) into the next aggregate, which takes them back"
+            );
+        }
         let _ = writeln!(s, "    late rows: none");
     } else if physical_text.lines().any(|l| {
         l.contains(&format!("operator={},", a.id)) && l.contains("drop_duplicates_within_watermark")
