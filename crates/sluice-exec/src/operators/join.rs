@@ -29,7 +29,11 @@
 //! only inner and semi joins run (their rows never change).
 //!
 //! Semi joins (`WHERE EXISTS`/`IN` over a stream) emit a row of the kept side
-//! on its first match, and forget it then.
+//! on its first match, and forget it then. Anti joins (`WHERE NOT EXISTS`)
+//! forget a row of the kept side on its first match, and emit the rows that
+//! never matched when they are evicted (or at once, if a condition on their
+//! own side fails), as an outer join emits its NULL rows. `NOT IN` (a
+//! null-aware anti join) is refused.
 //!
 //! The rows the node emits never change (append). It passes on a watermark
 //! delayed by its bound (`max(hi, -lo)`): a row it emits can carry an event
@@ -267,10 +271,17 @@ impl StreamJoinExec {
                 | JoinType::Full
                 | JoinType::LeftSemi
                 | JoinType::RightSemi
+                | JoinType::LeftAnti
+                | JoinType::RightAnti
         ) {
             return Err(Error::not_supported(format!(
-                "a {join_type} join of two streams (NOT EXISTS / NOT IN / mark joins): not built yet; inner, left, right, full outer and semi joins are"
+                "a {join_type} join of two streams (a mark join, from EXISTS under OR): not built yet; inner, left, right, full outer, semi (EXISTS) and anti (NOT EXISTS) joins are"
             )));
+        }
+        if join.null_aware {
+            return Err(Error::not_supported(
+                "NOT IN over a stream (a null-aware anti join: one NULL on the other side empties the result, for ever): not built yet; write NOT EXISTS (... WHERE a.k = b.k ...) instead",
+            ));
         }
         let left = strip(Arc::clone(join.left()));
         let right = strip(Arc::clone(join.right()));
@@ -494,6 +505,8 @@ impl StreamJoinExec {
         let mut out: Vec<RecordBatch> = Vec::new();
         let mask: BooleanArray = pass.iter().map(|v| Some(v == Some(true))).collect();
         match core.join_type {
+            // A match only rules a row out; unmatched rows come at eviction.
+            JoinType::LeftAnti | JoinType::RightAnti => {}
             JoinType::LeftSemi | JoinType::RightSemi => {
                 let s = if core.join_type == JoinType::LeftSemi {
                     0
@@ -529,7 +542,10 @@ impl StreamJoinExec {
         // 3. Store the new rows; flag stored rows that matched now.
         let now_ms = batch.now_ms;
         for s in 0..2 {
-            let semi_side = core.semi_side() == Some(s);
+            let anti_side = core.anti_side() == Some(s);
+            // An anti join's kept side drops a row once it matched, as a
+            // semi join's emits it then: either way the row is done.
+            let semi_side = core.semi_side() == Some(s) || anti_side;
             let outer = core.preserves(s);
             // Stored rows of a semi join's kept side that matched are done.
             if semi_side {
@@ -575,9 +591,9 @@ impl StreamJoinExec {
             for i in 0..n.rows.num_rows() {
                 let m = matched[s].contains(&Ref::New(i));
                 if !n.can_match[i] {
-                    // Fails a condition on its own side: an outer join
-                    // emits it now; nothing else will.
-                    if outer {
+                    // Fails a condition on its own side: an outer or an
+                    // anti join emits it now; nothing else will.
+                    if outer || anti_side {
                         at_once.push(i as u32);
                     }
                     continue;
@@ -606,7 +622,7 @@ impl StreamJoinExec {
                     &n.rows,
                     &datafusion::arrow::array::UInt32Array::from(at_once),
                 )?;
-                out.push(core.null_padded(s, &rows)?);
+                out.push(core.unmatched(s, &rows)?);
             }
             if !keep_idx.is_empty() {
                 let rows = datafusion::arrow::compute::take_record_batch(
@@ -642,7 +658,7 @@ impl StreamJoinExec {
             if due.is_empty() {
                 continue;
             }
-            if core.preserves(s) {
+            if core.preserves(s) || core.anti_side() == Some(s) {
                 let unmatched: Vec<u64> = due
                     .iter()
                     .copied()
@@ -650,7 +666,7 @@ impl StreamJoinExec {
                     .collect();
                 if !unmatched.is_empty() {
                     let rows = index.sides[s].gather(&unmatched, &core.sides[s])?;
-                    out.push(core.null_padded(s, &rows)?);
+                    out.push(core.unmatched(s, &rows)?);
                 }
             }
             let removed: Vec<(u64, Stored)> = due
@@ -686,6 +702,27 @@ impl JoinCore {
             JoinType::RightSemi => Some(1),
             _ => None,
         }
+    }
+
+    /// The side whose unmatched rows an anti join emits.
+    fn anti_side(&self) -> Option<usize> {
+        match self.join_type {
+            JoinType::LeftAnti => Some(0),
+            JoinType::RightAnti => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Side `s`'s rows that never matched, as the join emits them: with
+    /// NULLs for the other side (an outer join), or alone (an anti join).
+    fn unmatched(&self, s: usize, rows: &RecordBatch) -> Result<RecordBatch> {
+        if self.anti_side() == Some(s) {
+            return Ok(RecordBatch::try_new(
+                Arc::clone(&self.join_schema),
+                rows.columns().to_vec(),
+            )?);
+        }
+        self.null_padded(s, rows)
     }
 
     /// Whether an outer join keeps side `s`'s unmatched rows.
@@ -1019,6 +1056,8 @@ impl JoinCore {
                     JoinType::Left => "; unmatched left rows are emitted with NULLs then",
                     JoinType::Right => "; unmatched right rows are emitted with NULLs then",
                     JoinType::Full => "; unmatched rows are emitted with NULLs then",
+                    JoinType::LeftAnti => "; left rows that never matched are emitted then",
+                    JoinType::RightAnti => "; right rows that never matched are emitted then",
                     _ => "",
                 }
             ),
