@@ -194,6 +194,9 @@ impl MicroBatchExecution {
     ) -> Result<Self> {
         let name = config.name.clone();
         let ctx = |e: Error| e.context(format!("query '{name}'"));
+        // DISTINCT ON (from SQL, already rewritten, or from a DataFrame's
+        // distinct_on) runs as the ROW_NUMBER() = 1 it means.
+        let plan = sluice_planner::distinct_on_as_row_number(plan)?;
         let plan = state.optimize(&plan).map_err(Error::from)?;
         let plan = sluice_planner::sign_updating_edges(plan)?;
         let shape = check_streaming_plan(&name, &plan, config.output_mode)?;

@@ -573,3 +573,43 @@ async fn drop_duplicates_keeps_the_first_row_of_each_key_across_batches() {
     assert!(df.clone().drop_duplicates(&["nope"]).is_err());
     assert!(df.drop_duplicates(&[]).is_err());
 }
+
+#[tokio::test]
+async fn distinct_on_from_the_dataframe_api_keeps_each_keys_last_row_as_a_changelog() {
+    let (ctx, _clock) = manual();
+    ctx.sql("CREATE SOURCE clicks (usr VARCHAR, page VARCHAR, ts TIMESTAMP) WITH (connector = 'memory');
+             INSERT INTO clicks VALUES ('a', 'p1', '1970-01-01T00:00:01'), ('a', 'p2', '1970-01-01T00:00:02'), ('b', 'p3', '1970-01-01T00:00:03');")
+        .await
+        .unwrap();
+    let last = ctx
+        .session()
+        .table("clicks")
+        .await
+        .unwrap()
+        .distinct_on(
+            vec![col("usr")],
+            vec![col("usr"), col("page")],
+            Some(vec![
+                col("usr").sort(true, false),
+                col("ts").sort(false, false),
+            ]),
+        )
+        .unwrap();
+    let (q, table) = start_into_table(last, OutputMode::Changelog).await;
+    q.process_all_available().await.unwrap();
+    ctx.sql("INSERT INTO clicks VALUES ('a', 'p4', '1970-01-01T00:00:04'), ('b', 'p0', '1970-01-01T00:00:00')")
+        .await
+        .unwrap();
+    q.process_all_available().await.unwrap();
+    let text = table_text(&table);
+    // a: p2, then p4 replaces it; b: p3 stays (p0 is older).
+    for row in [
+        "| +I  | a   | p2   |",
+        "| +I  | b   | p3   |",
+        "| -U  | a   | p2   |",
+        "| +U  | a   | p4   |",
+    ] {
+        assert!(text.contains(row), "{row} missing:\n{text}");
+    }
+    assert_eq!(text.lines().count(), 8, "{text}");
+}
