@@ -199,24 +199,7 @@ fn signed(plan: &LogicalPlan, watermarked: bool) -> Result<Option<LogicalPlan>> 
         && top_n_updates(window, limit)
         && !stream_tables(plan).is_empty()
     {
-        let mut expr: Vec<Expr> = plan
-            .schema()
-            .columns()
-            .into_iter()
-            .filter(|c| c.name != SIGN)
-            .map(Expr::Column)
-            .collect();
-        expr.push(
-            Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
-                placeholder(),
-                vec![],
-            ))
-            .alias(SIGN),
-        );
-        return Ok(Some(LogicalPlan::Projection(Projection::try_new(
-            expr,
-            Arc::new(plan.clone()),
-        )?)));
+        return Ok(Some(reproject_sign(plan.clone(), true)?));
     }
     Ok(match plan {
         LogicalPlan::Projection(p) => match signed(&p.input, watermarked)? {
@@ -249,23 +232,7 @@ fn signed(plan: &LogicalPlan, watermarked: bool) -> Result<Option<LogicalPlan>> 
                 && !a.schema.has_column_with_unqualified_name(SIGN)
                 && updating(a, watermarked) =>
         {
-            let mut expr: Vec<Expr> = plan
-                .schema()
-                .columns()
-                .into_iter()
-                .map(Expr::Column)
-                .collect();
-            expr.push(
-                Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
-                    placeholder(),
-                    vec![],
-                ))
-                .alias(SIGN),
-            );
-            Some(LogicalPlan::Projection(Projection::try_new(
-                expr,
-                Arc::new(plan.clone()),
-            )?))
+            Some(reproject_sign(plan.clone(), true)?)
         }
         _ => None,
     })
@@ -332,13 +299,29 @@ fn over_signed_input(plan: &LogicalPlan, input: LogicalPlan) -> Result<LogicalPl
 
 /// `plan` without the sign column it read (the top-N consumed it).
 fn without_sign(plan: LogicalPlan) -> Result<LogicalPlan> {
-    let expr: Vec<Expr> = plan
+    reproject_sign(plan, false)
+}
+
+/// `plan`'s columns but the sign it read (if any), and, with `mark`, a
+/// new sign column from the placeholder: the edge out of `plan` carries
+/// `plan`'s own changes.
+fn reproject_sign(plan: LogicalPlan, mark: bool) -> Result<LogicalPlan> {
+    let mut expr: Vec<Expr> = plan
         .schema()
         .columns()
         .into_iter()
         .filter(|c| c.name != SIGN)
         .map(Expr::Column)
         .collect();
+    if mark {
+        expr.push(
+            Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
+                placeholder(),
+                vec![],
+            ))
+            .alias(SIGN),
+        );
+    }
     Ok(LogicalPlan::Projection(Projection::try_new(
         expr,
         Arc::new(plan),

@@ -375,6 +375,22 @@ fn walk_top_n(
     Ok(true)
 }
 
+/// Whether a join of two streams of this type runs (the join node and
+/// this planner refuse the rest alike): all but mark joins.
+pub fn stream_join_runs(join_type: JoinType) -> bool {
+    matches!(
+        join_type,
+        JoinType::Inner
+            | JoinType::Left
+            | JoinType::Right
+            | JoinType::Full
+            | JoinType::LeftSemi
+            | JoinType::RightSemi
+            | JoinType::LeftAnti
+            | JoinType::RightAnti
+    )
+}
+
 /// A join of two streams: a stateful join node. Both sides need a
 /// watermark (their rows are evicted by it); anti and mark joins are not
 /// built. Whether the condition bounds the two event times is checked when
@@ -384,17 +400,7 @@ fn walk_stream_join(
     above: Above,
     shape: &mut PlanShape,
 ) -> Result<bool> {
-    if !matches!(
-        j.join_type,
-        JoinType::Inner
-            | JoinType::Left
-            | JoinType::Right
-            | JoinType::Full
-            | JoinType::LeftSemi
-            | JoinType::RightSemi
-            | JoinType::LeftAnti
-            | JoinType::RightAnti
-    ) {
+    if !stream_join_runs(j.join_type) {
         return Err(Error::not_supported(format!(
             "a {} join of two streams (a mark join, from EXISTS or IN under OR) keeps state across micro-batches; it is not built yet; inner, left, right, full outer, semi (EXISTS / IN) and anti (NOT EXISTS) joins of two streams are",
             j.join_type

@@ -143,57 +143,21 @@ impl StreamingDataFrame for DataFrame {
     }
 
     fn drop_duplicates(self, columns: &[&str]) -> Result<DataFrame> {
-        use datafusion::logical_expr::ExprFunctionExt;
         if columns.is_empty() {
             return Err(Error::plan(
                 "drop_duplicates needs at least one column; use distinct() for whole rows",
             ));
         }
-        let names: Vec<String> = self
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        for c in columns {
-            if !names.iter().any(|n| n == c) {
-                return Err(Error::plan(format!(
-                    "drop_duplicates: no column '{c}' (columns: {})",
-                    names.join(", ")
-                )));
-            }
-        }
-        let rn = datafusion::functions_window::expr_fn::row_number()
-            .partition_by(columns.iter().map(|c| ident(*c)).collect())
-            .build()
-            .map_err(Error::from)?
-            .alias("__sluice_row_number");
-        let kept = self
-            .window(vec![rn])?
-            .filter(col("__sluice_row_number").eq(lit(1u64)))?;
-        Ok(kept.select(names.iter().map(|n| ident(n.as_str())).collect::<Vec<_>>())?)
+        let names = column_names(&self, "drop_duplicates", columns)?;
+        first_row_per_key(self, &names, columns, vec![])
     }
 
     fn drop_duplicates_within_watermark(self, columns: &[&str]) -> Result<DataFrame> {
-        use datafusion::logical_expr::ExprFunctionExt;
         let what = "drop_duplicates_within_watermark";
         if columns.is_empty() {
             return Err(Error::plan(format!("{what} needs at least one column")));
         }
-        let names: Vec<String> = self
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        for c in columns {
-            if !names.iter().any(|n| n == c) {
-                return Err(Error::plan(format!(
-                    "{what}: no column '{c}' (columns: {})",
-                    names.join(", ")
-                )));
-            }
-        }
+        let names = column_names(&self, what, columns)?;
         let watermark = stream_tables(self.logical_plan())
             .iter()
             .filter_map(|t| t.watermark())
@@ -210,16 +174,7 @@ impl StreamingDataFrame for DataFrame {
                 vec![ident(watermark.column.as_str()), lit(delay_ms)],
             ),
         );
-        let rn = datafusion::functions_window::expr_fn::row_number()
-            .partition_by(columns.iter().map(|c| ident(*c)).collect())
-            .order_by(vec![order.sort(true, false)])
-            .build()
-            .map_err(Error::from)?
-            .alias("__sluice_row_number");
-        let kept = self
-            .window(vec![rn])?
-            .filter(col("__sluice_row_number").eq(lit(1u64)))?;
-        Ok(kept.select(names.iter().map(|n| ident(n.as_str())).collect::<Vec<_>>())?)
+        first_row_per_key(self, &names, columns, vec![order.sort(true, false)])
     }
 
     fn is_streaming(&self) -> bool {
@@ -394,4 +349,50 @@ impl DataStreamWriter {
         let exec = MicroBatchExecution::start(plan, &state, sink, config, clock).await?;
         Ok(StreamingQuery::start(exec))
     }
+}
+
+/// The names of `df`'s columns, once every one of `columns` is among them
+/// (`what` names the caller in the error).
+fn column_names(df: &DataFrame, what: &str, columns: &[&str]) -> Result<Vec<String>> {
+    let names: Vec<String> = df
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    for c in columns {
+        if !names.iter().any(|n| n == c) {
+            return Err(Error::plan(format!(
+                "{what}: no column '{c}' (columns: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(names)
+}
+
+/// `ROW_NUMBER() OVER (PARTITION BY columns ORDER BY order) = 1` over
+/// `df`, keeping its columns `names`: each key's first row, as the
+/// streaming planner runs it (a keep-first top-N).
+fn first_row_per_key(
+    df: DataFrame,
+    names: &[String],
+    columns: &[&str],
+    order: Vec<datafusion::logical_expr::SortExpr>,
+) -> Result<DataFrame> {
+    use datafusion::logical_expr::ExprFunctionExt;
+    let mut rn = datafusion::functions_window::expr_fn::row_number()
+        .partition_by(columns.iter().map(|c| ident(*c)).collect());
+    // An empty ORDER BY is an error to DataFusion, not "no order".
+    if !order.is_empty() {
+        rn = rn.order_by(order);
+    }
+    let rn = rn
+        .build()
+        .map_err(Error::from)?
+        .alias("__sluice_row_number");
+    let kept = df
+        .window(vec![rn])?
+        .filter(col("__sluice_row_number").eq(lit(1u64)))?;
+    Ok(kept.select(names.iter().map(|n| ident(n.as_str())).collect::<Vec<_>>())?)
 }

@@ -263,17 +263,7 @@ impl StreamJoinExec {
         ttl: Option<std::time::Duration>,
     ) -> Result<Self> {
         let join_type = join.join_type;
-        if !matches!(
-            join_type,
-            JoinType::Inner
-                | JoinType::Left
-                | JoinType::Right
-                | JoinType::Full
-                | JoinType::LeftSemi
-                | JoinType::RightSemi
-                | JoinType::LeftAnti
-                | JoinType::RightAnti
-        ) {
+        if !sluice_planner::validate::stream_join_runs(join_type) {
             return Err(Error::not_supported(format!(
                 "a {join_type} join of two streams (a mark join, from EXISTS under OR): not built yet; inner, left, right, full outer, semi (EXISTS) and anti (NOT EXISTS) joins are"
             )));

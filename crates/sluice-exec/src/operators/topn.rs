@@ -319,37 +319,12 @@ impl TopNExec {
     fn merge(&self, store: &mut StateStore, rows: RecordBatch) -> Result<Option<RecordBatch>> {
         let core = &self.core;
         let np = core.partition.len();
-        let conv = RowConverter::new(
-            core.key_schema.fields()[..np]
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect(),
-        )?;
+        let conv = self.partition_converter()?;
         let new_parts = core.partition_values(&rows)?;
         let new_keys = conv.convert_columns(&new_parts)?;
-        // One lookup key per (distinct partition, slot).
-        let mut firsts: HashMap<&[u8], usize> = HashMap::new();
-        for i in 0..rows.num_rows() {
-            firsts.entry(new_keys.row(i).data()).or_insert(i);
-        }
-        let mut uniq: Vec<u32> = firsts.values().map(|i| *i as u32).collect();
-        uniq.sort_unstable();
-        let limit = core.limit as u32;
-        let at: UInt32Array = uniq
-            .iter()
-            .flat_map(|i| std::iter::repeat_n(*i, core.limit))
-            .collect();
-        let slots: UInt32Array = uniq.iter().flat_map(|_| 0..limit).collect();
-        let mut lookup: Vec<ArrayRef> = new_parts
-            .iter()
-            .map(|c| take(c.as_ref(), &at, None))
-            .collect::<std::result::Result<_, _>>()?;
-        lookup.push(Arc::new(slots));
-        let stored = store.get(&lookup)?;
-        let stored_rows = RecordBatch::try_new(
-            Arc::clone(&core.in_schema),
-            cast_all(&stored.columns()[np + 1..], &core.in_schema)?,
-        )?;
+        let uniq = first_of_each(&new_keys, rows.num_rows());
+        let stored = self.slots_of(store, &new_parts, &uniq, 0, core.limit as u32)?;
+        let stored_rows = self.as_input_rows(&stored)?;
         if core.window_end.is_none() {
             // Keep first: only keys never seen before, their lowest row.
             let seen_keys = conv.convert_columns(&stored.columns()[..np])?;
@@ -689,28 +664,13 @@ impl TopNExec {
         let np = core.partition.len();
         let parts = core.partition_values(rows)?;
         let keys = conv.convert_columns(&parts)?;
-        let mut firsts: HashMap<&[u8], u32> = HashMap::new();
-        for i in 0..rows.num_rows() {
-            firsts.entry(keys.row(i).data()).or_insert(i as u32);
-        }
-        let mut open: Vec<u32> = firsts.into_values().collect();
-        open.sort_unstable();
+        let mut open = first_of_each(&keys, rows.num_rows());
         let mut found: Vec<RecordBatch> = Vec::new();
         let (mut from, mut width) = (0u32, core.limit.max(16) as u32);
         // Each round doubles the range; a partition holds fewer than
         // 2^32 rows, so the loop ends.
         while !open.is_empty() {
-            let at: UInt32Array = open
-                .iter()
-                .flat_map(|i| std::iter::repeat_n(*i, width as usize))
-                .collect();
-            let slots: UInt32Array = open.iter().flat_map(|_| from..from + width).collect();
-            let mut lookup: Vec<ArrayRef> = parts
-                .iter()
-                .map(|c| take(c.as_ref(), &at, None))
-                .collect::<std::result::Result<_, _>>()?;
-            lookup.push(Arc::new(slots));
-            let got = store.get(&lookup)?;
+            let got = self.slots_of(store, &parts, &open, from, width)?;
             // The partitions whose every slot of the range is held may
             // hold more.
             let got_keys = conv.convert_columns(&got.columns()[..np])?;
@@ -730,47 +690,59 @@ impl TopNExec {
             Some(first) => concat_batches(&first.schema(), &found)?,
             None => return Err(Error::internal("a top-N batch without rows")),
         };
-        let stored_rows = RecordBatch::try_new(
-            Arc::clone(&core.in_schema),
-            cast_all(&stored.columns()[np + 1..], &core.in_schema)?,
-        )?;
+        let stored_rows = self.as_input_rows(&stored)?;
         Ok((stored, stored_rows))
     }
 
-    /// The kept rows of the partitions of `rows`: as stored (keys, slot,
-    /// values), and as input rows.
+    /// The kept rows of the partitions of `rows` (slots 0 to N−1): as
+    /// stored (keys, slot, values), and as input rows.
     fn kept_of(
         &self,
         store: &StateStore,
         rows: &RecordBatch,
         conv: &RowConverter,
     ) -> Result<(RecordBatch, RecordBatch)> {
-        let core = &self.core;
-        let np = core.partition.len();
-        let parts = core.partition_values(rows)?;
+        let parts = self.core.partition_values(rows)?;
         let keys = conv.convert_columns(&parts)?;
-        let mut firsts: HashMap<&[u8], u32> = HashMap::new();
-        for i in 0..rows.num_rows() {
-            firsts.entry(keys.row(i).data()).or_insert(i as u32);
-        }
-        let mut uniq: Vec<u32> = firsts.into_values().collect();
-        uniq.sort_unstable();
-        let at: UInt32Array = uniq
+        let uniq = first_of_each(&keys, rows.num_rows());
+        let stored = self.slots_of(store, &parts, &uniq, 0, self.core.limit as u32)?;
+        let stored_rows = self.as_input_rows(&stored)?;
+        Ok((stored, stored_rows))
+    }
+
+    /// The stored rows at slots `from .. from + width` of the partitions of
+    /// rows `which` (partition values `parts`), as the store holds them.
+    fn slots_of(
+        &self,
+        store: &StateStore,
+        parts: &[ArrayRef],
+        which: &[u32],
+        from: u32,
+        width: u32,
+    ) -> Result<RecordBatch> {
+        let at: UInt32Array = which
             .iter()
-            .flat_map(|i| std::iter::repeat_n(*i, core.limit))
+            .flat_map(|i| std::iter::repeat_n(*i, width as usize))
             .collect();
-        let slots: UInt32Array = uniq.iter().flat_map(|_| 0..core.limit as u32).collect();
+        let slots: UInt32Array = which.iter().flat_map(|_| from..from + width).collect();
         let mut lookup: Vec<ArrayRef> = parts
             .iter()
             .map(|c| take(c.as_ref(), &at, None))
             .collect::<std::result::Result<_, _>>()?;
         lookup.push(Arc::new(slots));
-        let stored = store.get(&lookup)?;
-        let stored_rows = RecordBatch::try_new(
+        store.get(&lookup)
+    }
+
+    /// Stored rows (keys, slot, values) as input rows.
+    fn as_input_rows(&self, stored: &RecordBatch) -> Result<RecordBatch> {
+        let core = &self.core;
+        Ok(RecordBatch::try_new(
             Arc::clone(&core.in_schema),
-            cast_all(&stored.columns()[np + 1..], &core.in_schema)?,
-        )?;
-        Ok((stored, stored_rows))
+            cast_all(
+                &stored.columns()[core.partition.len() + 1..],
+                &core.in_schema,
+            )?,
+        )?)
     }
 
     /// The first row (by the order) of each partition of `rows`.
@@ -880,6 +852,18 @@ impl TopNCore {
     fn partition_names(&self) -> Vec<&str> {
         self.partition.iter().map(|(_, n)| n.as_str()).collect()
     }
+}
+
+/// The first row of each distinct partition key among `n` rows, in row
+/// order: one lookup per partition.
+fn first_of_each(keys: &datafusion::arrow::row::Rows, n: usize) -> Vec<u32> {
+    let mut firsts: HashMap<&[u8], u32> = HashMap::new();
+    for i in 0..n {
+        firsts.entry(keys.row(i).data()).or_insert(i as u32);
+    }
+    let mut uniq: Vec<u32> = firsts.into_values().collect();
+    uniq.sort_unstable();
+    uniq
 }
 
 /// `cols` cast to the types of `schema`'s fields (they match; nullability
