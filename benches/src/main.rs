@@ -11,6 +11,7 @@
 
 mod nexmark;
 mod overhead;
+mod single;
 mod state;
 mod throughput;
 
@@ -146,6 +147,15 @@ async fn main() -> Result<()> {
         );
         nexmark_rows(&mut md, 2_000_000, 100_000, 3, Some(&only)).await?;
         println!("{md}");
+        return Ok(());
+    }
+    // `--single-aggregate`: the single-aggregate figures alone, repeated
+    // (before/after comparisons of two builds); docs/benchmarks.md is left
+    // as it is.
+    if args.iter().any(|a| a == "--single-aggregate") {
+        let work =
+            tempfile::tempdir_in(".").map_err(|e| sluice::Error::io("a work directory", e))?;
+        print!("{}", single::single_aggregate(work.path(), 5).await?);
         return Ok(());
     }
     let work = tempfile::tempdir_in(".").map_err(|e| sluice::Error::io("a work directory", e))?;
