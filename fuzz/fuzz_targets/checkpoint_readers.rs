@@ -1,7 +1,7 @@
 //! Any bytes as a checkpoint file of every kind Sluice reads back on a
-//! restart: the frame check, then offset, commit, metadata and file-sink
-//! manifest entries, and state deltas/snapshots. An error naming the file,
-//! never a panic.
+//! restart: the frame check, then plan, commit, metadata and file-sink
+//! manifest entries, and state deltas/snapshots; and as a segment of the
+//! batch log, last or not. An error naming the file, never a panic.
 #![no_main]
 
 use std::path::Path;
@@ -10,6 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use sluice_common::durable::{frame, unframe};
 use sluice_connectors::file_sink::Manifest;
 use sluice_state::checkpoint::{CommitEntry, Metadata, OffsetEntry};
+use sluice_state::log::{LogContents, read_segment};
 use sluice_state::store::decode_state_file;
 
 fn entries(path: &Path, body: &[u8]) {
@@ -31,4 +32,13 @@ fuzz_target!(|data: &[u8]| {
     }
     // ...and as a body behind a valid frame, to reach the parsers.
     entries(path, data);
+    // As a batch log segment: a torn end is reported, anything else bad is
+    // an error naming the segment.
+    for last in [false, true] {
+        let mut log = LogContents::default();
+        if let Err(e) = read_segment(&mut log, path, data, last) {
+            assert!(e.to_string().contains("ckpt/x"), "names the segment: {e}");
+        }
+        assert!(log.torn.is_none() || last, "only the last segment is torn");
+    }
 });

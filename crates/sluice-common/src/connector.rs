@@ -141,7 +141,7 @@ pub trait Sink: Send + Sync + Debug {
     fn as_any(&self) -> &dyn std::any::Any;
     /// Batch `id` was planned by this process just now, so no earlier attempt
     /// of it has written anything: a batch reaches its sinks only after its
-    /// offset entry is durable, and a batch whose entry exists is re-run,
+    /// plan record is durable, and a batch whose plan is logged is re-run,
     /// never planned again. A sink that looks for an earlier attempt's output
     /// before it writes may skip that for the batch's first write. (A batch
     /// re-run after a restart, or retried after a failed write, is not

@@ -45,6 +45,139 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One record of an append-only log: `<kind> len=<n> crc32=<hex> <body>\n`,
+/// one line when the body is one line (compact JSON), so a log can be read
+/// with `cat`. The checksum covers the kind, a space and the body, so a
+/// damaged kind is caught as well as a damaged body.
+pub fn record(kind: &str, body: &[u8]) -> Vec<u8> {
+    let header = format!(
+        "{kind} len={} crc32={:08x} ",
+        body.len(),
+        record_crc(kind.as_bytes(), body)
+    );
+    let mut out = Vec::with_capacity(header.len() + body.len() + 1);
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(body);
+    out.push(b'\n');
+    out
+}
+
+fn record_crc(kind: &[u8], body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(kind);
+    h.update(b" ");
+    h.update(body);
+    h.finalize()
+}
+
+/// A record read back by [`read_record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Its kind (the first word).
+    pub kind: &'a str,
+    /// Its checked body.
+    pub body: &'a [u8],
+    /// Bytes the record takes, its newline included.
+    pub len: usize,
+}
+
+/// Why [`read_record`] refused a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord {
+    /// The bytes end before the record does (its header, or the body its
+    /// length announces): what an append cut short by a crash leaves.
+    pub cut_short: bool,
+    /// What is wrong, for an error message.
+    pub reason: String,
+}
+
+impl std::fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// Reads the record at the start of `bytes`, checking its length, its
+/// checksum and its closing newline; `Err` says what is wrong (the caller
+/// names the file and the position). The longest header is bounded, so a
+/// damaged one is refused without reading far.
+pub fn read_record(bytes: &[u8]) -> std::result::Result<Record<'_>, BadRecord> {
+    let bad = |reason: String| BadRecord {
+        cut_short: false,
+        reason,
+    };
+    let short = |reason: String| BadRecord {
+        cut_short: true,
+        reason,
+    };
+    // "<kind> len=<20 digits> crc32=<8> ": kinds are short words.
+    let head_end = bytes
+        .iter()
+        .take(80)
+        .enumerate()
+        .filter(|(_, b)| **b == b' ')
+        .nth(2)
+        .map(|(i, _)| i)
+        .ok_or_else(|| {
+            if bytes.len() < 80 {
+                short("the record ends inside its header".to_string())
+            } else {
+                bad("not a record header".to_string())
+            }
+        })?;
+    let header = std::str::from_utf8(&bytes[..head_end])
+        .map_err(|_| bad("the record header is not UTF-8".to_string()))?;
+    let mut parts = header.split(' ');
+    let kind = parts.next().unwrap_or_default();
+    let len = parts
+        .next()
+        .and_then(|p| p.strip_prefix("len="))
+        .and_then(|v| v.parse::<usize>().ok());
+    let crc = parts
+        .next()
+        .and_then(|p| p.strip_prefix("crc32="))
+        .and_then(|v| u32::from_str_radix(v, 16).ok());
+    let (Some(len), Some(crc)) = (len, crc) else {
+        return Err(bad(format!(
+            "corrupt record header '{}'",
+            header.escape_debug()
+        )));
+    };
+    if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(bad(format!(
+            "corrupt record header '{}'",
+            header.escape_debug()
+        )));
+    }
+    let start = head_end + 1;
+    let end = start
+        .checked_add(len)
+        .filter(|e| *e < bytes.len())
+        .ok_or_else(|| {
+            short(format!(
+                "the record is cut short: its header says {len} bytes, {} follow",
+                bytes.len() - start.min(bytes.len())
+            ))
+        })?;
+    if bytes[end] != b'\n' {
+        return Err(bad(
+            "the record does not end where its length says".to_string()
+        ));
+    }
+    let body = &bytes[start..end];
+    let actual = record_crc(kind.as_bytes(), body);
+    if actual != crc {
+        return Err(bad(format!(
+            "checksum mismatch (expected {crc:08x}, found {actual:08x}): the record is corrupt"
+        )));
+    }
+    Ok(Record {
+        kind,
+        body,
+        len: end + 1,
+    })
+}
+
 /// Checks the frame of `bytes` (read from `path`) and returns the body.
 pub fn unframe<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8]> {
     let bad = |reason: String| Error::checkpoint(path, reason);

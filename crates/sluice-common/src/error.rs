@@ -30,7 +30,7 @@ pub enum Error {
     },
     /// An I/O error, with what was being done.
     Io {
-        /// What was being done, e.g. "writing offsets/3".
+        /// What was being done, e.g. "writing sources/clicks/files/0".
         context: String,
         /// The underlying error.
         source: std::io::Error,

@@ -8,7 +8,7 @@
 //! 3. write `_sluice/manifest/<N>` listing it (atomic, checksummed);
 //! 4. rename the file into the directory.
 //!
-//! The engine writes `commits/N` in the query's checkpoint after that. A batch
+//! The engine logs batch N's commit in the query's checkpoint after that. A batch
 //! is only ever re-run with the same offsets, so it produces the same file
 //! under the same name: a re-run replaces its own output instead of adding to
 //! it. Readers that list the directory (DataFusion, Spark, `ls`) never see a

@@ -331,7 +331,7 @@ impl SourceReader for FileReader {
         }
         let cap = self.source.max_files_per_trigger.unwrap_or(usize::MAX);
         // Files logged but not taken yet (by an earlier listing, or by a run
-        // that stopped before writing its offset entry) come first, in log
+        // that stopped before writing its plan record) come first, in log
         // order. Only when they do not fill the batch is the directory
         // listed again, and everything new is logged at once, so a backlog
         // of many files is listed once, not once per batch.

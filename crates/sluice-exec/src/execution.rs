@@ -3,16 +3,17 @@
 //! Per batch N:
 //! 1. ask each source how far its data reaches (capped per trigger);
 //!    if no source moved, there is no batch;
-//! 2. write `offsets/N` — the ranges and the watermark — before anything runs;
+//! 2. append batch N's `plan` record to the batch log — the ranges and the
+//!    watermark — before anything of it is visible;
 //! 3. read exactly those ranges into the query's stream tables;
 //! 4. re-execute the physical plan (planned once at start), whose stateful
 //!    nodes find the batch and their state in the task context, and commit
 //!    every operator's state version N;
 //! 5. write the rows to the sink, idempotently keyed by N (and dead letters
 //!    to their sink);
-//! 6. write `commits/N`.
+//! 6. append batch N's `commit` record.
 //!
-//! A restart finds `offsets/N` without `commits/N` and re-runs N with the
+//! A restart finds N's plan without its commit and re-runs N with the
 //! logged ranges and watermark, so the sink sees the same rows again under the
 //! same batch id and keeps them once.
 
@@ -429,7 +430,7 @@ impl MicroBatchExecution {
                 let range = offsets.sources.get(name).ok_or_else(|| {
                     Error::checkpoint(
                         self.checkpoint.root(),
-                        format!("offsets/{id} has no entry for source '{name}'"),
+                        format!("the plan of batch {id} has no range for source '{name}'"),
                     )
                 })?;
                 input.committed = range.end.clone();
@@ -515,9 +516,9 @@ impl MicroBatchExecution {
             }
         };
         let id = entry.batch_id;
-        // From here until its commit entry is written, the batch is planned:
+        // From here until its commit record is written, the batch is planned:
         // any failure leaves it to be re-run with exactly these offsets
-        // (unless the offset entry itself failed: then it is planned again).
+        // (unless the plan record itself failed: then it is planned again).
         self.pending = Some(entry.clone());
         if self
             .config
@@ -548,7 +549,7 @@ impl MicroBatchExecution {
                     for input in &self.inputs {
                         input.table.clear_batch();
                     }
-                    // Never leave the offset entry being written: the next
+                    // Never leave the plan record being written: the next
                     // attempt must know whether it is there.
                     let _ = self.wait_offsets(&mut offset_write, &mut durations);
                     return Err(e.context(format!("query '{}', batch {id}", self.config.name)));
@@ -647,7 +648,7 @@ impl MicroBatchExecution {
         }))
     }
 
-    /// Waits for the batch's offset entry to be durable; if it could not be
+    /// Waits for the batch's plan record to be durable; if it could not be
     /// written, the batch is not planned any more (its next attempt plans
     /// and logs it again).
     fn wait_offsets(
@@ -687,7 +688,7 @@ impl MicroBatchExecution {
             let range = entry.sources.get(&name).ok_or_else(|| {
                 Error::checkpoint(
                     self.checkpoint.root(),
-                    format!("offsets/{id} has no entry for source '{name}'"),
+                    format!("the plan of batch {id} has no range for source '{name}'"),
                 )
             })?;
             let read = input.reader.read(&range.start, &range.end).await?;
@@ -845,14 +846,11 @@ impl MicroBatchExecution {
             event_time_max_ms: event_max.clone(),
             last_data_ms: last_data.clone(),
         });
-        // A write that failed after its rename (syncing the directory) left
-        // the entry in place: a restart would find the batch committed, so
-        // it is, and re-running it now would rewrite a committed sink batch.
-        if let Err(e) = written
-            && self.checkpoint.read_commit(id).is_err()
-        {
-            return Err(e);
-        }
+        // A failed append leaves no record (the log cuts it back), so the
+        // batch may be retried; one that could not be cut back is a
+        // checkpoint error, never retried: the query stops and a restart
+        // reads the log to learn whether the batch committed.
+        written?;
         durations.insert("commit_log".to_string(), ms(t.elapsed()));
         self.event_time_max_ms = event_max;
         self.last_data_ms = last_data;
@@ -925,9 +923,10 @@ impl MicroBatchExecution {
         self.result_keys.clone()
     }
 
-    /// What loading state had to work around since the last batch.
+    /// What opening the checkpoint and loading state had to work around
+    /// since the last batch.
     async fn take_warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out: Vec<String> = self.checkpoint.take_repaired().into_iter().collect();
         for state in self.runtime.states().values() {
             out.extend(state.lock().await.store.take_fallbacks());
         }

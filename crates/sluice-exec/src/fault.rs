@@ -14,13 +14,13 @@ use sluice_common::{BatchId, Error, Result};
 /// A step of the commit protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
-    /// `offsets/N` written, nothing read yet.
+    /// Batch N's plan logged, nothing read yet.
     AfterOffsets,
     /// State version N committed, nothing written to the sink.
     AfterState,
-    /// The sink holds batch N's rows, `commits/N` not written.
+    /// The sink holds batch N's rows, its commit not logged.
     AfterSink,
-    /// `commits/N` written.
+    /// Batch N's commit logged.
     AfterCommit,
 }
 

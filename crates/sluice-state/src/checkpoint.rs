@@ -3,14 +3,19 @@
 //! ```text
 //! <dir>/lock              held (flock) while a query runs; holds its pid
 //! <dir>/metadata          query id, format version, plan fingerprint, sources
-//! <dir>/offsets/<N>       what batch N reads, written before it runs
-//! <dir>/commits/<N>       batch N finished and its output is in the sink
+//! <dir>/log/<N>.log       the batch log: a `plan` record says what batch N
+//!                         reads (written before it runs), a `commit` record
+//!                         that it finished and its output is in the sink
 //! <dir>/sources/<name>/   a source's own durable metadata (e.g. files taken)
 //! <dir>/progress.jsonl    one progress record per committed batch
 //! ```
 //!
-//! Every file but `lock` and `progress.jsonl` is written atomically and framed
-//! with a checksum (see [`sluice_common::durable`]).
+//! Every file but `lock`, `progress.jsonl` and the log is written atomically
+//! and framed with a checksum (see [`sluice_common::durable`]); the log is
+//! appended to, one checksummed record at a time (see [`crate::log`]).
+//!
+//! Checkpoints of format version 1, which kept one file per entry in
+//! `offsets/` and `commits/`, are converted when a query opens them.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -21,10 +26,13 @@ use serde::{Deserialize, Serialize};
 use sluice_common::durable::{self, Durability};
 use sluice_common::{BatchId, Error, Progress, Result};
 
+use crate::log::{BatchLog, LOG_DIR, numbered_files, read_log};
 use crate::recovery::{self, Resume};
 
 /// The version of the checkpoint format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 1 (an `offsets/` and a `commits/` directory of one file per
+/// entry) is converted to it when a query opens the checkpoint.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The `metadata` file: fixed for the life of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,7 +60,8 @@ pub struct SourceRange {
     pub end: serde_json::Value,
 }
 
-/// `offsets/<N>`: everything batch N needs to be re-run identically.
+/// The `plan` record of batch N: everything it needs to be re-run
+/// identically (`offsets/<N>` in format version 1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OffsetEntry {
     /// The batch id N.
@@ -67,7 +76,8 @@ pub struct OffsetEntry {
     pub config: BTreeMap<String, String>,
 }
 
-/// `commits/<N>`: batch N is complete.
+/// The `commit` record of batch N: batch N is complete (`commits/<N>` in
+/// format version 1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommitEntry {
     /// The batch id N.
@@ -93,7 +103,8 @@ pub struct CommitEntry {
 pub struct CheckpointOptions {
     /// Sync writes to disk (default) or only rename them into place.
     pub durability: Durability,
-    /// How many committed batches' offset and commit entries to keep.
+    /// How many batches' plan and commit records stay in the batch log (at
+    /// least: whole segments go).
     pub retain_batches: u64,
 }
 
@@ -112,17 +123,15 @@ pub struct Checkpoint {
     root: PathBuf,
     options: CheckpointOptions,
     metadata: Metadata,
-    /// Every log entry below this id is known to be gone (`None`: the logs
-    /// have not been listed yet), so a purge deletes just the new ones.
-    purged_below: std::sync::Mutex<Option<BatchId>>,
+    log: std::sync::Arc<BatchLog>,
     // Held for the life of the checkpoint: the OS drops the lock when the
     // process dies, so a crash never leaves a stale lock behind.
     _lock: File,
 }
 
-/// An offset entry being written (see [`Checkpoint::start_write_offsets`]).
+/// A plan record being appended (see [`Checkpoint::start_write_offsets`]).
 #[derive(Debug)]
-#[must_use = "the batch must wait for its offset entry before its output is visible"]
+#[must_use = "the batch must wait for its plan record before its output is visible"]
 pub enum OffsetWrite {
     /// Written already, in this long.
     Done(std::time::Duration),
@@ -164,12 +173,15 @@ impl Checkpoint {
         sources.sort();
         let meta_path = root.join("metadata");
         let metadata = if meta_path.exists() {
-            let m: Metadata = durable::read_json(&meta_path)?;
+            let mut m: Metadata = durable::read_json(&meta_path)?;
+            if m.format_version == 1 {
+                m = convert_version_1(root, m, options.durability)?;
+            }
             if m.format_version != FORMAT_VERSION {
                 return Err(Error::checkpoint(
                     &meta_path,
                     format!(
-                        "format version {} is not supported by this build (it reads version {FORMAT_VERSION})",
+                        "format version {} is not supported by this build (it reads version {FORMAT_VERSION}, and converts version 1)",
                         m.format_version
                     ),
                 ));
@@ -197,11 +209,16 @@ impl Checkpoint {
             durable::write_json(&meta_path, &m, options.durability)?;
             m
         };
+        let log = BatchLog::open(
+            &root.join(LOG_DIR),
+            options.durability,
+            options.retain_batches,
+        )?;
         Ok(Checkpoint {
             root: root.to_path_buf(),
             options,
             metadata,
-            purged_below: std::sync::Mutex::new(None),
+            log: std::sync::Arc::new(log),
             _lock: lock,
         })
     }
@@ -227,82 +244,70 @@ impl Checkpoint {
             .map_err(|e| Error::checkpoint(&self.root, e.to_string()))
     }
 
-    /// The newest batch id in `offsets/`.
+    /// The newest planned batch (the last `plan` record).
     pub fn last_offset_id(&self) -> Result<Option<BatchId>> {
-        last_id(&self.root.join("offsets"))
+        Ok(self.log.last_plan())
     }
 
-    /// The newest batch id in `commits/`.
+    /// The newest committed batch (the last `commit` record).
     pub fn last_commit_id(&self) -> Result<Option<BatchId>> {
-        last_id(&self.root.join("commits"))
+        Ok(self.log.last_commit())
     }
 
-    /// Reads `offsets/<id>`, checking that it is the entry for `id`.
+    /// What opening the checkpoint had to repair (a torn last log record,
+    /// left by a crash while it was appended), for the progress warnings;
+    /// told once.
+    pub fn take_repaired(&self) -> Option<String> {
+        self.log.take_repaired()
+    }
+
+    /// Batch `id`'s plan record.
     pub fn read_offsets(&self, id: BatchId) -> Result<OffsetEntry> {
-        self.read_entry("offsets", id, |e: &OffsetEntry| e.batch_id)
+        self.log.plan(id).ok_or_else(|| self.not_logged("plan", id))
     }
 
-    /// Writes `offsets/<id>` (atomically, before the batch runs).
+    /// Appends batch `entry.batch_id`'s plan record (before the batch runs).
     pub fn write_offsets(&self, entry: &OffsetEntry) -> Result<()> {
-        self.write_entry("offsets", entry.batch_id, entry)
+        self.log.append_plan(entry)
     }
 
-    /// Starts writing `offsets/<id>` and returns at once; the batch may run
-    /// while the entry is synced, as long as [`OffsetWrite::wait`] returns
-    /// before anything of the batch is made visible outside the state store
-    /// (its sink write, its commit entry). With [`Durability::NoSync`] the
-    /// write is done before this returns (a thread would cost more than it).
+    /// Starts appending batch `entry.batch_id`'s plan record and returns at
+    /// once; the batch may run while the record is synced, as long as
+    /// [`OffsetWrite::wait`] returns before anything of the batch is made
+    /// visible outside the state store (its sink write, its commit record).
+    /// With [`Durability::NoSync`] the append is done before this returns
+    /// (a thread would cost more than it).
     pub fn start_write_offsets(&self, entry: &OffsetEntry) -> Result<OffsetWrite> {
         let t = std::time::Instant::now();
-        let durability = self.options.durability;
-        if durability == Durability::NoSync {
+        if self.options.durability == Durability::NoSync {
             self.write_offsets(entry)?;
             return Ok(OffsetWrite::Done(t.elapsed()));
         }
-        let path = self.entry_path("offsets", entry.batch_id);
+        let log = std::sync::Arc::clone(&self.log);
         let entry = entry.clone();
         Ok(OffsetWrite::Running(std::thread::spawn(move || {
-            durable::write_json(&path, &entry, durability).map(|()| t.elapsed())
+            log.append_plan(&entry).map(|()| t.elapsed())
         })))
     }
 
-    /// Reads `commits/<id>`, checking that it is the entry for `id`.
+    /// Batch `id`'s commit record.
     pub fn read_commit(&self, id: BatchId) -> Result<CommitEntry> {
-        self.read_entry("commits", id, |e: &CommitEntry| e.batch_id)
+        self.log
+            .commit(id)
+            .ok_or_else(|| self.not_logged("commit", id))
     }
 
-    /// Writes `commits/<id>`: from here on, batch `id` is done.
+    /// Appends batch `entry.batch_id`'s commit record: from its return on,
+    /// batch `id` is done. A failed append leaves no record behind.
     pub fn write_commit(&self, entry: &CommitEntry) -> Result<()> {
-        self.write_entry("commits", entry.batch_id, entry)?;
-        self.purge_before(entry.batch_id.saturating_sub(self.options.retain_batches));
-        Ok(())
+        self.log.append_commit(entry)
     }
 
-    fn read_entry<T: serde::de::DeserializeOwned>(
-        &self,
-        log: &str,
-        id: BatchId,
-        batch_id: impl FnOnce(&T) -> BatchId,
-    ) -> Result<T> {
-        let path = self.entry_path(log, id);
-        let e: T = durable::read_json(&path)?;
-        let found = batch_id(&e);
-        if found != id {
-            return Err(Error::checkpoint(
-                &path,
-                format!("holds batch {found} instead of {id}"),
-            ));
-        }
-        Ok(e)
-    }
-
-    fn write_entry<T: Serialize>(&self, log: &str, id: BatchId, entry: &T) -> Result<()> {
-        durable::write_json(&self.entry_path(log, id), entry, self.options.durability)
-    }
-
-    /// `<root>/<log>/<id>`: where batch `id`'s entry of a log lives.
-    fn entry_path(&self, log: &str, id: BatchId) -> PathBuf {
-        self.root.join(log).join(id.to_string())
+    fn not_logged(&self, kind: &str, id: BatchId) -> Error {
+        Error::checkpoint(
+            self.root.join(LOG_DIR),
+            format!("the batch log holds no {kind} record for batch {id}"),
+        )
     }
 
     /// The directory where source `name` keeps its own durable metadata.
@@ -341,56 +346,93 @@ impl Checkpoint {
         f.write_all(&line)
             .map_err(|e| Error::io(format!("appending to {}", path.display()), e))
     }
-
-    /// Removes offset and commit entries older than `keep_from` (best effort).
-    fn purge_before(&self, keep_from: BatchId) {
-        let mut purged = self.purged_below.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(below) = *purged {
-            // Only the entries that fell out of retention since the last
-            // purge: no directory listing on the batch's path.
-            for id in below..keep_from {
-                for log in ["offsets", "commits"] {
-                    let _ = fs::remove_file(self.entry_path(log, id));
-                }
-            }
-            *purged = Some(below.max(keep_from));
-            return;
-        }
-        *purged = Some(keep_from);
-        for log in ["offsets", "commits"] {
-            let dir = self.root.join(log);
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if let Some(id) = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<BatchId>().ok())
-                    && id < keep_from
-                {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
-    }
 }
 
 /// The newest committed batch of the checkpoint at `root`, read without
 /// taking its lock (for reading a running query's state).
 pub fn last_committed(root: &Path) -> Result<Option<BatchId>> {
-    last_id(&root.join("commits"))
+    Ok(read_last_commit(root)?.map(|c| c.batch_id))
 }
 
-/// The newest commit entry of the checkpoint at `root` (with the watermark
+/// The newest commit record of the checkpoint at `root` (with the watermark
 /// at the end of that batch), read without taking its lock.
 pub fn read_last_commit(root: &Path) -> Result<Option<CommitEntry>> {
-    match last_committed(root)? {
-        Some(id) => Ok(Some(durable::read_json(
-            &root.join("commits").join(id.to_string()),
-        )?)),
-        None => Ok(None),
+    if !root.join(LOG_DIR).exists() && root.join("commits").exists() {
+        // Format version 1, not opened by a query of this build yet.
+        return match last_id(&root.join("commits"))? {
+            Some(id) => Ok(Some(durable::read_json(
+                &root.join("commits").join(id.to_string()),
+            )?)),
+            None => Ok(None),
+        };
     }
+    let log = read_log(&root.join(LOG_DIR))?;
+    Ok(log.commits.into_values().next_back())
+}
+
+/// Converts a checkpoint of format version 1 (one file per entry in
+/// `offsets/` and `commits/`) to this build's batch log, under the lock:
+/// the last committed batch's plan and commit, and the plan of a batch that
+/// did not commit, are written as the log's first segment in one atomic
+/// write; then `metadata` is rewritten with the new version; then the old
+/// directories go. A crash before `metadata` is rewritten leaves a version 1
+/// checkpoint, converted again on the next open.
+fn convert_version_1(root: &Path, mut m: Metadata, durability: Durability) -> Result<Metadata> {
+    let offsets = root.join("offsets");
+    let commits = root.join("commits");
+    let (last_plan, last_commit) = (last_id(&offsets)?, last_id(&commits)?);
+    let resume = recovery::decide(last_plan, last_commit)
+        .map_err(|e| Error::checkpoint(root, e.to_string()))?;
+    // Each entry must hold its own batch id, as version 1's reader checked.
+    let own_id = |path: PathBuf, found: BatchId, id: BatchId| {
+        if found == id {
+            Ok(())
+        } else {
+            Err(Error::checkpoint(
+                path,
+                format!("holds batch {found} instead of {id}"),
+            ))
+        }
+    };
+    let read_plan = |id: BatchId| -> Result<OffsetEntry> {
+        let path = offsets.join(id.to_string());
+        let e: OffsetEntry = durable::read_json(&path)?;
+        own_id(path, e.batch_id, id)?;
+        Ok(e)
+    };
+    let mut segment = Vec::new();
+    let mut push = |kind: &str, body: Vec<u8>| segment.extend(durable::record(kind, &body));
+    let json = |v: serde_json::Result<Vec<u8>>| {
+        v.map_err(|e| Error::internal(format!("serializing a log record: {e}")))
+    };
+    let mut first = None;
+    if let Some(c) = last_commit {
+        let path = commits.join(c.to_string());
+        let commit: CommitEntry = durable::read_json(&path)?;
+        own_id(path, commit.batch_id, c)?;
+        push("plan", json(serde_json::to_vec(&read_plan(c)?))?);
+        push("commit", json(serde_json::to_vec(&commit))?);
+        first = Some(c);
+    }
+    if let Resume::Rerun { batch_id } = resume {
+        push("plan", json(serde_json::to_vec(&read_plan(batch_id)?))?);
+        first = first.or(Some(batch_id));
+    }
+    let log_dir = root.join(LOG_DIR);
+    // What an interrupted conversion left.
+    let _ = fs::remove_dir_all(&log_dir);
+    if let Some(first) = first {
+        durable::write_atomic(
+            &log_dir.join(format!("{first:020}.log")),
+            &segment,
+            durability,
+        )?;
+    }
+    m.format_version = FORMAT_VERSION;
+    durable::write_json(&root.join("metadata"), &m, durability)?;
+    let _ = fs::remove_dir_all(&offsets);
+    let _ = fs::remove_dir_all(&commits);
+    Ok(m)
 }
 
 /// Reads the progress records of the checkpoint at `root`, oldest first,
@@ -447,29 +489,14 @@ fn acquire_lock(root: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// The newest id in a version 1 log directory (`offsets/`, `commits/`).
 fn last_id(dir: &Path) -> Result<Option<BatchId>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
-    };
-    let mut max = None;
-    for e in entries {
-        let e = e.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with('.') {
-            continue; // a temporary file of an interrupted write
-        }
-        let id: BatchId = name.parse().map_err(|_| {
-            Error::checkpoint(
-                e.path(),
-                "unexpected file in a log directory (names are batch ids)",
-            )
-        })?;
-        max = max.max(Some(id));
-    }
-    Ok(max)
+    let files = numbered_files(
+        dir,
+        "",
+        "unexpected file in a log directory (names are batch ids)",
+    )?;
+    Ok(files.last().map(|(id, _)| *id))
 }
 
 /// Makes a name safe as one path component.
@@ -574,28 +601,53 @@ mod tests {
         assert!(e.contains("metadata") && e.contains("checksum"), "{e}");
     }
 
-    #[test]
-    fn old_entries_are_purged_past_retention() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = CheckpointOptions {
-            durability: Durability::NoSync,
-            retain_batches: 2,
-        };
-        let cp = Checkpoint::open(dir.path(), "q", "fp", &["src".into()], 0, opts).unwrap();
-        for id in 0..5 {
-            cp.write_offsets(&offsets(id)).unwrap();
-            cp.write_commit(&CommitEntry {
-                batch_id: id,
-                committed_ms: 0,
-                output_rows: 0,
-                watermark_ms: None,
-                event_time_max_ms: BTreeMap::new(),
-                last_data_ms: BTreeMap::new(),
-            })
-            .unwrap();
+    fn commit(id: BatchId) -> CommitEntry {
+        CommitEntry {
+            batch_id: id,
+            committed_ms: 0,
+            output_rows: 0,
+            watermark_ms: Some(5),
+            event_time_max_ms: BTreeMap::new(),
+            last_data_ms: BTreeMap::new(),
         }
-        assert!(!dir.path().join("offsets/1").exists());
-        assert!(dir.path().join("offsets/2").exists());
-        assert_eq!(cp.resume().unwrap(), Resume::Next { next: 5 });
+    }
+
+    #[test]
+    fn a_version_1_checkpoint_is_converted_and_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        // As version 1 left it: batches 0 to 2 committed, 3 planned.
+        let meta = dir.path().join("metadata");
+        let mut m: Metadata = durable::read_json(&meta).unwrap();
+        m.format_version = 1;
+        durable::write_json(&meta, &m, Durability::NoSync).unwrap();
+        assert!(!dir.path().join(LOG_DIR).exists(), "nothing logged yet");
+        for id in 0..4 {
+            let at = |log: &str| dir.path().join(log).join(id.to_string());
+            durable::write_json(&at("offsets"), &offsets(id), Durability::NoSync).unwrap();
+            if id < 3 {
+                durable::write_json(&at("commits"), &commit(id), Durability::NoSync).unwrap();
+            }
+        }
+        assert_eq!(last_committed(dir.path()).unwrap(), Some(2));
+        let cp = open(dir.path()).unwrap();
+        assert_eq!(cp.metadata().format_version, FORMAT_VERSION);
+        assert_eq!(cp.resume().unwrap(), Resume::Rerun { batch_id: 3 });
+        assert_eq!(cp.read_offsets(3).unwrap(), offsets(3));
+        assert_eq!(cp.read_offsets(2).unwrap(), offsets(2));
+        assert_eq!(cp.read_commit(2).unwrap(), commit(2));
+        assert!(!dir.path().join("offsets").exists() && !dir.path().join("commits").exists());
+        cp.write_commit(&commit(3)).unwrap();
+        drop(cp);
+        assert_eq!(read_last_commit(dir.path()).unwrap(), Some(commit(3)));
+        let cp = open(dir.path()).unwrap();
+        assert_eq!(cp.resume().unwrap(), Resume::Next { next: 4 });
+        // Another version is refused by name.
+        drop(cp);
+        let mut m: Metadata = durable::read_json(&meta).unwrap();
+        m.format_version = 9;
+        durable::write_json(&meta, &m, Durability::NoSync).unwrap();
+        let e = open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("format version 9 is not supported"), "{e}");
     }
 }

@@ -20,9 +20,10 @@ pub enum Resume {
     },
 }
 
-/// Decides how to resume from the newest offset entry and newest commit entry.
+/// Decides how to resume from the newest plan and newest commit of the
+/// batch log.
 ///
-/// The protocol writes `offsets/N` before running batch N and `commits/N`
+/// The protocol logs batch N's plan before running it and its commit
 /// after, and never plans N+1 before committing N, so the only consistent
 /// states are `commit == offset` and `commit + 1 == offset`.
 pub fn decide(last_offset: Option<BatchId>, last_commit: Option<BatchId>) -> Result<Resume> {

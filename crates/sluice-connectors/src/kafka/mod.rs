@@ -6,7 +6,7 @@
 //! nothing to the broker, so a re-run batch reads exactly the records it read
 //! before. Where each partition's reading began is kept in the source's own
 //! file in the checkpoint (`sources/<name>/partitions`), written before the
-//! offset entry that first names the partition.
+//! plan record that first names the partition.
 //!
 //! The [`KafkaSink`] is exactly-once without broker transactions: every
 //! record carries headers naming the sink, the batch and the record's place

@@ -260,7 +260,7 @@ impl Source for KafkaSource {
 }
 
 /// Where each partition's reading began for this query: the offset before
-/// which it reads nothing. Written before the offset entry that first names
+/// which it reads nothing. Written before the plan record that first names
 /// the partition, so a re-run batch starts each partition where it did.
 #[derive(Debug)]
 struct PartitionLog {

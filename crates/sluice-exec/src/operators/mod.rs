@@ -15,7 +15,7 @@
 //! stateful node, found by the node's operator id. A node's state lives in
 //! `state/<operator id>/` of the checkpoint; the executor prepares every
 //! operator's state before a batch and commits them all after it, before the
-//! commit entry that makes the batch durable.
+//! commit record that makes the batch durable.
 //!
 //! Operator ids are the operator's kind, numbered per kind from the bottom
 //! of the plan up (`aggregate`, `aggregate-1`, ..., `dedup`, ...), so the

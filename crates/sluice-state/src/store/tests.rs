@@ -141,7 +141,7 @@ fn a_rerun_batch_recommits_its_version_from_the_previous_one() {
     s.commit(0).unwrap();
     s.put(&rows(&[("a", 0, 2)])).unwrap();
     s.commit(1).unwrap();
-    // Crash after the state commit of batch 1 but before its commit entry:
+    // Crash after the state commit of batch 1 but before its commit record:
     // the re-run loads version 0 and applies batch 1 once more.
     let mut again = store(Some(dir.path()), 10, 100);
     again.load(Some(0)).unwrap();
