@@ -2,15 +2,20 @@
 //!
 //! One [`StateStore`] holds one operator's state: rows of *key* columns
 //! (group key, window) and *value* columns (aggregate accumulator states),
-//! hash-partitioned into P partitions. It is versioned by batch id:
-//! [`StateStore::commit`] makes the changes since the last commit version N
-//! and writes, per partition, a delta of upserted and removed keys — and every
-//! K versions a full snapshot — as checksummed Arrow IPC files:
+//! hash-partitioned into P partitions in memory. It is versioned by batch
+//! id: [`StateStore::commit`] makes the changes since the last commit version
+//! N and writes one delta of upserted and removed keys — and every K versions
+//! a full snapshot — as checksummed Arrow IPC files:
 //!
 //! ```text
-//! state/<operator>/<partition>/<N>.delta
-//! state/<operator>/<partition>/<N>.snapshot
+//! state/<operator>/<N>.delta
+//! state/<operator>/<N>.snapshot
 //! ```
+//!
+//! (Checkpoints written before kept a directory per partition,
+//! `state/<operator>/<partition>/<N>.delta`; they still load, and the query
+//! that owns one converts it to a snapshot of its version the first time it
+//! loads it.)
 //!
 //! [`StateStore::load`] rebuilds any retained version from the newest snapshot
 //! at or before it plus the deltas after it. A batch re-run after a crash
@@ -148,6 +153,10 @@ pub struct StateStore {
     cleanup: Option<std::thread::JoinHandle<()>>,
     /// See [`StateStore::fallbacks`].
     fallbacks: Vec<String>,
+    /// Whether loading a directory of the older layout (a directory per
+    /// partition) converts it: only the query that owns the checkpoint
+    /// does, never a reader.
+    convert_partitioned: bool,
 }
 
 /// From how many rows a commit without fsync writes its files in parallel.
@@ -193,6 +202,7 @@ impl StateStore {
             version: None,
             cleanup: None,
             fallbacks: Vec::new(),
+            convert_partitioned: true,
         })
     }
 
@@ -418,8 +428,10 @@ impl StateStore {
         }
         let mut stats = CommitStats::default();
         let snapshot = plan::is_snapshot_version(version, self.options.snapshot_interval);
-        // Build every file of this version first, then write them all at once.
-        let mut files: Vec<(PathBuf, RecordBatch)> = Vec::new();
+        // One delta per version for the whole operator (every partition's
+        // changes), and a snapshot every K versions: one or two files, not
+        // one or two per partition.
+        let mut deltas = Vec::new();
         for p in 0..self.partitions.len() {
             let (upserted, removed) = {
                 let part = &mut self.partitions[p];
@@ -430,28 +442,31 @@ impl StateStore {
             };
             stats.updated += upserted.len() as u64;
             stats.removed += removed.len() as u64;
-            let Some(dir) = self.dir.clone() else {
-                continue;
-            };
-            let pdir = dir.join(p.to_string());
-            // A delta is written even when empty, so that every version has
-            // its file and loading can tell a gap from an idle partition.
-            let delta = self.delta_batch(p, &upserted, &removed)?;
-            let name = |kind| StateFile { version, kind }.name();
-            files.push((pdir.join(name(FileKind::Delta)), delta));
-            if snapshot {
-                let rows = self.partitions[p].rows.iter();
-                let snapshot = self.to_batch(rows.map(|(k, v)| (&k[..], &v[..])))?;
-                files.push((pdir.join(name(FileKind::Snapshot)), snapshot));
+            if self.dir.is_some() {
+                deltas.push(self.delta_batch(p, &upserted, &removed)?);
             }
         }
-        // Partitions are written in parallel, so their fsyncs and their
-        // encoding overlap; a small commit without fsync is written in
-        // turn, as a thread would cost more than its write.
+        let mut files: Vec<(PathBuf, RecordBatch)> = Vec::new();
+        if let Some(dir) = self.dir.clone() {
+            let name = |kind| StateFile { version, kind }.name();
+            // A delta is written even when empty, so that every version has
+            // its file and loading can tell a gap from an idle version.
+            let schema = deltas[0].schema();
+            files.push((
+                dir.join(name(FileKind::Delta)),
+                sluice_common::datafusion::arrow::compute::concat_batches(&schema, &deltas)?,
+            ));
+            if snapshot {
+                files.push((dir.join(name(FileKind::Snapshot)), self.scan()?));
+            }
+        }
+        // A delta and a snapshot are written in parallel, so their fsyncs
+        // and their encoding overlap; a small commit without fsync is
+        // written in turn, as a thread would cost more than its write.
         let durability = self.options.durability;
         let rows: usize = files.iter().map(|(_, b)| b.num_rows()).sum();
-        let written: Vec<Result<u64>> = if durability == Durability::NoSync
-            && rows < PARALLEL_WRITE_ROWS
+        let written: Vec<Result<u64>> = if files.len() < 2
+            || (durability == Durability::NoSync && rows < PARALLEL_WRITE_ROWS)
         {
             files
                 .iter()
@@ -549,11 +564,23 @@ impl StateStore {
         let (Some(version), Some(dir)) = (version, self.dir.clone()) else {
             return Ok(());
         };
-        let nk = self.key_schema.fields().len();
-        let nv = self.value_schema.fields().len();
         let pdirs = partition_dirs(&dir)?;
-        // Every commit writes a file in every partition, so a committed
-        // version with fewer partition directories has lost state.
+        if pdirs.is_empty() || !plan::list(&dir)?.is_empty() {
+            self.load_files(&dir, version)?;
+            // Partition directories beside files of one per version: a
+            // conversion that stopped before removing them (see below).
+            if self.convert_partitioned {
+                for pdir in pdirs {
+                    fs::remove_dir_all(&pdir).map_err(|e| {
+                        Error::io(format!("removing {} (converted)", pdir.display()), e)
+                    })?;
+                }
+            }
+            return Ok(());
+        }
+        // Written before state files became one per version: one directory
+        // per partition. Every commit wrote a file in every partition, so a
+        // committed version with fewer partition directories has lost state.
         if pdirs.len() != self.options.partitions {
             return Err(Error::checkpoint(
                 &dir,
@@ -564,62 +591,86 @@ impl StateStore {
                 ),
             ));
         }
-        for pdir in pdirs {
-            let files = plan::list(&pdir)?;
-            let mut bad = Vec::new();
-            let read = loop {
-                let needed = plan::files_for_version_without(&files, version, &bad)
-                    .map_err(|e| Error::checkpoint(&pdir, e))?;
-                match read_all(&pdir, &needed, nk + nv) {
-                    Ok(read) => break read,
-                    Err((f, e))
-                        if f.kind == FileKind::Snapshot && self.options.snapshot_fallback =>
-                    {
-                        self.fallbacks.push(format!(
-                            "{} is unreadable ({e}); version {version} was rebuilt without it",
-                            pdir.join(f.name()).display()
-                        ));
-                        bad.push(f.version);
-                    }
-                    Err((f, e)) if f.kind == FileKind::Snapshot => {
-                        return Err(e.context(
-                            "a damaged snapshot (SET state_snapshot_fallback = true rebuilds its version from an older snapshot and the deltas after it)",
-                        ));
-                    }
-                    Err((_, e)) => return Err(e),
+        for pdir in &pdirs {
+            self.load_files(pdir, version)?;
+        }
+        // The query that owns the directory converts it: the version as one
+        // snapshot of the new layout, then the partition directories go. A
+        // crash in between leaves both, and the snapshot is what counts.
+        if self.convert_partitioned {
+            let name = StateFile {
+                version,
+                kind: FileKind::Snapshot,
+            }
+            .name();
+            write_ipc(&dir.join(name), &self.scan()?, self.options.durability)?;
+            for pdir in pdirs {
+                fs::remove_dir_all(&pdir).map_err(|e| {
+                    Error::io(format!("removing {} (converted)", pdir.display()), e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the rows of version `version` as the files in `dir` hold it (the
+    /// newest snapshot at or before it, then the deltas after), re-hashing
+    /// every key into its partition.
+    fn load_files(&mut self, dir: &Path, version: BatchId) -> Result<()> {
+        let nk = self.key_schema.fields().len();
+        let nv = self.value_schema.fields().len();
+        let files = plan::list(dir)?;
+        let mut bad = Vec::new();
+        let read = loop {
+            let needed = plan::files_for_version_without(&files, version, &bad)
+                .map_err(|e| Error::checkpoint(dir, e))?;
+            match read_all(dir, &needed, nk + nv) {
+                Ok(read) => break read,
+                Err((f, e)) if f.kind == FileKind::Snapshot && self.options.snapshot_fallback => {
+                    self.fallbacks.push(format!(
+                        "{} is unreadable ({e}); version {version} was rebuilt without it",
+                        dir.join(f.name()).display()
+                    ));
+                    bad.push(f.version);
                 }
+                Err((f, e)) if f.kind == FileKind::Snapshot => {
+                    return Err(e.context(
+                        "a damaged snapshot (SET state_snapshot_fallback = true rebuilds its version from an older snapshot and the deltas after it)",
+                    ));
+                }
+                Err((_, e)) => return Err(e),
+            }
+        };
+        for (f, path, batch) in read {
+            let keys = self
+                .keys
+                .convert_columns(&batch.columns()[..nk])
+                .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+            let values = self
+                .values
+                .convert_columns(&batch.columns()[nk..nk + nv])
+                .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+            let deleted = match f.kind {
+                FileKind::Delta => Some(
+                    batch
+                        .column(nk + nv)
+                        .as_any()
+                        .downcast_ref::<BooleanArray>()
+                        .cloned()
+                        .ok_or_else(|| {
+                            Error::checkpoint(&path, "the _deleted column is not boolean")
+                        })?,
+                ),
+                FileKind::Snapshot => None,
             };
-            for (f, path, batch) in read {
-                let keys = self
-                    .keys
-                    .convert_columns(&batch.columns()[..nk])
-                    .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
-                let values = self
-                    .values
-                    .convert_columns(&batch.columns()[nk..nk + nv])
-                    .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
-                let deleted = match f.kind {
-                    FileKind::Delta => Some(
-                        batch
-                            .column(nk + nv)
-                            .as_any()
-                            .downcast_ref::<BooleanArray>()
-                            .cloned()
-                            .ok_or_else(|| {
-                                Error::checkpoint(&path, "the _deleted column is not boolean")
-                            })?,
-                    ),
-                    FileKind::Snapshot => None,
-                };
-                for i in 0..batch.num_rows() {
-                    let k = keys.row(i).data();
-                    let p = self.partition_of(k);
-                    let part = &mut self.partitions[p];
-                    if deleted.as_ref().is_some_and(|d| d.value(i)) {
-                        part.take(k);
-                    } else {
-                        part.set(k, values.row(i).data());
-                    }
+            for i in 0..batch.num_rows() {
+                let k = keys.row(i).data();
+                let p = self.partition_of(k);
+                let part = &mut self.partitions[p];
+                if deleted.as_ref().is_some_and(|d| d.value(i)) {
+                    part.take(k);
+                } else {
+                    part.set(k, values.row(i).data());
                 }
             }
         }
@@ -671,16 +722,11 @@ fn read_all(
 /// Removes files no version at or after `oldest` needs (best effort: a
 /// failure leaves extra files, never missing ones).
 fn cleanup(dir: &Path, oldest: BatchId) {
-    let Ok(pdirs) = partition_dirs(dir) else {
+    let Ok(files) = plan::list(dir) else {
         return;
     };
-    for pdir in pdirs {
-        let Ok(files) = plan::list(&pdir) else {
-            continue;
-        };
-        for f in plan::removable(&files, oldest) {
-            let _ = fs::remove_file(pdir.join(f.name()));
-        }
+    for f in plan::removable(&files, oldest) {
+        let _ = fs::remove_file(dir.join(f.name()));
     }
 }
 
@@ -762,6 +808,7 @@ pub fn read_state(dir: &Path, version: BatchId) -> Result<(RecordBatch, usize)> 
     };
     let mut store = StateStore::new(None, key_schema, value_schema, options)?;
     store.dir = Some(dir.to_path_buf());
+    store.convert_partitioned = false;
     store.load(Some(version))?;
     Ok((store.scan()?, meta.key_columns))
 }

@@ -125,7 +125,7 @@ fn every_retained_version_reloads_from_disk() {
         s.commit(v).unwrap();
         history.push(contents(&s));
     }
-    assert!(dir.path().join("0/2.snapshot").exists());
+    assert!(dir.path().join("2.snapshot").exists());
     for (v, expected) in history.iter().enumerate() {
         let mut fresh = store(Some(dir.path()), 3, 100);
         fresh.load(Some(v as u64)).unwrap();
@@ -162,7 +162,7 @@ fn retention_removes_old_files_and_keeps_retained_versions_loadable() {
         s.commit(v).unwrap();
     }
     s.wait_cleanup();
-    assert!(!dir.path().join("0/0.delta").exists());
+    assert!(!dir.path().join("0.delta").exists());
     for v in 7..10 {
         let mut fresh = store(Some(dir.path()), 2, 3);
         fresh.load(Some(v)).unwrap();
@@ -180,12 +180,7 @@ fn a_corrupt_state_file_is_named() {
     s.put(&rows(&[("a", 0, 1), ("b", 0, 1), ("c", 0, 1), ("d", 0, 1)]))
         .unwrap();
     s.commit(0).unwrap();
-    let victim = fs::read_dir(dir.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("0.delta"))
-        .find(|p| fs::metadata(p).map(|m| m.len() > 200).unwrap_or(false))
-        .unwrap();
+    let victim = dir.path().join("0.delta");
     let mut bytes = fs::read(&victim).unwrap();
     let n = bytes.len();
     bytes[n - 20] ^= 0x40;
@@ -329,12 +324,12 @@ fn a_damaged_snapshot_is_named_and_with_fallback_rebuilt_from_an_older_one() {
         s.commit(v).unwrap();
     }
     s.wait_cleanup();
-    // Versions 9 and 19 wrote snapshots; damage 19's, in every partition
-    // a different way.
-    for (p, damage) in ["truncate", "flip", "zero"].iter().enumerate() {
-        let path = dir.path().join(p.to_string()).join("19.snapshot");
-        let mut bytes = std::fs::read(&path).unwrap();
-        match *damage {
+    // Versions 9 and 19 wrote snapshots; damage 19's in one of three ways.
+    let path = dir.path().join("19.snapshot");
+    let good = std::fs::read(&path).unwrap();
+    for damage in ["truncate", "flip", "zero"] {
+        let mut bytes = good.clone();
+        match damage {
             "truncate" => bytes.truncate(bytes.len() / 2),
             "flip" => {
                 let i = bytes.len() - 3;
@@ -343,6 +338,9 @@ fn a_damaged_snapshot_is_named_and_with_fallback_rebuilt_from_an_older_one() {
             _ => bytes.iter_mut().for_each(|b| *b = 0),
         }
         std::fs::write(&path, bytes).unwrap();
+        let mut fresh = store(Some(dir.path()), 10, 30);
+        let e = fresh.load(Some(24)).unwrap_err().to_string();
+        assert!(e.contains("19.snapshot"), "{damage}: {e}");
     }
     let mut fresh = store(Some(dir.path()), 10, 30);
     let e = fresh.load(Some(24)).unwrap_err().to_string();
@@ -362,11 +360,11 @@ fn a_damaged_snapshot_is_named_and_with_fallback_rebuilt_from_an_older_one() {
     .unwrap();
     fallback.load(Some(24)).unwrap();
     assert_eq!(contents(&fallback), model);
-    assert_eq!(fallback.fallbacks().len(), 3, "{:?}", fallback.fallbacks());
+    assert_eq!(fallback.fallbacks().len(), 1, "{:?}", fallback.fallbacks());
     assert!(fallback.fallbacks()[0].contains("19.snapshot"));
 
     // A damaged delta has no safe fallback: it is named, fallback or not.
-    let delta = dir.path().join("1").join("23.delta");
+    let delta = dir.path().join("23.delta");
     let mut bytes = std::fs::read(&delta).unwrap();
     bytes.truncate(bytes.len() - 1);
     std::fs::write(&delta, bytes).unwrap();
@@ -396,12 +394,56 @@ fn a_state_file_declaring_huge_lengths_is_refused_before_any_allocation() {
     let mut s = store(Some(dir.path()), 10, 10);
     s.put(&rows(&[("a", 0, 1)])).unwrap();
     s.commit(0).unwrap();
-    let f = dir.path().join("0").join("0.delta");
-    let f = if f.exists() {
-        f
-    } else {
-        dir.path().join("1").join("0.delta")
-    };
+    let f = dir.path().join("0.delta");
     let bytes = std::fs::read(&f).unwrap();
     assert!(decode_state_file(&f, &bytes).is_ok());
+}
+
+#[test]
+fn a_directory_per_partition_is_read_and_converted_by_its_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(Some(dir.path()), 3, 100);
+    for v in 0..6u64 {
+        s.put(&rows(&[("a", v as i64, 1), ("b", 0, v as i64)]))
+            .unwrap();
+        if v == 4 {
+            s.remove(&[
+                Arc::new(StringArray::from(vec!["a"])) as ArrayRef,
+                Arc::new(Int64Array::from(vec![1])) as ArrayRef,
+            ])
+            .unwrap();
+        }
+        s.commit(v).unwrap();
+    }
+    s.wait_cleanup();
+    let model = contents(&s);
+    // The older layout: every file in each of the 3 partition directories
+    // (each replays the whole history, so together they hold the same rows).
+    let files: Vec<_> = plan::list(dir.path()).unwrap();
+    for p in 0..3 {
+        let pdir = dir.path().join(p.to_string());
+        fs::create_dir(&pdir).unwrap();
+        for f in &files {
+            fs::copy(dir.path().join(f.name()), pdir.join(f.name())).unwrap();
+        }
+    }
+    for f in &files {
+        fs::remove_file(dir.path().join(f.name())).unwrap();
+    }
+    // A reader reads it as it is.
+    let (batch, keys) = read_state(dir.path(), 5).unwrap();
+    assert_eq!((batch.num_rows(), keys), (model.len(), 2));
+    assert!(dir.path().join("0").exists(), "a reader converts nothing");
+    // The owner converts it: one snapshot of the version, no partition
+    // directories, and the store goes on from there.
+    let mut owner = store(Some(dir.path()), 3, 100);
+    owner.load(Some(5)).unwrap();
+    assert_eq!(contents(&owner), model);
+    assert!(dir.path().join("5.snapshot").exists());
+    assert!((0..3).all(|p| !dir.path().join(p.to_string()).exists()));
+    owner.put(&rows(&[("c", 9, 9)])).unwrap();
+    owner.commit(6).unwrap();
+    let mut fresh = store(Some(dir.path()), 3, 100);
+    fresh.load(Some(6)).unwrap();
+    assert_eq!(fresh.len(), model.len() + 1);
 }
