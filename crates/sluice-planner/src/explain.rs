@@ -76,7 +76,7 @@ pub fn explain_streaming(
         let emit = if a.feeds { OutputMode::Append } else { mode };
         let _ = writeln!(
             s,
-            "  state: aggregate {} keyed by [{}] (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot)",
+            "  state: aggregate {} keyed by [{}] (operator '{}': state/{}/<batch>.delta|.snapshot)",
             a.aggregates.join(", "),
             a.keys.join(", "),
             a.id,
@@ -155,7 +155,7 @@ pub fn explain_streaming(
 fn explain_join(s: &mut String, a: &crate::AggregateShape, kind: &str, physical: &str) {
     let _ = writeln!(
         s,
-        "  state: {} join of two streams on [{}] (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot; both sides' rows, indexed by join key)",
+        "  state: {} join of two streams on [{}] (operator '{}': state/{}/<batch>.delta|.snapshot; both sides' rows, indexed by join key)",
         kind.to_lowercase(),
         readable_intervals(&a.keys.join(" AND ")),
         a.id,
@@ -235,7 +235,7 @@ fn readable_intervals(text: &str) -> String {
 fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize, physical_text: &str) {
     let _ = writeln!(
         s,
-        "  state: top {n} per [{}] by ROW_NUMBER() (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot)",
+        "  state: top {n} per [{}] by ROW_NUMBER() (operator '{}': state/{}/<batch>.delta|.snapshot)",
         a.keys.join(", "),
         a.id,
         a.id
@@ -308,7 +308,7 @@ fn explain_topn(s: &mut String, a: &crate::AggregateShape, n: usize, physical_te
 fn explain_dedup(s: &mut String, a: &crate::AggregateShape, event_columns: &[String]) {
     let _ = writeln!(
         s,
-        "  state: dedup keyed by [{}] (operator '{}': state/{}/<partition>/<batch>.delta|.snapshot)",
+        "  state: dedup keyed by [{}] (operator '{}': state/{}/<batch>.delta|.snapshot)",
         a.keys.join(", "),
         a.id,
         a.id

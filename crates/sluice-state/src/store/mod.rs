@@ -417,7 +417,7 @@ impl StateStore {
     }
 
     /// Makes the changes since the last commit version `version`, writing a
-    /// delta per changed partition (and a snapshot every K versions).
+    /// delta of every partition's changes (and a snapshot every K versions).
     pub fn commit(&mut self, version: BatchId) -> Result<CommitStats> {
         if let Some(v) = self.version
             && version <= v
@@ -692,7 +692,7 @@ impl StateStore {
 /// A state file read: which, where, and its rows.
 type ReadFile = (StateFile, PathBuf, RecordBatch);
 
-/// Reads `files` of one partition, checking each has the state's columns
+/// Reads `files` of one state directory, checking each has the state's columns
 /// (`values` + the `_deleted` flag for deltas); on failure, the file and why.
 fn read_all(
     pdir: &Path,

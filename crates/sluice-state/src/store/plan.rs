@@ -14,7 +14,7 @@ pub enum FileKind {
     Snapshot,
 }
 
-/// One state file of a partition.
+/// One state file of an operator (or, in the older layout, of a partition).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StateFile {
     /// The version it belongs to.
@@ -50,7 +50,7 @@ pub fn is_snapshot_version(v: BatchId, interval: u64) -> bool {
     interval > 0 && (v + 1).is_multiple_of(interval)
 }
 
-/// The state files of a partition directory, sorted.
+/// The state files of a directory (an operator's, or a partition's in the older layout), sorted.
 pub fn list(dir: &Path) -> Result<Vec<StateFile>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
