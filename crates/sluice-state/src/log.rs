@@ -74,6 +74,36 @@ impl LogContents {
     pub fn last_commit(&self) -> Option<BatchId> {
         self.commits.keys().next_back().copied()
     }
+
+    /// Whether a plan of batch `id` may come next: plans are numbered one
+    /// after another, each committed before the next is planned.
+    fn check_plan(&self, id: BatchId) -> std::result::Result<(), String> {
+        let Some(last) = self.last_plan() else {
+            return Ok(());
+        };
+        if id != last + 1 {
+            return Err(format!(
+                "plans batch {id} after batch {last}: plans must be numbered one after another"
+            ));
+        }
+        if self.last_commit() != Some(last) {
+            return Err(format!("plans batch {id} before batch {last} committed"));
+        }
+        Ok(())
+    }
+
+    /// Whether a commit of batch `id` may come next: only the last batch
+    /// planned, once.
+    fn check_commit(&self, id: BatchId) -> std::result::Result<(), String> {
+        if self.last_plan() != Some(id) || self.last_commit() == Some(id) {
+            return Err(format!(
+                "commits batch {id}, which is not the last batch planned ({})",
+                self.last_plan()
+                    .map_or_else(|| "none".to_string(), |b| b.to_string())
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn segment_name(first: BatchId) -> String {
@@ -193,32 +223,12 @@ fn apply(log: &mut LogContents, kind: &str, body: &[u8]) -> std::result::Result<
     match kind {
         "plan" => {
             let e: OffsetEntry = serde_json::from_slice(body).map_err(parse_err)?;
-            if let Some(last) = log.last_plan() {
-                if e.batch_id != last + 1 {
-                    return Err(format!(
-                        "plans batch {} after batch {last}: plans must be numbered one after another",
-                        e.batch_id
-                    ));
-                }
-                if log.last_commit() != Some(last) {
-                    return Err(format!(
-                        "plans batch {} before batch {last} committed",
-                        e.batch_id
-                    ));
-                }
-            }
+            log.check_plan(e.batch_id)?;
             log.plans.insert(e.batch_id, e);
         }
         "commit" => {
             let e: CommitEntry = serde_json::from_slice(body).map_err(parse_err)?;
-            if log.last_plan() != Some(e.batch_id) || log.last_commit() == Some(e.batch_id) {
-                return Err(format!(
-                    "commits batch {}, which is not the last batch planned ({})",
-                    e.batch_id,
-                    log.last_plan()
-                        .map_or_else(|| "none".to_string(), |b| b.to_string())
-                ));
-            }
+            log.check_commit(e.batch_id)?;
             log.commits.insert(e.batch_id, e);
         }
         other => return Err(format!("unknown record kind '{}'", other.escape_debug())),
@@ -347,22 +357,7 @@ impl BatchLog {
         let mut w = self.writer();
         // Checked against the protocol before it is written, as a reader
         // would check it.
-        let mut next = LogContents {
-            plans: w
-                .log
-                .plans
-                .last_key_value()
-                .map(|(k, v)| BTreeMap::from([(*k, v.clone())]))
-                .unwrap_or_default(),
-            commits: w
-                .log
-                .commits
-                .last_key_value()
-                .map(|(k, v)| BTreeMap::from([(*k, v.clone())]))
-                .unwrap_or_default(),
-            ..LogContents::default()
-        };
-        apply(&mut next, "plan", &body).map_err(Error::internal)?;
+        w.log.check_plan(entry.batch_id).map_err(Error::internal)?;
         let roll = w.open.as_ref().is_none_or(|o| o.len >= SEGMENT_BYTES);
         if roll {
             self.start_segment(&mut w, entry.batch_id)?;
@@ -378,13 +373,9 @@ impl BatchLog {
         let body = serde_json::to_vec(entry)
             .map_err(|e| Error::internal(format!("serializing a commit record: {e}")))?;
         let mut w = self.writer();
-        if w.log.last_plan() != Some(entry.batch_id) || w.log.last_commit() == Some(entry.batch_id)
-        {
-            return Err(Error::internal(format!(
-                "commit of batch {}, which is not the last batch planned",
-                entry.batch_id
-            )));
-        }
+        w.log
+            .check_commit(entry.batch_id)
+            .map_err(Error::internal)?;
         if w.open.is_none() {
             self.start_segment(&mut w, entry.batch_id)?;
         }

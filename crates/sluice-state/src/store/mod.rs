@@ -570,11 +570,7 @@ impl StateStore {
             // Partition directories beside files of one per version: a
             // conversion that stopped before removing them (see below).
             if self.convert_partitioned {
-                for pdir in pdirs {
-                    fs::remove_dir_all(&pdir).map_err(|e| {
-                        Error::io(format!("removing {} (converted)", pdir.display()), e)
-                    })?;
-                }
+                remove_converted(&pdirs)?;
             }
             return Ok(());
         }
@@ -604,11 +600,7 @@ impl StateStore {
             }
             .name();
             write_ipc(&dir.join(name), &self.scan()?, self.options.durability)?;
-            for pdir in pdirs {
-                fs::remove_dir_all(&pdir).map_err(|e| {
-                    Error::io(format!("removing {} (converted)", pdir.display()), e)
-                })?;
-            }
+            remove_converted(&pdirs)?;
         }
         Ok(())
     }
@@ -811,6 +803,15 @@ pub fn read_state(dir: &Path, version: BatchId) -> Result<(RecordBatch, usize)> 
     store.convert_partitioned = false;
     store.load(Some(version))?;
     Ok((store.scan()?, meta.key_columns))
+}
+
+/// Removes the partition directories of a converted state directory.
+fn remove_converted(pdirs: &[PathBuf]) -> Result<()> {
+    for pdir in pdirs {
+        fs::remove_dir_all(pdir)
+            .map_err(|e| Error::io(format!("removing {} (converted)", pdir.display()), e))?;
+    }
+    Ok(())
 }
 
 fn partition_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
