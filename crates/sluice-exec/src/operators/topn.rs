@@ -291,10 +291,7 @@ impl TopNExec {
             })?;
         }
         if let (Some(we), Some(wm)) = (core.window_end, batch.watermark_end) {
-            let closed = store.remove_keys_where(|keys| {
-                let open = after_watermark(keys.column(we), wm)?;
-                Ok(datafusion::arrow::compute::not(&open)?)
-            })?;
+            let closed = store.remove_keys_until(we, wm)?;
             if closed.num_rows() > 0 {
                 emit.push(self.ranked(&closed)?);
             }

@@ -30,21 +30,28 @@
 //! its own ([`read_state`]) and a mismatched query is refused.
 
 pub mod plan;
+mod table;
 
 use std::fs;
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sluice_common::datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch};
-use sluice_common::datafusion::arrow::compute::filter_record_batch;
+use sluice_common::datafusion::arrow::array::{
+    ArrayRef, BooleanArray, RecordBatch, UInt32Array, new_null_array,
+};
+use sluice_common::datafusion::arrow::compute::{
+    concat_batches, filter_record_batch, take_record_batch,
+};
 use sluice_common::datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use sluice_common::datafusion::arrow::ipc::reader::StreamReader;
 use sluice_common::datafusion::arrow::ipc::writer::StreamWriter;
-use sluice_common::datafusion::arrow::row::{RowConverter, SortField};
+use sluice_common::datafusion::arrow::row::{RowConverter, Rows, SortField};
 use sluice_common::durable::{self, Durability};
 use sluice_common::{BatchId, Error, Result};
 
 use plan::{FileKind, StateFile};
+use table::Shard;
 
 /// How a state store writes and keeps its files.
 #[derive(Debug, Clone, Copy)]
@@ -88,55 +95,7 @@ pub struct CommitStats {
     pub bytes_written: u64,
 }
 
-/// A row-encoded key or value (arrow's row format): compared, hashed and
-/// looked up as plain bytes, with no allocation to find a key.
-type Bytes = Box<[u8]>;
 type Hasher = foldhash::fast::RandomState;
-type Map = std::collections::HashMap<Bytes, Bytes, Hasher>;
-type Set = std::collections::HashSet<Bytes, Hasher>;
-
-#[derive(Debug, Default)]
-struct Partition {
-    rows: Map,
-    upserted: Set,
-    removed: Set,
-    /// Bytes of the live keys and values in `rows`, kept as they change.
-    bytes: usize,
-}
-
-impl Partition {
-    /// Sets `k`'s value, keeping `bytes`; an equal-length value (a
-    /// fixed-width state) is overwritten in place.
-    fn set(&mut self, k: &[u8], v: &[u8]) {
-        match self.rows.get_mut(k) {
-            Some(old) if old.len() == v.len() => old.copy_from_slice(v),
-            Some(old) => {
-                self.bytes = self.bytes - old.len() + v.len();
-                *old = v.into();
-            }
-            None => {
-                self.bytes += k.len() + v.len();
-                self.rows.insert(k.into(), v.into());
-            }
-        }
-    }
-
-    /// Takes `k` out of the live rows, keeping `bytes`.
-    fn take(&mut self, k: &[u8]) -> Option<(Bytes, Bytes)> {
-        let (key, value) = self.rows.remove_entry(k)?;
-        self.bytes -= key.len() + value.len();
-        Some((key, value))
-    }
-
-    /// Removes `k` as a change of this version (its delta marks it deleted),
-    /// returning its value.
-    fn remove(&mut self, k: &[u8]) -> Option<Bytes> {
-        let (key, value) = self.take(k)?;
-        self.upserted.remove(k);
-        self.removed.insert(key);
-        Some(value)
-    }
-}
 
 /// One operator's keyed, versioned state.
 #[derive(Debug)]
@@ -145,9 +104,18 @@ pub struct StateStore {
     options: StateStoreOptions,
     key_schema: SchemaRef,
     value_schema: SchemaRef,
+    /// Keys then values, as the store hands rows out.
+    row_schema: SchemaRef,
+    /// The same columns, all nullable: how rows are held (a delta's
+    /// removed keys carry null values).
+    chunk_schema: SchemaRef,
+    /// Key columns to row bytes, which the index hashes and compares.
     keys: RowConverter,
-    values: RowConverter,
-    partitions: Vec<Partition>,
+    hasher: Hasher,
+    shards: Vec<Shard>,
+    /// Keys removed since the last commit (key columns; may repeat, and
+    /// may have been put again since).
+    removed: Vec<RecordBatch>,
     version: Option<BatchId>,
     /// The background removal of files past retention, if running.
     cleanup: Option<std::thread::JoinHandle<()>>,
@@ -159,11 +127,24 @@ pub struct StateStore {
     convert_partitioned: bool,
 }
 
-/// From how many rows a commit without fsync writes its files in parallel.
+/// From how many rows a commit without fsync writes its files in parallel,
+/// and a put spreads its shards over threads.
 const PARALLEL_WRITE_ROWS: usize = 8192;
 
 /// The column a delta file uses to mark removed keys.
 const DELETED: &str = "_deleted";
+
+/// Row bytes and hashes of a batch's keys.
+struct Keys {
+    rows: Rows,
+    hashes: Vec<u64>,
+}
+
+impl Keys {
+    fn get(&self, i: usize) -> (&[u8], u64) {
+        (self.rows.row(i).data(), self.hashes[i])
+    }
+}
 
 impl StateStore {
     /// A store for rows of `key_schema` + `value_schema`, kept under `dir`
@@ -174,31 +155,45 @@ impl StateStore {
         value_schema: SchemaRef,
         options: StateStoreOptions,
     ) -> Result<Self> {
-        let conv = |s: &SchemaRef| {
-            RowConverter::new(
-                s.fields()
-                    .iter()
-                    .map(|f| SortField::new(f.data_type().clone()))
-                    .collect(),
-            )
-            .map_err(|e| Error::plan(format!("state of type {s} cannot be stored: {e}")))
-        };
+        let keys = RowConverter::new(
+            key_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )
+        .map_err(|e| {
+            Error::plan(format!(
+                "state keys of type {key_schema} cannot be stored: {e}"
+            ))
+        })?;
         if options.partitions == 0 {
             return Err(Error::plan("a state store needs at least one partition"));
         }
+        let row_schema = row_schema_of(&key_schema, &value_schema);
         if let Some(dir) = &dir {
-            check_or_write_meta(dir, &key_schema, &value_schema, options)?;
+            check_or_write_meta(dir, &row_schema, key_schema.fields().len(), options)?;
         }
+        let fields: Vec<Field> = row_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let nullable: Vec<Field> = fields
+            .iter()
+            .map(|f| f.clone().with_nullable(true))
+            .collect();
         Ok(StateStore {
-            keys: conv(&key_schema)?,
-            values: conv(&value_schema)?,
+            keys,
+            hasher: Hasher::default(),
             dir,
-            partitions: (0..options.partitions)
-                .map(|_| Partition::default())
-                .collect(),
+            shards: (0..options.partitions).map(|_| Shard::default()).collect(),
+            removed: Vec::new(),
             options,
             key_schema,
             value_schema,
+            row_schema,
+            chunk_schema: Arc::new(Schema::new(nullable)),
             version: None,
             cleanup: None,
             fallbacks: Vec::new(),
@@ -213,7 +208,7 @@ impl StateStore {
 
     /// Live keys.
     pub fn len(&self) -> usize {
-        self.partitions.iter().map(|p| p.rows.len()).sum()
+        self.shards.iter().map(Shard::len).sum()
     }
 
     /// Whether no key is live.
@@ -221,25 +216,25 @@ impl StateStore {
         self.len() == 0
     }
 
-    /// Approximate bytes held in memory by the live rows: their row-encoded
-    /// keys and values, counted as they change (no walk over the state).
+    /// Approximate bytes held in memory: the rows' arrays (replaced rows
+    /// count until compacted), the keys' row bytes and the index, counted as
+    /// they change (no walk over the state).
     pub fn memory_bytes(&self) -> usize {
-        self.partitions.iter().map(|p| p.bytes).sum()
+        self.shards.iter().map(Shard::memory_bytes).sum()
     }
 
-    fn partition_of(&self, key: &[u8]) -> usize {
-        // FNV-1a over the row-encoded key: stable within a process, and
-        // keys are re-hashed on load, so the on-disk split never has to match.
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for b in key {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        (h % self.partitions.len() as u64) as usize
+    fn key_count(&self) -> usize {
+        self.key_schema.fields().len()
+    }
+
+    fn shard_of(&self, hash: u64) -> usize {
+        // Bits the index's own use of the hash leaves alone (hashbrown
+        // takes the lowest for the bucket and the top seven as a tag).
+        ((hash >> 32) & 0xffff) as usize % self.shards.len()
     }
 
     fn check(&self, batch: &RecordBatch, what: &str) -> Result<()> {
-        let expected = self.key_schema.fields().len()
+        let expected = self.key_count()
             + if what == "put" {
                 self.value_schema.fields().len()
             } else {
@@ -254,46 +249,129 @@ impl StateStore {
         Ok(())
     }
 
+    fn key_rows(&self, keys: &[ArrayRef]) -> Result<Keys> {
+        let rows = self.keys.convert_columns(keys)?;
+        let hashes = (0..rows.num_rows())
+            .map(|i| self.hasher.hash_one(rows.row(i).data()))
+            .collect();
+        Ok(Keys { rows, hashes })
+    }
+
     /// Inserts or replaces rows: key columns first, then value columns.
     pub fn put(&mut self, batch: &RecordBatch) -> Result<()> {
         self.check(batch, "put")?;
-        let nk = self.key_schema.fields().len();
-        let keys = self.keys.convert_columns(&batch.columns()[..nk])?;
-        let values = self.values.convert_columns(&batch.columns()[nk..])?;
-        for i in 0..batch.num_rows() {
-            let k = keys.row(i);
-            let k: &[u8] = k.as_ref();
-            let v = values.row(i);
-            let v: &[u8] = v.as_ref();
-            let p = self.partition_of(k);
-            let part = &mut self.partitions[p];
-            if !part.removed.is_empty() {
-                part.removed.remove(k);
-            }
-            if !part.upserted.contains(k) {
-                part.upserted.insert(k.into());
-            }
-            part.set(k, v);
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
         }
-        Ok(())
+        let batch = RecordBatch::try_new(Arc::clone(&self.chunk_schema), batch.columns().to_vec())
+            .map_err(|e| Error::internal(format!("state put: {e}")))?;
+        let keys = self.key_rows(&batch.columns()[..self.key_count()])?;
+        if self.shards.len() == 1 {
+            return self.shards[0].upsert(batch, (0..n).map(|i| keys.get(i)));
+        }
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.shards.len()];
+        for (i, h) in keys.hashes.iter().enumerate() {
+            rows[self.shard_of(*h)].push(i as u32);
+        }
+        let put = |shard: &mut Shard, rows: &[u32]| -> Result<()> {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let chunk = if rows.len() == n {
+                batch.clone()
+            } else {
+                take_record_batch(&batch, &UInt32Array::from(rows.to_vec()))?
+            };
+            shard.upsert(chunk, rows.iter().map(|&i| keys.get(i as usize)))
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(self.shards.len());
+        if n < PARALLEL_WRITE_ROWS || threads < 2 {
+            for (shard, rows) in self.shards.iter_mut().zip(&rows) {
+                put(shard, rows)?;
+            }
+            return Ok(());
+        }
+        // Large puts: the shards split over the cores.
+        let per = self.shards.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .shards
+                .chunks_mut(per)
+                .zip(rows.chunks(per))
+                .map(|(shards, rows)| {
+                    scope
+                        .spawn(move || shards.iter_mut().zip(rows).try_for_each(|(s, r)| put(s, r)))
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::internal("a state put thread panicked")))
+            })
+        })
     }
 
-    /// The stored rows (keys, then values) of the given keys that exist.
+    /// The stored rows (keys, then values) of the given keys that exist, in
+    /// the order given, each once.
     pub fn get(&self, keys: &[ArrayRef]) -> Result<RecordBatch> {
-        let rows = self.keys.convert_columns(keys)?;
-        let mut found: Vec<(&[u8], &[u8])> = Vec::new();
-        let mut seen: std::collections::HashSet<&[u8], Hasher> = Default::default();
-        for i in 0..rows.num_rows() {
-            let k = rows.row(i).data();
-            if !seen.insert(k) {
-                continue;
-            }
-            let p = self.partition_of(k);
-            if let Some(v) = self.partitions[p].rows.get(k) {
-                found.push((k, v));
+        let k = self.key_rows(keys)?;
+        let mut places: Vec<Vec<table::Place>> = vec![Vec::new(); self.shards.len()];
+        let mut order: Vec<(usize, usize)> = Vec::new();
+        let mut seen: std::collections::HashSet<(usize, u32), Hasher> = Default::default();
+        for i in 0..k.hashes.len() {
+            let (key, hash) = k.get(i);
+            let s = self.shard_of(hash);
+            if let Some(slot) = self.shards[s].find(key, hash)
+                && seen.insert((s, slot))
+            {
+                order.push((s, places[s].len()));
+                places[s].push(self.shards[s].places(&[slot])[0]);
             }
         }
-        self.to_batch(found.into_iter())
+        // Gathered shard by shard, then put back in the order asked for.
+        let parts: Vec<table::Part<'_>> = self
+            .shards
+            .iter()
+            .zip(&places)
+            .map(|(s, p)| (s.chunks(), p.as_slice()))
+            .collect();
+        let Some(rows) = table::gather(&parts)? else {
+            return Ok(RecordBatch::new_empty(self.row_schema()));
+        };
+        let mut base = vec![0; self.shards.len()];
+        for s in 1..self.shards.len() {
+            base[s] = base[s - 1] + places[s - 1].len();
+        }
+        let ordered: UInt32Array = order.iter().map(|(s, i)| (base[*s] + i) as u32).collect();
+        let rows = take_record_batch(&rows, &ordered)?;
+        self.out(rows)
+    }
+
+    /// Rows held (all-nullable columns) as the store hands them out.
+    fn out(&self, rows: RecordBatch) -> Result<RecordBatch> {
+        Ok(RecordBatch::try_new(
+            self.row_schema(),
+            rows.columns().to_vec(),
+        )?)
+    }
+
+    fn out_all(&self, parts: Vec<RecordBatch>) -> Result<RecordBatch> {
+        let all = concat_batches(&self.chunk_schema, &parts)?;
+        self.out(all)
+    }
+
+    /// Notes the key columns of removed rows, for the next delta.
+    fn note_removed(&mut self, rows: &[RecordBatch]) {
+        let nk = self.key_count();
+        for r in rows {
+            if r.num_rows() > 0
+                && let Ok(keys) = r.project(&(0..nk).collect::<Vec<_>>())
+            {
+                self.removed.push(keys);
+            }
+        }
     }
 
     /// Removes the given keys (those that exist), touching nothing else:
@@ -302,122 +380,158 @@ impl StateStore {
         if keys.first().is_none_or(|k| k.is_empty()) {
             return Ok(0);
         }
-        let rows = self.keys.convert_columns(keys)?;
-        let mut removed = 0;
-        for i in 0..rows.num_rows() {
-            let k = rows.row(i).data();
-            let p = self.partition_of(k);
-            removed += usize::from(self.partitions[p].remove(k).is_some());
+        let k = self.key_rows(keys)?;
+        let mut hit = Vec::with_capacity(k.hashes.len());
+        for i in 0..k.hashes.len() {
+            let (key, hash) = k.get(i);
+            let s = self.shard_of(hash);
+            let slot = self.shards[s].find(key, hash);
+            if let Some(slot) = slot {
+                self.shards[s].kill(slot);
+            }
+            hit.push(slot.is_some());
+        }
+        let removed = hit.iter().filter(|h| **h).count();
+        if removed > 0 {
+            let nk = self.key_count();
+            let key_schema = Arc::new(Schema::new(self.chunk_schema.fields()[..nk].to_vec()));
+            let batch = RecordBatch::try_new(key_schema, keys.to_vec())
+                .map_err(|e| Error::internal(format!("state remove: {e}")))?;
+            self.removed
+                .push(filter_record_batch(&batch, &BooleanArray::from(hit))?);
         }
         Ok(removed)
     }
 
     /// Removes the rows for which `predicate` (over a batch of live rows:
-    /// key columns, then value columns) is true, returning them.
+    /// key columns, then value columns) is true, returning them. The
+    /// predicate may be called on several batches (it must judge each row
+    /// by itself).
     pub fn remove_where(
         &mut self,
         predicate: impl Fn(&RecordBatch) -> Result<BooleanArray>,
     ) -> Result<RecordBatch> {
-        let all = self.scan()?;
-        let nk = self.key_schema.fields().len();
-        let mask = predicate(&all)?;
-        let gone = filter_record_batch(&all, &mask)?;
-        let rows = self.keys.convert_columns(&gone.columns()[..nk])?;
-        for i in 0..rows.num_rows() {
-            let k = rows.row(i).data();
-            let p = self.partition_of(k);
-            self.partitions[p].remove(k);
-        }
-        Ok(gone)
+        self.remove_matching(&predicate, None)
     }
 
-    /// Removes the rows whose keys `predicate` (over a batch of the live
-    /// keys alone) marks, returning them (keys, then values): the same as
-    /// [`Self::remove_where`] for a predicate that reads only keys, without
-    /// decoding every live row's values.
+    /// Removes the rows whose keys `predicate` (over a batch of live keys
+    /// alone) marks, returning them (keys, then values).
     pub fn remove_keys_where(
         &mut self,
         predicate: impl Fn(&RecordBatch) -> Result<BooleanArray>,
     ) -> Result<RecordBatch> {
-        if self.is_empty() {
-            return Ok(RecordBatch::new_empty(self.row_schema()));
+        self.remove_matching(&predicate, Some(self.key_count()))
+    }
+
+    fn remove_matching(
+        &mut self,
+        predicate: &dyn Fn(&RecordBatch) -> Result<BooleanArray>,
+        keys_only: Option<usize>,
+    ) -> Result<RecordBatch> {
+        let mut gone = Vec::new();
+        for s in 0..self.shards.len() {
+            gone.extend(self.shards[s].remove_where(predicate, keys_only)?);
         }
-        let gone: Vec<Bytes> = {
-            let live: Vec<&[u8]> = self
-                .partitions
-                .iter()
-                .flat_map(|p| p.rows.keys())
-                .map(|k| &k[..])
-                .collect();
-            let kp = self.keys.parser();
-            let cols = self.keys.convert_rows(live.iter().map(|k| kp.parse(k)))?;
-            let keys = RecordBatch::try_new(Arc::clone(&self.key_schema), cols)?;
-            let mask = predicate(&keys)?;
-            live.iter()
-                .zip(mask.iter())
-                .filter(|(_, m)| *m == Some(true))
-                .map(|(k, _)| Bytes::from(*k))
-                .collect()
-        };
-        let mut taken = Vec::with_capacity(gone.len());
-        for k in gone {
-            let p = self.partition_of(&k);
-            if let Some(v) = self.partitions[p].remove(&k) {
-                taken.push((k, v));
-            }
+        self.note_removed(&gone);
+        self.out_all(gone)
+    }
+
+    /// Removes the rows whose key column `column` (a time: a timestamp or
+    /// milliseconds) is at most `bound` ms, returning them: the rows of the
+    /// windows a watermark closes. Through a time index kept as rows
+    /// arrive, so it costs the rows removed, not the rows held.
+    pub fn remove_keys_until(&mut self, column: usize, bound: i64) -> Result<RecordBatch> {
+        if column >= self.key_count() {
+            return Err(Error::internal(format!(
+                "state eviction by key column {column} of {}",
+                self.key_count()
+            )));
         }
-        self.to_batch(taken.iter().map(|(k, v)| (&k[..], &v[..])))
+        let mut gone = Vec::new();
+        for s in 0..self.shards.len() {
+            gone.extend(self.shards[s].remove_until(column, bound)?);
+        }
+        self.note_removed(&gone);
+        self.out_all(gone)
     }
 
     /// Every live row (keys, then values).
     pub fn scan(&self) -> Result<RecordBatch> {
-        // Straight from the maps, no row copied.
-        self.to_batch(
-            self.partitions
-                .iter()
-                .flat_map(|p| p.rows.iter())
-                .map(|(k, v)| (&k[..], &v[..])),
-        )
+        let mut parts = Vec::new();
+        for s in &self.shards {
+            parts.extend(s.scan()?);
+        }
+        self.out_all(parts)
     }
 
     /// The schema of [`StateStore::scan`]: key columns, then value columns.
     pub fn row_schema(&self) -> SchemaRef {
-        let fields: Vec<Field> = self
-            .key_schema
+        Arc::clone(&self.row_schema)
+    }
+
+    /// The keys removed since the last commit that are not live again,
+    /// each once.
+    fn removed_keys(&self) -> Result<Option<RecordBatch>> {
+        if self.removed.is_empty() {
+            return Ok(None);
+        }
+        let all = concat_batches(&self.removed[0].schema(), &self.removed)?;
+        let k = self.key_rows(all.columns())?;
+        let mut seen: std::collections::HashSet<&[u8], Hasher> = Default::default();
+        let keep: BooleanArray = (0..all.num_rows())
+            .map(|i| {
+                let (key, hash) = k.get(i);
+                let live = self.shards[self.shard_of(hash)].find(key, hash).is_some();
+                Some(!live && seen.insert(key))
+            })
+            .collect();
+        if keep.true_count() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(filter_record_batch(&all, &keep)?))
+    }
+
+    /// A delta: the rows put since the last commit, then the keys removed
+    /// (null values), with the `_deleted` mark.
+    fn delta(
+        &self,
+        upserts: Vec<RecordBatch>,
+        removed: Option<RecordBatch>,
+    ) -> Result<RecordBatch> {
+        let mut fields: Vec<Field> = self
+            .chunk_schema
             .fields()
             .iter()
-            .chain(self.value_schema.fields().iter())
             .map(|f| f.as_ref().clone())
             .collect();
-        Arc::new(Schema::new(fields))
-    }
-
-    /// Columns (keys, then values) of row-encoded `(key, value)` pairs.
-    fn to_columns<'a>(
-        &self,
-        rows: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
-    ) -> Result<Vec<ArrayRef>> {
-        let (kp, vp) = (self.keys.parser(), self.values.parser());
-        let mut cols = self
-            .keys
-            .convert_rows(rows.clone().map(|(k, _)| kp.parse(k)))?;
-        cols.extend(self.values.convert_rows(rows.map(|(_, v)| vp.parse(v)))?);
-        Ok(cols)
-    }
-
-    fn to_batch<'a>(
-        &self,
-        rows: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
-    ) -> Result<RecordBatch> {
-        let cols = self.to_columns(rows)?;
-        if cols.is_empty() {
-            return Ok(RecordBatch::new_empty(self.row_schema()));
+        fields.push(Field::new(DELETED, DataType::Boolean, false));
+        let schema = Arc::new(Schema::new(fields));
+        let mark = |b: &RecordBatch, deleted: bool| {
+            let mut cols = b.columns().to_vec();
+            cols.push(Arc::new(BooleanArray::from(vec![deleted; b.num_rows()])) as ArrayRef);
+            RecordBatch::try_new(Arc::clone(&schema), cols)
+        };
+        let mut parts = upserts
+            .iter()
+            .map(|b| mark(b, false))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if let Some(keys) = removed {
+            let n = keys.num_rows();
+            let mut cols = keys.columns().to_vec();
+            cols.extend(
+                self.value_schema
+                    .fields()
+                    .iter()
+                    .map(|f| new_null_array(f.data_type(), n)),
+            );
+            cols.push(Arc::new(BooleanArray::from(vec![true; n])));
+            parts.push(RecordBatch::try_new(Arc::clone(&schema), cols)?);
         }
-        Ok(RecordBatch::try_new(self.row_schema(), cols)?)
+        Ok(concat_batches(&schema, &parts)?)
     }
 
-    /// Makes the changes since the last commit version `version`, writing a
-    /// delta of every partition's changes (and a snapshot every K versions).
+    /// Makes the changes since the last commit version `version`, writing
+    /// one delta of every shard's changes (and a snapshot every K versions).
     pub fn commit(&mut self, version: BatchId) -> Result<CommitStats> {
         if let Some(v) = self.version
             && version <= v
@@ -428,37 +542,27 @@ impl StateStore {
         }
         let mut stats = CommitStats::default();
         let snapshot = plan::is_snapshot_version(version, self.options.snapshot_interval);
-        // One delta per version for the whole operator (every partition's
-        // changes), and a snapshot every K versions: one or two files, not
-        // one or two per partition.
-        let mut deltas = Vec::new();
-        for p in 0..self.partitions.len() {
-            let (upserted, removed) = {
-                let part = &mut self.partitions[p];
-                (
-                    std::mem::take(&mut part.upserted),
-                    std::mem::take(&mut part.removed),
-                )
-            };
-            stats.updated += upserted.len() as u64;
-            stats.removed += removed.len() as u64;
-            if self.dir.is_some() {
-                deltas.push(self.delta_batch(p, &upserted, &removed)?);
-            }
-        }
+        let removed = self.removed_keys()?;
+        stats.removed = removed.as_ref().map_or(0, |r| r.num_rows() as u64);
         let mut files: Vec<(PathBuf, RecordBatch)> = Vec::new();
         if let Some(dir) = self.dir.clone() {
+            let mut upserts = Vec::new();
+            for s in &self.shards {
+                upserts.extend(s.dirty()?);
+            }
+            stats.updated = upserts.iter().map(|b| b.num_rows() as u64).sum();
             let name = |kind| StateFile { version, kind }.name();
             // A delta is written even when empty, so that every version has
             // its file and loading can tell a gap from an idle version.
-            let schema = deltas[0].schema();
             files.push((
                 dir.join(name(FileKind::Delta)),
-                sluice_common::datafusion::arrow::compute::concat_batches(&schema, &deltas)?,
+                self.delta(upserts, removed)?,
             ));
             if snapshot {
                 files.push((dir.join(name(FileKind::Snapshot)), self.scan()?));
             }
+        } else {
+            stats.updated = self.shards.iter().map(|s| s.dirty_rows() as u64).sum();
         }
         // A delta and a snapshot are written in parallel, so their fsyncs
         // and their encoding overlap; a small commit without fsync is
@@ -491,6 +595,10 @@ impl StateStore {
         for w in written {
             stats.bytes_written += w?;
         }
+        for s in &mut self.shards {
+            s.committed()?;
+        }
+        self.removed.clear();
         stats.rows = self.len() as u64;
         self.version = Some(version);
         if let Some(dir) = &self.dir {
@@ -514,53 +622,24 @@ impl StateStore {
         }
     }
 
-    fn delta_batch(&self, p: usize, upserted: &Set, removed: &Set) -> Result<RecordBatch> {
-        let part = &self.partitions[p];
-        let mut rows: Vec<(&[u8], &[u8])> = Vec::with_capacity(upserted.len() + removed.len());
-        let mut deleted = Vec::with_capacity(rows.capacity());
-        for k in upserted {
-            if let Some(v) = part.rows.get(k) {
-                rows.push((k, v));
-                deleted.push(false);
-            }
-        }
-        // A removed key carries null values: only its key and the mark are
-        // read back.
-        let filler = self.null_values()?;
-        for k in removed {
-            rows.push((k, &filler));
-            deleted.push(true);
-        }
-        // Value columns are nullable here: a removed key's values are nulls.
-        let mut cols = self.to_columns(rows.into_iter())?;
-        let mut fields: Vec<Field> = self
-            .row_schema()
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect();
-        fields.push(Field::new(DELETED, DataType::Boolean, false));
-        cols.push(Arc::new(BooleanArray::from(deleted)));
-        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
-    }
-
-    fn null_values(&self) -> Result<Bytes> {
-        let cols: Vec<ArrayRef> = self
-            .value_schema
-            .fields()
-            .iter()
-            .map(|f| sluice_common::datafusion::arrow::array::new_null_array(f.data_type(), 1))
-            .collect();
-        Ok(self.values.convert_columns(&cols)?.row(0).data().into())
-    }
-
     /// Loads version `version` from disk (`None`: empty), replacing what the
     /// store holds and dropping uncommitted changes.
     pub fn load(&mut self, version: Option<BatchId>) -> Result<()> {
-        for p in &mut self.partitions {
-            *p = Partition::default();
+        for s in &mut self.shards {
+            *s = Shard::default();
         }
+        self.removed.clear();
         self.version = version;
+        let loaded = self.load_rows(version);
+        // What a load put and removed is the version, not changes to it.
+        self.removed.clear();
+        for s in &mut self.shards {
+            s.compact()?;
+        }
+        loaded
+    }
+
+    fn load_rows(&mut self, version: Option<BatchId>) -> Result<()> {
         let (Some(version), Some(dir)) = (version, self.dir.clone()) else {
             return Ok(());
         };
@@ -606,8 +685,8 @@ impl StateStore {
     }
 
     /// Adds the rows of version `version` as the files in `dir` hold it (the
-    /// newest snapshot at or before it, then the deltas after), re-hashing
-    /// every key into its partition.
+    /// newest snapshot at or before it, then the deltas after), hashing
+    /// every key into its shard.
     fn load_files(&mut self, dir: &Path, version: BatchId) -> Result<()> {
         let nk = self.key_schema.fields().len();
         let nv = self.value_schema.fields().len();
@@ -634,35 +713,26 @@ impl StateStore {
             }
         };
         for (f, path, batch) in read {
-            let keys = self
-                .keys
-                .convert_columns(&batch.columns()[..nk])
-                .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
-            let values = self
-                .values
-                .convert_columns(&batch.columns()[nk..nk + nv])
-                .map_err(|e| Error::checkpoint(&path, e.to_string()))?;
-            let deleted = match f.kind {
-                FileKind::Delta => Some(
-                    batch
+            let bad = |e: Error| Error::checkpoint(&path, e.to_string());
+            let rows = batch.project(&(0..nk + nv).collect::<Vec<_>>())?;
+            match f.kind {
+                FileKind::Snapshot => self.put(&rows).map_err(bad)?,
+                FileKind::Delta => {
+                    // A delta's upserted and removed keys are distinct, so
+                    // the order they are applied in does not matter.
+                    let deleted = batch
                         .column(nk + nv)
                         .as_any()
                         .downcast_ref::<BooleanArray>()
-                        .cloned()
                         .ok_or_else(|| {
                             Error::checkpoint(&path, "the _deleted column is not boolean")
-                        })?,
-                ),
-                FileKind::Snapshot => None,
-            };
-            for i in 0..batch.num_rows() {
-                let k = keys.row(i).data();
-                let p = self.partition_of(k);
-                let part = &mut self.partitions[p];
-                if deleted.as_ref().is_some_and(|d| d.value(i)) {
-                    part.take(k);
-                } else {
-                    part.set(k, values.row(i).data());
+                        })?;
+                    let deleted: BooleanArray =
+                        deleted.iter().map(|d| Some(d == Some(true))).collect();
+                    let kept = sluice_common::datafusion::arrow::compute::not(&deleted)?;
+                    self.put(&filter_record_batch(&rows, &kept)?).map_err(bad)?;
+                    let gone = filter_record_batch(&rows, &deleted)?;
+                    self.remove(&gone.columns()[..nk]).map_err(bad)?;
                 }
             }
         }
@@ -732,27 +802,32 @@ struct Meta {
     schema_ipc: Vec<u8>,
 }
 
-fn check_or_write_meta(
-    dir: &Path,
-    key_schema: &SchemaRef,
-    value_schema: &SchemaRef,
-    options: StateStoreOptions,
-) -> Result<()> {
+/// Key columns, then value columns.
+fn row_schema_of(key_schema: &SchemaRef, value_schema: &SchemaRef) -> SchemaRef {
     let fields: Vec<Field> = key_schema
         .fields()
         .iter()
         .chain(value_schema.fields().iter())
         .map(|f| f.as_ref().clone())
         .collect();
-    let schema = Schema::new(fields);
+    Arc::new(Schema::new(fields))
+}
+
+fn check_or_write_meta(
+    dir: &Path,
+    schema: &SchemaRef,
+    key_columns: usize,
+    options: StateStoreOptions,
+) -> Result<()> {
+    let schema = schema.as_ref();
     let mut schema_ipc = Vec::new();
     {
-        let mut w = StreamWriter::try_new(&mut schema_ipc, &schema)?;
+        let mut w = StreamWriter::try_new(&mut schema_ipc, schema)?;
         w.finish()?;
     }
     let meta = Meta {
         partitions: options.partitions,
-        key_columns: key_schema.fields().len(),
+        key_columns,
         schema_ipc,
     };
     let path = dir.join("meta");
@@ -769,7 +844,7 @@ fn check_or_write_meta(
             ),
         ));
     }
-    if found.key_columns != meta.key_columns || read_schema(&path, &found.schema_ipc)? != schema {
+    if found.key_columns != meta.key_columns || read_schema(&path, &found.schema_ipc)? != *schema {
         return Err(Error::checkpoint(
             &path,
             "the state was written by a query with other group keys or aggregates; use a new checkpoint directory for the changed query",

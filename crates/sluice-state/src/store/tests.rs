@@ -60,15 +60,17 @@ fn rows(data: &[(&str, i64, i64)]) -> RecordBatch {
 type Model = BTreeMap<(String, i64), i64>;
 
 fn contents(s: &StateStore) -> Model {
-    // The byte count kept on every change equals a walk over the rows.
-    let walked: usize = s
-        .partitions
-        .iter()
-        .flat_map(|p| p.rows.iter())
-        .map(|(k, v)| k.len() + v.len())
-        .sum();
-    assert_eq!(s.memory_bytes(), walked, "memory_bytes out of step");
-    let b = s.scan().unwrap();
+    // Every shard's bookkeeping (slots, index, live flags) agrees with its
+    // chunks.
+    for shard in &s.shards {
+        shard.check();
+    }
+    assert_eq!(s.shards.iter().map(|p| p.len()).sum::<usize>(), s.len());
+    as_model(&s.scan().unwrap())
+}
+
+/// Rows (keys, then the count) as a map.
+fn as_model(b: &RecordBatch) -> Model {
     let k = b.column(0).as_string::<i32>();
     let w = b.column(1).as_primitive::<Int64Type>();
     let c = b.column(2).as_primitive::<Int64Type>();
@@ -193,8 +195,10 @@ fn a_corrupt_state_file_is_named() {
 /// One step of a store's life, for the model property.
 #[derive(Debug, Clone)]
 enum Op {
-    Put(u8, i64, i64),
+    /// Rows put together (a key twice: the last row counts).
+    Put(Vec<(u8, i64, i64)>),
     Evict(i64),
+    Remove(u8, i64),
     Commit,
     /// A crash before the commit: a fresh store loads the last committed version.
     Crash,
@@ -203,8 +207,9 @@ enum Op {
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     use proptest::prelude::*;
     prop_oneof![
-        4 => (0u8..9, 0i64..3, 0i64..100).prop_map(|(k, w, c)| Op::Put(k, w, c)),
-        1 => (0i64..3).prop_map(Op::Evict),
+        4 => proptest::collection::vec((0u8..9, 0i64..3, 0i64..100), 1..5).prop_map(Op::Put),
+        1 => (0i64..4).prop_map(Op::Evict),
+        1 => (0u8..9, 0i64..3).prop_map(|(k, w)| Op::Remove(k, w)),
         3 => Just(Op::Commit),
         1 => Just(Op::Crash),
     ]
@@ -226,26 +231,42 @@ proptest::proptest! {
         let mut committed: Vec<Model> = Vec::new();
         for op in ops {
             match op {
-                Op::Put(k, w, c) => {
-                    let k = format!("k{k}");
-                    s.put(&rows(&[(&k, w, c)])).unwrap();
-                    model.insert((k, w), c);
+                Op::Put(put) => {
+                    let named: Vec<(String, i64, i64)> =
+                        put.iter().map(|(k, w, c)| (format!("k{k}"), *w, *c)).collect();
+                    let refs: Vec<(&str, i64, i64)> =
+                        named.iter().map(|(k, w, c)| (k.as_str(), *w, *c)).collect();
+                    s.put(&rows(&refs)).unwrap();
+                    for (k, w, c) in named {
+                        model.insert((k, w), c);
+                    }
                 }
                 Op::Evict(cut) => {
                     let pred = |keys: &RecordBatch| {
                         let w = keys.column(1).as_primitive::<Int64Type>();
                         Ok((0..w.len()).map(|i| Some(w.value(i) < cut)).collect())
                     };
-                    // Both ways of removing, which must agree: over whole
-                    // rows, and over keys alone.
-                    let gone = if cut % 2 == 0 {
-                        s.remove_where(pred).unwrap()
-                    } else {
-                        s.remove_keys_where(pred).unwrap()
+                    // Every way of removing, which must agree: over whole
+                    // rows, over keys alone, and through the time index.
+                    let gone = match cut % 3 {
+                        0 => s.remove_where(pred).unwrap(),
+                        1 => s.remove_keys_where(pred).unwrap(),
+                        _ => s.remove_keys_until(1, cut - 1).unwrap(),
                     };
-                    let expected = model.iter().filter(|((_, w), _)| *w < cut).count();
-                    assert_eq!(gone.num_rows(), expected);
+                    let expected: Model = model
+                        .iter()
+                        .filter(|((_, w), _)| *w < cut)
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect();
+                    proptest::prop_assert_eq!(&as_model(&gone), &expected);
                     model.retain(|(_, w), _| *w >= cut);
+                }
+                Op::Remove(k, w) => {
+                    let k = format!("k{k}");
+                    let probe = rows(&[(&k, w, 0)]);
+                    let n = s.remove(&probe.columns()[..2]).unwrap();
+                    let existed = model.remove(&(k, w)).is_some();
+                    proptest::prop_assert_eq!(n, usize::from(existed));
                 }
                 Op::Commit => {
                     s.commit(committed.len() as u64).unwrap();
@@ -260,6 +281,15 @@ proptest::proptest! {
                 }
             }
             proptest::prop_assert_eq!(&contents(&s), &model);
+            // Every key (and one never put), asked for twice: each found once.
+            let mut asked: Vec<(&str, i64, i64)> =
+                model.keys().map(|(k, w)| (k.as_str(), *w, 0)).collect();
+            asked.extend(asked.clone());
+            asked.push(("never", 0, 0));
+            let probe = rows(&asked);
+            let got = s.get(&probe.columns()[..2]).unwrap();
+            proptest::prop_assert_eq!(&as_model(&got), &model);
+            proptest::prop_assert_eq!(got.num_rows(), model.len());
         }
         for (v, m) in committed.iter().enumerate() {
             let mut fresh = store(Some(dir.path()), snapshot_interval, 1000);
