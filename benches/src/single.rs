@@ -37,10 +37,21 @@ pub(crate) async fn single_aggregate(dir: &Path, runs: usize) -> Result<String> 
         write_parquet(&dir.join("input"), 10_000_000, 10_000, 10_000)?;
     }
     let input = dir.join("input");
+    let mut last_phases = String::new();
     for _ in 0..if only == "overhead" { 0 } else { runs } {
         let (d, _) = one_shot(&input).await?;
         let s = streamed(&input, 10, None).await?;
         ratios.push(d.as_secs_f64() / s.time.as_secs_f64());
+        last_phases = format!(
+            "one-shot {:.0} ms, micro-batches {:.0} ms: {}",
+            d.as_secs_f64() * 1e3,
+            s.time.as_secs_f64() * 1e3,
+            s.phases
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if !one_row.is_empty() {
         let o = Stats::of(one_row.clone());
@@ -62,6 +73,9 @@ pub(crate) async fn single_aggregate(dir: &Path, runs: usize) -> Result<String> 
                 .map(|r| format!("{r:.3}"))
                 .collect::<Vec<_>>(),
             ratios[ratios.len() / 2]
+        ));
+        out.push_str(&format!(
+            "the last run, ms summed over its batches: {last_phases}\n"
         ));
     }
     Ok(out)

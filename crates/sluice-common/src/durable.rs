@@ -34,15 +34,20 @@ pub enum Durability {
 
 /// Frames `body` with its length and checksum.
 pub fn frame(body: &[u8]) -> Vec<u8> {
-    let header = format!(
-        "{MAGIC} len={} crc32={:08x}\n",
-        body.len(),
-        crc32fast::hash(body)
-    );
+    let header = frame_header(body);
     let mut out = Vec::with_capacity(header.len() + body.len());
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(body);
     out
+}
+
+/// The header line of a framed file holding `body`.
+fn frame_header(body: &[u8]) -> String {
+    format!(
+        "{MAGIC} len={} crc32={:08x}\n",
+        body.len(),
+        crc32fast::hash(body)
+    )
 }
 
 /// One record of an append-only log: `<kind> len=<n> crc32=<hex> <body>\n`,
@@ -225,6 +230,11 @@ pub fn unframe<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8]> {
 /// Writes `bytes` to `path` atomically (temp file + rename), creating the
 /// parent directory if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<()> {
+    write_atomic_parts(path, &[bytes], durability)
+}
+
+/// [`write_atomic`] of the bytes of `parts`, one after the other.
+fn write_atomic_parts(path: &Path, parts: &[&[u8]], durability: Durability) -> Result<()> {
     let ctx = || format!("writing {}", path.display());
     let dir = path
         .parent()
@@ -238,10 +248,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
     let result = (|| {
         io_step("creating a temporary file for", path)?;
         let mut f = File::create(&tmp)?;
-        let half = bytes.len() / 2;
-        f.write_all(&bytes[..half])?;
+        // Half the bytes, a crash point, then the rest.
+        let mut left = parts.iter().map(|p| p.len()).sum::<usize>() / 2;
+        let mut rest: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        for part in parts {
+            let now = left.min(part.len());
+            f.write_all(&part[..now])?;
+            left -= now;
+            rest.push(&part[now..]);
+        }
         io_step("half-way through writing", path)?;
-        f.write_all(&bytes[half..])?;
+        for part in rest {
+            f.write_all(part)?;
+        }
         if durability == Durability::Fsync {
             f.sync_all()?;
         }
@@ -300,7 +319,10 @@ fn temp_file_pid(name: &str) -> Option<u32> {
 
 /// Writes `body` framed with its checksum, atomically.
 pub fn write_framed(path: &Path, body: &[u8], durability: Durability) -> Result<()> {
-    write_atomic(path, &frame(body), durability)
+    // The header and the body go out as they are: a large body (a state
+    // snapshot) is not copied behind its header first.
+    let header = frame_header(body);
+    write_atomic_parts(path, &[header.as_bytes(), body], durability)
 }
 
 /// Reads a framed file and returns its checked body.

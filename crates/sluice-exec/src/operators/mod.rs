@@ -803,14 +803,19 @@ pub(crate) fn after_watermark(
     time: &datafusion::arrow::array::ArrayRef,
     wm: i64,
 ) -> Result<datafusion::arrow::array::BooleanArray> {
-    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::array::{Array, AsArray, BooleanArray, TimestampMillisecondArray};
+    use datafusion::arrow::compute::kernels::cmp::gt;
     use datafusion::arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
     let ms =
         datafusion::arrow::compute::cast(time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
     let ms = ms.as_primitive::<TimestampMillisecondType>();
-    Ok((0..ms.len())
-        .map(|i| Some(ms.is_null(i) || ms.value(i) > wm))
-        .collect())
+    let later = gt(ms, &TimestampMillisecondArray::new_scalar(wm))?;
+    // A null time is never behind the watermark.
+    let keep = match ms.nulls() {
+        Some(valid) => &!valid.inner() | later.values(),
+        None => later.values().clone(),
+    };
+    Ok(BooleanArray::new(keep, None))
 }
 
 /// The id of the `n`th (from 0, bottom up) operator of a kind.
@@ -852,4 +857,38 @@ pub fn open_states(
         );
     }
     Ok(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, TimestampMicrosecondArray};
+
+    use super::after_watermark;
+
+    #[test]
+    fn a_time_after_the_watermark_or_null_is_kept_in_any_unit() {
+        // Microseconds: 1.5 ms, 2 ms, 2.999 ms, null, 3 ms against 2 ms
+        // (compared as milliseconds, as the watermark is).
+        let t: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![
+            Some(1_500),
+            Some(2_000),
+            Some(2_999),
+            None,
+            Some(3_000),
+        ]));
+        let keep = after_watermark(&t, 2).unwrap();
+        let got: Vec<Option<bool>> = keep.iter().collect();
+        assert_eq!(
+            got,
+            vec![
+                Some(false),
+                Some(false),
+                Some(false),
+                Some(true),
+                Some(true)
+            ]
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //!
 //! One [`StateStore`] holds one operator's state: rows of *key* columns
 //! (group key, window) and *value* columns (aggregate accumulator states),
-//! hash-partitioned into P partitions in memory. It is versioned by batch
+//! held in memory as Arrow record batches in P hash shards, with a hash
+//! index over the keys and a time index for eviction (see `table.rs`:
+//! nothing is converted to a row format but the keys). It is versioned by batch
 //! id: [`StateStore::commit`] makes the changes since the last commit version
 //! N and writes one delta of upserted and removed keys — and every K versions
 //! a full snapshot — as checksummed Arrow IPC files:
@@ -25,8 +27,8 @@
 //! The decisions (which files make up a version, which files retention may
 //! delete) are pure functions in [`plan`], tested without a disk.
 //!
-//! The stateful aggregate (`sluice-exec`) is its user; `<dir>/meta` records
-//! the partition count and row schema, so a state directory can be read on
+//! The stateful operators (`sluice-exec`) are its users; `<dir>/meta` records
+//! the shard count and row schema, so a state directory can be read on
 //! its own ([`read_state`]) and a mismatched query is refused.
 
 pub mod plan;
@@ -51,7 +53,7 @@ use sluice_common::durable::{self, Durability};
 use sluice_common::{BatchId, Error, Result};
 
 use plan::{FileKind, StateFile};
-use table::Shard;
+use table::{Removed, Shard};
 
 /// How a state store writes and keeps its files.
 #[derive(Debug, Clone, Copy)]
@@ -113,9 +115,9 @@ pub struct StateStore {
     keys: RowConverter,
     hasher: Hasher,
     shards: Vec<Shard>,
-    /// Keys removed since the last commit (key columns; may repeat, and
-    /// may have been put again since).
-    removed: Vec<RecordBatch>,
+    /// Keys removed since the last commit (may repeat, and may have been
+    /// put again since).
+    removed: Removed,
     version: Option<BatchId>,
     /// The background removal of files past retention, if running.
     cleanup: Option<std::thread::JoinHandle<()>>,
@@ -188,7 +190,7 @@ impl StateStore {
             hasher: Hasher::default(),
             dir,
             shards: (0..options.partitions).map(|_| Shard::default()).collect(),
-            removed: Vec::new(),
+            removed: Removed::default(),
             options,
             key_schema,
             value_schema,
@@ -362,18 +364,6 @@ impl StateStore {
         self.out(all)
     }
 
-    /// Notes the key columns of removed rows, for the next delta.
-    fn note_removed(&mut self, rows: &[RecordBatch]) {
-        let nk = self.key_count();
-        for r in rows {
-            if r.num_rows() > 0
-                && let Ok(keys) = r.project(&(0..nk).collect::<Vec<_>>())
-            {
-                self.removed.push(keys);
-            }
-        }
-    }
-
     /// Removes the given keys (those that exist), touching nothing else:
     /// O(keys given), however large the state. Returns how many existed.
     pub fn remove(&mut self, keys: &[ArrayRef]) -> Result<usize> {
@@ -388,6 +378,7 @@ impl StateStore {
             let slot = self.shards[s].find(key, hash);
             if let Some(slot) = slot {
                 self.shards[s].kill(slot);
+                self.removed.note(key, hash);
             }
             hit.push(slot.is_some());
         }
@@ -398,7 +389,7 @@ impl StateStore {
             let batch = RecordBatch::try_new(key_schema, keys.to_vec())
                 .map_err(|e| Error::internal(format!("state remove: {e}")))?;
             self.removed
-                .push(filter_record_batch(&batch, &BooleanArray::from(hit))?);
+                .keys(filter_record_batch(&batch, &BooleanArray::from(hit))?);
         }
         Ok(removed)
     }
@@ -411,7 +402,7 @@ impl StateStore {
         &mut self,
         predicate: impl Fn(&RecordBatch) -> Result<BooleanArray>,
     ) -> Result<RecordBatch> {
-        self.remove_matching(&predicate, None)
+        self.remove_matching(&predicate, false)
     }
 
     /// Removes the rows whose keys `predicate` (over a batch of live keys
@@ -420,19 +411,19 @@ impl StateStore {
         &mut self,
         predicate: impl Fn(&RecordBatch) -> Result<BooleanArray>,
     ) -> Result<RecordBatch> {
-        self.remove_matching(&predicate, Some(self.key_count()))
+        self.remove_matching(&predicate, true)
     }
 
     fn remove_matching(
         &mut self,
         predicate: &dyn Fn(&RecordBatch) -> Result<BooleanArray>,
-        keys_only: Option<usize>,
+        keys_only: bool,
     ) -> Result<RecordBatch> {
+        let nk = self.key_count();
         let mut gone = Vec::new();
-        for s in 0..self.shards.len() {
-            gone.extend(self.shards[s].remove_where(predicate, keys_only)?);
+        for shard in &mut self.shards {
+            gone.extend(shard.remove_where(predicate, nk, keys_only, &mut self.removed)?);
         }
-        self.note_removed(&gone);
         self.out_all(gone)
     }
 
@@ -447,11 +438,11 @@ impl StateStore {
                 self.key_count()
             )));
         }
+        let nk = self.key_count();
         let mut gone = Vec::new();
-        for s in 0..self.shards.len() {
-            gone.extend(self.shards[s].remove_until(column, bound)?);
+        for shard in &mut self.shards {
+            gone.extend(shard.remove_until(column, bound, nk, &mut self.removed)?);
         }
-        self.note_removed(&gone);
         self.out_all(gone)
     }
 
@@ -472,22 +463,33 @@ impl StateStore {
     /// The keys removed since the last commit that are not live again,
     /// each once.
     fn removed_keys(&self) -> Result<Option<RecordBatch>> {
-        if self.removed.is_empty() {
+        let removed = &self.removed;
+        if removed.len() == 0 {
             return Ok(None);
         }
-        let all = concat_batches(&self.removed[0].schema(), &self.removed)?;
-        let k = self.key_rows(all.columns())?;
-        let mut seen: std::collections::HashSet<&[u8], Hasher> = Default::default();
-        let keep: BooleanArray = (0..all.num_rows())
+        let mut seen: hashbrown::HashTable<usize> = hashbrown::HashTable::new();
+        let keep: BooleanArray = (0..removed.len())
             .map(|i| {
-                let (key, hash) = k.get(i);
-                let live = self.shards[self.shard_of(hash)].find(key, hash).is_some();
-                Some(!live && seen.insert(key))
+                let (key, hash) = removed.get(i);
+                if self.shards[self.shard_of(hash)].find(key, hash).is_some() {
+                    return Some(false);
+                }
+                let first =
+                    match seen.entry(hash, |&j| removed.get(j).0 == key, |&j| removed.get(j).1) {
+                        hashbrown::hash_table::Entry::Occupied(_) => false,
+                        hashbrown::hash_table::Entry::Vacant(e) => {
+                            e.insert(i);
+                            true
+                        }
+                    };
+                Some(first)
             })
             .collect();
         if keep.true_count() == 0 {
             return Ok(None);
         }
+        let columns = removed.columns();
+        let all = concat_batches(&columns[0].schema(), columns)?;
         Ok(Some(filter_record_batch(&all, &keep)?))
     }
 
@@ -497,7 +499,7 @@ impl StateStore {
         &self,
         upserts: Vec<RecordBatch>,
         removed: Option<RecordBatch>,
-    ) -> Result<RecordBatch> {
+    ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let mut fields: Vec<Field> = self
             .chunk_schema
             .fields()
@@ -527,7 +529,7 @@ impl StateStore {
             cols.push(Arc::new(BooleanArray::from(vec![true; n])));
             parts.push(RecordBatch::try_new(Arc::clone(&schema), cols)?);
         }
-        Ok(concat_batches(&schema, &parts)?)
+        Ok((schema, parts))
     }
 
     /// Makes the changes since the last commit version `version`, writing
@@ -544,7 +546,7 @@ impl StateStore {
         let snapshot = plan::is_snapshot_version(version, self.options.snapshot_interval);
         let removed = self.removed_keys()?;
         stats.removed = removed.as_ref().map_or(0, |r| r.num_rows() as u64);
-        let mut files: Vec<(PathBuf, RecordBatch)> = Vec::new();
+        let mut files: Vec<(PathBuf, SchemaRef, Vec<RecordBatch>)> = Vec::new();
         if let Some(dir) = self.dir.clone() {
             let mut upserts = Vec::new();
             for s in &self.shards {
@@ -554,12 +556,15 @@ impl StateStore {
             let name = |kind| StateFile { version, kind }.name();
             // A delta is written even when empty, so that every version has
             // its file and loading can tell a gap from an idle version.
-            files.push((
-                dir.join(name(FileKind::Delta)),
-                self.delta(upserts, removed)?,
-            ));
+            let (schema, delta) = self.delta(upserts, removed)?;
+            files.push((dir.join(name(FileKind::Delta)), schema, delta));
             if snapshot {
-                files.push((dir.join(name(FileKind::Snapshot)), self.scan()?));
+                let mut all = Vec::new();
+                for s in &self.shards {
+                    all.extend(s.scan()?);
+                }
+                let path = dir.join(name(FileKind::Snapshot));
+                files.push((path, Arc::clone(&self.chunk_schema), all));
             }
         } else {
             stats.updated = self.shards.iter().map(|s| s.dirty_rows() as u64).sum();
@@ -568,19 +573,24 @@ impl StateStore {
         // and their encoding overlap; a small commit without fsync is
         // written in turn, as a thread would cost more than its write.
         let durability = self.options.durability;
-        let rows: usize = files.iter().map(|(_, b)| b.num_rows()).sum();
+        let rows: usize = files
+            .iter()
+            .flat_map(|(_, _, b)| b.iter().map(RecordBatch::num_rows))
+            .sum();
         let written: Vec<Result<u64>> = if files.len() < 2
             || (durability == Durability::NoSync && rows < PARALLEL_WRITE_ROWS)
         {
             files
                 .iter()
-                .map(|(path, batch)| write_ipc(path, batch, durability))
+                .map(|(path, schema, batches)| write_ipc(path, schema, batches, durability))
                 .collect()
         } else {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = files
                     .iter()
-                    .map(|(path, batch)| scope.spawn(move || write_ipc(path, batch, durability)))
+                    .map(|(path, schema, batches)| {
+                        scope.spawn(move || write_ipc(path, schema, batches, durability))
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -634,7 +644,7 @@ impl StateStore {
         // What a load put and removed is the version, not changes to it.
         self.removed.clear();
         for s in &mut self.shards {
-            s.compact()?;
+            s.committed()?;
         }
         loaded
     }
@@ -678,7 +688,13 @@ impl StateStore {
                 kind: FileKind::Snapshot,
             }
             .name();
-            write_ipc(&dir.join(name), &self.scan()?, self.options.durability)?;
+            let all = self.scan()?;
+            write_ipc(
+                &dir.join(name),
+                &all.schema(),
+                &[all],
+                self.options.durability,
+            )?;
             remove_converted(&pdirs)?;
         }
         Ok(())
@@ -908,11 +924,21 @@ fn partition_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn write_ipc(path: &Path, batch: &RecordBatch, durability: Durability) -> Result<u64> {
-    let mut buf = Vec::new();
+/// Writes `batches` (of `schema`) as one framed Arrow IPC stream; returns
+/// its length.
+fn write_ipc(
+    path: &Path,
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    durability: Durability,
+) -> Result<u64> {
+    let size: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+    let mut buf = Vec::with_capacity(size + 4096);
     {
-        let mut w = StreamWriter::try_new(&mut buf, &batch.schema())?;
-        w.write(batch)?;
+        let mut w = StreamWriter::try_new(&mut buf, schema)?;
+        for b in batches {
+            w.write(b)?;
+        }
         w.finish()?;
     }
     let len = buf.len() as u64;

@@ -41,6 +41,57 @@ pub(super) type Place = (usize, usize);
 /// Chunks and places in them, for [`gather`].
 pub(super) type Part<'a> = (&'a [RecordBatch], &'a [Place]);
 
+/// Keys removed since the last commit, in the order removed: their key
+/// columns (for the delta), and their row bytes and hashes (to tell at the
+/// commit which are live again, without converting them again).
+#[derive(Debug, Default)]
+pub(super) struct Removed {
+    keys: Vec<RecordBatch>,
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    hashes: Vec<u64>,
+}
+
+impl Removed {
+    /// Notes one removed key (its columns follow through [`Self::keys`]).
+    pub(super) fn note(&mut self, key: &[u8], hash: u64) {
+        self.bytes.extend_from_slice(key);
+        self.ends.push(self.bytes.len());
+        self.hashes.push(hash);
+    }
+
+    /// Adds the key columns of keys noted, in the same order.
+    pub(super) fn keys(&mut self, columns: RecordBatch) {
+        if columns.num_rows() > 0 {
+            self.keys.push(columns);
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// The `i`th removed key's row bytes and hash.
+    pub(super) fn get(&self, i: usize) -> (&[u8], u64) {
+        (key_of(&self.ends, &self.bytes, i as u32), self.hashes[i])
+    }
+
+    /// The key columns of every key noted, in order.
+    pub(super) fn columns(&self) -> &[RecordBatch] {
+        &self.keys
+    }
+
+    pub(super) fn clear(&mut self) {
+        *self = Removed::default();
+    }
+
+    #[cfg(test)]
+    pub(super) fn check(&self) {
+        let rows: usize = self.keys.iter().map(|k| k.num_rows()).sum();
+        assert_eq!(rows, self.len(), "removed key columns and row bytes");
+    }
+}
+
 /// One shard: its chunks, the per-slot bookkeeping, and the index.
 #[derive(Debug, Default)]
 pub(super) struct Shard {
@@ -127,7 +178,7 @@ impl Shard {
 
     /// The slot of a live key.
     pub(super) fn find(&self, key: &[u8], hash: u64) -> Option<u32> {
-        self.index.find(hash, |&s| self.key(s) == key).copied()
+        self.index.find(hash, |&s| same(self.key(s), key)).copied()
     }
 
     /// Appends `chunk` (the store's row layout), whose keys are `keys`
@@ -159,6 +210,8 @@ impl Shard {
         live.reserve(n);
         hashes.reserve(n);
         key_ends.reserve(n);
+        // Room for every key to be new: the table grows once, not by doubling.
+        index.reserve(n, |&s| hashes[s as usize]);
         for (i, (key, hash)) in keys.enumerate() {
             let slot = first + i as u32;
             key_bytes.extend_from_slice(key);
@@ -167,7 +220,7 @@ impl Shard {
             live.push(true);
             let entry = index.entry(
                 hash,
-                |&s| key_of(key_ends, key_bytes, s) == key,
+                |&s| same(key_of(key_ends, key_bytes, s), key),
                 |&s| hashes[s as usize],
             );
             match entry {
@@ -194,6 +247,14 @@ impl Shard {
         self.chunks.push(chunk);
         self.starts.push(first);
         Ok(())
+    }
+
+    /// Marks a live slot dead, noting its key as removed.
+    fn remove_slot(&mut self, slot: u32, removed: &mut Removed) {
+        if self.live[slot as usize] {
+            removed.note(self.key(slot), self.hashes[slot as usize]);
+            self.kill(slot);
+        }
     }
 
     /// Marks a live slot dead, out of the index.
@@ -256,22 +317,27 @@ impl Shard {
             .sum()
     }
 
-    /// Removes the live rows for which `predicate` holds, returning them.
-    /// The predicate sees the live rows of one chunk at a time, all their
-    /// columns, or the first `keys_only` of them.
+    /// Removes the live rows for which `predicate` holds, returning them
+    /// and noting their keys (the first `nk` columns) in `removed`. The
+    /// predicate sees the live rows of one chunk at a time: all their
+    /// columns, or with `keys_only` the keys alone.
     pub(super) fn remove_where(
         &mut self,
         predicate: &dyn Fn(&RecordBatch) -> Result<BooleanArray>,
-        keys_only: Option<usize>,
+        nk: usize,
+        keys_only: bool,
+        removed: &mut Removed,
     ) -> Result<Vec<RecordBatch>> {
+        let key_columns: Vec<usize> = (0..nk).collect();
         let mut gone = Vec::new();
         for c in 0..self.chunks.len() {
             let Some(rows) = self.live_chunk(c)? else {
                 continue;
             };
-            let mask = match keys_only {
-                Some(nk) => predicate(&rows.project(&(0..nk).collect::<Vec<_>>())?)?,
-                None => predicate(&rows)?,
+            let mask = if keys_only {
+                predicate(&rows.project(&key_columns)?)?
+            } else {
+                predicate(&rows)?
             };
             if mask.len() != rows.num_rows() {
                 return Err(Error::internal(format!(
@@ -293,21 +359,26 @@ impl Shard {
                 .collect();
             for (slot, m) in live_slots.into_iter().zip(mask.iter()) {
                 if m == Some(true) {
-                    self.kill(slot);
+                    self.remove_slot(slot, removed);
                 }
             }
-            gone.push(filter_record_batch(&rows, &mask)?);
+            let rows = filter_record_batch(&rows, &mask)?;
+            removed.keys(rows.project(&key_columns)?);
+            gone.push(rows);
         }
         Ok(gone)
     }
 
     /// Removes the live rows whose key column `column`, as milliseconds, is
-    /// at most `bound` (null never is), returning them: through the time
-    /// index, so the work is that of the rows removed.
+    /// at most `bound` (null never is), returning them and noting their keys
+    /// (the first `nk` columns) in `removed`: through the time index, so the
+    /// work is that of the rows removed.
     pub(super) fn remove_until(
         &mut self,
         column: usize,
         bound: i64,
+        nk: usize,
+        removed: &mut Removed,
     ) -> Result<Option<RecordBatch>> {
         if self.time.as_ref().is_none_or(|t| t.column != column) {
             self.build_time_index(column)?;
@@ -335,7 +406,10 @@ impl Shard {
         let places = self.places(&slots);
         let rows = gather(&[(&self.chunks, &places)])?;
         for s in slots {
-            self.kill(s);
+            self.remove_slot(s, removed);
+        }
+        if let Some(rows) = &rows {
+            removed.keys(rows.project(&(0..nk).collect::<Vec<_>>())?);
         }
         Ok(rows)
     }
@@ -352,23 +426,14 @@ impl Shard {
         Ok(())
     }
 
-    /// Everything put so far is committed: called after a commit, when a
-    /// shard may also compact.
+    /// Everything put so far is committed (or loaded): called after a
+    /// commit or a load, when a shard may also compact.
     pub(super) fn committed(&mut self) -> Result<()> {
         let dead = self.slots() - self.live_rows;
         if dead >= MIN_DEAD.max(self.live_rows) {
             self.compact_from(0)?;
         } else if self.chunks.len() > MAX_CHUNKS {
             self.compact_from(1)?;
-        }
-        self.dirty_from = self.chunks.len();
-        Ok(())
-    }
-
-    /// Compacts everything into one chunk (after a load).
-    pub(super) fn compact(&mut self) -> Result<()> {
-        if self.chunks.len() > 1 || self.slots() > self.live_rows {
-            self.compact_from(0)?;
         }
         self.dirty_from = self.chunks.len();
         Ok(())
@@ -458,6 +523,24 @@ impl Shard {
             assert!(self.live[s as usize], "the index holds a dead slot");
         }
     }
+}
+
+/// Whether two keys' row bytes are equal: word by word, as keys are short
+/// and a call to `memcmp` costs more than comparing them.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in a8.by_ref().zip(b8.by_ref()) {
+        if u64::from_ne_bytes(x.try_into().unwrap_or_default())
+            != u64::from_ne_bytes(y.try_into().unwrap_or_default())
+        {
+            return false;
+        }
+    }
+    a8.remainder() == b8.remainder()
 }
 
 fn key_of<'a>(ends: &[usize], bytes: &'a [u8], slot: u32) -> &'a [u8] {

@@ -65,6 +65,7 @@ fn contents(s: &StateStore) -> Model {
     for shard in &s.shards {
         shard.check();
     }
+    s.removed.check();
     assert_eq!(s.shards.iter().map(|p| p.len()).sum::<usize>(), s.len());
     as_model(&s.scan().unwrap())
 }

@@ -1,0 +1,199 @@
+//! The soak mode (`-- --soak MINUTES`): a windowed aggregate over the rate
+//! source, fed at 80 % of the peak this machine measured for it a moment
+//! before, batch after batch on the real clock for MINUTES minutes, to see
+//! whether memory, batch duration or backlog grow.
+//!
+//! The peak comes from the same query on a manual clock: each batch is one
+//! clock second of a high rate, run as fast as it goes. The soak then runs
+//! a batch every second of the system clock; a batch that overruns its
+//! second makes the next one start late, and how late it starts (times the
+//! rate: the rows waiting) is the backlog.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::Result;
+use sluice::deps::sluice_common::ManualClock;
+use sluice::prelude::*;
+
+use crate::throughput::{rss_kib, start_last_query};
+
+/// The soaked query, over a rate source of `rate` rows a second.
+fn script(rate: u64, out: &Path) -> String {
+    format!(
+        "CREATE SOURCE r (timestamp TIMESTAMP, value BIGINT,
+           WATERMARK FOR timestamp AS timestamp - INTERVAL '2' SECOND)
+           WITH (connector = 'rate', rows_per_second = {rate});
+         CREATE VIEW keyed AS SELECT timestamp, value % 1000 AS k, value FROM r;
+         CREATE SINK out WITH (connector = 'file', path = '{}', format = 'parquet', output_mode = 'append') AS
+         SELECT window_start, k, count(*) AS n, sum(value) AS total
+         FROM TUMBLE(keyed, timestamp, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;",
+        out.display()
+    )
+}
+
+/// One batch of the soak.
+struct Sample {
+    at: Duration,
+    batch: Duration,
+    rows: u64,
+    /// How late the batch started against its one-second schedule.
+    behind: Duration,
+    rss_mib: u64,
+    state_rows: u64,
+}
+
+/// Rows a second this machine runs the soaked query at, on a manual clock.
+async fn peak(dir: &Path) -> Result<u64> {
+    let trial: u64 = 1_000_000;
+    let clock = ManualClock::new(1_700_000_000_000);
+    let ctx = StreamContext::with_clock(Arc::new(clock.clone()));
+    ctx.update_settings(|s| s.checkpoint_root = Some(dir.join("peak-checkpoint")));
+    let q = start_last_query(&ctx, &script(trial, &dir.join("peak-out"))).await?;
+    let mut times = Vec::new();
+    for i in 0..13 {
+        clock.advance(Duration::from_secs(1));
+        let t = Instant::now();
+        q.run_batch().await?;
+        // The first batches warm up (and the first reads nothing yet).
+        if i >= 3 {
+            times.push(t.elapsed());
+        }
+    }
+    q.stop().await?;
+    times.sort();
+    let median = times[times.len() / 2].as_secs_f64();
+    Ok((trial as f64 / median) as u64)
+}
+
+/// Runs the soak and returns its report (Markdown).
+pub(crate) async fn soak(dir: &Path, minutes: f64) -> Result<String> {
+    eprintln!("soak: measuring the peak");
+    let peak = peak(dir).await?;
+    let rate = peak * 8 / 10;
+    eprintln!("soak: peak {peak} rows/s; soaking at {rate} rows/s for {minutes} minutes");
+    let ctx = StreamContext::new();
+    ctx.update_settings(|s| s.checkpoint_root = Some(dir.join("soak-checkpoint")));
+    let q = start_last_query(&ctx, &script(rate, &dir.join("soak-out"))).await?;
+    let length = Duration::from_secs_f64(minutes * 60.0);
+    let start = Instant::now();
+    let mut next = start;
+    let mut samples = Vec::new();
+    while start.elapsed() < length {
+        let now = Instant::now();
+        if now < next {
+            tokio::time::sleep(next - now).await;
+        }
+        let behind = Instant::now().saturating_duration_since(next);
+        let t = Instant::now();
+        let p = q.run_batch().await?;
+        let batch = t.elapsed();
+        next += Duration::from_secs(1);
+        let Some(p) = p else { continue };
+        samples.push(Sample {
+            at: start.elapsed(),
+            batch,
+            rows: p.input_rows,
+            behind,
+            rss_mib: rss_kib("VmRSS") / 1024,
+            state_rows: p.operators.iter().map(|s| s.rows).sum(),
+        });
+    }
+    q.stop().await?;
+    Ok(report(&samples, peak, rate, minutes))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn report(samples: &[Sample], peak: u64, rate: u64, minutes: f64) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "A one-second batch of a 10-second tumbling window (`count`, `sum` by 1,000 keys) over the rate source, to a Parquet file sink, durable checkpoint (fsync). Peak on this machine (manual clock, batches back to back): {peak} rows/s; soaked at 80 %: {rate} rows/s for {minutes} minutes. Per minute: batches, median and worst batch duration, rows per batch, how late the last batch of the minute started against its one-second schedule (the backlog, in time; times the rate, in rows), resident memory and state rows at the minute's end.\n\n| minute | batches | median batch ms | max batch ms | rows/batch | behind schedule s | backlog rows | resident MiB | state rows |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let total_minutes = samples.last().map_or(0, |s| s.at.as_secs() / 60 + 1);
+    for m in 0..total_minutes {
+        let in_minute: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.at.as_secs() / 60 == m)
+            .collect();
+        let Some(last) = in_minute.last() else {
+            continue;
+        };
+        let batch_ms: Vec<f64> = in_minute
+            .iter()
+            .map(|s| s.batch.as_secs_f64() * 1e3)
+            .collect();
+        let max = batch_ms.iter().cloned().fold(0.0, f64::max);
+        let rows = in_minute.iter().map(|s| s.rows).sum::<u64>() / in_minute.len() as u64;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} | {} | {:.2} | {:.0} | {} | {} |",
+            m + 1,
+            in_minute.len(),
+            median(batch_ms),
+            max,
+            rows,
+            last.behind.as_secs_f64(),
+            last.behind.as_secs_f64() * rate as f64,
+            last.rss_mib,
+            last.state_rows
+        );
+    }
+    // The first and last stretch after a minute of warm-up: ten minutes
+    // each in a soak of 30 minutes or more, a third of the rest otherwise.
+    let warm = Duration::from_secs(60);
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.at >= warm).collect();
+    if after.len() >= 2 {
+        let span = after[after.len() - 1].at - warm;
+        let part = if minutes >= 30.0 {
+            Duration::from_secs(600)
+        } else {
+            span / 3
+        };
+        let first: Vec<&&Sample> = after.iter().filter(|s| s.at < warm + part).collect();
+        let last: Vec<&&Sample> = after
+            .iter()
+            .filter(|s| s.at > after[after.len() - 1].at - part)
+            .collect();
+        let med =
+            |v: &[&&Sample], f: &dyn Fn(&Sample) -> f64| median(v.iter().map(|s| f(s)).collect());
+        let batch = |s: &Sample| s.batch.as_secs_f64() * 1e3;
+        let rss = |s: &Sample| s.rss_mib as f64;
+        let (b0, b1) = (med(&first, &batch), med(&last, &batch));
+        let (r0, r1) = (med(&first, &rss), med(&last, &rss));
+        let behind_end = after[after.len() - 1].behind.as_secs_f64();
+        let change = |a: f64, b: f64| if a > 0.0 { (b - a) / a * 100.0 } else { 0.0 };
+        let verdict = |pct: f64| {
+            if pct.abs() <= 10.0 {
+                "within 10 %: met"
+            } else {
+                "more than 10 %: NOT met"
+            }
+        };
+        let _ = writeln!(
+            md,
+            "\nFirst {:.0} minutes after a minute of warm-up against the last {:.0}: median batch {b0:.1} → {b1:.1} ms ({:+.1} %, {}); median resident memory {r0:.0} → {r1:.0} MiB ({:+.1} %, {}); behind schedule at the end {behind_end:.2} s ({}).",
+            part.as_secs_f64() / 60.0,
+            part.as_secs_f64() / 60.0,
+            change(b0, b1),
+            verdict(change(b0, b1)),
+            change(r0, r1),
+            verdict(change(r0, r1)),
+            if behind_end < 1.0 {
+                "the backlog does not grow"
+            } else {
+                "the backlog grows"
+            }
+        );
+    }
+    md
+}
