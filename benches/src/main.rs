@@ -173,6 +173,10 @@ async fn main() -> Result<()> {
         );
         print!("{text}");
         let path = out.with_file_name("benchmarks-soak.md");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| sluice::Error::io("the report's directory", e))?;
+        }
         std::fs::write(&path, text).map_err(|e| sluice::Error::io("writing the soak report", e))?;
         eprintln!("soak: written to {}", path.display());
         return Ok(());
