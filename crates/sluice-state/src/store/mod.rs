@@ -269,9 +269,6 @@ impl StateStore {
         let batch = RecordBatch::try_new(Arc::clone(&self.chunk_schema), batch.columns().to_vec())
             .map_err(|e| Error::internal(format!("state put: {e}")))?;
         let keys = self.key_rows(&batch.columns()[..self.key_count()])?;
-        if self.shards.len() == 1 {
-            return self.shards[0].upsert(batch, (0..n).map(|i| keys.get(i)));
-        }
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.shards.len()];
         for (i, h) in keys.hashes.iter().enumerate() {
             rows[self.shard_of(*h)].push(i as u32);
@@ -280,11 +277,9 @@ impl StateStore {
             if rows.is_empty() {
                 return Ok(());
             }
-            let chunk = if rows.len() == n {
-                batch.clone()
-            } else {
-                take_record_batch(&batch, &UInt32Array::from(rows.to_vec()))?
-            };
+            // Always a copy, even of every row: the batch put may be a
+            // slice of a much larger one, which a chunk must not keep alive.
+            let chunk = take_record_batch(&batch, &UInt32Array::from(rows.to_vec()))?;
             shard.upsert(chunk, rows.iter().map(|&i| keys.get(i as usize)))
         };
         let threads = std::thread::available_parallelism()
@@ -329,7 +324,7 @@ impl StateStore {
                 && seen.insert((s, slot))
             {
                 order.push((s, places[s].len()));
-                places[s].push(self.shards[s].places(&[slot])[0]);
+                places[s].push(self.shards[s].place(slot));
             }
         }
         // Gathered shard by shard, then put back in the order asked for.

@@ -171,7 +171,8 @@ impl Shard {
         key_of(&self.key_ends, &self.key_bytes, slot)
     }
 
-    fn place(&self, slot: u32) -> Place {
+    /// Where a slot's row is, for [`gather`].
+    pub(super) fn place(&self, slot: u32) -> Place {
         let c = self.starts.partition_point(|&s| s <= slot) - 1;
         (c, (slot - self.starts[c]) as usize)
     }
