@@ -52,6 +52,18 @@ pub trait SourceReader: Send + Sync + Debug {
     async fn latest_offset(&mut self, start: &Value) -> Result<Value>;
     /// Exactly the rows of `[start, end)`; the same rows every time.
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch>;
+    /// How much data was available after `end` and not taken, as of the
+    /// last [`SourceReader::latest_offset`]: rows, or files for a file
+    /// source (see [`SourceReader::backlog_unit`]). `None` when the source
+    /// cannot tell. Called once per new batch, after `latest_offset`; it
+    /// should not read or list anything that call did not.
+    async fn backlog(&mut self, _end: &Value) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// What [`SourceReader::backlog`] counts: `rows` or `files`.
+    fn backlog_unit(&self) -> &'static str {
+        "rows"
+    }
     /// An offset after `start` and at most `end`, chosen by `draw` (any
     /// number): the end of a smaller batch, for tests that split the input
     /// into random micro-batches (`SET split_seed`). Offsets that count rows
@@ -74,6 +86,11 @@ pub struct ReadBatch {
     pub dropped: u64,
     /// Bad records to send to the dead-letter table (`on_error = 'dead_letter'`).
     pub dead_letters: Vec<DeadLetter>,
+    /// When the oldest record of the range became available, in ms since
+    /// the Unix epoch, if the source knows: a file's modification time, a
+    /// Kafka record's timestamp, a rate row's time. Without it the engine
+    /// counts from when it planned the batch. For end-to-end latency.
+    pub available_ms: Option<i64>,
 }
 
 /// A record that could not be decoded, with where it came from.

@@ -45,6 +45,11 @@ pub struct Progress {
     /// interval: batches cannot keep up, and the backlog grows.
     #[serde(default)]
     pub falling_behind: bool,
+    /// End-to-end latency, in ms: from when the oldest record the batch read
+    /// became available (see `ReadBatch::available_ms`) to the batch's
+    /// commit, on the trigger clock. `None` for a batch that read nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
     /// Whether this batch re-ran a batch that had been planned but not committed.
     pub recovered: bool,
     /// What the batch had to work around, e.g. a damaged state snapshot
@@ -68,6 +73,14 @@ pub struct SourceProgress {
     pub dropped_rows: u64,
     /// Rows that could not be decoded and went to the dead-letter table.
     pub dead_letter_rows: u64,
+    /// Data available after `end_offset` but not taken by this batch, when
+    /// it was planned (`backlog_unit`: rows, or files for a file source);
+    /// missing when the source cannot tell or the batch was a re-run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<u64>,
+    /// What `backlog` counts: `rows` or `files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog_unit: Option<String>,
 }
 
 /// A stateful operator's state after a batch.

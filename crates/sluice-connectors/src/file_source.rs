@@ -345,6 +345,15 @@ impl SourceReader for FileReader {
         ))
     }
 
+    async fn backlog(&mut self, end: &Value) -> Result<Option<u64>> {
+        let end = offset_u64(&self.source.name, end)? as usize;
+        Ok(Some(self.log.files.len().saturating_sub(end) as u64))
+    }
+
+    fn backlog_unit(&self) -> &'static str {
+        "files"
+    }
+
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
         let (s, e) = (
             offset_u64(&self.source.name, start)? as usize,
@@ -362,11 +371,17 @@ impl SourceReader for FileReader {
         let (root, prefix) = self.root()?;
         let mut out = ReadBatch::default();
         let mut fetched = Vec::with_capacity(e - s);
+        let mut oldest: Option<i64> = None;
         for rel in &self.log.files[s..e] {
             let shown = root.join(rel);
             let location = StorePath::from(format!("{prefix}/{rel}"));
             let bytes = match self.store.get(&location).await {
-                Ok(r) => r.bytes().await,
+                Ok(r) => {
+                    // A file is available from its last modification.
+                    let m = r.meta.last_modified.timestamp_millis();
+                    oldest = Some(oldest.map_or(m, |o| o.min(m)));
+                    r.bytes().await
+                }
                 Err(e) => Err(e),
             };
             let bytes = bytes.map_err(|err| match err {
@@ -385,6 +400,7 @@ impl SourceReader for FileReader {
         // Decoding (Parquet above all) is the costly part: the files of a
         // batch are decoded in parallel, then taken in log order.
         let decoded = decode_all(&self.source.format, &self.source.schema, fetched)?;
+        out.available_ms = oldest;
         for (shown, decoded) in decoded {
             out.batches.extend(decoded.batches);
             for bad in decoded.bad {

@@ -176,6 +176,11 @@ impl SourceReader for MemoryReader {
         Ok(Value::from(end.max(start)))
     }
 
+    async fn backlog(&mut self, end: &Value) -> Result<Option<u64>> {
+        let end = offset_u64(&self.source.name, end)?;
+        Ok(Some(self.source.len().saturating_sub(end)))
+    }
+
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
         let (s, e) = (
             offset_u64(&self.source.name, start)?,

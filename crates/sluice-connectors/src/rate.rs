@@ -108,6 +108,7 @@ impl Source for RateSource {
             source: self.clone(),
             start_ms,
             clock: ctx.clock,
+            due: 0,
         }))
     }
     fn as_any(&self) -> &dyn std::any::Any {
@@ -120,6 +121,15 @@ struct RateReader {
     source: RateSource,
     start_ms: i64,
     clock: Arc<dyn Clock>,
+    /// Rows due by the clock at the last `latest_offset`.
+    due: u64,
+}
+
+impl RateReader {
+    /// The time of row `i`.
+    fn row_ms(&self, i: u64) -> i64 {
+        self.start_ms + (i as i128 * 1000 / self.source.rows_per_second as i128) as i64
+    }
 }
 
 #[async_trait]
@@ -132,11 +142,17 @@ impl SourceReader for RateReader {
         let start = offset_u64(&self.source.name, start)?;
         let elapsed = (self.clock.now_millis() - self.start_ms).max(0) as u128;
         let available = (elapsed * self.source.rows_per_second as u128 / 1000) as u64;
+        self.due = available;
         let end = match self.source.max_rows_per_trigger {
             Some(cap) => available.min(start + cap),
             None => available,
         };
         Ok(Value::from(end.max(start)))
+    }
+
+    async fn backlog(&mut self, end: &Value) -> Result<Option<u64>> {
+        let end = offset_u64(&self.source.name, end)?;
+        Ok(Some(self.due.saturating_sub(end)))
     }
 
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
@@ -158,6 +174,8 @@ impl SourceReader for RateReader {
         )?;
         Ok(ReadBatch {
             batches: vec![batch],
+            // A row is available from its own time.
+            available_ms: (e > s).then(|| self.row_ms(s)),
             ..ReadBatch::default()
         })
     }

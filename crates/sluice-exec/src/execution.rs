@@ -115,6 +115,8 @@ struct StreamInput {
     /// The source's dead-letter sink as this query sees it (its own batch-id
     /// space, when several queries read the source).
     dead_letter: Option<Arc<dyn Sink>>,
+    /// What was left after the planned batch's end when it was planned.
+    backlog: Option<u64>,
 }
 
 /// The schema of dead-letter rows.
@@ -176,12 +178,132 @@ pub struct MicroBatchExecution {
     /// that never had data is idle from here.
     started_ms: i64,
     last_start_ms: Option<i64>,
-    progress: Arc<Mutex<VecDeque<Progress>>>,
+    progress: Arc<Mutex<ProgressLog>>,
     batches_run: u64,
+    /// The total backlog after the last few new batches, oldest first.
+    backlogs: VecDeque<u64>,
 }
+
+/// A query planned for micro-batches: its optimized logical plan, its stream
+/// tables, and the physical plan with its stateful nodes.
+struct Planned {
+    plan: LogicalPlan,
+    tables: Vec<StreamTable>,
+    physical: Arc<dyn ExecutionPlan>,
+}
+
+/// Plans `plan` as [`MicroBatchExecution::start`] does, without opening
+/// anything.
+async fn plan_query(
+    plan: LogicalPlan,
+    state: &SessionState,
+    config: &QueryConfig,
+) -> Result<Planned> {
+    let name = &config.name;
+    // DISTINCT ON (from SQL, already rewritten, or from a DataFrame's
+    // distinct_on) runs as the ROW_NUMBER() = 1 it means.
+    let plan = sluice_planner::distinct_on_as_row_number(plan)?;
+    let plan = state.optimize(&plan).map_err(Error::from)?;
+    let plan = sluice_planner::sign_updating_edges(plan)?;
+    let shape = check_streaming_plan(name, &plan, config.output_mode)?;
+    let (plan, tables) = fork_streams(plan)?;
+    let physical = state
+        .create_physical_plan(&plan)
+        .await
+        .map_err(Error::from)?;
+    let physical = if shape.is_stateful() {
+        plan_stateful(
+            physical,
+            StatefulOptions {
+                mode: config.output_mode,
+                state_ttl: config.state_ttl,
+                signed_edges: shape.aggregates.iter().filter(|a| a.feeds_signed).count(),
+            },
+            &crate::operators::event_time_columns(&plan),
+        )
+        .map_err(|e| e.context(format!("query '{name}'")))?
+    } else {
+        physical
+    };
+    Ok(Planned {
+        plan,
+        tables,
+        physical,
+    })
+}
+
+/// What turns the stored states of `plan`'s first aggregate into values,
+/// with the plan's fingerprint (as a checkpoint's `metadata` records it):
+/// plans the query as a start would, without opening its checkpoint or
+/// sources (for `sluice state`). `None` when it has no aggregate.
+pub async fn plan_finalizer(
+    plan: LogicalPlan,
+    state: &SessionState,
+    config: &QueryConfig,
+) -> Result<(Option<StateFinalizer>, String)> {
+    let planned = plan_query(plan, state, config).await?;
+    Ok((
+        first_aggregate(&planned.physical).map(StreamingAggregateExec::finalizer),
+        fingerprint(&planned.plan),
+    ))
+}
+
+/// Over how many batches in a row a growing backlog counts as falling
+/// behind.
+const BACKLOG_GROWTH_BATCHES: usize = 3;
 
 /// How many progress records are kept in memory.
 const RECENT_PROGRESS: usize = 100;
+
+/// Something told of every progress record as its batch completes (the
+/// HTTP endpoint's metrics). It runs on the batch's path, under a lock:
+/// it must be quick and must not block.
+pub type ProgressListener = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// A query's recent progress records, and who is told of new ones.
+#[derive(Default)]
+pub struct ProgressLog {
+    recent: VecDeque<Progress>,
+    listeners: Vec<ProgressListener>,
+}
+
+impl std::fmt::Debug for ProgressLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressLog")
+            .field("recent", &self.recent.len())
+            .field("listeners", &self.listeners.len())
+            .finish()
+    }
+}
+
+impl ProgressLog {
+    /// Keeps `p` (dropping the oldest past the 100 kept) and tells
+    /// every listener.
+    pub fn push(&mut self, p: Progress) {
+        for l in &self.listeners {
+            l(&p);
+        }
+        if self.recent.len() == RECENT_PROGRESS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(p);
+    }
+
+    /// The records kept, oldest first.
+    pub fn recent(&self) -> &VecDeque<Progress> {
+        &self.recent
+    }
+
+    /// Tells `listener` of every record kept so far, then of each new one:
+    /// under the same lock as [`ProgressLog::push`], so none is missed or
+    /// told twice.
+    pub fn listen(&mut self, listener: ProgressListener) {
+        for p in &self.recent {
+            listener(p);
+        }
+        self.listeners.push(listener);
+    }
+}
 
 impl MicroBatchExecution {
     /// Plans `plan` once, opens (or recovers) its checkpoint, opens its
@@ -195,31 +317,11 @@ impl MicroBatchExecution {
     ) -> Result<Self> {
         let name = config.name.clone();
         let ctx = |e: Error| e.context(format!("query '{name}'"));
-        // DISTINCT ON (from SQL, already rewritten, or from a DataFrame's
-        // distinct_on) runs as the ROW_NUMBER() = 1 it means.
-        let plan = sluice_planner::distinct_on_as_row_number(plan)?;
-        let plan = state.optimize(&plan).map_err(Error::from)?;
-        let plan = sluice_planner::sign_updating_edges(plan)?;
-        let shape = check_streaming_plan(&name, &plan, config.output_mode)?;
-        let (plan, tables) = fork_streams(plan)?;
-        let physical = state
-            .create_physical_plan(&plan)
-            .await
-            .map_err(Error::from)?;
-        let physical = if shape.is_stateful() {
-            plan_stateful(
-                physical,
-                StatefulOptions {
-                    mode: config.output_mode,
-                    state_ttl: config.state_ttl,
-                    signed_edges: shape.aggregates.iter().filter(|a| a.feeds_signed).count(),
-                },
-                &crate::operators::event_time_columns(&plan),
-            )
-            .map_err(|e| e.context(format!("query '{name}'")))?
-        } else {
-            physical
-        };
+        let Planned {
+            plan,
+            tables,
+            physical,
+        } = plan_query(plan, state, &config).await?;
         let names: Vec<String> = tables
             .iter()
             .map(|t| t.source().name().to_string())
@@ -309,6 +411,7 @@ impl MicroBatchExecution {
                 reader,
                 committed,
                 dead_letter,
+                backlog: None,
             });
         }
         let mut late_sinks = Vec::new();
@@ -400,6 +503,7 @@ impl MicroBatchExecution {
             last_start_ms: None,
             progress: Arc::default(),
             batches_run: 0,
+            backlogs: VecDeque::new(),
             config,
         };
         exec.recover().await.map_err(ctx)?;
@@ -449,6 +553,19 @@ impl MicroBatchExecution {
         Ok(())
     }
 
+    /// The query's sources, by name, in plan order.
+    pub fn source_names(&self) -> Vec<String> {
+        self.inputs
+            .iter()
+            .map(|i| i.table.source().name().to_string())
+            .collect()
+    }
+
+    /// The query's sink, by name.
+    pub fn sink_name(&self) -> &str {
+        self.sink.name()
+    }
+
     /// The query's name.
     pub fn name(&self) -> &str {
         &self.config.name
@@ -460,7 +577,7 @@ impl MicroBatchExecution {
     }
 
     /// The shared list of recent progress records.
-    pub fn progress_handle(&self) -> Arc<Mutex<VecDeque<Progress>>> {
+    pub fn progress_handle(&self) -> Arc<Mutex<ProgressLog>> {
         Arc::clone(&self.progress)
     }
 
@@ -492,7 +609,13 @@ impl MicroBatchExecution {
         let start_ms = self.clock.now_millis();
         let mut durations = BTreeMap::new();
         let (entry, recovered, mut offset_write) = match self.pending.take() {
-            Some(e) => (e, true, None),
+            Some(e) => {
+                // What a re-run leaves behind was not measured.
+                for input in &mut self.inputs {
+                    input.backlog = None;
+                }
+                (e, true, None)
+            }
             None => {
                 let t = Instant::now();
                 let Some(entry) = self.plan_offsets(start_ms).await? else {
@@ -565,12 +688,25 @@ impl MicroBatchExecution {
         self.next_batch = id + 1;
         self.batches_run += 1;
         durations.insert("total".to_string(), ms(started.elapsed()));
+        // From the oldest record's arrival (or, where no source says, from
+        // when the batch was planned) to the commit, on the trigger clock.
+        let latency_ms = (outcome.input_rows > 0).then(|| {
+            let from = outcome.available_ms.unwrap_or(entry.timestamp_ms);
+            (self.clock.now_millis() - from).max(0) as f64
+        });
         let total_s = started.elapsed().as_secs_f64().max(1e-9);
         let since_last_s = self
             .last_start_ms
             .map(|l| ((start_ms - l) as f64 / 1000.0).max(1e-3))
             .unwrap_or(total_s);
         self.last_start_ms = Some(start_ms);
+        // Batches cannot keep up: one took longer than the trigger
+        // interval, or the backlog grew batch after batch.
+        let overran = match self.config.trigger {
+            Trigger::ProcessingTime(iv) => !iv.is_zero() && started.elapsed() > iv,
+            _ => false,
+        };
+        let falling_behind = self.backlog_grows(&outcome.sources) || overran;
         let progress = Progress {
             name: self.config.name.clone(),
             query_id: self.id().to_string(),
@@ -584,25 +720,43 @@ impl MicroBatchExecution {
             sources: outcome.sources,
             watermark_ms: entry.watermark_ms,
             retries: attempt,
-            falling_behind: match self.config.trigger {
-                Trigger::ProcessingTime(iv) => !iv.is_zero() && started.elapsed() > iv,
-                _ => false,
-            },
+            falling_behind,
             late_rows: outcome.late_rows,
             operators: outcome.operators,
+            latency_ms,
             recovered,
             warnings: self.take_warnings().await,
         };
         // Informational: a failure to record progress never fails a committed batch.
         let _ = self.checkpoint.append_progress(&progress);
-        let mut recent = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() == RECENT_PROGRESS {
-            recent.pop_front();
-        }
-        recent.push_back(progress.clone());
-        drop(recent);
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(progress.clone());
         self.inject(FaultPoint::AfterCommit, id)?;
         Ok(Some(progress))
+    }
+
+    /// Whether the backlog grew batch after batch over the last
+    /// [`BACKLOG_GROWTH_BATCHES`] new batches (re-runs and sources that
+    /// cannot tell break the run).
+    fn backlog_grows(&mut self, sources: &[SourceProgress]) -> bool {
+        let total: Option<u64> = sources.iter().map(|s| s.backlog).sum();
+        match total {
+            Some(t) => {
+                if self.backlogs.len() == BACKLOG_GROWTH_BATCHES + 1 {
+                    self.backlogs.pop_front();
+                }
+                self.backlogs.push_back(t);
+            }
+            None => self.backlogs.clear(),
+        }
+        self.backlogs.len() == BACKLOG_GROWTH_BATCHES + 1
+            && self
+                .backlogs
+                .iter()
+                .zip(self.backlogs.iter().skip(1))
+                .all(|(a, b)| b > a)
     }
 
     /// Asks every source how far it reaches; `None` if nothing moved.
@@ -625,6 +779,8 @@ impl MicroBatchExecution {
                 _ => end,
             };
             moved |= end != input.committed;
+            // Informational: a source that cannot say never fails a batch.
+            input.backlog = input.reader.backlog(&end).await.ok().flatten();
             sources.insert(
                 name,
                 SourceRange {
@@ -683,6 +839,7 @@ impl MicroBatchExecution {
         let mut event_max = self.event_time_max_ms.clone();
         let mut last_data = self.last_data_ms.clone();
         let mut dead: Vec<(Arc<dyn Sink>, Vec<DeadLetter>)> = Vec::new();
+        let mut available_ms = None;
         for input in &mut self.inputs {
             let name = input.table.source().name().to_string();
             let range = entry.sources.get(&name).ok_or_else(|| {
@@ -715,7 +872,16 @@ impl MicroBatchExecution {
                 input_rows: rows,
                 dropped_rows: read.dropped,
                 dead_letter_rows: read.dead_letters.len() as u64,
+                backlog: input.backlog,
+                backlog_unit: input
+                    .backlog
+                    .map(|_| input.reader.backlog_unit().to_string()),
             });
+            if rows > 0
+                && let Some(a) = read.available_ms
+            {
+                available_ms = Some(available_ms.map_or(a, |m: i64| m.min(a)));
+            }
             if let Some(dl) = &input.dead_letter {
                 dead.push((Arc::clone(dl), read.dead_letters));
             } else if !read.dead_letters.is_empty() {
@@ -857,6 +1023,7 @@ impl MicroBatchExecution {
         self.watermark_ms = watermark;
         Ok(Outcome {
             input_rows,
+            available_ms,
             output_rows,
             late_rows,
             operators,
@@ -990,6 +1157,8 @@ impl MicroBatchExecution {
 
 struct Outcome {
     input_rows: u64,
+    /// When the oldest record read became available, where a source said.
+    available_ms: Option<i64>,
     output_rows: u64,
     late_rows: u64,
     operators: Vec<StateProgress>,

@@ -17,8 +17,10 @@ pub mod operators;
 pub mod query;
 pub mod trigger;
 
-pub use execution::{MicroBatchExecution, QueryConfig, dead_letter_schema};
+pub use execution::{
+    MicroBatchExecution, ProgressListener, ProgressLog, QueryConfig, dead_letter_schema,
+};
 pub use fault::{CRASH_EXIT_CODE, Fault, FaultPoint};
 pub use operators::StateFinalizer;
-pub use query::StreamingQuery;
+pub use query::{QueryInfo, QueryStatus, StreamingQuery};
 pub use trigger::Trigger;

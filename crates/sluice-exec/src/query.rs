@@ -1,13 +1,13 @@
 //! A running streaming query: its trigger loop and its handle.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use sluice_common::{Error, Progress, Result};
+use sluice_planner::OutputMode;
 use tokio::sync::{Mutex as AsyncMutex, watch};
 use tokio::task::JoinHandle;
 
-use crate::execution::MicroBatchExecution;
+use crate::execution::{MicroBatchExecution, ProgressListener, ProgressLog};
 use crate::fault::Fault;
 use crate::operators::StateFinalizer;
 use crate::trigger::{Trigger, next_start_ms};
@@ -26,9 +26,101 @@ pub struct StreamingQuery {
     finalizer: Option<StateFinalizer>,
     result_keys: Option<Vec<String>>,
     exec: Arc<AsyncMutex<MicroBatchExecution>>,
-    progress: Arc<Mutex<VecDeque<Progress>>>,
     stop_tx: watch::Sender<bool>,
     task: AsyncMutex<Option<JoinHandle<Result<()>>>>,
+    status: Arc<watch::Sender<QueryStatus>>,
+    info: QueryInfo,
+}
+
+/// Whether a query runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryStatus {
+    /// Its trigger loop runs, or (manual trigger) its handle is alive.
+    Active,
+    /// It ended without an error: by its trigger, `max_batches` or a stop.
+    Stopped,
+    /// It ended with this error.
+    Failed(String),
+}
+
+impl QueryStatus {
+    /// `active`, `stopped` or `failed`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QueryStatus::Active => "active",
+            QueryStatus::Stopped => "stopped",
+            QueryStatus::Failed(_) => "failed",
+        }
+    }
+}
+
+/// A live, read-only view of a started query for monitoring (the HTTP
+/// endpoint, the CLI): what it is, whether it runs, and its recent progress.
+/// Cheap to clone; it stays valid after the query's handle is dropped.
+#[derive(Debug, Clone)]
+pub struct QueryInfo {
+    /// The query's name (its sink's name).
+    pub name: String,
+    /// The query's id, fixed for the life of its checkpoint.
+    pub id: String,
+    /// When its batches run.
+    pub trigger: Trigger,
+    /// How its sink receives results.
+    pub output_mode: OutputMode,
+    /// Its sources, by name.
+    pub sources: Vec<String>,
+    /// Its sink, by name.
+    pub sink: String,
+    /// Its checkpoint directory.
+    pub checkpoint: std::path::PathBuf,
+    progress: Arc<Mutex<ProgressLog>>,
+    status: watch::Receiver<QueryStatus>,
+}
+
+impl QueryInfo {
+    /// Whether the query runs, stopped, or failed (with its error).
+    pub fn status(&self) -> QueryStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Up to the last `n` progress records (at most the 100 kept in
+    /// memory), oldest first.
+    pub fn recent_progress(&self, n: usize) -> Vec<Progress> {
+        let log = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = log.recent();
+        recent
+            .iter()
+            .skip(recent.len().saturating_sub(n))
+            .cloned()
+            .collect()
+    }
+
+    /// The newest progress record.
+    pub fn last_progress(&self) -> Option<Progress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recent()
+            .back()
+            .cloned()
+    }
+
+    /// Tells `listener` of every progress record kept so far (up to 100),
+    /// then of each new one as its batch completes.
+    pub fn listen(&self, listener: ProgressListener) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .listen(listener);
+    }
+
+    /// Waits until the query is no longer active (returns at once if it
+    /// is not).
+    pub async fn finished(&self) {
+        let mut rx = self.status.clone();
+        // An error means the sender is gone: the query is gone too.
+        let _ = rx.wait_for(|s| *s != QueryStatus::Active).await;
+    }
 }
 
 impl StreamingQuery {
@@ -41,24 +133,45 @@ impl StreamingQuery {
         let finalizer = exec.state_finalizer();
         let result_keys = exec.result_keys();
         let trigger = exec.config().trigger;
+        let (status_tx, status_rx) = watch::channel(QueryStatus::Active);
+        let status = Arc::new(status_tx);
+        let info = QueryInfo {
+            name: name.clone(),
+            id: id.clone(),
+            trigger,
+            output_mode: exec.config().output_mode,
+            sources: exec.source_names(),
+            sink: exec.sink_name().to_string(),
+            checkpoint: checkpoint.clone(),
+            progress: Arc::clone(&progress),
+            status: status_rx,
+        };
         let exec = Arc::new(AsyncMutex::new(exec));
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = match trigger {
             Trigger::Manual => None,
-            _ => Some(tokio::spawn(trigger_loop(
-                Arc::clone(&exec),
-                trigger,
-                stop_rx,
-            ))),
+            _ => {
+                let exec = Arc::clone(&exec);
+                let status = Arc::clone(&status);
+                Some(tokio::spawn(async move {
+                    let outcome = trigger_loop(exec, trigger, stop_rx).await;
+                    status.send_replace(match &outcome {
+                        Ok(()) => QueryStatus::Stopped,
+                        Err(e) => QueryStatus::Failed(e.to_string()),
+                    });
+                    outcome
+                }))
+            }
         };
         StreamingQuery {
+            status,
+            info,
             name,
             id,
             checkpoint,
             finalizer,
             result_keys,
             exec,
-            progress,
             stop_tx,
             task: AsyncMutex::new(task),
         }
@@ -88,6 +201,19 @@ impl StreamingQuery {
     /// The query's id, fixed for the life of its checkpoint.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// A live view of the query for monitoring, valid after this handle
+    /// is dropped.
+    pub fn info(&self) -> QueryInfo {
+        self.info.clone()
+    }
+
+    /// Waits until the query is no longer active: its trigger loop ended
+    /// (by its trigger, `max_batches`, a stop or an error). A manual query
+    /// is active until its handle is dropped.
+    pub async fn finished(&self) {
+        self.info.finished().await
     }
 
     /// Runs one batch now (the uncommitted one first after a restart);
@@ -145,21 +271,12 @@ impl StreamingQuery {
 
     /// The newest progress record.
     pub fn last_progress(&self) -> Option<Progress> {
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .back()
-            .cloned()
+        self.info.last_progress()
     }
 
     /// Up to the last 100 progress records, oldest first.
     pub fn recent_progress(&self) -> Vec<Progress> {
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.info.recent_progress(usize::MAX)
     }
 }
 
@@ -168,6 +285,11 @@ impl Drop for StreamingQuery {
     /// no query runs on that nobody can stop.
     fn drop(&mut self) {
         let _ = self.stop_tx.send(true);
+        // A manual query ends with its handle; a trigger loop reports its
+        // own end when it has one.
+        if self.info.trigger == Trigger::Manual {
+            self.status.send_replace(QueryStatus::Stopped);
+        }
     }
 }
 

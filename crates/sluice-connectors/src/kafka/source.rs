@@ -245,6 +245,7 @@ impl Source for KafkaSource {
                 value_schema: self.value_schema(),
                 consumer,
                 log: Mutex::new(log),
+                highs: Mutex::default(),
             }),
         }))
     }
@@ -316,6 +317,8 @@ struct Inner {
     value_schema: SchemaRef,
     consumer: BaseConsumer,
     log: Mutex<PartitionLog>,
+    /// Each partition's high watermark at the last `latest_offset`.
+    highs: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -448,6 +451,10 @@ impl Inner {
             )?;
             spans.push((t.clone(), *p, s, from, high));
         }
+        *self.highs.lock().unwrap_or_else(|p| p.into_inner()) = spans
+            .iter()
+            .map(|(t, p, _, _, high)| ((t.clone(), *p), *high))
+            .collect();
         // A partition the offsets name but the metadata does not: gone, or
         // missing from one stale answer. Its position is carried forward,
         // so that if it comes back it goes on where it was.
@@ -683,6 +690,7 @@ impl Inner {
             return Ok(out);
         }
         let kept: Vec<&Record> = kept.iter().map(|&i| &records[i]).collect();
+        out.available_ms = kept.iter().filter_map(|r| r.timestamp_ms).min();
         let mut cols = Vec::with_capacity(self.source.schema.fields().len());
         let mut value_col = 0;
         for f in self.source.schema.fields() {
@@ -812,6 +820,19 @@ impl SourceReader for KafkaReader {
             }
         }
         to_value(&end_pos)
+    }
+
+    async fn backlog(&mut self, end: &Value) -> Result<Option<u64>> {
+        let end = positions(self.inner.name(), end)?;
+        let highs = self.inner.highs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut left = 0u64;
+        for ((t, p), high) in highs.iter() {
+            let Some(e) = end.get(t).and_then(|m| m.get(p)) else {
+                continue;
+            };
+            left += (high - e).max(0) as u64;
+        }
+        Ok(Some(left))
     }
 
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {
