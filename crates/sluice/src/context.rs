@@ -15,7 +15,7 @@ use sluice_common::connector::{Sink, Source};
 use sluice_common::durable::Durability;
 use sluice_common::{Clock, Error, Options, Result, SystemClock};
 use sluice_connectors::{MemorySource, MemoryTable, sink_from_options, source_from_options};
-use sluice_exec::{StreamingQuery, Trigger, dead_letter_schema};
+use sluice_exec::{StateFinalizer, StreamingQuery, Trigger, dead_letter_schema};
 use sluice_planner::{
     CreateSource, OutputMode, Statement, StreamTable, check_streaming_plan, explain_streaming,
     fork_streams, parse_script, stream_tables,
@@ -115,6 +115,14 @@ impl PendingQuery {
         self
     }
 
+    /// Plans the query without starting it: what turns its first
+    /// aggregate's stored states into values (`None` without an aggregate),
+    /// and the plan's fingerprint, to match against a checkpoint's.
+    pub async fn plan_finalizer(self) -> Result<(Option<StateFinalizer>, String)> {
+        let name = self.name.clone();
+        self.writer.plan_finalizer(&name).await
+    }
+
     /// Starts the query.
     pub async fn start(self) -> Result<StreamingQuery> {
         let q = match self.writer.start_with(self.sink).await {
@@ -158,6 +166,8 @@ struct Registry {
 #[derive(Clone)]
 pub struct StreamContext {
     session: SessionContext,
+    /// The queries started from this context, for the HTTP endpoint.
+    watched: Arc<crate::http::Watched>,
     clock: Arc<dyn Clock>,
     registry: Arc<Mutex<Registry>>,
     /// Queries started from this context, for `state('<name>')`.
@@ -200,8 +210,10 @@ impl StreamContext {
         // The physical plan is re-executed every batch; a filter derived at
         // run time from one batch's rows (DataFusion's dynamic filters) must
         // never prune the next batch, so they are off.
+        let watched = Arc::new(crate::http::Watched::default());
         let config = SessionConfig::new()
-            .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
+            .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false)
+            .with_extension(Arc::clone(&watched));
         let session = SessionContext::new_with_config_rt(config, runtime);
         for udf in sluice_planner::window_udfs() {
             session.register_udf(udf);
@@ -217,11 +229,21 @@ impl StreamContext {
         );
         StreamContext {
             session,
+            watched,
             clock,
             registry: Arc::default(),
             started,
             checkpoint_root,
         }
+    }
+
+    /// Serves this context's queries over HTTP on `addr` (e.g.
+    /// `127.0.0.1:8080`; port 0 picks a free one): the JSON API, Prometheus
+    /// metrics and the live page (see [`crate::http`]). Every query started
+    /// from this context, before or after, is served. The server stops when
+    /// the returned handle is dropped.
+    pub async fn serve_http(&self, addr: &str) -> Result<crate::http::HttpServer> {
+        crate::http::HttpServer::start(addr, Arc::clone(&self.watched)).await
     }
 
     /// The DataFusion session: register static tables and functions here.

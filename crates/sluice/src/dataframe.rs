@@ -15,7 +15,9 @@ use datafusion::prelude::{col, ident, lit};
 use sluice_common::connector::Sink;
 use sluice_common::durable::Durability;
 use sluice_common::{Error, Result};
-use sluice_exec::{Fault, MicroBatchExecution, QueryConfig, StreamingQuery, Trigger};
+use sluice_exec::{
+    Fault, MicroBatchExecution, QueryConfig, StateFinalizer, StreamingQuery, Trigger,
+};
 use sluice_planner::{
     OutputMode, SessionEnd, WatermarkDef, fork_streams, stream_tables, window_time_udf,
 };
@@ -309,6 +311,18 @@ impl DataStreamWriter {
         self
     }
 
+    /// Plans the query as [`DataStreamWriter::start`] would, without
+    /// starting it or opening anything: what turns its first aggregate's
+    /// stored states into values, and the plan's fingerprint (which a
+    /// checkpoint's `metadata` records).
+    pub async fn plan_finalizer(self, name: &str) -> Result<(Option<StateFinalizer>, String)> {
+        let (state, plan) = self.df.into_parts();
+        let mut config = QueryConfig::new(name, PathBuf::new());
+        config.output_mode = self.output_mode;
+        config.state_ttl = self.state_ttl;
+        sluice_exec::execution::plan_finalizer(plan, &state, &config).await
+    }
+
     /// Starts the query writing to `sink`.
     pub async fn start(self, sink: impl Sink + 'static) -> Result<StreamingQuery> {
         self.start_with(Arc::new(sink)).await
@@ -347,7 +361,13 @@ impl DataStreamWriter {
             config.fault = self.fault;
         }
         let exec = MicroBatchExecution::start(plan, &state, sink, config, clock).await?;
-        Ok(StreamingQuery::start(exec))
+        let query = StreamingQuery::start(exec);
+        // A query started from a StreamContext's session is watched by its
+        // HTTP endpoint.
+        if let Some(watched) = state.config().get_extension::<crate::http::Watched>() {
+            watched.add(query.info());
+        }
+        Ok(query)
     }
 }
 

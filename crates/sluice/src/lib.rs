@@ -35,6 +35,7 @@
 
 pub mod context;
 pub mod dataframe;
+pub mod http;
 pub mod memory_table;
 mod state_table;
 
@@ -47,7 +48,9 @@ pub use sluice_connectors::{
     ConsoleSink, FileSink, FileSource, ForeachBatchSink, KafkaSink, KafkaSource, MemorySink,
     MemorySource, MemoryTable, RateSource,
 };
-pub use sluice_exec::{Fault, FaultPoint, StreamingQuery, Trigger};
+pub use sluice_exec::{
+    Fault, FaultPoint, QueryInfo, QueryStatus, StateFinalizer, StreamingQuery, Trigger,
+};
 pub use sluice_planner::{OutputMode, WatermarkDef};
 pub use state_table::other_operators;
 

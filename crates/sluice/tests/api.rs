@@ -613,3 +613,50 @@ async fn distinct_on_from_the_dataframe_api_keeps_each_keys_last_row_as_a_change
     }
     assert_eq!(text.lines().count(), 8, "{text}");
 }
+
+#[tokio::test]
+async fn a_query_reports_when_it_ends_and_how() {
+    let (ctx, _clock) = manual();
+    let src = MemorySource::new("nums", schema());
+    src.append(rows(&[1, 2, 3])).unwrap();
+    let df = ctx.read_stream(src).await.unwrap();
+    let (sink, _rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::AvailableNow)
+        .start(sink)
+        .await
+        .unwrap();
+    let info = q.info();
+    assert_eq!(info.sources, vec!["nums".to_string()]);
+    assert_eq!(info.sink, "chan");
+    // `finished` returns once the trigger loop ended (the bound only keeps a
+    // broken build from hanging).
+    tokio::time::timeout(Duration::from_secs(60), q.finished())
+        .await
+        .expect("an available-now query ends");
+    assert_eq!(info.status(), sluice::QueryStatus::Stopped);
+    assert_eq!(info.last_progress().unwrap().input_rows, 3);
+    assert_eq!(info.recent_progress(5).len(), 1);
+
+    // A query whose sink fails ends Failed, with the error's text.
+    let src = MemorySource::new("more", schema());
+    src.append(rows(&[1])).unwrap();
+    let df = ctx.read_stream(src).await.unwrap();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::AvailableNow)
+        .start(ForeachBatchSink::new("broken", |_, _| {
+            Err(sluice::Error::data("the sink refuses"))
+        }))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), q.finished())
+        .await
+        .expect("a failing query ends");
+    match q.info().status() {
+        sluice::QueryStatus::Failed(e) => assert!(e.contains("the sink refuses"), "{e}"),
+        other => panic!("not failed: {other:?}"),
+    }
+    assert!(q.await_termination().await.is_err());
+}
