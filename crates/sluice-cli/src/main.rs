@@ -1,21 +1,33 @@
 //! The `sluice` command: runs and explains streaming SQL pipelines.
 //!
 //! ```text
-//! sluice run pipeline.sql [--checkpoint DIR] [--trigger 5s|once|available-now] [--max-batches N]
+//! sluice run pipeline.sql [--checkpoint DIR] [--trigger 5s|once|available-now]
+//!                         [--max-batches N] [--http 127.0.0.1:PORT]
 //! sluice explain pipeline.sql
-//! sluice state CHECKPOINT_DIR [--version N]
+//! sluice state DIR [--query NAME] [--version N] [--raw]
+//! sluice progress DIR [--query NAME] [--last N]
 //! ```
+//!
+//! `DIR` is the directory given to `run --checkpoint`, or one query's
+//! directory in it.
 //!
 //! Errors are one line on standard error and a non-zero exit code.
 
+use std::future::Future;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use sluice::deps::datafusion::arrow::record_batch::RecordBatch;
 use sluice::deps::datafusion::arrow::util::pretty::pretty_format_batches;
-use sluice::{Outcome, StreamContext, StreamingQuery, Trigger};
+use sluice::deps::datafusion::physical_plan::collect;
+use sluice::deps::sluice_common::durable::read_json;
+use sluice::deps::sluice_state::checkpoint::{Metadata, last_committed};
+use sluice::deps::sluice_state::store::read_state;
+use sluice::{Outcome, Progress, QueryInfo, QueryStatus, StreamContext, StreamingQuery, Trigger};
 
 #[derive(Parser)]
 #[command(
@@ -44,20 +56,44 @@ enum Command {
         /// Stop each query after N batches.
         #[arg(long, value_name = "N")]
         max_batches: Option<u64>,
+        /// Serve the queries' progress, Prometheus metrics and a live page
+        /// over HTTP on this address (e.g. 127.0.0.1:8080).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
     },
     /// Show the incremental plan of every streaming query of a SQL file.
     Explain {
         /// The SQL file.
         file: PathBuf,
     },
-    /// Print a query's state (group keys and aggregate states) from its
-    /// checkpoint directory, as of the last committed batch or `--version`.
+    /// Print the state of a checkpoint's queries (their group keys and
+    /// aggregate values), as of the last committed batch or `--version`.
     State {
-        /// The query's checkpoint directory (e.g. `ckpt/<sink name>`).
+        /// The directory given to `run --checkpoint`, or one query's
+        /// directory in it (e.g. `ckpt/<sink name>`).
         dir: PathBuf,
+        /// Only this query.
+        #[arg(long, value_name = "NAME")]
+        query: Option<String>,
         /// The batch id to read the state as of.
         #[arg(long, value_name = "N")]
         version: Option<u64>,
+        /// Show the stored partial aggregate states instead of values.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Print the recent progress records of a checkpoint's queries as a
+    /// table.
+    Progress {
+        /// The directory given to `run --checkpoint`, or one query's
+        /// directory in it.
+        dir: PathBuf,
+        /// Only this query.
+        #[arg(long, value_name = "NAME")]
+        query: Option<String>,
+        /// How many of the last batches to show.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        last: usize,
     },
 }
 
@@ -83,9 +119,16 @@ fn main() -> ExitCode {
                 checkpoint,
                 trigger,
                 max_batches,
-            } => run(file, checkpoint, trigger, max_batches).await,
+                http,
+            } => run(file, checkpoint, trigger, max_batches, http).await,
             Command::Explain { file } => explain(file).await,
-            Command::State { dir, version } => state(dir, version),
+            Command::State {
+                dir,
+                query,
+                version,
+                raw,
+            } => state(dir, query, version, raw).await,
+            Command::Progress { dir, query, last } => progress(dir, query, last),
         }
     });
     match result {
@@ -116,6 +159,7 @@ async fn run(
     checkpoint: Option<PathBuf>,
     trigger: Option<String>,
     max_batches: Option<u64>,
+    http: Option<String>,
 ) -> sluice::Result<()> {
     let sql = read_sql(&file)?;
     let trigger: Option<Trigger> = trigger.map(|t| t.parse()).transpose()?;
@@ -140,6 +184,18 @@ async fn run(
         }
     };
     ctx.update_settings(|s| s.checkpoint_root = Some(root));
+    // Started before the queries, so a bad address fails before any batch.
+    let _server = match http {
+        Some(addr) => {
+            let server = ctx.serve_http(&addr).await?;
+            eprintln!(
+                "sluice: serving http://{0}/ (progress at /api/queries, Prometheus metrics at /metrics)",
+                server.local_addr()
+            );
+            Some(server)
+        }
+        None => None,
+    };
     let mut pending = Vec::new();
     for outcome in ctx
         .sql(&sql)
@@ -168,7 +224,11 @@ async fn run(
         if let Some(n) = max_batches {
             q = q.with_max_batches(n);
         }
-        queries.push(q.start().await?);
+        let q = q.start().await?;
+        // Kept beside the checkpoint so that `sluice state` can show the
+        // query's own columns with final values.
+        write_pipeline_sql(q.checkpoint_dir(), &sql)?;
+        queries.push(q);
     }
     supervise(&queries, interrupt).await
 }
@@ -200,12 +260,16 @@ impl Interrupt {
 }
 
 /// Shows a status line, stops every query cleanly on Ctrl-C, and returns the
-/// first error.
+/// first error. Returns as soon as every query has ended.
 async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> sluice::Result<()> {
     let live = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut warned = std::collections::BTreeSet::new();
+    let infos: Vec<QueryInfo> = queries.iter().map(StreamingQuery::info).collect();
     loop {
+        // Any query's end is seen at once: a failure stops the others, and
+        // the last one's end ends the run.
+        let ended = any_ended(&infos);
         tokio::select! {
             _ = interrupt.recv() => {
                 if live {
@@ -218,47 +282,54 @@ async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> slui
                 break;
             }
             _ = tick.tick() => {
-                for q in queries {
-                    for w in q.recent_progress().into_iter().flat_map(|p| p.warnings) {
-                        if warned.insert(w.clone()) {
-                            if live {
-                                eprintln!();
-                            }
-                            eprintln!("sluice: warning: query '{}': {w}", q.name());
-                        }
-                    }
-                    if q.last_progress().is_some_and(|p| p.falling_behind) && warned.insert(q.name().to_string()) {
-                        if live {
-                            eprintln!();
-                        }
-                        eprintln!(
-                            "sluice: warning: query '{}' takes longer per batch than its trigger interval; its backlog grows",
-                            q.name()
-                        );
-                    }
-                }
                 if live {
                     let line: Vec<String> = queries.iter().map(status).collect();
                     eprint!("\r\x1b[2K{}", line.join(" | "));
                     let _ = std::io::stderr().flush();
                 }
-                // A query that failed stops the run: its error is the
-                // run's, and the others stop after their current batch.
-                for q in queries.iter().filter(|q| !q.is_active()) {
-                    if let Err(e) = q.await_termination().await {
-                        if live {
-                            eprintln!();
-                        }
-                        for other in queries {
-                            let _ = other.stop().await;
-                        }
-                        return Err(e);
+            }
+            _ = ended => {}
+        }
+        // Warnings are shown on every tick and when a query ends, so that
+        // one of a run's last batches is not missed.
+        for q in queries {
+            for w in q.recent_progress().into_iter().flat_map(|p| p.warnings) {
+                if warned.insert(w.clone()) {
+                    if live {
+                        eprintln!();
                     }
-                }
-                if queries.iter().all(|q| !q.is_active()) {
-                    break;
+                    eprintln!("sluice: warning: query '{}': {w}", q.name());
                 }
             }
+            if q.last_progress().is_some_and(|p| p.falling_behind)
+                && warned.insert(q.name().to_string())
+            {
+                if live {
+                    eprintln!();
+                }
+                eprintln!(
+                    "sluice: warning: query '{}' is falling behind: its batches take longer than its trigger interval, or its backlog grows batch after batch",
+                    q.name()
+                );
+            }
+        }
+        // A query that failed stops the run: its error is the run's, and
+        // the others stop after their current batch.
+        if let Some(failed) = infos
+            .iter()
+            .position(|i| matches!(i.status(), QueryStatus::Failed(_)))
+        {
+            if live {
+                eprintln!();
+            }
+            let outcome = queries[failed].await_termination().await;
+            for other in queries {
+                let _ = other.stop().await;
+            }
+            return outcome;
+        }
+        if infos.iter().all(|i| i.status() != QueryStatus::Active) {
+            break;
         }
     }
     if live {
@@ -271,17 +342,47 @@ async fn supervise(queries: &[StreamingQuery], mut interrupt: Interrupt) -> slui
         }
         if let Some(p) = q.last_progress() {
             eprintln!(
-                "sluice: query '{}' stopped after batch {} ({} rows in, {} rows out in the last batch)",
+                "sluice: query '{}' stopped after batch {} ({} in, {} out in the last batch)",
                 q.name(),
                 p.batch_id,
-                p.input_rows,
-                p.output_rows
+                count(p.input_rows, "row"),
+                count(p.output_rows, "row"),
             );
         }
     }
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Ready once any of the active queries of `infos` has ended (at once if
+/// none is active).
+async fn any_ended(infos: &[QueryInfo]) {
+    let mut ends: Vec<_> = infos
+        .iter()
+        .filter(|i| i.status() == QueryStatus::Active)
+        .map(|i| Box::pin(i.finished()))
+        .collect();
+    if ends.is_empty() {
+        return;
+    }
+    std::future::poll_fn(|cx| {
+        if ends.iter_mut().any(|f| f.as_mut().poll(cx).is_ready()) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// `1 row`, `2 rows`.
+fn count(n: u64, what: &str) -> String {
+    match (n, what) {
+        (1, _) => format!("1 {what}"),
+        (_, "batch") => format!("{n} batches"),
+        _ => format!("{n} {what}s"),
     }
 }
 
@@ -295,7 +396,7 @@ fn status(q: &StreamingQuery) -> String {
             p.processed_rows_per_second,
             p.durations_ms.get("total").copied().unwrap_or(0.0),
             if p.falling_behind {
-                " | FALLING BEHIND the trigger"
+                " | FALLING BEHIND"
             } else {
                 ""
             }
@@ -303,14 +404,101 @@ fn status(q: &StreamingQuery) -> String {
     }
 }
 
-fn state(dir: PathBuf, version: Option<u64>) -> sluice::Result<()> {
-    use sluice::deps::sluice_common::durable::read_json;
-    use sluice::deps::sluice_state::checkpoint::{Metadata, last_committed};
-    use sluice::deps::sluice_state::store::read_state;
-    let meta: Metadata = read_json(&dir.join("metadata"))?;
+/// The name of the copy of the SQL file kept in each query's checkpoint
+/// directory by `sluice run`.
+const PIPELINE_SQL: &str = "pipeline.sql";
+
+fn write_pipeline_sql(dir: &Path, sql: &str) -> sluice::Result<()> {
+    let path = dir.join(PIPELINE_SQL);
+    let tmp = dir.join(format!("{PIPELINE_SQL}.tmp"));
+    std::fs::write(&tmp, sql)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| sluice::Error::io(format!("writing {}", path.display()), e))
+}
+
+/// The query checkpoints `dir` names: itself when it is one query's
+/// directory, otherwise the query directories in it (the directory given
+/// to `run --checkpoint`); only `query`'s when given.
+fn query_dirs(dir: &Path, query: Option<&str>) -> sluice::Result<Vec<(PathBuf, Metadata)>> {
+    if dir.join("metadata").exists() {
+        let meta: Metadata = read_json(&dir.join("metadata"))?;
+        if let Some(q) = query
+            && q != meta.name
+        {
+            return Err(sluice::Error::plan(format!(
+                "{} is the checkpoint of query '{}', not '{q}'",
+                dir.display(),
+                meta.name
+            )));
+        }
+        return Ok(vec![(dir.to_path_buf(), meta)]);
+    }
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| sluice::Error::io(format!("reading {}", dir.display()), e))?;
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.join("metadata").exists() {
+            let meta: Metadata = read_json(&path.join("metadata"))?;
+            found.push((path, meta));
+        }
+    }
+    found.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    if found.is_empty() {
+        return Err(sluice::Error::plan(format!(
+            "{} holds no query checkpoint: give the directory passed to `sluice run --checkpoint`, or one query's directory in it",
+            dir.display()
+        )));
+    }
+    match query {
+        None => Ok(found),
+        Some(q) => {
+            let names: Vec<String> = found.iter().map(|(_, m)| m.name.clone()).collect();
+            found.retain(|(_, m)| m.name == q);
+            if found.is_empty() {
+                return Err(sluice::Error::plan(format!(
+                    "{} holds no query '{q}' (it holds: {})",
+                    dir.display(),
+                    names.join(", ")
+                )));
+            }
+            Ok(found)
+        }
+    }
+}
+
+async fn state(
+    dir: PathBuf,
+    query: Option<String>,
+    version: Option<u64>,
+    raw: bool,
+) -> sluice::Result<()> {
+    let dirs = query_dirs(&dir, query.as_deref())?;
+    let many = dirs.len() > 1;
+    for (i, (dir, meta)) in dirs.into_iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        match query_state(&dir, &meta, version, raw).await {
+            Ok(()) => {}
+            // With several queries, one without a committed batch (or
+            // without the version asked for) does not hide the others.
+            Err(e @ sluice::Error::Plan(_)) if many => println!("{e}"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn query_state(
+    dir: &Path,
+    meta: &Metadata,
+    version: Option<u64>,
+    raw: bool,
+) -> sluice::Result<()> {
     let state_dir = dir.join("state").join("aggregate");
     if !state_dir.join("meta").exists() {
-        let others = sluice::other_operators(&dir);
+        let others = sluice::other_operators(dir);
         if others.is_empty() {
             println!("query '{}' keeps no state (it is stateless)", meta.name);
         } else {
@@ -322,7 +510,7 @@ fn state(dir: PathBuf, version: Option<u64>) -> sluice::Result<()> {
         }
         return Ok(());
     }
-    let last = last_committed(&dir)?.ok_or_else(|| {
+    let last = last_committed(dir)?.ok_or_else(|| {
         sluice::Error::plan(format!(
             "query '{}' has not committed a batch yet",
             meta.name
@@ -331,17 +519,152 @@ fn state(dir: PathBuf, version: Option<u64>) -> sluice::Result<()> {
     let v = version.unwrap_or(last);
     if v > last {
         return Err(sluice::Error::plan(format!(
-            "batch {v} has not committed (the last committed batch of '{}' is {last})",
+            "batch {v} of query '{}' has not committed (its last committed batch is {last})",
             meta.name
         )));
     }
     let (batch, keys) = read_state(&state_dir, v)?;
-    println!(
-        "query '{}', state as of batch {v}: {} keys (the first {keys} columns are the key; the rest are aggregate states)",
-        meta.name,
-        batch.num_rows()
-    );
-    println!("{}", pretty_format_batches(&[batch])?);
+    let rows = batch.num_rows() as u64;
+    let values = if raw {
+        Err("as asked with --raw".to_string())
+    } else {
+        final_values(dir, meta, batch.clone()).await
+    };
+    match values {
+        Ok(values) => {
+            println!(
+                "query '{}', state as of batch {v}: {} (the query's columns, with the aggregates' values so far; --raw shows the stored partial states)",
+                meta.name,
+                count(rows, "key")
+            );
+            println!("{}", pretty_format_batches(&values)?);
+        }
+        Err(why) => {
+            println!(
+                "query '{}', state as of batch {v}: {} (the first {keys} columns are the key; the rest are partial aggregate states, {why})",
+                meta.name,
+                count(rows, "key")
+            );
+            println!("{}", pretty_format_batches(&[batch])?);
+        }
+    }
+    Ok(())
+}
+
+/// The query's own columns with final values, from the SQL kept beside its
+/// checkpoint by `sluice run`; or why they cannot be shown.
+async fn final_values(
+    dir: &Path,
+    meta: &Metadata,
+    stored: RecordBatch,
+) -> std::result::Result<Vec<RecordBatch>, String> {
+    let Ok(sql) = std::fs::read_to_string(dir.join(PIPELINE_SQL)) else {
+        return Err(format!(
+            "as the checkpoint holds no {PIPELINE_SQL} (`sluice run` writes it)"
+        ));
+    };
+    let not_planned = |e: sluice::Error| format!("as its {PIPELINE_SQL} could not be planned: {e}");
+    let ctx = StreamContext::new();
+    let outcomes = ctx.sql(&sql).await.map_err(not_planned)?;
+    let pending = outcomes.into_iter().find_map(|o| match o {
+        Outcome::Query(q) if q.name == meta.name => Some(q),
+        _ => None,
+    });
+    let Some(pending) = pending else {
+        return Err(format!(
+            "as its {PIPELINE_SQL} defines no query '{}'",
+            meta.name
+        ));
+    };
+    let (finalizer, fingerprint) = pending.plan_finalizer().await.map_err(not_planned)?;
+    if fingerprint != meta.plan_fingerprint {
+        return Err(format!(
+            "as the query in its {PIPELINE_SQL} is not the one that wrote this checkpoint"
+        ));
+    }
+    let Some(finalizer) = finalizer else {
+        return Err(format!(
+            "as the query in its {PIPELINE_SQL} has no aggregate"
+        ));
+    };
+    let plan = finalizer
+        .plan(stored)
+        .map_err(|e| format!("as they could not be finalized: {e}"))?;
+    collect(plan, ctx.session().task_ctx())
+        .await
+        .map_err(|e| format!("as they could not be finalized: {e}"))
+}
+
+fn progress(dir: PathBuf, query: Option<String>, last: usize) -> sluice::Result<()> {
+    use sluice::deps::datafusion::arrow::array::{
+        ArrayRef, BooleanArray, Float64Array, TimestampMillisecondArray, UInt64Array,
+    };
+    use sluice::deps::sluice_state::checkpoint::read_progress;
+    for (i, (dir, meta)) in query_dirs(&dir, query.as_deref())?.into_iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let all = read_progress(&dir)?;
+        let shown = &all[all.len().saturating_sub(last)..];
+        if shown.is_empty() {
+            println!("query '{}': no batch has committed yet", meta.name);
+            continue;
+        }
+        println!(
+            "query '{}': the last {} of {} recorded",
+            meta.name,
+            count(shown.len() as u64, "batch"),
+            all.len()
+        );
+        let u = |f: &dyn Fn(&Progress) -> u64| -> ArrayRef {
+            Arc::new(UInt64Array::from_iter_values(shown.iter().map(f)))
+        };
+        let f = |f: &dyn Fn(&Progress) -> Option<f64>| -> ArrayRef {
+            Arc::new(Float64Array::from_iter(
+                shown
+                    .iter()
+                    .map(|p| f(p).map(|v| (v * 10.0).round() / 10.0)),
+            ))
+        };
+        let ts = |f: &dyn Fn(&Progress) -> Option<i64>| -> ArrayRef {
+            Arc::new(TimestampMillisecondArray::from_iter(shown.iter().map(f)))
+        };
+        let backlog: ArrayRef =
+            Arc::new(UInt64Array::from_iter(shown.iter().map(|p| {
+                p.sources.iter().map(|s| s.backlog).sum::<Option<u64>>()
+            })));
+        let behind: ArrayRef = Arc::new(BooleanArray::from_iter(
+            shown.iter().map(|p| Some(p.falling_behind)),
+        ));
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("batch", u(&|p| p.batch_id)),
+            ("started", ts(&|p| Some(p.timestamp_ms))),
+            ("rows in", u(&|p| p.input_rows)),
+            ("rows out", u(&|p| p.output_rows)),
+            ("rows/s", f(&|p| Some(p.processed_rows_per_second))),
+            ("ms", f(&|p| p.durations_ms.get("total").copied())),
+            ("latency ms", f(&|p| p.latency_ms)),
+            ("backlog", backlog),
+            ("watermark", ts(&|p| p.watermark_ms)),
+            ("late", u(&|p| p.late_rows)),
+            (
+                "bad",
+                u(&|p| {
+                    p.sources
+                        .iter()
+                        .map(|s| s.dropped_rows + s.dead_letter_rows)
+                        .sum()
+                }),
+            ),
+            (
+                "state rows",
+                u(&|p| p.operators.iter().map(|o| o.rows).sum()),
+            ),
+            ("behind", behind),
+        ];
+        let table = RecordBatch::try_from_iter(columns)?;
+        println!("{}", pretty_format_batches(&[table])?);
+    }
     Ok(())
 }
 

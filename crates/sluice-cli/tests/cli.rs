@@ -491,11 +491,24 @@ fn a_windowed_aggregate_survives_crashes_at_every_step_with_the_same_output() {
     let out = sluice(&["state", "ckpt/counts"], clean.path(), &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("state as of batch 3: 1 keys"), "{text}");
     assert!(
-        text.contains("| 1970-01-01T00:00:50 | 1970-01-01T00:01:00 | z |"),
+        text.contains("state as of batch 3: 1 key (the query's columns"),
         "{text}"
     );
+    // The aggregate's final value, not its partial state.
+    assert!(
+        text.contains("| 1970-01-01T00:00:50 | 1970-01-01T00:01:00 | z | 1"),
+        "{text}"
+    );
+    assert!(!text.contains("[count]"), "{text}");
+    // --raw shows the stored partial states under their internal names.
+    let out = sluice(&["state", "ckpt/counts", "--raw"], clean.path(), &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("partial aggregate states, as asked with --raw"),
+        "{text}"
+    );
+    assert!(text.contains("[count]"), "{text}");
     let out = sluice(
         &["state", "ckpt/counts", "--version", "0"],
         clean.path(),
@@ -503,13 +516,17 @@ fn a_windowed_aggregate_survives_crashes_at_every_step_with_the_same_output() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("state as of batch 0: 3 keys"), "{text}");
+    assert!(
+        text.contains("| 1970-01-01T00:00:00 | 1970-01-01T00:00:10 | a | 2"),
+        "{text}"
+    );
     let out = sluice(
         &["state", "ckpt/counts", "--version", "9"],
         clean.path(),
         &[],
     );
     assert!(
-        stderr(&out).contains("batch 9 has not committed"),
+        stderr(&out).contains("batch 9 of query 'counts' has not committed"),
         "{}",
         stderr(&out)
     );
@@ -668,5 +685,147 @@ fn crashing_at_every_step_of_every_batch_in_one_run_still_gives_the_same_output(
     assert_eq!(
         sink_rows(&crashed.path().join("late")),
         sink_rows(&clean.path().join("late"))
+    );
+}
+
+#[test]
+fn state_and_progress_take_the_checkpoint_root_and_name_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    windowed_run(dir.path(), &[]);
+    // The directory given to `run --checkpoint`: every query in it.
+    let out = sluice(&["state", "ckpt"], dir.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("query 'counts', state as of batch 3: 1 key"),
+        "{text}"
+    );
+    let out = sluice(&["state", "ckpt", "--query", "counts"], dir.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sluice(&["state", "ckpt", "--query", "nope"], dir.path(), &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("ckpt holds no query 'nope' (it holds: counts)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = sluice(
+        &["state", "ckpt/counts", "--query", "other"],
+        dir.path(),
+        &[],
+    );
+    assert!(
+        stderr(&out).contains("is the checkpoint of query 'counts', not 'other'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = sluice(&["state", "in"], dir.path(), &[]);
+    assert!(
+        stderr(&out).contains("in holds no query checkpoint"),
+        "{}",
+        stderr(&out)
+    );
+    // Without the SQL kept by `run`, the partial states, saying why.
+    fs::remove_file(dir.path().join("ckpt/counts/pipeline.sql")).unwrap();
+    let out = sluice(&["state", "ckpt"], dir.path(), &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("as the checkpoint holds no pipeline.sql"),
+        "{text}"
+    );
+
+    // The progress records as a table: the four batches, or the last N.
+    let out = sluice(&["progress", "ckpt"], dir.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("query 'counts': the last 4 batches of 4 recorded"),
+        "{text}"
+    );
+    let header = text.lines().find(|l| l.contains("| batch")).unwrap();
+    for col in [
+        "rows in",
+        "rows out",
+        "latency ms",
+        "backlog",
+        "watermark",
+        "late",
+        "state rows",
+        "behind",
+    ] {
+        assert!(header.contains(col), "{col} in {header}");
+    }
+    // Batch 2 read one late row; every batch but the last left files behind.
+    let rows: Vec<Vec<String>> = text
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.contains("| batch"))
+        .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    let col = |name: &str| header.split('|').position(|c| c.trim() == name).unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r[col("batch")].as_str())
+            .collect::<Vec<_>>(),
+        ["0", "1", "2", "3"]
+    );
+    assert_eq!(
+        rows.iter()
+            .map(|r| r[col("late")].as_str())
+            .collect::<Vec<_>>(),
+        ["0", "0", "1", "0"]
+    );
+    assert_eq!(
+        rows.iter()
+            .map(|r| r[col("backlog")].as_str())
+            .collect::<Vec<_>>(),
+        ["3", "2", "1", "0"]
+    );
+    let out = sluice(&["progress", "ckpt/counts", "--last", "1"], dir.path(), &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("the last 1 batch of 4 recorded"), "{text}");
+}
+
+#[test]
+fn run_says_rows_in_the_singular_and_serves_http_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = pipeline(dir.path());
+    fs::write(
+        dir.path().join("in/000.json"),
+        "{\"id\": 1, \"v\": \"x\"}\n",
+    )
+    .unwrap();
+    let out = sluice(
+        &[
+            "run",
+            sql.to_str().unwrap(),
+            "--checkpoint",
+            "ckpt",
+            "--trigger",
+            "available-now",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("sluice: serving http://127.0.0.1:"), "{err}");
+    assert!(
+        err.contains("(1 row in, 1 row out in the last batch)"),
+        "{err}"
+    );
+    // A bad address fails before any batch, naming it.
+    let out = sluice(
+        &["run", sql.to_str().unwrap(), "--http", "256.0.0.1:1"],
+        dir.path(),
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("listening for HTTP on 256.0.0.1:1"),
+        "{}",
+        stderr(&out)
     );
 }
