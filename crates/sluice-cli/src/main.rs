@@ -25,6 +25,7 @@ use sluice::deps::datafusion::arrow::record_batch::RecordBatch;
 use sluice::deps::datafusion::arrow::util::pretty::pretty_format_batches;
 use sluice::deps::datafusion::physical_plan::collect;
 use sluice::deps::sluice_common::durable::read_json;
+use sluice::deps::sluice_planner::{Statement, parse_script};
 use sluice::deps::sluice_state::checkpoint::{Metadata, last_committed};
 use sluice::deps::sluice_state::store::read_state;
 use sluice::{Outcome, Progress, QueryInfo, QueryStatus, StreamContext, StreamingQuery, Trigger};
@@ -565,18 +566,30 @@ async fn final_values(
     };
     let not_planned = |e: sluice::Error| format!("as its {PIPELINE_SQL} could not be planned: {e}");
     let ctx = StreamContext::new();
-    let outcomes = ctx.sql(&sql).await.map_err(not_planned)?;
-    let pending = outcomes.into_iter().find_map(|o| match o {
-        Outcome::Query(q) if q.name == meta.name => Some(q),
-        _ => None,
-    });
+    let mut pending = None;
+    for stmt in parse_script(&sql).map_err(not_planned)? {
+        let define = match &stmt {
+            Statement::InsertInto { target, .. } => ctx.has_sink(target),
+            other => is_definition(other),
+        };
+        if !define {
+            continue;
+        }
+        if let Outcome::Query(q) = ctx.execute(stmt).await.map_err(not_planned)?
+            && q.name == meta.name
+        {
+            pending = Some(q);
+        }
+    }
     let Some(pending) = pending else {
         return Err(format!(
             "as its {PIPELINE_SQL} defines no query '{}'",
             meta.name
         ));
     };
-    let (finalizer, fingerprint) = pending.plan_finalizer().await.map_err(not_planned)?;
+    let planned = pending.plan_finalizer().await.map_err(not_planned)?;
+    let (finalizer, fingerprint, renamed) =
+        (planned.finalizer, planned.fingerprint, planned.renamed);
     if fingerprint != meta.plan_fingerprint {
         return Err(format!(
             "as the query in its {PIPELINE_SQL} is not the one that wrote this checkpoint"
@@ -590,9 +603,57 @@ async fn final_values(
     let plan = finalizer
         .plan(stored)
         .map_err(|e| format!("as they could not be finalized: {e}"))?;
-    collect(plan, ctx.session().task_ctx())
+    let values = collect(plan, ctx.session().task_ctx())
         .await
-        .map_err(|e| format!("as they could not be finalized: {e}"))
+        .map_err(|e| format!("as they could not be finalized: {e}"))?;
+    // Under the query's own names where its projection renames a column.
+    values
+        .into_iter()
+        .map(|b| rename_columns(b, &renamed))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("as they could not be renamed: {e}"))
+}
+
+/// Whether `stmt` defines something that planning a query needs (a
+/// source, a sink with its query, a setting, a table or a view) rather
+/// than doing something again (a plain query, `COPY`, `EXPLAIN`). An
+/// `INSERT INTO` is decided by its caller: into a sink it defines a
+/// query, into a memory source it would add rows.
+fn is_definition(stmt: &Statement) -> bool {
+    use sluice::deps::datafusion::sql::parser::Statement as DFStatement;
+    use sluice::deps::datafusion::sql::sqlparser::ast;
+    match stmt {
+        Statement::CreateSource(_) | Statement::CreateSink(_) | Statement::Set { .. } => true,
+        Statement::InsertInto { .. } | Statement::Explain(_) => false,
+        Statement::DataFusion(df) => match df.as_ref() {
+            DFStatement::CreateExternalTable(_) => true,
+            DFStatement::Statement(s) => matches!(
+                s.as_ref(),
+                ast::Statement::CreateView { .. } | ast::Statement::CreateTable(_)
+            ),
+            _ => false,
+        },
+    }
+}
+
+/// `batch` with each column named `from` in `renamed` named `to`.
+fn rename_columns(
+    batch: RecordBatch,
+    renamed: &[(String, String)],
+) -> std::result::Result<RecordBatch, sluice::deps::datafusion::arrow::error::ArrowError> {
+    use sluice::deps::datafusion::arrow::datatypes::{Field, Schema};
+    let fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(
+            |f| match renamed.iter().find(|(from, _)| from == f.name()) {
+                Some((_, to)) => f.as_ref().clone().with_name(to),
+                None => f.as_ref().clone(),
+            },
+        )
+        .collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), batch.columns().to_vec())
 }
 
 fn progress(dir: PathBuf, query: Option<String>, last: usize) -> sluice::Result<()> {
@@ -669,7 +730,6 @@ fn progress(dir: PathBuf, query: Option<String>, last: usize) -> sluice::Result<
 }
 
 async fn explain(file: PathBuf) -> sluice::Result<()> {
-    use sluice::deps::sluice_planner::{Statement, parse_script};
     let sql = read_sql(&file)?;
     let ctx = StreamContext::new();
     let mut shown = 0;

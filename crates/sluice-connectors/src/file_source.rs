@@ -173,6 +173,7 @@ impl Source for FileSource {
             source: self.clone(),
             store: Arc::new(LocalFileSystem::new()),
             log,
+            listed: false,
         }))
     }
     fn as_any(&self) -> &dyn std::any::Any {
@@ -257,6 +258,9 @@ struct FileReader {
     source: FileSource,
     store: Arc<LocalFileSystem>,
     log: FileLog,
+    /// Whether the last `latest_offset` listed the directory (so the log
+    /// holds every file there was).
+    listed: bool,
 }
 
 impl FileReader {
@@ -336,7 +340,8 @@ impl SourceReader for FileReader {
         // listed again, and everything new is logged at once, so a backlog
         // of many files is listed once, not once per batch.
         let pending = logged - start;
-        if pending < cap {
+        self.listed = pending < cap;
+        if self.listed {
             let new = self.list_new().await?;
             self.log.append(new)?;
         }
@@ -345,7 +350,13 @@ impl SourceReader for FileReader {
         ))
     }
 
+    /// Files logged and not taken, when the planning listed the directory;
+    /// unknown otherwise (a batch that had enough logged files to take did
+    /// not list, and what the log holds then undercounts).
     async fn backlog(&mut self, end: &Value) -> Result<Option<u64>> {
+        if !self.listed {
+            return Ok(None);
+        }
         let end = offset_u64(&self.source.name, end)? as usize;
         Ok(Some(self.log.files.len().saturating_sub(end) as u64))
     }

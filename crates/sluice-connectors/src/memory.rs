@@ -148,6 +148,7 @@ impl Source for MemorySource {
     fn open(&self, _ctx: SourceContext) -> Result<Box<dyn SourceReader>> {
         Ok(Box::new(MemoryReader {
             source: self.clone(),
+            len: 0,
         }))
     }
     fn as_any(&self) -> &dyn std::any::Any {
@@ -158,6 +159,8 @@ impl Source for MemorySource {
 #[derive(Debug)]
 struct MemoryReader {
     source: MemorySource,
+    /// Rows the source held at the last `latest_offset`.
+    len: u64,
 }
 
 #[async_trait]
@@ -169,6 +172,7 @@ impl SourceReader for MemoryReader {
     async fn latest_offset(&mut self, start: &Value) -> Result<Value> {
         let start = offset_u64(&self.source.name, start)?;
         let len = self.source.len();
+        self.len = len;
         let end = match self.source.max_rows_per_trigger {
             Some(cap) => len.min(start + cap as u64),
             None => len,
@@ -178,7 +182,7 @@ impl SourceReader for MemoryReader {
 
     async fn backlog(&mut self, end: &Value) -> Result<Option<u64>> {
         let end = offset_u64(&self.source.name, end)?;
-        Ok(Some(self.source.len().saturating_sub(end)))
+        Ok(Some(self.len.saturating_sub(end)))
     }
 
     async fn read(&mut self, start: &Value, end: &Value) -> Result<ReadBatch> {

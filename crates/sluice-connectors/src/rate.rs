@@ -174,8 +174,8 @@ impl SourceReader for RateReader {
         )?;
         Ok(ReadBatch {
             batches: vec![batch],
-            // A row is available from its own time.
-            available_ms: (e > s).then(|| self.row_ms(s)),
+            // Row `i` is due once `i + 1` rows are (see `latest_offset`).
+            available_ms: (e > s).then(|| self.row_ms(s + 1)),
             ..ReadBatch::default()
         })
     }

@@ -256,8 +256,10 @@ const BACKLOG_GROWTH_BATCHES: usize = 3;
 const RECENT_PROGRESS: usize = 100;
 
 /// Something told of every progress record as its batch completes (the
-/// HTTP endpoint's metrics). It runs on the batch's path, under a lock:
-/// it must be quick and must not block.
+/// HTTP endpoint's metrics). It runs on the batch's path, under the lock of
+/// the query's progress log: it must be quick, must not block, and must
+/// not read the same query's progress (`QueryInfo::last_progress` and the
+/// like take that lock, and would wait forever).
 pub type ProgressListener = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 /// A query's recent progress records, and who is told of new ones.

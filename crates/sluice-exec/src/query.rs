@@ -154,8 +154,11 @@ impl StreamingQuery {
                 let exec = Arc::clone(&exec);
                 let status = Arc::clone(&status);
                 Some(tokio::spawn(async move {
+                    // Set as the task ends, even by a panic (the guard's
+                    // drop), so that no one waits on an ended query.
+                    let guard = EndGuard(status);
                     let outcome = trigger_loop(exec, trigger, stop_rx).await;
-                    status.send_replace(match &outcome {
+                    guard.0.send_replace(match &outcome {
                         Ok(()) => QueryStatus::Stopped,
                         Err(e) => QueryStatus::Failed(e.to_string()),
                     });
@@ -290,6 +293,25 @@ impl Drop for StreamingQuery {
         if self.info.trigger == Trigger::Manual {
             self.status.send_replace(QueryStatus::Stopped);
         }
+    }
+}
+
+/// Marks a query failed when its trigger loop's task ends without saying
+/// how (it panicked, or its runtime shut down).
+struct EndGuard(Arc<watch::Sender<QueryStatus>>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.send_if_modified(|s| {
+            if *s == QueryStatus::Active {
+                *s = QueryStatus::Failed(
+                    "the query's task ended abnormally (a bug in Sluice)".to_string(),
+                );
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 

@@ -15,13 +15,13 @@ use sluice_common::connector::{Sink, Source};
 use sluice_common::durable::Durability;
 use sluice_common::{Clock, Error, Options, Result, SystemClock};
 use sluice_connectors::{MemorySource, MemoryTable, sink_from_options, source_from_options};
-use sluice_exec::{StateFinalizer, StreamingQuery, Trigger, dead_letter_schema};
+use sluice_exec::{StreamingQuery, Trigger, dead_letter_schema};
 use sluice_planner::{
     CreateSource, OutputMode, Statement, StreamTable, check_streaming_plan, explain_streaming,
     fork_streams, parse_script, stream_tables,
 };
 
-use crate::dataframe::{DataStreamWriter, StreamingDataFrame};
+use crate::dataframe::{DataStreamWriter, PlannedState, StreamingDataFrame};
 use crate::memory_table::MemorySinkTable;
 use crate::state_table::{QueryState, StateFunction};
 
@@ -115,10 +115,9 @@ impl PendingQuery {
         self
     }
 
-    /// Plans the query without starting it: what turns its first
-    /// aggregate's stored states into values (`None` without an aggregate),
-    /// and the plan's fingerprint, to match against a checkpoint's.
-    pub async fn plan_finalizer(self) -> Result<(Option<StateFinalizer>, String)> {
+    /// Plans the query without starting it (see
+    /// [`DataStreamWriter::plan_finalizer`]).
+    pub async fn plan_finalizer(self) -> Result<PlannedState> {
         let name = self.name.clone();
         self.writer.plan_finalizer(&name).await
     }

@@ -312,15 +312,22 @@ impl DataStreamWriter {
     }
 
     /// Plans the query as [`DataStreamWriter::start`] would, without
-    /// starting it or opening anything: what turns its first aggregate's
-    /// stored states into values, and the plan's fingerprint (which a
-    /// checkpoint's `metadata` records).
-    pub async fn plan_finalizer(self, name: &str) -> Result<(Option<StateFinalizer>, String)> {
+    /// starting it or opening anything (for `sluice state`).
+    pub async fn plan_finalizer(self, name: &str) -> Result<PlannedState> {
+        let frame = self.df.clone();
         let (state, plan) = self.df.into_parts();
         let mut config = QueryConfig::new(name, PathBuf::new());
         config.output_mode = self.output_mode;
         config.state_ttl = self.state_ttl;
-        sluice_exec::execution::plan_finalizer(plan, &state, &config).await
+        let (finalizer, fingerprint) =
+            sluice_exec::execution::plan_finalizer(plan, &state, &config).await?;
+        // Optimized only now: optimizing draws names from the session, so
+        // doing it first could change the plan whose fingerprint is taken.
+        Ok(PlannedState {
+            finalizer,
+            fingerprint,
+            renamed: renamed_columns(frame),
+        })
     }
 
     /// Starts the query writing to `sink`.
@@ -369,6 +376,46 @@ impl DataStreamWriter {
         }
         Ok(query)
     }
+}
+
+/// A streaming query planned but not started: what `sluice state` needs to
+/// show its stored aggregate states as values.
+#[derive(Debug)]
+pub struct PlannedState {
+    /// What turns the first aggregate's stored states into values (`None`
+    /// without an aggregate).
+    pub finalizer: Option<StateFinalizer>,
+    /// The plan's fingerprint, as a checkpoint's `metadata` records it.
+    pub fingerprint: String,
+    /// The columns the query's last projection passes on under another
+    /// name (`count(*) AS n`): pairs of the name below the projection, as
+    /// the running plan's nodes have it, and the query's name for it.
+    pub renamed: Vec<(String, String)>,
+}
+
+/// See [`PlannedState::renamed`]. From the optimized plan, whose names are
+/// those of the running plan's nodes (`count(*)` is `count(Int64(1))`).
+fn renamed_columns(df: DataFrame) -> Vec<(String, String)> {
+    use datafusion::logical_expr::{Expr, LogicalPlan};
+    let plan = df.into_optimized_plan();
+    let Ok(LogicalPlan::Projection(p)) = plan else {
+        return Vec::new();
+    };
+    p.expr
+        .iter()
+        .filter_map(|e| {
+            let Expr::Alias(a) = e else { return None };
+            // `count(Int64(1)) AS count(*) AS n`: the innermost is the column.
+            let mut inner = a.expr.as_ref();
+            while let Expr::Alias(b) = inner {
+                inner = b.expr.as_ref();
+            }
+            match inner {
+                Expr::Column(c) => Some((c.name.clone(), a.name.clone())),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// The names of `df`'s columns, once every one of `columns` is among them

@@ -40,7 +40,7 @@ pub mod memory_table;
 mod state_table;
 
 pub use context::{Outcome, PendingQuery, Settings, StreamContext};
-pub use dataframe::{DataStreamWriter, StreamingDataFrame};
+pub use dataframe::{DataStreamWriter, PlannedState, StreamingDataFrame};
 pub use sluice_common::connector::{DeadLetter, OnError, Sink, Source};
 pub use sluice_common::durable::Durability;
 pub use sluice_common::{BatchId, Clock, Error, ManualClock, Progress, Result, SystemClock};

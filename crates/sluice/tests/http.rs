@@ -340,6 +340,9 @@ impl Driver {
             .arg(format!("--port={port}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            // Its own process group, so that the browsers it starts go
+            // with it, even when a test fails half-way.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -371,6 +374,11 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
         let _ = self.child.start_kill();
     }
 }
@@ -467,7 +475,18 @@ async fn the_page_shows_live_charts_in_a_real_browser() {
     .await;
     assert_eq!(shown, json!([3, third.batch_id.to_string(), 6, "active"]));
 
-    // Every chart has drawn its three points: uPlot's data of each.
+    // Every chart holds its three points (uPlot's data, x and each series).
+    let lengths = wait(
+        "true".into(),
+        "Object.values(page.queries.counts.plots).map(p => p.u.data.map(d => d.length))",
+    )
+    .await;
+    for chart in lengths.as_array().unwrap() {
+        assert!(
+            chart.as_array().unwrap().iter().all(|n| n == 3),
+            "{lengths}"
+        );
+    }
     let screenshot = driver.call("GET", &format!("{s}/screenshot"), None).await;
     let png = base64::engine::general_purpose::STANDARD
         .decode(screenshot.as_str().unwrap())

@@ -26,7 +26,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use sluice_common::{Error, Result};
 use sluice_exec::{QueryInfo, QueryStatus, Trigger};
@@ -35,6 +35,9 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 pub(crate) use metrics::Metrics;
+
+/// How long a connection may take to send a request's head.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How many progress records `/api/queries/{name}/progress` gives without
 /// `?last=`.
@@ -50,14 +53,15 @@ pub struct Watched {
 impl Watched {
     /// Watches a started query: it is listed, and its batches are counted
     /// in the metrics from now on (with the progress records it keeps).
-    /// A query of the same name watched before (stopped, since names are
-    /// unique among running queries) is replaced.
+    /// A query of the same name watched before that no longer runs is
+    /// replaced (a restart). Two running queries of one name (possible from
+    /// the DataFrame API) are both listed, but share their metrics' labels.
     pub fn add(&self, info: QueryInfo) {
         let metrics = Arc::clone(&self.metrics);
         let sink = info.sink.clone();
         info.listen(Arc::new(move |p| metrics.record(&sink, p)));
         let mut queries = self.queries.lock().unwrap_or_else(|p| p.into_inner());
-        queries.retain(|q| q.name != info.name);
+        queries.retain(|q| q.name != info.name || q.status() == QueryStatus::Active);
         queries.push(info);
     }
 
@@ -101,7 +105,12 @@ impl HttpServer {
                 tokio::select! {
                     _ = &mut stop_rx => break,
                     accepted = listener.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
+                        let Ok((stream, _)) = accepted else {
+                            // Out of file descriptors, say: wait a little
+                            // rather than spin.
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        };
                         let watched = Arc::clone(&watched);
                         connections.spawn(async move {
                             let service = service_fn(move |req| {
@@ -109,7 +118,11 @@ impl HttpServer {
                                 async move { Ok::<_, Infallible>(respond(&watched, &req)) }
                             });
                             // A connection that breaks concerns only its client.
+                            // A client that sends no whole request head
+                            // within the timeout is dropped.
                             let _ = http1::Builder::new()
+                                .timer(TokioTimer::new())
+                                .header_read_timeout(HEADER_TIMEOUT)
                                 .serve_connection(TokioIo::new(stream), service)
                                 .await;
                         });
@@ -144,10 +157,15 @@ impl Drop for HttpServer {
 /// The response to one request.
 fn respond(watched: &Watched, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error(
+        let mut r = error(
             StatusCode::METHOD_NOT_ALLOWED,
-            "the endpoint is read-only: only GET is served",
+            "the endpoint is read-only: only GET and HEAD are served",
         );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
     }
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
