@@ -660,3 +660,73 @@ async fn a_query_reports_when_it_ends_and_how() {
     }
     assert!(q.await_termination().await.is_err());
 }
+
+#[tokio::test]
+async fn a_backlog_that_grows_batch_after_batch_is_falling_behind() {
+    let (ctx, _clock) = manual();
+    // Two rows a batch while three arrive before each: the backlog grows.
+    let src = MemorySource::new("nums", schema()).with_max_rows_per_trigger(2);
+    let df = ctx.read_stream(src.clone()).await.unwrap();
+    let (sink, _rx) = channel_sink();
+    let q = df
+        .write_stream()
+        .trigger(Trigger::Manual)
+        .start(sink)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        src.append(rows(&[i * 3, i * 3 + 1, i * 3 + 2])).unwrap();
+        let p = q.run_batch().await.unwrap().unwrap();
+        assert_eq!(p.sources[0].backlog_unit.as_deref(), Some("rows"));
+        seen.push((p.sources[0].backlog, p.falling_behind));
+    }
+    // Behind once it grew over three batches in a row (four records).
+    assert_eq!(
+        seen,
+        vec![
+            (Some(1), false),
+            (Some(2), false),
+            (Some(3), false),
+            (Some(4), true)
+        ]
+    );
+    // Nothing more arrives: it shrinks, and the query is not behind.
+    let p = q.run_batch().await.unwrap().unwrap();
+    assert_eq!((p.sources[0].backlog, p.falling_behind), (Some(2), false));
+}
+
+#[tokio::test]
+async fn latency_runs_from_when_the_oldest_row_was_due_to_the_commit() {
+    let (ctx, clock) = manual();
+    let outcomes = ctx
+        .sql(
+            "CREATE SOURCE r WITH (connector = 'rate', rows_per_second = 10);
+             CREATE SINK out WITH (connector = 'memory') AS SELECT value FROM r;",
+        )
+        .await
+        .unwrap();
+    let q = outcomes
+        .into_iter()
+        .find_map(|o| match o {
+            sluice::Outcome::Query(q) => Some(q),
+            _ => None,
+        })
+        .unwrap()
+        .with_trigger(Trigger::Manual)
+        .start()
+        .await
+        .unwrap();
+    // A second of rows: the first was due 0.1 s after the start, and the
+    // batch commits at 1 s on the manual clock.
+    clock.advance(Duration::from_secs(1));
+    let p = q.run_batch().await.unwrap().unwrap();
+    assert_eq!(p.input_rows, 10);
+    assert_eq!(p.latency_ms, Some(900.0));
+    assert_eq!(p.sources[0].backlog, Some(0));
+    // Half a second later the next five rows: the oldest was due 0.4 s ago.
+    clock.advance(Duration::from_millis(500));
+    let p = q.run_batch().await.unwrap().unwrap();
+    assert_eq!(p.input_rows, 5);
+    assert_eq!(p.latency_ms, Some(400.0));
+}
