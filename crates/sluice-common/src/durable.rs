@@ -248,19 +248,7 @@ fn write_atomic_parts(path: &Path, parts: &[&[u8]], durability: Durability) -> R
     let result = (|| {
         io_step("creating a temporary file for", path)?;
         let mut f = File::create(&tmp)?;
-        // Half the bytes, a crash point, then the rest.
-        let mut left = parts.iter().map(|p| p.len()).sum::<usize>() / 2;
-        let mut rest: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
-        for part in parts {
-            let now = left.min(part.len());
-            f.write_all(&part[..now])?;
-            left -= now;
-            rest.push(&part[now..]);
-        }
-        io_step("half-way through writing", path)?;
-        for part in rest {
-            f.write_all(part)?;
-        }
+        write_in_halves(&mut f, parts, path)?;
         if durability == Durability::Fsync {
             f.sync_all()?;
         }
@@ -277,6 +265,24 @@ fn write_atomic_parts(path: &Path, parts: &[&[u8]], durability: Durability) -> R
         let _ = fs::remove_file(&tmp);
         Error::io(ctx(), e)
     })
+}
+
+/// Writes the bytes of `parts` to `f`: half of them, the counted step
+/// `half-way through writing <path>` (a crash point), then the rest.
+fn write_in_halves(f: &mut File, parts: &[&[u8]], path: &Path) -> std::io::Result<()> {
+    let mut left = parts.iter().map(|p| p.len()).sum::<usize>() / 2;
+    let mut rest: Vec<&[u8]> = Vec::with_capacity(parts.len());
+    for part in parts {
+        let now = left.min(part.len());
+        f.write_all(&part[..now])?;
+        left -= now;
+        rest.push(&part[now..]);
+    }
+    io_step("half-way through writing", path)?;
+    for part in rest {
+        f.write_all(part)?;
+    }
+    Ok(())
 }
 
 /// Removes, in `dir` and below, the temporary files (`.<name>.<pid>.tmp`)
@@ -323,6 +329,71 @@ pub fn write_framed(path: &Path, body: &[u8], durability: Durability) -> Result<
     // snapshot) is not copied behind its header first.
     let header = frame_header(body);
     write_atomic_parts(path, &[header.as_bytes(), body], durability)
+}
+
+/// Creates `path` empty (truncating it if it exists) and syncs its
+/// directory, so that a later [`write_framed_in_place`] of it needs no new
+/// directory entry: the costly part of a durable new file, done ahead of
+/// time and off a batch's path. Passes no counted [`io_step`]: a file
+/// prepared this way holds nothing until it is written, and a crash here
+/// leaves an empty file that no reader counts (its version is not
+/// committed).
+pub fn prepare_empty(path: &Path) -> Result<()> {
+    let ctx = || format!("preparing {}", path.display());
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::internal(format!("{} has no parent directory", path.display())))?;
+    File::create(path).map_err(|e| Error::io(ctx(), e))?;
+    sync_dir(dir).map_err(|e| Error::io(ctx(), e))
+}
+
+/// Writes `body` framed into `path`, which must exist (made by
+/// [`prepare_empty`], its directory entry already durable), replacing what
+/// it holds; with [`Durability::Fsync`], `fdatasync`s it. Not atomic: a
+/// crash part-way leaves a torn file, which its frame's length and checksum
+/// expose. So it is only for a file nothing reads until a later record says
+/// it is complete (a state delta of a version not yet committed). Passes
+/// three counted steps: before the first byte, half-way, and before the
+/// sync.
+pub fn write_framed_in_place(path: &Path, body: &[u8], durability: Durability) -> Result<()> {
+    let header = frame_header(body);
+    let mut open = OpenOptions::new();
+    open.write(true).truncate(true);
+    write_direct(path, &[header.as_bytes(), body], durability, &open)
+}
+
+/// Writes `bytes` to `path`, created or truncated, with no temporary file
+/// and no rename, and with [`Durability::Fsync`] `fdatasync`s it; its
+/// directory is not synced. For a file that is renamed into place later
+/// (whose rename and directory sync make it durable where it lands), or
+/// that nothing reads after a crash (a file sink's staged file: staging is
+/// emptied when a sink opens). Passes three counted steps, like
+/// [`write_framed_in_place`].
+pub fn write_unlinked(path: &Path, bytes: &[u8], durability: Durability) -> Result<()> {
+    let mut open = OpenOptions::new();
+    open.write(true).create(true).truncate(true);
+    write_direct(path, &[bytes], durability, &open)
+}
+
+/// The bytes of `parts` written to `path` as `open` opens it, then synced
+/// (data only) with [`Durability::Fsync`].
+fn write_direct(
+    path: &Path,
+    parts: &[&[u8]],
+    durability: Durability,
+    open: &OpenOptions,
+) -> Result<()> {
+    let result = (|| {
+        io_step("writing in place", path)?;
+        let mut f = open.open(path)?;
+        write_in_halves(&mut f, parts, path)?;
+        io_step("syncing", path)?;
+        if durability == Durability::Fsync {
+            f.sync_data()?;
+        }
+        Ok(())
+    })();
+    result.map_err(|e: std::io::Error| Error::io(format!("writing {}", path.display()), e))
 }
 
 /// Reads a framed file and returns its checked body.

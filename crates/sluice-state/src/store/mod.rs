@@ -119,8 +119,15 @@ pub struct StateStore {
     /// put again since).
     removed: Removed,
     version: Option<BatchId>,
-    /// The background removal of files past retention, if running.
-    cleanup: Option<std::thread::JoinHandle<()>>,
+    /// The background work after a commit, if running: removing files past
+    /// retention and, when fsynced, preparing the next version's delta file
+    /// (created empty and its directory synced); it returns that version
+    /// when the file is ready.
+    cleanup: Option<std::thread::JoinHandle<Option<BatchId>>>,
+    /// The version whose delta file is prepared (see [`durable::prepare_empty`]):
+    /// its commit writes the delta in place, with one `fdatasync` and no
+    /// new directory entry on the batch's path.
+    prepared: Option<BatchId>,
     /// See [`StateStore::fallbacks`].
     fallbacks: Vec<String>,
     /// Whether loading a directory of the older layout (a directory per
@@ -198,6 +205,7 @@ impl StateStore {
             chunk_schema: Arc::new(Schema::new(nullable)),
             version: None,
             cleanup: None,
+            prepared: None,
             fallbacks: Vec::new(),
             convert_partitioned: true,
         })
@@ -538,10 +546,13 @@ impl StateStore {
             )));
         }
         let mut stats = CommitStats::default();
+        self.wait_cleanup();
+        let in_place = self.prepared.take() == Some(version);
         let snapshot = plan::is_snapshot_version(version, self.options.snapshot_interval);
         let removed = self.removed_keys()?;
         stats.removed = removed.as_ref().map_or(0, |r| r.num_rows() as u64);
-        let mut files: Vec<(PathBuf, SchemaRef, Vec<RecordBatch>)> = Vec::new();
+        // (path, schema, rows, whether written in place into a prepared file)
+        let mut files: Vec<(PathBuf, SchemaRef, Vec<RecordBatch>, bool)> = Vec::new();
         if let Some(dir) = self.dir.clone() {
             let mut upserts = Vec::new();
             for s in &self.shards {
@@ -552,14 +563,14 @@ impl StateStore {
             // A delta is written even when empty, so that every version has
             // its file and loading can tell a gap from an idle version.
             let (schema, delta) = self.delta(upserts, removed)?;
-            files.push((dir.join(name(FileKind::Delta)), schema, delta));
+            files.push((dir.join(name(FileKind::Delta)), schema, delta, in_place));
             if snapshot {
                 let mut all = Vec::new();
                 for s in &self.shards {
                     all.extend(s.scan()?);
                 }
                 let path = dir.join(name(FileKind::Snapshot));
-                files.push((path, Arc::clone(&self.chunk_schema), all));
+                files.push((path, Arc::clone(&self.chunk_schema), all, false));
             }
         } else {
             stats.updated = self.shards.iter().map(|s| s.dirty_rows() as u64).sum();
@@ -570,21 +581,23 @@ impl StateStore {
         let durability = self.options.durability;
         let rows: usize = files
             .iter()
-            .flat_map(|(_, _, b)| b.iter().map(RecordBatch::num_rows))
+            .flat_map(|(_, _, b, _)| b.iter().map(RecordBatch::num_rows))
             .sum();
         let written: Vec<Result<u64>> = if files.len() < 2
             || (durability == Durability::NoSync && rows < PARALLEL_WRITE_ROWS)
         {
             files
                 .iter()
-                .map(|(path, schema, batches)| write_ipc(path, schema, batches, durability))
+                .map(|(path, schema, batches, in_place)| {
+                    write_ipc(path, schema, batches, durability, *in_place)
+                })
                 .collect()
         } else {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = files
                     .iter()
-                    .map(|(path, schema, batches)| {
-                        scope.spawn(move || write_ipc(path, schema, batches, durability))
+                    .map(|(path, schema, batches, in_place)| {
+                        scope.spawn(move || write_ipc(path, schema, batches, durability, *in_place))
                     })
                     .collect();
                 handles
@@ -612,18 +625,33 @@ impl StateStore {
         Ok(stats)
     }
 
-    /// Removes, off the batch's path, the files no retained version needs;
-    /// the previous cleanup is waited for first, so at most one runs.
+    /// Removes, off the batch's path, the files no retained version needs,
+    /// and when fsynced prepares the delta file of the next version; the
+    /// previous cleanup is waited for first, so at most one runs.
     fn start_cleanup(&mut self, dir: PathBuf, version: BatchId) {
         self.wait_cleanup();
         let oldest = version.saturating_sub(self.options.retain_versions.saturating_sub(1));
-        self.cleanup = Some(std::thread::spawn(move || cleanup(&dir, oldest)));
+        let next = (self.options.durability == Durability::Fsync).then_some(version + 1);
+        self.cleanup = Some(std::thread::spawn(move || {
+            // A failed preparation only means the next delta is written
+            // the usual way (temporary file, rename, directory sync).
+            let ready = next.filter(|&n| {
+                let name = StateFile {
+                    version: n,
+                    kind: FileKind::Delta,
+                }
+                .name();
+                durable::prepare_empty(&dir.join(name)).is_ok()
+            });
+            cleanup(&dir, oldest);
+            ready
+        }));
     }
 
     /// Waits for the background cleanup, if one is running.
     pub fn wait_cleanup(&mut self) {
         if let Some(h) = self.cleanup.take() {
-            let _ = h.join();
+            self.prepared = h.join().ok().flatten();
         }
     }
 
@@ -689,6 +717,7 @@ impl StateStore {
                 &all.schema(),
                 &[all],
                 self.options.durability,
+                false,
             )?;
             remove_converted(&pdirs)?;
         }
@@ -919,13 +948,15 @@ fn partition_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Writes `batches` (of `schema`) as one framed Arrow IPC stream; returns
+/// Writes `batches` (of `schema`) as one framed Arrow IPC stream, into the
+/// prepared file at `path` when `in_place`, atomically otherwise; returns
 /// its length.
 fn write_ipc(
     path: &Path,
     schema: &SchemaRef,
     batches: &[RecordBatch],
     durability: Durability,
+    in_place: bool,
 ) -> Result<u64> {
     let size: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
     let mut buf = Vec::with_capacity(size + 4096);
@@ -937,7 +968,11 @@ fn write_ipc(
         w.finish()?;
     }
     let len = buf.len() as u64;
-    durable::write_framed(path, &buf, durability)?;
+    if in_place {
+        durable::write_framed_in_place(path, &buf, durability)?;
+    } else {
+        durable::write_framed(path, &buf, durability)?;
+    }
     Ok(len)
 }
 
