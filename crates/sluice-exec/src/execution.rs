@@ -45,8 +45,9 @@ use sluice_state::{Checkpoint, CheckpointOptions, CommitEntry, OffsetEntry, Sour
 use crate::fault::{Fault, FaultPoint};
 use crate::operators::changelog::with_op_field;
 use crate::operators::{
-    BatchContext, OperatorRuntime, StateFinalizer, StatefulOptions, StreamingAggregateExec,
-    as_stateful, first_aggregate, open_states, plan_stateful, stateful_nodes, watermark_delays,
+    BatchContext, OperatorRuntime, OperatorState, StateFinalizer, StatefulOptions,
+    StreamingAggregateExec, as_stateful, first_aggregate, open_states, plan_stateful,
+    stateful_nodes, watermark_delays,
 };
 use crate::trigger::Trigger;
 
@@ -828,6 +829,100 @@ impl MicroBatchExecution {
         Ok(())
     }
 
+    /// Writes batch `id`'s rows to the sink, then the late rows to the
+    /// late-rows sinks and the dead letters to theirs, once the batch's
+    /// plan record is durable.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_sinks(
+        &mut self,
+        id: BatchId,
+        entry: &OffsetEntry,
+        output: Vec<RecordBatch>,
+        late: Vec<(String, usize, RecordBatch)>,
+        dead: Vec<(Arc<dyn Sink>, Vec<DeadLetter>)>,
+        offset_write: &mut Option<OffsetWrite>,
+        durations: &mut BTreeMap<String, f64>,
+    ) -> Result<()> {
+        // Nothing of the batch leaves the engine before its offsets are
+        // durable: a re-run must read exactly what the sink saw.
+        self.wait_offsets(offset_write, durations)?;
+        let t = Instant::now();
+        self.sink.write(id, &self.output_schema, output).await?;
+        // One write per stream's late-rows sink, every batch (empty too):
+        // keyed by batch id like any sink, so the rows of every operator
+        // input reading that stream (both sides of a self-join) go in that
+        // one write. The stream's name and the batch's offset range say
+        // where the rows came from.
+        let mut written: Vec<usize> = Vec::new();
+        for first in &self.late_sinks {
+            if written.contains(&first.source) {
+                continue;
+            }
+            written.push(first.source);
+            let input = &self.inputs[first.source];
+            let name = input.table.source().name();
+            let query = self.config.name.as_str();
+            let range = entry
+                .sources
+                .get(name)
+                .map(|r| format!("[{}, {})", r.start, r.end))
+                .unwrap_or_default();
+            let mut rows = Vec::new();
+            for ls in self.late_sinks.iter().filter(|l| l.source == first.source) {
+                let schema = late_schema(&ls.schema);
+                for (_, _, b) in late
+                    .iter()
+                    .filter(|(op, k, _)| *op == ls.operator && *k == ls.input)
+                {
+                    let n = b.num_rows();
+                    let mut cols = b.columns().to_vec();
+                    cols.push(Arc::new(StringArray::from(vec![name; n])));
+                    cols.push(Arc::new(StringArray::from(vec![query; n])));
+                    cols.push(Arc::new(datafusion::arrow::array::UInt64Array::from(
+                        vec![id; n],
+                    )));
+                    cols.push(Arc::new(StringArray::from(vec![range.as_str(); n])));
+                    rows.push(RecordBatch::try_new(Arc::clone(&schema), cols)?);
+                }
+            }
+            first
+                .sink
+                .write(id, &late_schema(&first.schema), rows)
+                .await?;
+        }
+        for (sink, letters) in dead {
+            let batches = if letters.is_empty() {
+                vec![]
+            } else {
+                vec![dead_letter_batch(&letters)?]
+            };
+            sink.write(id, &dead_letter_schema(), batches).await?;
+        }
+        durations.insert("sink".to_string(), ms(t.elapsed()));
+        Ok(())
+    }
+
+    /// The progress of each operator whose state was committed.
+    fn state_progress(
+        &self,
+        committed: Vec<CommittedState>,
+        watermark: Option<i64>,
+    ) -> Vec<StateProgress> {
+        committed
+            .into_iter()
+            .map(|c| StateProgress {
+                watermark_ms: watermark.map(|w| w.saturating_sub(self.runtime.delay(&c.id))),
+                operator: c.description,
+                id: c.id,
+                rows: c.stats.rows,
+                updated: c.stats.updated,
+                removed: c.stats.removed,
+                memory_bytes: c.memory_bytes,
+                bytes_written: c.stats.bytes_written,
+            })
+            .collect()
+    }
+
     async fn execute(
         &mut self,
         entry: &OffsetEntry,
@@ -921,88 +1016,51 @@ impl MicroBatchExecution {
             }
         }
         durations.insert("execute".to_string(), ms(t.elapsed()));
+        // The state commit. Fsynced, it runs on a thread of its own beside
+        // the sink, which stages its write (nothing is visible before the
+        // offsets are durable, and a crash before the commit record re-runs
+        // the batch from version N-1 whatever either has written); the
+        // commit record waits for both. An armed `after-state` fault keeps
+        // the two apart so that it fires with nothing written to the sink.
+        let jobs: Vec<(String, String, Arc<tokio::sync::Mutex<OperatorState>>)> = self
+            .operators
+            .iter()
+            .filter_map(|(op, d)| {
+                let state = self.runtime.states().get(op)?;
+                Some((op.clone(), d.clone(), Arc::clone(state)))
+            })
+            .collect();
+        let fault_after_state = self
+            .config
+            .fault
+            .is_some_and(|f| f.point == FaultPoint::AfterState && f.batch_id == id);
+        let beside_sink =
+            !jobs.is_empty() && self.config.durability == Durability::Fsync && !fault_after_state;
+        let mut pending_state = None;
         let mut operators = Vec::new();
-        if !self.operators.is_empty() {
+        if beside_sink {
+            pending_state = Some(tokio::task::spawn_blocking(move || commit_states(jobs, id)));
+        } else if !jobs.is_empty() {
             let t = Instant::now();
-            for (op, description) in &self.operators {
-                let Some(state) = self.runtime.states().get(op) else {
-                    continue;
-                };
-                let mut state = state.lock().await;
-                let stats = state
-                    .commit(id)
-                    .map_err(|e| e.context(format!("operator '{op}'")))?;
-                operators.push(StateProgress {
-                    operator: description.clone(),
-                    id: op.clone(),
-                    rows: stats.rows,
-                    updated: stats.updated,
-                    removed: stats.removed,
-                    memory_bytes: state.store.memory_bytes() as u64,
-                    bytes_written: stats.bytes_written,
-                    watermark_ms: watermark.map(|w| w.saturating_sub(self.runtime.delay(op))),
-                });
+            let mut committed = Vec::with_capacity(jobs.len());
+            for (op, description, state) in jobs {
+                committed.push(commit_state(op, description, &mut *state.lock().await, id)?);
             }
             durations.insert("state_commit".to_string(), ms(t.elapsed()));
+            operators = self.state_progress(committed, watermark);
             self.inject(FaultPoint::AfterState, id)?;
         }
-        // Nothing of the batch leaves the engine before its offsets are
-        // durable: a re-run must read exactly what the sink saw.
-        self.wait_offsets(offset_write, durations)?;
-
-        let t = Instant::now();
-        self.sink.write(id, &self.output_schema, output).await?;
-        // One write per stream's late-rows sink, every batch (empty too):
-        // keyed by batch id like any sink, so the rows of every operator
-        // input reading that stream (both sides of a self-join) go in that
-        // one write. The stream's name and the batch's offset range say
-        // where the rows came from.
-        let mut written: Vec<usize> = Vec::new();
-        for first in &self.late_sinks {
-            if written.contains(&first.source) {
-                continue;
-            }
-            written.push(first.source);
-            let input = &self.inputs[first.source];
-            let name = input.table.source().name();
-            let query = self.config.name.as_str();
-            let range = entry
-                .sources
-                .get(name)
-                .map(|r| format!("[{}, {})", r.start, r.end))
-                .unwrap_or_default();
-            let mut rows = Vec::new();
-            for ls in self.late_sinks.iter().filter(|l| l.source == first.source) {
-                let schema = late_schema(&ls.schema);
-                for (_, _, b) in late
-                    .iter()
-                    .filter(|(op, k, _)| *op == ls.operator && *k == ls.input)
-                {
-                    let n = b.num_rows();
-                    let mut cols = b.columns().to_vec();
-                    cols.push(Arc::new(StringArray::from(vec![name; n])));
-                    cols.push(Arc::new(StringArray::from(vec![query; n])));
-                    cols.push(Arc::new(datafusion::arrow::array::UInt64Array::from(
-                        vec![id; n],
-                    )));
-                    cols.push(Arc::new(StringArray::from(vec![range.as_str(); n])));
-                    rows.push(RecordBatch::try_new(Arc::clone(&schema), cols)?);
-                }
-            }
-            first
-                .sink
-                .write(id, &late_schema(&first.schema), rows)
-                .await?;
+        let sunk = self
+            .write_sinks(id, entry, output, late, dead, offset_write, durations)
+            .await;
+        if let Some(task) = pending_state {
+            let (committed, took) = task
+                .await
+                .map_err(|e| Error::internal(format!("the state commit panicked: {e}")))??;
+            durations.insert("state_commit".to_string(), ms(took));
+            operators = self.state_progress(committed, watermark);
         }
-        for (sink, letters) in dead {
-            let batches = if letters.is_empty() {
-                vec![]
-            } else {
-                vec![dead_letter_batch(&letters)?]
-            };
-            sink.write(id, &dead_letter_schema(), batches).await?;
-        }
-        durations.insert("sink".to_string(), ms(t.elapsed()));
+        sunk?;
         self.inject(FaultPoint::AfterSink, id)?;
 
         let t = Instant::now();
@@ -1165,6 +1223,51 @@ struct Outcome {
     late_rows: u64,
     operators: Vec<StateProgress>,
     sources: Vec<SourceProgress>,
+}
+
+/// One operator's committed state version, for its progress.
+struct CommittedState {
+    id: String,
+    description: String,
+    stats: sluice_state::store::CommitStats,
+    memory_bytes: u64,
+}
+
+/// Commits version `id` of each operator's state (`(id, description,
+/// state)`), bottom up; returns what each commit did and how long they took.
+fn commit_states(
+    jobs: Vec<(String, String, Arc<tokio::sync::Mutex<OperatorState>>)>,
+    id: BatchId,
+) -> Result<(Vec<CommittedState>, Duration)> {
+    let t = Instant::now();
+    let mut out = Vec::with_capacity(jobs.len());
+    for (op, description, state) in jobs {
+        out.push(commit_state(
+            op,
+            description,
+            &mut state.blocking_lock(),
+            id,
+        )?);
+    }
+    Ok((out, t.elapsed()))
+}
+
+/// Commits version `id` of operator `op`'s state.
+fn commit_state(
+    op: String,
+    description: String,
+    state: &mut OperatorState,
+    id: BatchId,
+) -> Result<CommittedState> {
+    let stats = state
+        .commit(id)
+        .map_err(|e| e.context(format!("operator '{op}'")))?;
+    Ok(CommittedState {
+        id: op,
+        description,
+        stats,
+        memory_bytes: state.store.memory_bytes() as u64,
+    })
 }
 
 fn ms(d: Duration) -> f64 {
