@@ -1,18 +1,22 @@
 //! Files in a directory, exactly once.
 //!
-//! Batch N's rows go to one file, `part-<N>.<ext>`, by this protocol:
+//! Batch N's rows go to one file, `part-<N>.<ext>`, a name that depends on
+//! N alone, by this protocol:
 //!
-//! 1. if `_sluice/manifest/<N>` exists, an earlier attempt of batch N got at
-//!    least that far: remove the files it lists;
-//! 2. write the new file under `_sluice/staging/` (synced);
-//! 3. write `_sluice/manifest/<N>` listing it (atomic, checksummed);
-//! 4. rename the file into the directory.
+//! 1. write the file under `_sluice/staging/` (its data synced);
+//! 2. rename it into the directory, over a file of that name an earlier
+//!    attempt of batch N left, and sync the directory. A batch with no rows
+//!    instead removes such a file, if there is one.
 //!
 //! The engine logs batch N's commit in the query's checkpoint after that. A batch
 //! is only ever re-run with the same offsets, so it produces the same file
 //! under the same name: a re-run replaces its own output instead of adding to
 //! it. Readers that list the directory (DataFusion, Spark, `ls`) never see a
 //! half-written file, and skip `_sluice/` as a metadata directory.
+//!
+//! Sinks written before 2026-12-04 also wrote `_sluice/manifest/<N>`, a
+//! list of batch N's files; a re-run still removes the files an existing
+//! manifest lists, and no new manifest is written (the name says it all).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -28,7 +32,8 @@ use sluice_common::{BatchId, Error, Options, OutputMode, Result};
 use crate::decode::Format;
 use sluice_common::connector::Sink;
 
-/// `_sluice/manifest/<N>`: the files batch N wrote.
+/// `_sluice/manifest/<N>`: the files batch N wrote, in sinks written before
+/// 2026-12-04 (read, never written).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// The batch id.
@@ -149,24 +154,45 @@ impl FileSink {
     }
 }
 
-/// The files of every batch recorded in the sink directory's manifest, in
-/// batch order.
+/// The batch files of a sink directory (`part-<N>.<ext>`), by batch, in
+/// batch order: what readers of the directory see. Files of a batch whose
+/// commit the query has not logged yet are among them (a crash between
+/// the rename and the commit record leaves one until the batch re-runs).
 pub fn committed_files(dir: &Path) -> Result<Vec<(BatchId, Vec<String>)>> {
-    let mdir = dir.join("_sluice").join("manifest");
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(&mdir) else {
-        return Ok(out);
+    let mut out: Vec<(BatchId, Vec<String>)> = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
+        let id = name
+            .strip_prefix("part-")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(n, _)| n.parse::<BatchId>().ok());
+        if let Some(id) = id {
+            out.push((id, vec![name]));
         }
-        let m: Manifest = durable::read_json(&e.path())?;
-        out.push((m.batch_id, m.files));
     }
     out.sort();
     Ok(out)
+}
+
+/// Removes `path`, a file an earlier attempt of batch `id` made visible;
+/// whether it was there.
+fn remove_if_there(path: &Path, id: BatchId) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(
+            format!(
+                "removing {} of an earlier attempt of batch {id}",
+                path.display()
+            ),
+            e,
+        )),
+    }
 }
 
 #[async_trait]
@@ -185,11 +211,10 @@ impl Sink for FileSink {
         let staging = self.meta_dir().join("staging");
         fs::create_dir_all(&staging)
             .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
-        fs::create_dir_all(self.meta_dir().join("manifest"))
-            .map_err(|e| Error::io(format!("creating {}", self.meta_dir().display()), e))?;
-        // Temporary files of manifest writes a crash cut short.
+        // Temporary files of manifest writes a crash cut short (manifests
+        // were written before 2026-12-04).
         sluice_common::durable::remove_stale_temp_files(&self.meta_dir());
-        // Left over by a run that died between staging and manifest.
+        // Left over by a run that died between staging and the rename.
         for e in fs::read_dir(&staging)
             .map_err(|e| Error::io(format!("listing {}", staging.display()), e))?
             .flatten()
@@ -205,46 +230,29 @@ impl Sink for FileSink {
         schema: &SchemaRef,
         batches: Vec<RecordBatch>,
     ) -> Result<()> {
+        let file = format!("part-{id:06}.{}", self.format.extension());
+        let target = self.path.join(&file);
+        let mut removed = false;
+        // An earlier attempt of batch N by a Sluice that wrote manifests.
         let manifest_path = self.manifest_path(id);
         if manifest_path.exists() {
             let old: Manifest = durable::read_json(&manifest_path)?;
-            for f in old.files {
-                match fs::remove_file(self.path.join(&f)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(Error::io(
-                            format!("removing {f} of an earlier attempt of batch {id}"),
-                            e,
-                        ));
-                    }
-                }
+            for f in old.files.iter().filter(|f| **f != file) {
+                removed |= remove_if_there(&self.path.join(f), id)?;
             }
         }
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let mut files = Vec::new();
-        let mut staged = Vec::new();
         if rows > 0 {
-            let file = format!("part-{id:06}.{}", self.format.extension());
-            let tmp = self.meta_dir().join("staging").join(&file);
-            durable::write_atomic(&tmp, &self.encode(schema, &batches)?, self.durability)?;
-            staged.push((tmp, self.path.join(&file)));
-            files.push(file);
+            let staged = self.meta_dir().join("staging").join(&file);
+            durable::write_unlinked(&staged, &self.encode(schema, &batches)?, self.durability)?;
+            durable::io_step("moving a staged file into place:", &target)
+                .and_then(|()| fs::rename(&staged, &target))
+                .map_err(|e| Error::io(format!("moving {} into place", target.display()), e))?;
+        } else {
+            // An earlier attempt that had rows made them visible: they go.
+            removed |= remove_if_there(&target, id)?;
         }
-        durable::write_json(
-            &manifest_path,
-            &Manifest {
-                batch_id: id,
-                files,
-            },
-            self.durability,
-        )?;
-        for (from, to) in staged {
-            durable::io_step("moving a staged file into place:", &to)
-                .and_then(|()| fs::rename(&from, &to))
-                .map_err(|e| Error::io(format!("moving {} into place", to.display()), e))?;
-        }
-        if self.durability == Durability::Fsync {
+        if self.durability == Durability::Fsync && (rows > 0 || removed) {
             durable::sync_dir(&self.path)
                 .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
         }
@@ -296,7 +304,7 @@ mod tests {
         );
         assert_eq!(
             committed_files(dir.path()).unwrap(),
-            vec![(0, vec!["part-000000.json".to_string()]), (1, vec![])]
+            vec![(0, vec!["part-000000.json".to_string()])]
         );
         assert_eq!(
             fs::read_dir(dir.path().join("_sluice/staging"))
@@ -304,5 +312,33 @@ mod tests {
                 .count(),
             0
         );
+        // No manifest is written: the name is the batch's.
+        assert!(!dir.path().join("_sluice/manifest").exists());
+        // A re-run that finds no rows removes what an earlier attempt made
+        // visible.
+        sink.write(0, &schema, vec![]).await.unwrap();
+        assert!(!dir.path().join("part-000000.json").exists());
+        assert_eq!(committed_files(dir.path()).unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_rerun_removes_the_files_an_older_sinks_manifest_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: SchemaRef = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+        let sink = FileSink::json(dir.path()).with_durability(Durability::NoSync);
+        sink.open(&schema, OutputMode::Append).await.unwrap();
+        // Left by a Sluice that wrote manifests, crashed after its rename.
+        fs::write(dir.path().join("old-3.json"), "{\"x\":9}\n").unwrap();
+        durable::write_json(
+            &dir.path().join("_sluice/manifest/3"),
+            &Manifest {
+                batch_id: 3,
+                files: vec!["old-3.json".into()],
+            },
+            Durability::NoSync,
+        )
+        .unwrap();
+        sink.write(3, &schema, vec![]).await.unwrap();
+        assert!(!dir.path().join("old-3.json").exists());
     }
 }
