@@ -127,6 +127,8 @@ pub(crate) struct CliRun {
     pub(crate) batches: usize,
     /// Each batch's `durations_ms.total` from its progress record.
     pub(crate) batch_ms: Vec<f64>,
+    /// Mean ms per batch of each phase of `durations_ms`, by name.
+    pub(crate) phases: std::collections::BTreeMap<String, f64>,
     /// The whole `sluice run`, from starting the process to its exit.
     pub(crate) wall: Duration,
 }
@@ -214,6 +216,20 @@ FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|p| p["durations_ms"]["total"].as_f64())
         .collect();
+    let mut phases = std::collections::BTreeMap::<String, f64>::new();
+    for l in text.lines() {
+        let Ok(p) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        if let Some(d) = p["durations_ms"].as_object() {
+            for (k, v) in d {
+                *phases.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);
+            }
+        }
+    }
+    for v in phases.values_mut() {
+        *v /= batch_ms.len().max(1) as f64;
+    }
     if batch_ms.len() != files {
         return Err(sluice::Error::internal(format!(
             "the CLI run committed {} batches for {files} files",
@@ -223,6 +239,7 @@ FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;
     Ok(CliRun {
         batches: batch_ms.len(),
         batch_ms,
+        phases,
         wall,
     })
 }
