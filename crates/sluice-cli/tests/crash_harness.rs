@@ -7,8 +7,9 @@
 //! output must always equal an uninterrupted run's: no row lost, none
 //! duplicated.
 //!
-//! `SLUICE_KILL_SEED=<n>` replays a run of kills (the seed is in every
-//! failure message); `SLUICE_KILL_RUNS=<n>` sets how many pipelines are
+//! `SLUICE_KILL_SEED=<n>` replays a run's kill step numbers (the seed is in
+//! every failure message; which write a step falls in can vary, as writes
+//! on parallel threads interleave); `SLUICE_KILL_RUNS=<n>` sets how many pipelines are
 //! killed (default 20).
 
 mod common;
@@ -273,7 +274,7 @@ fn a_disk_that_fills_up_mid_batch_fails_the_run_cleanly_and_the_next_run_recover
     let expected = outputs(clean.path());
     let steps = count_steps();
     // The disk fills at a step spread over the run: inside log appends,
-    // state, sink and manifest writes alike.
+    // state and sink writes alike.
     for at in (1..steps).step_by(9) {
         let dir = tempfile::tempdir().unwrap();
         setup(dir.path());

@@ -1,5 +1,6 @@
-//! Atomic, checksummed files: the one way Sluice writes anything that a
-//! restart reads back (checkpoint logs, metadata, sink manifests).
+//! Checksummed files: how Sluice writes anything that a restart reads back
+//! (checkpoint metadata, state, source logs), atomically unless the file
+//! belongs to a batch whose commit record is still to come.
 //!
 //! A framed file is a one-line header followed by the body:
 //!
@@ -12,7 +13,9 @@
 //! same directory, is synced, then renamed over the target (and the directory
 //! synced), so a reader sees the old file or the new one, never half of one.
 //! A reader checks the length and the CRC-32 and names the file when either
-//! is wrong.
+//! is wrong. A few writes skip the temporary file, for files nothing reads
+//! until a later record says they are complete: [`write_framed_in_place`]
+//! (into a file [`prepare_empty`] made ahead) and [`write_unlinked`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -338,13 +341,33 @@ pub fn write_framed(path: &Path, body: &[u8], durability: Durability) -> Result<
 /// prepared this way holds nothing until it is written, and a crash here
 /// leaves an empty file that no reader counts (its version is not
 /// committed).
+///
+/// A file that already holds bytes is left as it is and refused: it may be
+/// a file that a later commit wrote (a store dropped and reopened in one
+/// process), which must never be cut.
 pub fn prepare_empty(path: &Path) -> Result<()> {
     let ctx = || format!("preparing {}", path.display());
     let dir = path
         .parent()
         .ok_or_else(|| Error::internal(format!("{} has no parent directory", path.display())))?;
-    File::create(path).map_err(|e| Error::io(ctx(), e))?;
-    sync_dir(dir).map_err(|e| Error::io(ctx(), e))
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(ctx(), e))?;
+    let len = f.metadata().map_err(|e| Error::io(ctx(), e))?.len();
+    if len > 0 {
+        return Err(Error::internal(format!(
+            "{} holds {len} bytes: not prepared",
+            path.display()
+        )));
+    }
+    // Unlike `sync_dir`, a failure here is an error: the file's directory
+    // entry is what the in-place write relies on.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(ctx(), e))
 }
 
 /// Writes `body` framed into `path`, which must exist (made by
@@ -495,6 +518,19 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preparing_never_cuts_a_file_that_holds_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("3.delta");
+        prepare_empty(&p).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().len(), 0);
+        write_framed_in_place(&p, b"{}", Durability::Fsync).unwrap();
+        assert_eq!(read_framed(&p).unwrap(), b"{}");
+        let e = prepare_empty(&p).unwrap_err().to_string();
+        assert!(e.contains("not prepared"), "{e}");
+        assert_eq!(read_framed(&p).unwrap(), b"{}");
+    }
 
     #[test]
     fn stale_temp_files_of_dead_processes_go_and_live_ones_stay() {

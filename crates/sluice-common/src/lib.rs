@@ -1,6 +1,6 @@
 //! Shared foundations of Sluice: the error type, `WITH (...)` options, clocks,
 //! progress records, and the durable, checksummed file writes that every
-//! checkpoint file and sink manifest uses.
+//! checkpoint file uses.
 //!
 //! The entry points of this crate are [`Error`] / [`Result`], [`Options`],
 //! [`Clock`] (with [`ManualClock`] for tests) and [`durable`].

@@ -83,7 +83,8 @@ impl FileSink {
         )
     }
 
-    /// Whether files and manifests are fsynced (default: yes).
+    /// Whether files, and the directory they are renamed into, are fsynced
+    /// (default: yes).
     pub fn with_durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
         self
@@ -158,7 +159,7 @@ impl FileSink {
 /// batch order: what readers of the directory see. Files of a batch whose
 /// commit the query has not logged yet are among them (a crash between
 /// the rename and the commit record leaves one until the batch re-runs).
-pub fn committed_files(dir: &Path) -> Result<Vec<(BatchId, Vec<String>)>> {
+pub fn batch_files(dir: &Path) -> Result<Vec<(BatchId, Vec<String>)>> {
     let mut out: Vec<(BatchId, Vec<String>)> = Vec::new();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -241,6 +242,14 @@ impl Sink for FileSink {
                 removed |= remove_if_there(&self.path.join(f), id)?;
             }
         }
+        // A batch's file in another format: an earlier attempt before the
+        // sink's format changed (the manifest used to catch this).
+        for other in ["json", "csv", "parquet"] {
+            if other != self.format.extension() {
+                let name = format!("part-{id:06}.{other}");
+                removed |= remove_if_there(&self.path.join(name), id)?;
+            }
+        }
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if rows > 0 {
             let staged = self.meta_dir().join("staging").join(&file);
@@ -264,7 +273,7 @@ impl Sink for FileSink {
     }
 
     /// Each query writes a subdirectory named after it, with its own
-    /// manifest, so readers of the whole directory see every query's files.
+    /// `_sluice/`, so readers of the whole directory see every query's files.
     fn for_query(&self, query: &str) -> Option<std::sync::Arc<dyn Sink>> {
         Some(std::sync::Arc::new(FileSink {
             path: self.path.join(query),
@@ -303,7 +312,7 @@ mod tests {
             "{\"x\":1}\n{\"x\":2}\n"
         );
         assert_eq!(
-            committed_files(dir.path()).unwrap(),
+            batch_files(dir.path()).unwrap(),
             vec![(0, vec!["part-000000.json".to_string()])]
         );
         assert_eq!(
@@ -318,7 +327,7 @@ mod tests {
         // visible.
         sink.write(0, &schema, vec![]).await.unwrap();
         assert!(!dir.path().join("part-000000.json").exists());
-        assert_eq!(committed_files(dir.path()).unwrap(), vec![]);
+        assert_eq!(batch_files(dir.path()).unwrap(), vec![]);
     }
 
     #[tokio::test]
@@ -340,5 +349,13 @@ mod tests {
         .unwrap();
         sink.write(3, &schema, vec![]).await.unwrap();
         assert!(!dir.path().join("old-3.json").exists());
+        // The same batch's file in another format, left before the sink's
+        // format changed, goes too.
+        fs::write(dir.path().join("part-000004.csv"), "x\n9\n").unwrap();
+        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1]))])
+            .unwrap();
+        sink.write(4, &schema, vec![b]).await.unwrap();
+        assert!(!dir.path().join("part-000004.csv").exists());
+        assert!(dir.path().join("part-000004.json").exists());
     }
 }

@@ -8,10 +8,11 @@
 //! 3. read exactly those ranges into the query's stream tables;
 //! 4. re-execute the physical plan (planned once at start), whose stateful
 //!    nodes find the batch and their state in the task context, and commit
-//!    every operator's state version N;
+//!    every operator's state version N (with fsync on, on a thread of its
+//!    own beside step 5);
 //! 5. write the rows to the sink, idempotently keyed by N (and dead letters
 //!    to their sink);
-//! 6. append batch N's `commit` record.
+//! 6. append batch N's `commit` record, once 4 and 5 are done.
 //!
 //! A restart finds N's plan without its commit and re-runs N with the
 //! logged ranges and watermark, so the sink sees the same rows again under the
@@ -1039,7 +1040,13 @@ impl MicroBatchExecution {
         let mut pending_state = None;
         let mut operators = Vec::new();
         if beside_sink {
-            pending_state = Some(tokio::task::spawn_blocking(move || commit_states(jobs, id)));
+            let (done, finished) = std::sync::mpsc::sync_channel::<()>(1);
+            let task = tokio::task::spawn_blocking(move || {
+                let committed = commit_states(jobs, id);
+                drop(done);
+                committed
+            });
+            pending_state = Some((task, CommitGuard(finished)));
         } else if !jobs.is_empty() {
             let t = Instant::now();
             let mut committed = Vec::with_capacity(jobs.len());
@@ -1053,7 +1060,7 @@ impl MicroBatchExecution {
         let sunk = self
             .write_sinks(id, entry, output, late, dead, offset_write, durations)
             .await;
-        if let Some(task) = pending_state {
+        if let Some((task, _guard)) = pending_state {
             let (committed, took) = task
                 .await
                 .map_err(|e| Error::internal(format!("the state commit panicked: {e}")))??;
@@ -1223,6 +1230,18 @@ struct Outcome {
     late_rows: u64,
     operators: Vec<StateProgress>,
     sources: Vec<SourceProgress>,
+}
+
+/// Held while a state commit runs on a blocking thread: dropped (the batch's
+/// future cancelled, or the commit awaited), it waits for the commit to
+/// end, so that no commit outlives its batch and races a re-run of it.
+struct CommitGuard(std::sync::mpsc::Receiver<()>);
+
+impl Drop for CommitGuard {
+    fn drop(&mut self) {
+        // The sender goes when the commit ends, panicking or not.
+        let _ = self.0.recv();
+    }
 }
 
 /// One operator's committed state version, for its progress.

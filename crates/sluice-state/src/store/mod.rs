@@ -136,6 +136,14 @@ pub struct StateStore {
     convert_partitioned: bool,
 }
 
+impl Drop for StateStore {
+    /// Waits for the background work, so that a store dropped and reopened
+    /// in the same process never races its predecessor's thread.
+    fn drop(&mut self) {
+        self.wait_cleanup();
+    }
+}
+
 /// From how many rows a commit without fsync writes its files in parallel,
 /// and a put spreads its shards over threads.
 const PARALLEL_WRITE_ROWS: usize = 8192;
