@@ -16,7 +16,8 @@ use crate::throughput::{one_shot, streamed, write_parquet};
 /// Runs the two figures `runs` times each and returns them as text.
 ///
 /// `SLUICE_BENCH_ONLY=overhead` or `=ratio` runs one of the two;
-/// `SLUICE_BENCH_RUNS` sets `runs`.
+/// `=streamed` runs only the micro-batches of the ratio (no one-shot), for
+/// a profiler; `SLUICE_BENCH_RUNS` sets `runs`.
 pub(crate) async fn single_aggregate(dir: &Path, runs: usize) -> Result<String> {
     let runs = std::env::var("SLUICE_BENCH_RUNS")
         .ok()
@@ -25,7 +26,11 @@ pub(crate) async fn single_aggregate(dir: &Path, runs: usize) -> Result<String> 
     let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
     let mut out = String::new();
     let mut one_row = Vec::new();
-    for i in 0..if only == "ratio" { 0 } else { runs } {
+    for i in 0..if only == "ratio" || only == "streamed" {
+        0
+    } else {
+        runs
+    } {
         // A checkpoint of its own per run (a reused one would resume).
         let run = dir.join(format!("overhead-run-{i}"));
         std::fs::create_dir_all(&run).map_err(|e| sluice::Error::io("a run directory", e))?;
@@ -33,6 +38,23 @@ pub(crate) async fn single_aggregate(dir: &Path, runs: usize) -> Result<String> 
         one_row.push(one.median);
     }
     let mut ratios = Vec::new();
+    let streamed_only = only == "streamed";
+    if streamed_only {
+        write_parquet(&dir.join("input"), 10_000_000, 10_000, 10_000)?;
+        for _ in 0..runs {
+            let s = streamed(&dir.join("input"), 10, None).await?;
+            out.push_str(&format!(
+                "micro-batches {:.0} ms: {}\n",
+                s.time.as_secs_f64() * 1e3,
+                s.phases
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        return Ok(out);
+    }
     if only != "overhead" {
         write_parquet(&dir.join("input"), 10_000_000, 10_000, 10_000)?;
     }

@@ -15,7 +15,7 @@
 //! A reader checks the length and the CRC-32 and names the file when either
 //! is wrong. A few writes skip the temporary file, for files nothing reads
 //! until a later record says they are complete: [`write_framed_in_place`]
-//! (into a file [`prepare_empty`] made ahead) and [`write_unlinked`].
+//! (into a file [`prepare_zeroed`] made ahead) and [`write_unlinked`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -95,6 +95,9 @@ pub struct BadRecord {
     /// The bytes end before the record does (its header, or the body its
     /// length announces): what an append cut short by a crash leaves.
     pub cut_short: bool,
+    /// The bytes the record takes, its newline included, when its header
+    /// says and they are all there (`None`: unknown).
+    pub extent: Option<usize>,
     /// What is wrong, for an error message.
     pub reason: String,
 }
@@ -112,10 +115,12 @@ impl std::fmt::Display for BadRecord {
 pub fn read_record(bytes: &[u8]) -> std::result::Result<Record<'_>, BadRecord> {
     let bad = |reason: String| BadRecord {
         cut_short: false,
+        extent: None,
         reason,
     };
     let short = |reason: String| BadRecord {
         cut_short: true,
+        extent: None,
         reason,
     };
     // "<kind> len=<20 digits> crc32=<8> ": kinds are short words.
@@ -167,15 +172,20 @@ pub fn read_record(bytes: &[u8]) -> std::result::Result<Record<'_>, BadRecord> {
                 bytes.len() - start.min(bytes.len())
             ))
         })?;
+    let complete = |reason: String| BadRecord {
+        cut_short: false,
+        extent: Some(end + 1),
+        reason,
+    };
     if bytes[end] != b'\n' {
-        return Err(bad(
-            "the record does not end where its length says".to_string()
+        return Err(complete(
+            "the record does not end where its length says".to_string(),
         ));
     }
     let body = &bytes[start..end];
     let actual = record_crc(kind.as_bytes(), body);
     if actual != crc {
-        return Err(bad(format!(
+        return Err(complete(format!(
             "checksum mismatch (expected {crc:08x}, found {actual:08x}): the record is corrupt"
         )));
     }
@@ -214,13 +224,17 @@ pub fn unframe<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8]> {
     let (Some(len), Some(crc)) = (len, crc) else {
         return Err(bad(format!("corrupt header '{}'", header.escape_debug())));
     };
-    let body = &bytes[nl + 1..];
-    if body.len() != len {
+    let rest = &bytes[nl + 1..];
+    // A file prepared ahead (see [`prepare_zeroed`]) keeps the zeros after
+    // a shorter body: only zeros may follow the body.
+    let padded = rest.len() > len && rest[len..].iter().any(|b| *b != 0);
+    if rest.len() < len || padded {
         return Err(bad(format!(
             "truncated or padded: header says {len} bytes, file has {}",
-            body.len()
+            rest.len()
         )));
     }
+    let body = &rest[..len];
     let actual = crc32fast::hash(body);
     if actual != crc {
         return Err(bad(format!(
@@ -334,23 +348,26 @@ pub fn write_framed(path: &Path, body: &[u8], durability: Durability) -> Result<
     write_atomic_parts(path, &[header.as_bytes(), body], durability)
 }
 
-/// Creates `path` empty (truncating it if it exists) and syncs its
+/// Creates `path` holding `zeros` zero bytes, synced, and syncs its
 /// directory, so that a later [`write_framed_in_place`] of it needs no new
-/// directory entry: the costly part of a durable new file, done ahead of
-/// time and off a batch's path. Passes no counted [`io_step`]: a file
-/// prepared this way holds nothing until it is written, and a crash here
-/// leaves an empty file that no reader counts (its version is not
-/// committed).
+/// directory entry and, when what it writes fits in the zeros, does not
+/// change the file's size either: its `fdatasync` then has data to flush
+/// but no metadata, about half the cost of a write that grows a file on
+/// this machine's disk (`docs/checkpoint-format.md`). The costly parts of a
+/// durable new file, done ahead of time and off a batch's path. Passes no
+/// counted [`io_step`]: a file prepared this way holds nothing until it is
+/// written, and a crash here leaves a file of zeros that no reader counts
+/// (its version is not committed).
 ///
 /// A file that already holds bytes is left as it is and refused: it may be
 /// a file that a later commit wrote (a store dropped and reopened in one
 /// process), which must never be cut.
-pub fn prepare_empty(path: &Path) -> Result<()> {
+pub fn prepare_zeroed(path: &Path, zeros: usize) -> Result<()> {
     let ctx = || format!("preparing {}", path.display());
     let dir = path
         .parent()
         .ok_or_else(|| Error::internal(format!("{} has no parent directory", path.display())))?;
-    let f = OpenOptions::new()
+    let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
@@ -363,6 +380,13 @@ pub fn prepare_empty(path: &Path) -> Result<()> {
             path.display()
         )));
     }
+    if zeros > 0 {
+        // Written, not allocated (`fallocate` leaves extents marked
+        // unwritten, whose first write is a metadata change again).
+        f.write_all(&vec![0; zeros])
+            .and_then(|()| f.sync_data())
+            .map_err(|e| Error::io(ctx(), e))?;
+    }
     // Unlike `sync_dir`, a failure here is an error: the file's directory
     // entry is what the in-place write relies on.
     File::open(dir)
@@ -371,18 +395,37 @@ pub fn prepare_empty(path: &Path) -> Result<()> {
 }
 
 /// Writes `body` framed into `path`, which must exist (made by
-/// [`prepare_empty`], its directory entry already durable), replacing what
-/// it holds; with [`Durability::Fsync`], `fdatasync`s it. Not atomic: a
+/// [`prepare_zeroed`], its directory entry already durable), over the
+/// zeros it holds (those past the frame stay, and [`unframe`] allows
+/// them); with [`Durability::Fsync`], `fdatasync`s it. Not atomic: a
 /// crash part-way leaves a torn file, which its frame's length and checksum
 /// expose. So it is only for a file nothing reads until a later record says
 /// it is complete (a state delta of a version not yet committed). Passes
 /// three counted steps: before the first byte, half-way, and before the
 /// sync.
 pub fn write_framed_in_place(path: &Path, body: &[u8], durability: Durability) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let header = frame_header(body);
-    let mut open = OpenOptions::new();
-    open.write(true).truncate(true);
-    write_direct(path, &[header.as_bytes(), body], durability, &open)
+    let framed = (header.len() + body.len()) as u64;
+    let result = (|| {
+        io_step("writing in place", path)?;
+        let mut f = OpenOptions::new().read(true).write(true).open(path)?;
+        // What lies past the frame must be zeros: a file that is not as it
+        // was prepared (written over since) is cut to the frame instead.
+        let len = f.metadata()?.len();
+        let mut tail = vec![0; len.saturating_sub(framed) as usize];
+        f.read_exact_at(&mut tail, framed)?;
+        write_in_halves(&mut f, &[header.as_bytes(), body], path)?;
+        if tail.iter().any(|b| *b != 0) {
+            f.set_len(framed)?;
+        }
+        io_step("syncing", path)?;
+        if durability == Durability::Fsync {
+            f.sync_data()?;
+        }
+        Ok(())
+    })();
+    result.map_err(|e: std::io::Error| Error::io(format!("writing {}", path.display()), e))
 }
 
 /// Writes `bytes` to `path`, created or truncated, with no temporary file
@@ -523,13 +566,48 @@ mod tests {
     fn preparing_never_cuts_a_file_that_holds_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("3.delta");
-        prepare_empty(&p).unwrap();
+        prepare_zeroed(&p, 0).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().len(), 0);
         write_framed_in_place(&p, b"{}", Durability::Fsync).unwrap();
         assert_eq!(read_framed(&p).unwrap(), b"{}");
-        let e = prepare_empty(&p).unwrap_err().to_string();
+        let e = prepare_zeroed(&p, 4096).unwrap_err().to_string();
         assert!(e.contains("not prepared"), "{e}");
         assert_eq!(read_framed(&p).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn a_frame_written_over_prepared_zeros_reads_back_and_may_outgrow_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("4.delta");
+        prepare_zeroed(&p, 4096).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().len(), 4096);
+        write_framed_in_place(&p, b"{\"a\":1}", Durability::Fsync).unwrap();
+        // The zeros past the frame stay: the size never changed.
+        assert_eq!(fs::metadata(&p).unwrap().len(), 4096);
+        assert_eq!(read_framed(&p).unwrap(), b"{\"a\":1}");
+        // A torn write over the zeros (the body's end never written) is
+        // caught by the checksum, zeros and all.
+        let mut torn = fs::read(&p).unwrap();
+        let end = torn.iter().rposition(|b| *b != 0).unwrap();
+        torn[end] = 0;
+        fs::write(&p, &torn).unwrap();
+        assert!(
+            read_framed(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
+        // Anything but zeros after the body is damage.
+        let mut padded = frame(b"{}");
+        padded.extend_from_slice(b"\0\0x");
+        fs::write(&p, &padded).unwrap();
+        assert!(read_framed(&p).unwrap_err().to_string().contains("padded"));
+        // A body larger than the zeros grows the file.
+        let q = dir.path().join("5.delta");
+        prepare_zeroed(&q, 16).unwrap();
+        let big = vec![b'x'; 100];
+        write_framed_in_place(&q, &big, Durability::Fsync).unwrap();
+        assert_eq!(read_framed(&q).unwrap(), big);
     }
 
     #[test]

@@ -32,3 +32,11 @@ pub type BatchId = u64;
 /// Re-exported so that every crate names one DataFusion (and through it one
 /// arrow and one parquet).
 pub use datafusion;
+
+/// The cores this process may use (at least 1), found once: the standard
+/// library's answer reads the cgroup files on every call, and the engine
+/// asks on every batch.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

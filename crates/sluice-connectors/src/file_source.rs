@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -381,21 +381,32 @@ impl SourceReader for FileReader {
         }
         let (root, prefix) = self.root()?;
         let mut out = ReadBatch::default();
-        let mut fetched = Vec::with_capacity(e - s);
-        let mut oldest: Option<i64> = None;
-        for rel in &self.log.files[s..e] {
-            let shown = root.join(rel);
-            let location = StorePath::from(format!("{prefix}/{rel}"));
-            let bytes = match self.store.get(&location).await {
-                Ok(r) => {
+        // The files are fetched concurrently (each get waits on a blocking
+        // read, on a local disk as on an object store) and kept in log order.
+        let targets: Vec<(PathBuf, StorePath)> = self.log.files[s..e]
+            .iter()
+            .map(|rel| (root.join(rel), StorePath::from(format!("{prefix}/{rel}"))))
+            .collect();
+        let store = Arc::clone(&self.store);
+        let fetches = targets.into_iter().map(move |(shown, location)| {
+            let store = Arc::clone(&store);
+            async move {
+                let got = match store.get(&location).await {
                     // A file is available from its last modification.
-                    let m = r.meta.last_modified.timestamp_millis();
-                    oldest = Some(oldest.map_or(m, |o| o.min(m)));
-                    r.bytes().await
-                }
-                Err(e) => Err(e),
-            };
-            let bytes = bytes.map_err(|err| match err {
+                    Ok(r) => {
+                        let modified = r.meta.last_modified.timestamp_millis();
+                        r.bytes().await.map(|b| (b, modified))
+                    }
+                    Err(e) => Err(e),
+                };
+                (shown, got)
+            }
+        });
+        let mut oldest: Option<i64> = None;
+        let mut fetched = Vec::with_capacity(e - s);
+        let mut gets = futures::stream::iter(fetches).buffered(FETCH_CONCURRENCY);
+        while let Some((shown, got)) = gets.next().await {
+            let (bytes, modified) = got.map_err(|err| match err {
                 object_store::Error::NotFound { .. } => Error::data(format!(
                     "source '{}': file {} was taken by this query but is gone",
                     self.source.name,
@@ -406,6 +417,7 @@ impl SourceReader for FileReader {
                     std::io::Error::other(other),
                 ),
             })?;
+            oldest = Some(oldest.map_or(modified, |o| o.min(modified)));
             fetched.push((shown, bytes));
         }
         // Decoding (Parquet above all) is the costly part: the files of a
@@ -444,6 +456,9 @@ impl SourceReader for FileReader {
     }
 }
 
+/// How many files of a batch are fetched at once.
+const FETCH_CONCURRENCY: usize = 16;
+
 /// Decodes `files` on up to as many threads as there are cores (each a run
 /// of consecutive files), keeping their order.
 fn decode_all(
@@ -459,9 +474,7 @@ fn decode_all(
             })
             .collect()
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(files.len());
+    let threads = sluice_common::cores().min(files.len());
     if threads <= 1 {
         return Ok(decode_run(files));
     }

@@ -13,7 +13,10 @@
 //! A batch costs two appends to a file that already exists, each synced with
 //! `fdatasync`: no file is created, renamed or deleted and no directory is
 //! synced on a batch's path, which is most of what a durable batch cost when
-//! each entry was a file of its own. A segment is closed once it holds
+//! each entry was a file of its own. With fsync on, a segment is created
+//! filled with zeros and records are written over them, so an append does
+//! not change the file's size and its sync flushes data only; the records
+//! end where the zeros to the end of the file begin. A segment is closed once it holds
 //! [`SEGMENT_BYTES`]; the next plan starts a new one (a new file, its directory
 //! synced), and segments whose batches have all fallen out of retention are
 //! deleted then.
@@ -23,7 +26,9 @@
 //! last segment, no valid record follows it, and it looks like an append cut
 //! short — the bytes end before the record does, or hold NUL bytes (never
 //! in a record; what a file system fills unwritten blocks with after a power
-//! loss). A complete last record with a wrong checksum is damage. A writer opening the log cuts
+//! loss, and what a record written part-way over the zeros leaves). A
+//! complete last record with a wrong checksum is damage, and so is a valid
+//! record after zeros (a hole). A writer opening the log cuts
 //! the torn bytes off (the batch whose record it was is then re-planned or
 //! re-run, exactly as if the crash had come before the append); a bad record
 //! anywhere else is a checkpoint error naming the segment and the byte where
@@ -35,7 +40,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use sluice_common::durable::{self, Durability, io_step, read_record, record};
+use sluice_common::durable::{self, BadRecord, Durability, io_step, read_record, record};
 use sluice_common::{BatchId, Error, Result};
 
 use crate::checkpoint::{CommitEntry, OffsetEntry};
@@ -46,6 +51,10 @@ pub const LOG_DIR: &str = "log";
 /// A segment is closed once it holds this many bytes (about 700 one-source
 /// batches).
 pub const SEGMENT_BYTES: u64 = 256 * 1024;
+
+/// A durable segment is created holding this many zeros: room for the
+/// records up to [`SEGMENT_BYTES`] and the few after it before it rolls.
+const PREPARED_BYTES: usize = SEGMENT_BYTES as usize + 64 * 1024;
 
 /// What a log holds, read from its segments.
 #[derive(Debug, Default, Clone)]
@@ -153,13 +162,24 @@ pub(crate) fn numbered_files(
 }
 
 /// Whether a valid record starts anywhere in `bytes` after `from` (at the
-/// start of a line): then a bad record at `from` is damage, not a torn end.
+/// start of a line, or after a zero byte: a hole in the records): then a
+/// bad record at `from` is damage, not a torn end.
 fn valid_record_after(bytes: &[u8], from: usize) -> bool {
     (from + 1..bytes.len()).any(|i| {
-        bytes[i - 1] == b'\n'
+        (bytes[i - 1] == b'\n' || bytes[i - 1] == 0)
             && (bytes[i..].starts_with(b"plan ") || bytes[i..].starts_with(b"commit "))
             && read_record(&bytes[i..]).is_ok()
     })
+}
+
+/// The bytes of the bad record at `pos`: as far as its header says when it
+/// does, else to the end (where the zeros a segment is created with are
+/// not the record's own).
+fn record_bytes<'a>(bytes: &'a [u8], pos: usize, bad: &BadRecord) -> &'a [u8] {
+    let end = bad
+        .extent
+        .map_or(bytes.len(), |n| (pos + n).min(bytes.len()));
+    &bytes[pos..end]
 }
 
 /// Reads the log in `dir`: every record of every segment, checked. A torn
@@ -193,6 +213,11 @@ pub fn read_log(dir: &Path) -> Result<LogContents> {
 pub fn read_segment(out: &mut LogContents, path: &Path, bytes: &[u8], last: bool) -> Result<()> {
     let mut pos = 0;
     while pos < bytes.len() {
+        // A segment is created filled with zeros (see
+        // `BatchLog::start_segment`): its records end where they start.
+        if bytes[pos..].iter().all(|b| *b == 0) {
+            break;
+        }
         let at =
             |reason: String| Error::checkpoint(path, format!("record at byte {pos}: {reason}"));
         match read_record(&bytes[pos..]) {
@@ -202,7 +227,7 @@ pub fn read_segment(out: &mut LogContents, path: &Path, bytes: &[u8], last: bool
             }
             Err(bad)
                 if last
-                    && (bad.cut_short || bytes[pos..].contains(&0))
+                    && (bad.cut_short || record_bytes(bytes, pos, &bad).contains(&0))
                     && !valid_record_after(bytes, pos) =>
             {
                 out.torn = Some((path.to_path_buf(), pos as u64, bad.reason));
@@ -296,7 +321,7 @@ impl BatchLog {
         let open = match log.segments.last() {
             Some((_, path)) => Some(Open {
                 file: OpenOptions::new()
-                    .append(true)
+                    .write(true)
                     .open(path)
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
                 path: path.clone(),
@@ -393,16 +418,29 @@ impl BatchLog {
         let new_dir = !self.dir.exists();
         fs::create_dir_all(&self.dir).map_err(|e| Error::io(ctx(), e))?;
         io_step("creating", &path).map_err(|e| Error::io(ctx(), e))?;
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .open(&path)
             .map_err(|e| Error::io(ctx(), e))?;
-        // A segment of that name can only be one a crash left empty or torn
-        // after the last good record: the records it holds are those read
-        // at open, and appending goes after them.
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        // A segment of that name can only be one a crash left empty, zeros
+        // or torn after the last good record (cut off at open): appending
+        // goes after its records, which end with the last byte that is not
+        // a zero.
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| Error::io(ctx(), e))?;
+        let len = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1) as u64;
         if self.durability == Durability::Fsync {
+            if bytes.is_empty() {
+                // Filled with zeros, synced: an append then overwrites
+                // blocks the file already has, and its `fdatasync` has no
+                // size to record (`docs/checkpoint-format.md`).
+                file.write_all(&vec![0; PREPARED_BYTES])
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| Error::io(ctx(), e))?;
+            }
             durable::sync_dir(&self.dir).map_err(|e| Error::io(ctx(), e))?;
             if new_dir && let Some(parent) = self.dir.parent() {
                 durable::sync_dir(parent).map_err(|e| Error::io(ctx(), e))?;
@@ -444,11 +482,13 @@ impl BatchLog {
             .ok_or_else(|| Error::internal("no open log segment"))?;
         let path = open.path.clone();
         let result = (|| {
+            use std::os::unix::fs::FileExt;
             io_step("appending a record to", &path)?;
             let half = bytes.len() / 2;
-            open.file.write_all(&bytes[..half])?;
+            open.file.write_all_at(&bytes[..half], open.len)?;
             io_step("half-way through appending a record to", &path)?;
-            open.file.write_all(&bytes[half..])?;
+            open.file
+                .write_all_at(&bytes[half..], open.len + half as u64)?;
             if durability == Durability::Fsync {
                 io_step("syncing", &path)?;
                 open.file.sync_data()?;
@@ -587,6 +627,54 @@ mod tests {
             e.contains(&path.display().to_string()) && e.contains("record at byte 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_durable_segment_is_zeros_written_over_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(0));
+        let log = BatchLog::open(dir.path(), Durability::Fsync, 100).unwrap();
+        run(&log, 0..2);
+        let size = fs::metadata(&path).unwrap().len();
+        assert_eq!(size, PREPARED_BYTES as u64, "created as zeros");
+        log.append_plan(&plan(2)).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), size, "no growth");
+        drop(log);
+        // Reopened, it reads its records, sees no tear in the zeros, and
+        // appends right after the last record.
+        let log = BatchLog::open(dir.path(), Durability::Fsync, 100).unwrap();
+        assert!(log.take_repaired().is_none());
+        assert_eq!((log.last_plan(), log.last_commit()), (Some(2), Some(1)));
+        log.append_commit(&commit(2)).unwrap();
+        drop(log);
+        let bytes = fs::read(&path).unwrap();
+        let end = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
+        let text = std::str::from_utf8(&bytes[..end]).unwrap();
+        assert_eq!(text.lines().count(), 6, "{text}");
+        // A record torn inside the zeros (its end never written) is cut off
+        // at open, and the batch's record is written again in its place.
+        let torn_at = end;
+        let mut torn = bytes.clone();
+        let rec = record("plan", &serde_json::to_vec(&plan(3)).unwrap());
+        torn[torn_at..torn_at + rec.len() / 2].copy_from_slice(&rec[..rec.len() / 2]);
+        fs::write(&path, &torn).unwrap();
+        let log = BatchLog::open(dir.path(), Durability::Fsync, 100).unwrap();
+        assert!(log.take_repaired().unwrap().contains("torn"));
+        assert_eq!(log.last_plan(), Some(2));
+        log.append_plan(&plan(3)).unwrap();
+        drop(log);
+        let log = BatchLog::open(dir.path(), Durability::Fsync, 100).unwrap();
+        assert_eq!((log.last_plan(), log.last_commit()), (Some(3), Some(2)));
+        drop(log);
+        // A good record after zeros is damage, not an end.
+        let mut gap = bytes[..end].to_vec();
+        gap.extend([0u8; 100]);
+        gap.extend(record("plan", &serde_json::to_vec(&plan(3)).unwrap()));
+        fs::write(&path, &gap).unwrap();
+        let e = BatchLog::open(dir.path(), Durability::Fsync, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("record at byte {end}")), "{e}");
     }
 
     #[test]

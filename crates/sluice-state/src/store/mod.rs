@@ -124,7 +124,7 @@ pub struct StateStore {
     /// (created empty and its directory synced); it returns that version
     /// when the file is ready.
     cleanup: Option<std::thread::JoinHandle<Option<BatchId>>>,
-    /// The version whose delta file is prepared (see [`durable::prepare_empty`]):
+    /// The version whose delta file is prepared (see [`durable::prepare_zeroed`]):
     /// its commit writes the delta in place, with one `fdatasync` and no
     /// new directory entry on the batch's path.
     prepared: Option<BatchId>,
@@ -147,6 +147,20 @@ impl Drop for StateStore {
 /// From how many rows a commit without fsync writes its files in parallel,
 /// and a put spreads its shards over threads.
 const PARALLEL_WRITE_ROWS: usize = 8192;
+
+/// Deltas up to this size are written over zeros prepared ahead (see
+/// [`durable::prepare_zeroed`]); larger ones into an empty prepared file,
+/// where writing the zeros first would cost more disk than it saves.
+const MAX_PREPARED_ZEROS: u64 = 256 * 1024;
+
+/// How many zeros to prepare the next delta with, after one of `last` bytes:
+/// room for half as much again, in 4 KiB blocks.
+fn prepared_zeros(last: u64) -> usize {
+    if last > MAX_PREPARED_ZEROS {
+        return 0;
+    }
+    ((last + last / 2).max(1)).div_ceil(4096) as usize * 4096
+}
 
 /// The column a delta file uses to mark removed keys.
 const DELETED: &str = "_deleted";
@@ -298,9 +312,7 @@ impl StateStore {
             let chunk = take_record_batch(&batch, &UInt32Array::from(rows.to_vec()))?;
             shard.upsert(chunk, rows.iter().map(|&i| keys.get(i as usize)))
         };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(self.shards.len());
+        let threads = sluice_common::cores().min(self.shards.len());
         if n < PARALLEL_WRITE_ROWS || threads < 2 {
             for (shard, rows) in self.shards.iter_mut().zip(&rows) {
                 put(shard, rows)?;
@@ -618,8 +630,14 @@ impl StateStore {
                     .collect()
             })
         };
-        for w in written {
-            stats.bytes_written += w?;
+        // The delta is the first file written.
+        let mut delta_bytes = 0;
+        for (i, w) in written.into_iter().enumerate() {
+            let n = w?;
+            if i == 0 {
+                delta_bytes = n;
+            }
+            stats.bytes_written += n;
         }
         for s in &mut self.shards {
             s.committed()?;
@@ -628,7 +646,7 @@ impl StateStore {
         stats.rows = self.len() as u64;
         self.version = Some(version);
         if let Some(dir) = &self.dir {
-            self.start_cleanup(dir.clone(), version);
+            self.start_cleanup(dir.clone(), version, delta_bytes);
         }
         Ok(stats)
     }
@@ -636,10 +654,13 @@ impl StateStore {
     /// Removes, off the batch's path, the files no retained version needs,
     /// and when fsynced prepares the delta file of the next version; the
     /// previous cleanup is waited for first, so at most one runs.
-    fn start_cleanup(&mut self, dir: PathBuf, version: BatchId) {
+    /// The next delta is prepared with room for one half larger than
+    /// `delta_bytes`, this version's.
+    fn start_cleanup(&mut self, dir: PathBuf, version: BatchId, delta_bytes: u64) {
         self.wait_cleanup();
         let oldest = version.saturating_sub(self.options.retain_versions.saturating_sub(1));
         let next = (self.options.durability == Durability::Fsync).then_some(version + 1);
+        let zeros = prepared_zeros(delta_bytes);
         self.cleanup = Some(std::thread::spawn(move || {
             // A failed preparation only means the next delta is written
             // the usual way (temporary file, rename, directory sync).
@@ -649,7 +670,7 @@ impl StateStore {
                     kind: FileKind::Delta,
                 }
                 .name();
-                durable::prepare_empty(&dir.join(name)).is_ok()
+                durable::prepare_zeroed(&dir.join(name), zeros).is_ok()
             });
             cleanup(&dir, oldest);
             ready

@@ -179,10 +179,11 @@ fn fsynced_commits_write_the_next_delta_into_a_file_prepared_ahead() {
     s.put(&rows(&[("a", 0, 1)])).unwrap();
     s.commit(0).unwrap();
     s.wait_cleanup();
-    // Version 1's delta exists, empty, before batch 1 runs; loading the
+    // Version 1's delta exists, zeros, before batch 1 runs; loading the
     // committed version 0 does not read it.
     let next = dir.path().join("1.delta");
-    assert_eq!(fs::metadata(&next).unwrap().len(), 0);
+    let zeros = fs::read(&next).unwrap();
+    assert!(zeros.len() >= 4096 && zeros.iter().all(|b| *b == 0));
     let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
     let prepared = inode(&next);
     let mut fresh = open();
@@ -191,7 +192,11 @@ fn fsynced_commits_write_the_next_delta_into_a_file_prepared_ahead() {
     // Version 1 is written into it, and reads back.
     s.put(&rows(&[("a", 0, 2), ("b", 0, 1)])).unwrap();
     s.commit(1).unwrap();
-    assert!(fs::metadata(&next).unwrap().len() > 0);
+    assert_eq!(
+        fs::metadata(&next).unwrap().len(),
+        zeros.len() as u64,
+        "written over the zeros, the size unchanged"
+    );
     assert_eq!(inode(&next), prepared, "written in place, not renamed over");
     let mut fresh = open();
     fresh.load(Some(1)).unwrap();
@@ -214,7 +219,10 @@ fn fsynced_commits_write_the_next_delta_into_a_file_prepared_ahead() {
     let mut check = open();
     check.load(Some(2)).unwrap();
     assert_eq!(check.len(), 3);
-    // And a prepared file the next version finds torn is rewritten whole.
+    // And a prepared file the next version finds written over (longer
+    // than the delta it gets, and not zeros) is rewritten whole, cut to
+    // its new frame.
+    fs::write(dir.path().join("2.delta"), vec![b'x'; 100_000]).unwrap();
     s.put(&rows(&[("c", 0, 3)])).unwrap();
     s.commit(2).unwrap();
     let mut check = open();
