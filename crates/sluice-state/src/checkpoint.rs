@@ -31,8 +31,11 @@ use crate::recovery::{self, Resume};
 
 /// The version of the checkpoint format this build writes and reads.
 /// Version 1 (an `offsets/` and a `commits/` directory of one file per
-/// entry) is converted to it when a query opens the checkpoint.
-pub const FORMAT_VERSION: u32 = 2;
+/// entry) is converted to it when a query opens the checkpoint. Version 2
+/// is read as it is (version 3 only added what older builds would misread:
+/// log segments and state deltas ending in zeros, and state deltas that
+/// record evictions by bound), and marked 3 when a query opens it.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The `metadata` file: fixed for the life of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,11 +180,17 @@ impl Checkpoint {
             if m.format_version == 1 {
                 m = convert_version_1(root, m, options.durability)?;
             }
+            if m.format_version == 2 {
+                // From here on files of version 3 may be written: a build
+                // that reads version 2 only must refuse the checkpoint.
+                m.format_version = FORMAT_VERSION;
+                durable::write_json(&meta_path, &m, options.durability)?;
+            }
             if m.format_version != FORMAT_VERSION {
                 return Err(Error::checkpoint(
                     &meta_path,
                     format!(
-                        "format version {} is not supported by this build (it reads version {FORMAT_VERSION}, and converts version 1)",
+                        "format version {} is not supported by this build (it reads version {FORMAT_VERSION}, and converts versions 1 and 2)",
                         m.format_version
                     ),
                 ));
@@ -642,8 +651,17 @@ mod tests {
         assert_eq!(read_last_commit(dir.path()).unwrap(), Some(commit(3)));
         let cp = open(dir.path()).unwrap();
         assert_eq!(cp.resume().unwrap(), Resume::Next { next: 4 });
-        // Another version is refused by name.
+        // A version 2 checkpoint is read as it is, and marked version 3.
         drop(cp);
+        let mut m: Metadata = durable::read_json(&meta).unwrap();
+        m.format_version = 2;
+        durable::write_json(&meta, &m, Durability::NoSync).unwrap();
+        let cp = open(dir.path()).unwrap();
+        assert_eq!(cp.resume().unwrap(), Resume::Next { next: 4 });
+        drop(cp);
+        let m: Metadata = durable::read_json(&meta).unwrap();
+        assert_eq!(m.format_version, 3);
+        // Another version is refused by name.
         let mut m: Metadata = durable::read_json(&meta).unwrap();
         m.format_version = 9;
         durable::write_json(&meta, &m, Durability::NoSync).unwrap();

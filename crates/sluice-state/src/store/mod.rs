@@ -118,6 +118,11 @@ pub struct StateStore {
     /// Keys removed since the last commit (may repeat, and may have been
     /// put again since).
     removed: Removed,
+    /// Evictions since the last commit: per key column, the largest bound
+    /// rows were removed up to ([`StateStore::remove_keys_until`]), and the
+    /// rows they removed. A delta records the bounds, not the keys.
+    evicted: Vec<(usize, i64)>,
+    evicted_rows: u64,
     version: Option<BatchId>,
     /// The background work after a commit, if running: removing files past
     /// retention and, when fsynced, preparing the next version's delta file
@@ -161,6 +166,12 @@ fn prepared_zeros(last: u64) -> usize {
     }
     ((last + last / 2).max(1)).div_ceil(4096) as usize * 4096
 }
+
+/// The key of a delta's schema metadata that lists its evictions: a JSON
+/// array of `[key column, bound]` pairs, each removing (before the delta's
+/// rows are applied) every row whose key column, in milliseconds, is at
+/// most the bound.
+const EVICTED: &str = "sluice.evicted_until";
 
 /// The column a delta file uses to mark removed keys.
 const DELETED: &str = "_deleted";
@@ -220,6 +231,8 @@ impl StateStore {
             dir,
             shards: (0..options.partitions).map(|_| Shard::default()).collect(),
             removed: Removed::default(),
+            evicted: Vec::new(),
+            evicted_rows: 0,
             options,
             key_schema,
             value_schema,
@@ -461,12 +474,22 @@ impl StateStore {
                 self.key_count()
             )));
         }
-        let nk = self.key_count();
-        let mut gone = Vec::new();
-        for shard in &mut self.shards {
-            gone.extend(shard.remove_until(column, bound, nk, &mut self.removed)?);
+        let gone = self.evict(column, bound)?;
+        self.evicted_rows += gone.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+        match self.evicted.iter_mut().find(|(c, _)| *c == column) {
+            Some((_, b)) => *b = (*b).max(bound),
+            None => self.evicted.push((column, bound)),
         }
         self.out_all(gone)
+    }
+
+    /// The rows of every shard that [`Self::remove_keys_until`] removes, gone.
+    fn evict(&mut self, column: usize, bound: i64) -> Result<Vec<RecordBatch>> {
+        let mut gone = Vec::new();
+        for shard in &mut self.shards {
+            gone.extend(shard.remove_until(column, bound)?);
+        }
+        Ok(gone)
     }
 
     /// Every live row (keys, then values).
@@ -530,7 +553,13 @@ impl StateStore {
             .map(|f| f.as_ref().clone())
             .collect();
         fields.push(Field::new(DELETED, DataType::Boolean, false));
-        let schema = Arc::new(Schema::new(fields));
+        let mut schema = Schema::new(fields);
+        if !self.evicted.is_empty() {
+            let bounds = serde_json::to_string(&self.evicted)
+                .map_err(|e| Error::internal(format!("state evictions: {e}")))?;
+            schema = schema.with_metadata([(EVICTED.to_string(), bounds)].into());
+        }
+        let schema = Arc::new(schema);
         let mark = |b: &RecordBatch, deleted: bool| {
             let mut cols = b.columns().to_vec();
             cols.push(Arc::new(BooleanArray::from(vec![deleted; b.num_rows()])) as ArrayRef);
@@ -570,7 +599,7 @@ impl StateStore {
         let in_place = self.prepared.take() == Some(version);
         let snapshot = plan::is_snapshot_version(version, self.options.snapshot_interval);
         let removed = self.removed_keys()?;
-        stats.removed = removed.as_ref().map_or(0, |r| r.num_rows() as u64);
+        stats.removed = removed.as_ref().map_or(0, |r| r.num_rows() as u64) + self.evicted_rows;
         // (path, schema, rows, whether written in place into a prepared file)
         let mut files: Vec<(PathBuf, SchemaRef, Vec<RecordBatch>, bool)> = Vec::new();
         if let Some(dir) = self.dir.clone() {
@@ -643,6 +672,8 @@ impl StateStore {
             s.committed()?;
         }
         self.removed.clear();
+        self.evicted.clear();
+        self.evicted_rows = 0;
         stats.rows = self.len() as u64;
         self.version = Some(version);
         if let Some(dir) = &self.dir {
@@ -691,6 +722,8 @@ impl StateStore {
             *s = Shard::default();
         }
         self.removed.clear();
+        self.evicted.clear();
+        self.evicted_rows = 0;
         self.version = version;
         let loaded = self.load_rows(version);
         // What a load put and removed is the version, not changes to it.
@@ -787,6 +820,21 @@ impl StateStore {
             match f.kind {
                 FileKind::Snapshot => self.put(&rows).map_err(bad)?,
                 FileKind::Delta => {
+                    // Its evictions first: the rows it upserts are those
+                    // live at its commit, so any it holds below a bound
+                    // was put after that eviction.
+                    if let Some(bounds) = batch.schema().metadata().get(EVICTED) {
+                        let bounds: Vec<(usize, i64)> = serde_json::from_str(bounds)
+                            .map_err(|e| bad(Error::internal(format!("its {EVICTED}: {e}"))))?;
+                        for (column, bound) in bounds {
+                            if column >= nk {
+                                return Err(bad(Error::internal(format!(
+                                    "its {EVICTED} names key column {column} of {nk}"
+                                ))));
+                            }
+                            self.evict(column, bound).map_err(bad)?;
+                        }
+                    }
                     // A delta's upserted and removed keys are distinct, so
                     // the order they are applied in does not matter.
                     let deleted = batch

@@ -371,15 +371,14 @@ impl Shard {
     }
 
     /// Removes the live rows whose key column `column`, as milliseconds, is
-    /// at most `bound` (null never is), returning them and noting their keys
-    /// (the first `nk` columns) in `removed`: through the time index, so the
-    /// work is that of the rows removed.
+    /// at most `bound` (null never is), returning them: through the time
+    /// index, so the work is that of the rows removed. Their keys are not
+    /// noted as removed: the store records the bound instead, which a load
+    /// applies the same way.
     pub(super) fn remove_until(
         &mut self,
         column: usize,
         bound: i64,
-        nk: usize,
-        removed: &mut Removed,
     ) -> Result<Option<RecordBatch>> {
         if self.time.as_ref().is_none_or(|t| t.column != column) {
             self.build_time_index(column)?;
@@ -407,10 +406,7 @@ impl Shard {
         let places = self.places(&slots);
         let rows = gather(&[(&self.chunks, &places)])?;
         for s in slots {
-            self.remove_slot(s, removed);
-        }
-        if let Some(rows) = &rows {
-            removed.keys(rows.project(&(0..nk).collect::<Vec<_>>())?);
+            self.kill(s);
         }
         Ok(rows)
     }

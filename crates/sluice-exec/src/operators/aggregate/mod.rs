@@ -242,7 +242,7 @@ fn narrow(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
 
 /// How many parts a batch's rows are aggregated in: one per core, at most 4.
 fn partial_parts() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    sluice_common::cores().min(4)
 }
 
 /// Whether `plan` computes a session window's end below any other stateful
