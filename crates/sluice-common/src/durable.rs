@@ -359,10 +359,13 @@ pub fn write_framed(path: &Path, body: &[u8], durability: Durability) -> Result<
 /// written, and a crash here leaves a file of zeros that no reader counts
 /// (its version is not committed).
 ///
+/// With [`Durability::NoSync`] the file is only created, empty: the write
+/// into it then still saves the batch's path a new file and a rename.
+///
 /// A file that already holds bytes is left as it is and refused: it may be
 /// a file that a later commit wrote (a store dropped and reopened in one
 /// process), which must never be cut.
-pub fn prepare_zeroed(path: &Path, zeros: usize) -> Result<()> {
+pub fn prepare_zeroed(path: &Path, zeros: usize, durability: Durability) -> Result<()> {
     let ctx = || format!("preparing {}", path.display());
     let dir = path
         .parent()
@@ -379,6 +382,9 @@ pub fn prepare_zeroed(path: &Path, zeros: usize) -> Result<()> {
             "{} holds {len} bytes: not prepared",
             path.display()
         )));
+    }
+    if durability == Durability::NoSync {
+        return Ok(());
     }
     if zeros > 0 {
         // Written, not allocated (`fallocate` leaves extents marked
@@ -566,11 +572,13 @@ mod tests {
     fn preparing_never_cuts_a_file_that_holds_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("3.delta");
-        prepare_zeroed(&p, 0).unwrap();
+        prepare_zeroed(&p, 0, Durability::Fsync).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().len(), 0);
         write_framed_in_place(&p, b"{}", Durability::Fsync).unwrap();
         assert_eq!(read_framed(&p).unwrap(), b"{}");
-        let e = prepare_zeroed(&p, 4096).unwrap_err().to_string();
+        let e = prepare_zeroed(&p, 4096, Durability::Fsync)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not prepared"), "{e}");
         assert_eq!(read_framed(&p).unwrap(), b"{}");
     }
@@ -579,7 +587,7 @@ mod tests {
     fn a_frame_written_over_prepared_zeros_reads_back_and_may_outgrow_them() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("4.delta");
-        prepare_zeroed(&p, 4096).unwrap();
+        prepare_zeroed(&p, 4096, Durability::Fsync).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().len(), 4096);
         write_framed_in_place(&p, b"{\"a\":1}", Durability::Fsync).unwrap();
         // The zeros past the frame stay: the size never changed.
@@ -604,7 +612,7 @@ mod tests {
         assert!(read_framed(&p).unwrap_err().to_string().contains("padded"));
         // A body larger than the zeros grows the file.
         let q = dir.path().join("5.delta");
-        prepare_zeroed(&q, 16).unwrap();
+        prepare_zeroed(&q, 16, Durability::Fsync).unwrap();
         let big = vec![b'x'; 100];
         write_framed_in_place(&q, &big, Durability::Fsync).unwrap();
         assert_eq!(read_framed(&q).unwrap(), big);

@@ -125,13 +125,13 @@ pub struct StateStore {
     evicted_rows: u64,
     version: Option<BatchId>,
     /// The background work after a commit, if running: removing files past
-    /// retention and, when fsynced, preparing the next version's delta file
-    /// (created empty and its directory synced); it returns that version
-    /// when the file is ready.
+    /// retention and preparing the next version's delta file (created and,
+    /// when fsynced, filled with zeros and synced with its directory); it
+    /// returns that version when the file is ready.
     cleanup: Option<std::thread::JoinHandle<Option<BatchId>>>,
     /// The version whose delta file is prepared (see [`durable::prepare_zeroed`]):
-    /// its commit writes the delta in place, with one `fdatasync` and no
-    /// new directory entry on the batch's path.
+    /// its commit writes the delta in place, with no new directory entry
+    /// on the batch's path (and, when fsynced, one `fdatasync`).
     prepared: Option<BatchId>,
     /// See [`StateStore::fallbacks`].
     fallbacks: Vec<String>,
@@ -683,26 +683,27 @@ impl StateStore {
     }
 
     /// Removes, off the batch's path, the files no retained version needs,
-    /// and when fsynced prepares the delta file of the next version; the
-    /// previous cleanup is waited for first, so at most one runs.
+    /// and prepares the delta file of the next version; the previous
+    /// cleanup is waited for first, so at most one runs.
     /// The next delta is prepared with room for one half larger than
     /// `delta_bytes`, this version's.
     fn start_cleanup(&mut self, dir: PathBuf, version: BatchId, delta_bytes: u64) {
         self.wait_cleanup();
         let oldest = version.saturating_sub(self.options.retain_versions.saturating_sub(1));
-        let next = (self.options.durability == Durability::Fsync).then_some(version + 1);
+        let durability = self.options.durability;
+        let next = version + 1;
         let zeros = prepared_zeros(delta_bytes);
         self.cleanup = Some(std::thread::spawn(move || {
             // A failed preparation only means the next delta is written
             // the usual way (temporary file, rename, directory sync).
-            let ready = next.filter(|&n| {
-                let name = StateFile {
-                    version: n,
-                    kind: FileKind::Delta,
-                }
-                .name();
-                durable::prepare_zeroed(&dir.join(name), zeros).is_ok()
-            });
+            let name = StateFile {
+                version: next,
+                kind: FileKind::Delta,
+            }
+            .name();
+            let ready = durable::prepare_zeroed(&dir.join(name), zeros, durability)
+                .is_ok()
+                .then_some(next);
             cleanup(&dir, oldest);
             ready
         }));
