@@ -128,7 +128,7 @@ pub struct StateStore {
     /// retention and preparing the next version's delta file (created and,
     /// when fsynced, filled with zeros and synced with its directory); it
     /// returns that version when the file is ready.
-    cleanup: Option<std::thread::JoinHandle<Option<BatchId>>>,
+    cleanup: Background,
     /// The version whose delta file is prepared (see [`durable::prepare_zeroed`]):
     /// its commit writes the delta in place, with no new directory entry
     /// on the batch's path (and, when fsynced, one `fdatasync`).
@@ -146,6 +146,90 @@ impl Drop for StateStore {
     /// in the same process never races its predecessor's thread.
     fn drop(&mut self) {
         self.wait_cleanup();
+        self.cleanup.stop();
+    }
+}
+
+/// A job of the background thread: it returns the version whose delta
+/// file it prepared, if it did.
+type Job = Box<dyn FnOnce() -> Option<BatchId> + Send>;
+
+/// A store's background thread, started with its first job and kept for
+/// the next ones (a thread per commit cost a spawn and an exit on every
+/// batch). One job runs at a time.
+#[derive(Debug, Default)]
+struct Background {
+    worker: Option<Worker>,
+    /// Whether a job was sent whose result is not taken yet.
+    running: bool,
+}
+
+#[derive(Debug)]
+struct Worker {
+    jobs: std::sync::mpsc::Sender<Job>,
+    done: std::sync::mpsc::Receiver<Option<BatchId>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    fn spawn() -> Worker {
+        let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
+        let (report, done) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            for job in inbox {
+                if report.send(job()).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker { jobs, done, thread }
+    }
+}
+
+impl Background {
+    /// Runs `job` on the thread, started if need be (again, if a job
+    /// panicked and took it down). The previous job's result must have been
+    /// taken.
+    fn start(&mut self, mut job: Job) {
+        for _ in 0..2 {
+            let worker = self.worker.get_or_insert_with(Worker::spawn);
+            match worker.jobs.send(job) {
+                Ok(()) => {
+                    self.running = true;
+                    return;
+                }
+                Err(std::sync::mpsc::SendError(back)) => {
+                    self.worker = None;
+                    job = back;
+                }
+            }
+        }
+        // A new thread always takes a job; were it not to, the cleanup is
+        // skipped (best effort) and no delta file is prepared.
+    }
+
+    /// The running job's result, once it is done: `None` if no job runs,
+    /// `Some(None)` if it prepared nothing or panicked.
+    fn wait(&mut self) -> Option<Option<BatchId>> {
+        if !std::mem::take(&mut self.running) {
+            return None;
+        }
+        let worker = self.worker.as_ref()?;
+        match worker.done.recv() {
+            Ok(result) => Some(result),
+            Err(_) => {
+                self.worker = None;
+                Some(None)
+            }
+        }
+    }
+
+    /// Ends the thread (after its job).
+    fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            drop(w.jobs);
+            let _ = w.thread.join();
+        }
     }
 }
 
@@ -239,7 +323,7 @@ impl StateStore {
             row_schema,
             chunk_schema: Arc::new(Schema::new(nullable)),
             version: None,
-            cleanup: None,
+            cleanup: Background::default(),
             prepared: None,
             fallbacks: Vec::new(),
             convert_partitioned: true,
@@ -693,7 +777,7 @@ impl StateStore {
         let durability = self.options.durability;
         let next = version + 1;
         let zeros = prepared_zeros(delta_bytes);
-        self.cleanup = Some(std::thread::spawn(move || {
+        self.cleanup.start(Box::new(move || {
             // A failed preparation only means the next delta is written
             // the usual way (temporary file, rename, directory sync).
             let name = StateFile {
@@ -711,8 +795,8 @@ impl StateStore {
 
     /// Waits for the background cleanup, if one is running.
     pub fn wait_cleanup(&mut self) {
-        if let Some(h) = self.cleanup.take() {
-            self.prepared = h.join().ok().flatten();
+        if let Some(prepared) = self.cleanup.wait() {
+            self.prepared = prepared;
         }
     }
 

@@ -137,6 +137,23 @@ fn every_retained_version_reloads_from_disk() {
 }
 
 #[test]
+fn the_background_thread_serves_job_after_job_and_outlives_a_panic() {
+    let mut b = Background::default();
+    assert_eq!(b.wait(), None, "no job yet");
+    b.start(Box::new(|| Some(1)));
+    assert_eq!(b.wait(), Some(Some(1)));
+    assert_eq!(b.wait(), None, "taken once");
+    b.start(Box::new(|| None));
+    assert_eq!(b.wait(), Some(None));
+    b.start(Box::new(|| panic!("a cleanup job failed")));
+    assert_eq!(b.wait(), Some(None), "a panicked job prepared nothing");
+    // The next job gets a new thread.
+    b.start(Box::new(|| Some(3)));
+    assert_eq!(b.wait(), Some(Some(3)));
+    b.stop();
+}
+
+#[test]
 fn an_eviction_is_written_as_its_bound_not_its_keys() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = store(Some(dir.path()), 100, 100);
