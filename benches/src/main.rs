@@ -356,7 +356,7 @@ async fn main() -> Result<()> {
     let runs = if quick { 1 } else { 3 };
     let mut last_rss = (Vec::new(), Vec::new(), 0);
     let mut million: Option<Stats> = None;
-    let mut phases = Vec::new();
+    let mut phases = String::new();
     for batch_rows in [10_000usize, 100_000, 1_000_000] {
         if batch_rows > total {
             continue;
@@ -376,16 +376,12 @@ async fn main() -> Result<()> {
             );
             batches = s.batches;
             sluice_t.push(s.time);
+            if batch_rows == 100_000 {
+                phases = s.phases_text();
+            }
             if batch_rows == 10_000 {
                 // The run with the most batches shows whether memory grows.
                 last_rss = (s.rss_mib, s.state_rows, s.output_rows);
-            }
-            if batch_rows == 100_000 {
-                phases = s
-                    .phases
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v:.0}"))
-                    .collect();
             }
         }
         let (s, d) = (Stats::of(sluice_t), Stats::of(df_t));
@@ -415,7 +411,7 @@ async fn main() -> Result<()> {
     let _ = writeln!(
         md,
         "\nWhere the time of the last 100,000-row-batch run went, in ms summed over its batches (`durations_ms` of its progress records; `execute` holds the plan, the aggregate and the state store's in-memory work; `total` is the whole): {}.",
-        phases.join(", ")
+        phases
     );
     let _ = writeln!(
         md,

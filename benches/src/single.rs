@@ -38,27 +38,21 @@ pub(crate) async fn single_aggregate(dir: &Path, runs: usize) -> Result<String> 
         one_row.push(one.median);
     }
     let mut ratios = Vec::new();
-    let streamed_only = only == "streamed";
-    if streamed_only {
-        write_parquet(&dir.join("input"), 10_000_000, 10_000, 10_000)?;
-        for _ in 0..runs {
-            let s = streamed(&dir.join("input"), 10, None).await?;
-            out.push_str(&format!(
-                "micro-batches {:.0} ms: {}\n",
-                s.time.as_secs_f64() * 1e3,
-                s.phases
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        return Ok(out);
-    }
     if only != "overhead" {
         write_parquet(&dir.join("input"), 10_000_000, 10_000, 10_000)?;
     }
     let input = dir.join("input");
+    if only == "streamed" {
+        for _ in 0..runs {
+            let s = streamed(&input, 10, None).await?;
+            out.push_str(&format!(
+                "micro-batches {:.0} ms: {}\n",
+                s.time.as_secs_f64() * 1e3,
+                s.phases_text()
+            ));
+        }
+        return Ok(out);
+    }
     let mut last_phases = String::new();
     for _ in 0..if only == "overhead" { 0 } else { runs } {
         let (d, _) = one_shot(&input).await?;
@@ -68,11 +62,7 @@ pub(crate) async fn single_aggregate(dir: &Path, runs: usize) -> Result<String> 
             "one-shot {:.0} ms, micro-batches {:.0} ms: {}",
             d.as_secs_f64() * 1e3,
             s.time.as_secs_f64() * 1e3,
-            s.phases
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.0}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            s.phases_text()
         );
     }
     if !one_row.is_empty() {

@@ -73,6 +73,17 @@ pub(crate) struct Streamed {
     pub(crate) phases: std::collections::BTreeMap<String, f64>,
 }
 
+impl Streamed {
+    /// The phases' milliseconds as text: `name ms, name ms, ...`.
+    pub(crate) fn phases_text(&self) -> String {
+        self.phases
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// Sluice over the same files, `files_per_batch` files a micro-batch, to a
 /// memory sink in append mode (windows close as the watermark passes them).
 pub(crate) async fn streamed(
