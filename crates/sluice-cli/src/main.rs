@@ -6,6 +6,11 @@
 //! sluice explain pipeline.sql
 //! sluice state DIR [--query NAME] [--version N] [--raw]
 //! sluice progress DIR [--query NAME] [--last N]
+//! sluice run pipeline.sql --cluster HOST:PORT     (each batch as a Ballista job)
+//! sluice cluster scheduler [--bind 127.0.0.1:50050]
+//! sluice cluster executor --scheduler HOST:PORT [--host 127.0.0.1]
+//!                         [--flight-port 50051] [--grpc-port 50052]
+//!                         [--slots N] [--work-dir DIR]
 //! ```
 //!
 //! `DIR` is the directory given to `run --checkpoint`, or one query's
@@ -61,6 +66,16 @@ enum Command {
         /// over HTTP on this address (e.g. 127.0.0.1:8080).
         #[arg(long, value_name = "ADDR")]
         http: Option<String>,
+        /// Run each micro-batch's plan as a job on the Ballista cluster
+        /// whose scheduler is at this address (`sluice cluster scheduler`).
+        /// Queries with stateful operators do not run on a cluster yet.
+        #[arg(long, value_name = "HOST:PORT")]
+        cluster: Option<String>,
+    },
+    /// Start a part of a Ballista cluster that runs Sluice's micro-batches.
+    Cluster {
+        #[command(subcommand)]
+        part: ClusterPart,
     },
     /// Show the incremental plan of every streaming query of a SQL file.
     Explain {
@@ -98,6 +113,41 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterPart {
+    /// The scheduler: drivers submit batches to it and it hands their
+    /// tasks to executors. Runs until stopped.
+    Scheduler {
+        /// Where to listen.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+    },
+    /// An executor: registers with the scheduler and runs tasks. Runs
+    /// until stopped (Ctrl-C or SIGTERM).
+    Executor {
+        /// The scheduler's address.
+        #[arg(long, value_name = "HOST:PORT")]
+        scheduler: std::net::SocketAddr,
+        /// The host to bind and to advertise to the scheduler and the
+        /// other executors.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The Arrow Flight port others fetch this executor's rows from.
+        #[arg(long, default_value_t = 50051)]
+        flight_port: u16,
+        /// The port the scheduler pushes tasks to.
+        #[arg(long, default_value_t = 50052)]
+        grpc_port: u16,
+        /// Tasks run at once (default: the machine's cores).
+        #[arg(long)]
+        slots: Option<usize>,
+        /// Where shuffle and result files are written (default: a
+        /// directory under the system's temporary directory).
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("sluice: internal error (a bug in Sluice, please report it): {info}");
@@ -121,7 +171,9 @@ fn main() -> ExitCode {
                 trigger,
                 max_batches,
                 http,
-            } => run(file, checkpoint, trigger, max_batches, http).await,
+                cluster,
+            } => run(file, checkpoint, trigger, max_batches, http, cluster).await,
+            Command::Cluster { part } => cluster_part(part).await,
             Command::Explain { file } => explain(file).await,
             Command::State {
                 dir,
@@ -161,8 +213,12 @@ async fn run(
     trigger: Option<String>,
     max_batches: Option<u64>,
     http: Option<String>,
+    cluster: Option<String>,
 ) -> sluice::Result<()> {
     let sql = read_sql(&file)?;
+    let runner: Option<Arc<dyn sluice::PlanRunner>> = cluster.map(|addr| {
+        Arc::new(sluice_cluster::ClusterRunner::new(&addr)) as Arc<dyn sluice::PlanRunner>
+    });
     let trigger: Option<Trigger> = trigger.map(|t| t.parse()).transpose()?;
     if trigger == Some(Trigger::Manual) {
         return Err(sluice::Error::plan(
@@ -225,6 +281,10 @@ async fn run(
         if let Some(n) = max_batches {
             q = q.with_max_batches(n);
         }
+        if let Some(r) = &runner {
+            let r = Arc::clone(r);
+            q = q.map_writer(|w| w.runner(r));
+        }
         let q = q.start().await?;
         // Kept beside the checkpoint so that `sluice state` can show the
         // query's own columns with final values.
@@ -232,6 +292,40 @@ async fn run(
         queries.push(q);
     }
     supervise(&queries, interrupt).await
+}
+
+/// `sluice cluster scheduler|executor`: runs the part until it stops.
+async fn cluster_part(part: ClusterPart) -> sluice::Result<()> {
+    match part {
+        ClusterPart::Scheduler { bind } => {
+            let scheduler = sluice_cluster::start_scheduler(bind).await?;
+            // Tests and scripts read the address (port 0 picks one).
+            println!("sluice: scheduler listening on {}", scheduler.addr());
+            let _ = std::io::stdout().flush();
+            scheduler.wait().await
+        }
+        ClusterPart::Executor {
+            scheduler,
+            host,
+            flight_port,
+            grpc_port,
+            slots,
+            work_dir,
+        } => {
+            let work_dir = work_dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("sluice-executor-{}", std::process::id()))
+            });
+            sluice_cluster::run_executor(sluice_cluster::ExecutorOptions {
+                scheduler,
+                host,
+                flight_port,
+                grpc_port,
+                slots: slots.unwrap_or_else(sluice::deps::sluice_common::cores),
+                work_dir,
+            })
+            .await
+        }
+    }
 }
 
 /// Ctrl-C (SIGINT), listened for from the moment it is created.

@@ -5,6 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::sink_rows;
+
 fn sluice(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.args(args)
@@ -19,33 +22,6 @@ fn sluice(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The JSON rows of every visible file in a file sink's directory, sorted.
-fn sink_rows(dir: &Path) -> Vec<String> {
-    let mut rows = Vec::new();
-    let Ok(entries) = fs::read_dir(dir) else {
-        return rows;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('_') || name.starts_with('.') {
-            continue;
-        }
-        // Late rows of each query go to a subdirectory named after it.
-        if e.path().is_dir() {
-            rows.extend(sink_rows(&e.path()));
-            continue;
-        }
-        rows.extend(
-            fs::read_to_string(e.path())
-                .unwrap()
-                .lines()
-                .map(str::to_string),
-        );
-    }
-    rows.sort();
-    rows
 }
 
 fn pipeline(dir: &Path) -> PathBuf {

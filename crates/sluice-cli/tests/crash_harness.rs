@@ -13,6 +13,7 @@
 //! killed (default 20).
 
 mod common;
+use common::sink_rows;
 use common::{Rng, kill_until_done};
 
 use std::fs;
@@ -35,33 +36,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// The JSON rows of every visible file under a file sink's directory, sorted.
-fn sink_rows(dir: &Path) -> Vec<String> {
-    let mut rows = Vec::new();
-    let Ok(entries) = fs::read_dir(dir) else {
-        return rows;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('_') || name.starts_with('.') {
-            continue;
-        }
-        if e.path().is_dir() {
-            rows.extend(sink_rows(&e.path()));
-        } else {
-            rows.extend(
-                fs::read_to_string(e.path())
-                    .unwrap()
-                    .lines()
-                    .map(str::to_string),
-            );
-        }
-    }
-    rows.sort();
-    rows
-}
-
-/// Every sink's rows: the windowed counts, the stateless copy, late rows.
 /// Every `.<name>.<pid>.tmp` file under `dir`.
 fn temp_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -80,6 +54,8 @@ fn temp_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Every sink's rows: the windowed counts, the stateless copy, late rows
+/// and the joined rows.
 fn outputs(dir: &Path) -> [Vec<String>; 4] {
     ["counts", "copy", "late", "joined"].map(|d| sink_rows(&dir.join(d)))
 }

@@ -84,6 +84,9 @@ pub struct QueryConfig {
     /// Rebuild state past an unreadable snapshot from an older one and the
     /// deltas after it (`SET state_snapshot_fallback = true`).
     pub state_snapshot_fallback: bool,
+    /// Where each batch's plan runs: `None` for this process; a cluster's
+    /// runner (`sluice-cluster`) to run it there.
+    pub runner: Option<Arc<dyn crate::runner::PlanRunner>>,
 }
 
 impl QueryConfig {
@@ -103,6 +106,7 @@ impl QueryConfig {
             split_seed: None,
             state_ttl: None,
             state_snapshot_fallback: false,
+            runner: None,
         }
     }
 }
@@ -326,6 +330,11 @@ impl MicroBatchExecution {
             tables,
             physical,
         } = plan_query(plan, state, &config).await?;
+        if let Some(runner) = &config.runner {
+            runner
+                .check(&physical)
+                .map_err(|e| ctx(e.context(runner.describe())))?;
+        }
         let names: Vec<String> = tables
             .iter()
             .map(|t| t.source().name().to_string())
@@ -1184,17 +1193,24 @@ impl MicroBatchExecution {
                 .prepare(id)
                 .map_err(|e| e.context(format!("operator '{op}'")))?;
         }
-        self.runtime.set_batch(BatchContext {
+        let batch = BatchContext {
             batch_id: id,
             now_ms: entry.timestamp_ms,
             watermark_start: entry.watermark_ms,
             watermark_end: watermark,
             input_rows,
-        });
+        };
+        self.runtime.set_batch(batch);
         let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
-        let rows = collect(plan, Arc::clone(&self.task_ctx))
-            .await
-            .map_err(Error::from)?;
+        let rows = match &self.config.runner {
+            Some(runner) => runner
+                .run(plan, Arc::clone(&self.task_ctx), batch)
+                .await
+                .map_err(|e| e.context(runner.describe()))?,
+            None => collect(plan, Arc::clone(&self.task_ctx))
+                .await
+                .map_err(Error::from)?,
+        };
         if self.operators.is_empty() && self.config.output_mode == OutputMode::Changelog {
             return rows
                 .into_iter()

@@ -15,6 +15,7 @@ pub mod execution;
 pub mod fault;
 pub mod operators;
 pub mod query;
+pub mod runner;
 pub mod trigger;
 
 pub use execution::{
@@ -23,4 +24,5 @@ pub use execution::{
 pub use fault::{CRASH_EXIT_CODE, Fault, FaultPoint};
 pub use operators::StateFinalizer;
 pub use query::{QueryInfo, QueryStatus, StreamingQuery};
+pub use runner::PlanRunner;
 pub use trigger::Trigger;

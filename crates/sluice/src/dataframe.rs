@@ -16,7 +16,7 @@ use sluice_common::connector::Sink;
 use sluice_common::durable::Durability;
 use sluice_common::{Error, Result};
 use sluice_exec::{
-    Fault, MicroBatchExecution, QueryConfig, StateFinalizer, StreamingQuery, Trigger,
+    Fault, MicroBatchExecution, PlanRunner, QueryConfig, StateFinalizer, StreamingQuery, Trigger,
 };
 use sluice_planner::{
     OutputMode, SessionEnd, WatermarkDef, fork_streams, stream_tables, window_time_udf,
@@ -198,6 +198,7 @@ impl StreamingDataFrame for DataFrame {
             split_seed: None,
             state_ttl: None,
             state_snapshot_fallback: false,
+            runner: None,
         }
     }
 }
@@ -231,6 +232,7 @@ pub struct DataStreamWriter {
     split_seed: Option<u64>,
     state_ttl: Option<Duration>,
     state_snapshot_fallback: bool,
+    runner: Option<Arc<dyn PlanRunner>>,
 }
 
 impl DataStreamWriter {
@@ -295,6 +297,13 @@ impl DataStreamWriter {
     /// older snapshot and the deltas after it instead of failing.
     pub fn state_snapshot_fallback(mut self, on: bool) -> Self {
         self.state_snapshot_fallback = on;
+        self
+    }
+
+    /// Runs each batch's plan with `runner` instead of in this process
+    /// (`sluice_cluster::ClusterRunner` runs it on a Ballista cluster).
+    pub fn runner(mut self, runner: Arc<dyn PlanRunner>) -> Self {
+        self.runner = Some(runner);
         self
     }
 
@@ -364,6 +373,7 @@ impl DataStreamWriter {
         config.split_seed = self.split_seed;
         config.state_ttl = self.state_ttl;
         config.state_snapshot_fallback = self.state_snapshot_fallback;
+        config.runner = self.runner;
         if self.fault.is_some() {
             config.fault = self.fault;
         }

@@ -49,7 +49,7 @@ pub use sluice_connectors::{
     MemorySource, MemoryTable, RateSource,
 };
 pub use sluice_exec::{
-    Fault, FaultPoint, QueryInfo, QueryStatus, StateFinalizer, StreamingQuery, Trigger,
+    Fault, FaultPoint, PlanRunner, QueryInfo, QueryStatus, StateFinalizer, StreamingQuery, Trigger,
 };
 pub use sluice_planner::{OutputMode, WatermarkDef};
 pub use state_table::other_operators;

@@ -1,5 +1,8 @@
-//! What the CLI's kill tests share.
+//! What the CLI's tests share. Each test binary uses part of it.
+#![allow(dead_code)]
 
+use std::fs;
+use std::path::Path;
 use std::process::Output;
 
 /// A small deterministic generator (xorshift64*), so a seed replays a run.
@@ -39,4 +42,32 @@ pub fn kill_until_done(
         }
     }
     panic!("{ctx}: never finished in 40 attempts");
+}
+
+/// The rows of every visible file in a file sink's directory and its
+/// subdirectories (late rows go to one per query), sorted; none if it does
+/// not exist.
+pub fn sink_rows(dir: &Path) -> Vec<String> {
+    let mut rows = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return rows;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('_') || name.starts_with('.') {
+            continue;
+        }
+        if e.path().is_dir() {
+            rows.extend(sink_rows(&e.path()));
+        } else {
+            rows.extend(
+                fs::read_to_string(e.path())
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string),
+            );
+        }
+    }
+    rows.sort();
+    rows
 }

@@ -1,0 +1,199 @@
+//! `sluice cluster scheduler`, `sluice cluster executor` and `sluice run
+//! --cluster`, as separate processes on 127.0.0.1: a query's output on the
+//! cluster equals its output in one process, and stays so when the driver
+//! crashes mid-run or an executor is killed between batches.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+mod common;
+use common::sink_rows;
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env_remove("SLUICE_CRASH_AT")
+        .env_remove("SLUICE_IO_FAULT");
+    cmd
+}
+
+/// A cluster process, killed when dropped.
+struct Part(Child);
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port free at the time of asking (the executor binds it itself).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// Starts a scheduler on a free port and returns it with its address, read
+/// from the line it prints (waiting at most a minute).
+fn scheduler(log: &Path) -> (Part, String) {
+    let mut child = bin()
+        .args(["cluster", "scheduler", "--bind", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(log).unwrap())
+        .spawn()
+        .expect("the scheduler starts");
+    let stdout = child.stdout.take().unwrap();
+    let part = Part(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the scheduler prints its address");
+    let addr = line
+        .trim()
+        .strip_prefix("sluice: scheduler listening on ")
+        .unwrap_or_else(|| panic!("unexpected scheduler output {line:?}"))
+        .to_string();
+    (part, addr)
+}
+
+fn executor(scheduler: &str, dir: &Path, i: usize) -> Part {
+    let child = bin()
+        .args([
+            "cluster",
+            "executor",
+            "--scheduler",
+            scheduler,
+            "--host",
+            "127.0.0.1",
+            "--flight-port",
+            &free_port().to_string(),
+            "--grpc-port",
+            &free_port().to_string(),
+            "--slots",
+            "2",
+            "--work-dir",
+        ])
+        .arg(dir.join(format!("executor-{i}")))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join(format!("executor-{i}.log"))).unwrap())
+        .spawn()
+        .expect("the executor starts");
+    Part(child)
+}
+
+fn pipeline(dir: &Path) -> PathBuf {
+    let sql = dir.join("pipeline.sql");
+    fs::write(
+        &sql,
+        "CREATE SOURCE ev (id BIGINT, v VARCHAR) WITH (connector = 'file', path = 'in', format = 'json', max_files_per_trigger = 1);
+         CREATE EXTERNAL TABLE names STORED AS CSV LOCATION 'names.csv' OPTIONS ('format.has_header' 'true');
+         CREATE SINK out WITH (connector = 'file', path = 'out', format = 'json') AS
+         SELECT e.id, upper(e.v) AS v, n.name FROM ev e LEFT JOIN names n ON e.id % 4 = n.k WHERE e.id % 3 <> 0;",
+    )
+    .unwrap();
+    fs::write(dir.join("names.csv"), "k,name\n0,zero\n1,one\n2,two\n").unwrap();
+    fs::create_dir_all(dir.join("in")).unwrap();
+    for f in 0..20 {
+        let body: String = (0..5)
+            .map(|r| format!("{{\"id\": {}, \"v\": \"r{f}-{r}\"}}\n", f * 5 + r + 1))
+            .collect();
+        fs::write(dir.join("in").join(format!("{f:03}.json")), body).unwrap();
+    }
+    sql
+}
+
+fn run(dir: &Path, cluster: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = bin();
+    cmd.current_dir(dir).args([
+        "run",
+        "pipeline.sql",
+        "--checkpoint",
+        "ckpt",
+        "--trigger",
+        "available-now",
+    ]);
+    if let Some(c) = cluster {
+        cmd.args(["--cluster", c]);
+    }
+    cmd.args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("sluice run runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The output of the pipeline run in one process, start to end.
+fn expected() -> Vec<String> {
+    let tmp = tempfile::tempdir().unwrap();
+    pipeline(tmp.path());
+    let o = run(tmp.path(), None, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = sink_rows(&tmp.path().join("out"));
+    assert_eq!(rows.len(), 67, "{rows:?}");
+    rows
+}
+
+#[test]
+fn a_query_on_the_cluster_survives_a_driver_crash_and_a_lost_executor() {
+    let expected = expected();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    pipeline(dir);
+    let (_scheduler, addr) = scheduler(&dir.join("scheduler.log"));
+    let _one = executor(&addr, dir, 1);
+    let two = executor(&addr, dir, 2);
+
+    // The driver dies after batch 4's rows reached the sink, before its
+    // commit: the re-run redoes batch 4 on the cluster, exactly once.
+    let crashed = run(
+        dir,
+        Some(&addr),
+        &[],
+        &[("SLUICE_CRASH_AT", "after-sink:4")],
+    );
+    assert_eq!(crashed.status.code(), Some(86), "{}", stderr(&crashed));
+    let ok = run(dir, Some(&addr), &["--max-batches", "6"], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    // One executor is killed; the rest of the run goes to the other.
+    drop(two);
+    let ok = run(dir, Some(&addr), &[], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(sink_rows(&dir.join("out")), expected);
+}
+
+#[test]
+fn a_stateful_query_is_refused_on_the_cluster_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::write(
+        dir.join("pipeline.sql"),
+        "CREATE SOURCE ev (id BIGINT, v VARCHAR) WITH (connector = 'file', path = 'in', format = 'json');
+         CREATE SINK out WITH (connector = 'file', path = 'out', format = 'json', output_mode = 'update') AS
+         SELECT v, count(*) AS n FROM ev GROUP BY v;",
+    )
+    .unwrap();
+    fs::create_dir_all(dir.join("in")).unwrap();
+    let o = run(dir, Some("127.0.0.1:9"), &[], &[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("stateful operator 'aggregate'")
+            && err.contains("does not run on a cluster yet"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

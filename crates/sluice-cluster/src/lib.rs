@@ -1,0 +1,28 @@
+//! Sluice on a Ballista cluster.
+//!
+//! [Ballista](https://datafusion.apache.org/ballista/) is DataFusion's
+//! distributed engine: a scheduler cuts a physical plan into stages at its
+//! shuffles and executors run their tasks. This crate runs Sluice's
+//! micro-batches on it:
+//!
+//! - [`start_scheduler`] and [`run_executor`] start Ballista's scheduler
+//!   and executor with Sluice's session (its functions and the codec for
+//!   its plan nodes, [`session`]); `sluice cluster scheduler` and `sluice
+//!   cluster executor` are these two.
+//! - [`ClusterRunner`] is a [`sluice_exec::PlanRunner`]: set as a query's
+//!   runner, it submits each batch's plan to the scheduler as one job. The
+//!   driver keeps the offset and commit logs, reads the sources, computes
+//!   the watermark and writes the sinks, exactly as in one process; only
+//!   the plan between the sources and the sink runs on the cluster.
+//!
+//! Not built yet: stateful operators on the cluster (their state split into
+//! partitions in a shared checkpoint), sources read by the executors, and
+//! object storage. A query with a stateful operator is refused by
+//! [`ClusterRunner`] when it starts.
+
+mod runner;
+mod server;
+pub mod session;
+
+pub use runner::ClusterRunner;
+pub use server::{ExecutorOptions, Scheduler, run_executor, start_scheduler};

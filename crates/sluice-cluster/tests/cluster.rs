@@ -1,0 +1,169 @@
+//! Micro-batches on a Ballista cluster started in this process on
+//! 127.0.0.1: a scheduler and two executors, each on free ports. The same
+//! query runs once in one process and once on the cluster, over the same
+//! files in the same micro-batches; the outputs must be equal.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use sluice::prelude::*;
+use sluice::{Outcome, PlanRunner};
+use sluice_cluster::{ClusterRunner, ExecutorOptions, Scheduler, run_executor, start_scheduler};
+
+/// A port free at the time of asking (the executor binds it itself).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// A scheduler and `executors` executors on 127.0.0.1.
+async fn cluster(executors: usize, work: &Path) -> Scheduler {
+    let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let scheduler = start_scheduler(bind).await.expect("scheduler starts");
+    for i in 0..executors {
+        let options = ExecutorOptions {
+            scheduler: scheduler.addr(),
+            host: "127.0.0.1".to_string(),
+            flight_port: free_port(),
+            grpc_port: free_port(),
+            slots: 2,
+            work_dir: work.join(format!("executor-{i}")),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = run_executor(options).await {
+                panic!("executor {i} stopped: {e}");
+            }
+        });
+    }
+    scheduler
+}
+
+/// 20 files of clicks, one per micro-batch, and a CSV of users.
+fn write_inputs(dir: &Path) {
+    let clicks = dir.join("clicks");
+    std::fs::create_dir_all(&clicks).unwrap();
+    for f in 0..20 {
+        let mut text = String::new();
+        for r in 0..25 {
+            let n = f * 25 + r;
+            text.push_str(&format!(
+                "{{\"user_id\": {}, \"url\": \"/p/{}\", \"ms_on_page\": {}, \"ts\": \"2026-01-01T00:{:02}:{:02}\"}}\n",
+                n % 7,
+                n % 11,
+                (n * 137) % 3000,
+                f,
+                r
+            ));
+        }
+        std::fs::write(clicks.join(format!("{f:03}.json")), text).unwrap();
+    }
+    let mut users = String::from("user_id,name\n");
+    for u in 0..5 {
+        users.push_str(&format!("{u},user{u}\n"));
+    }
+    std::fs::write(dir.join("users.csv"), users).unwrap();
+}
+
+fn script(dir: &Path, query: &str) -> String {
+    format!(
+        "CREATE SOURCE clicks (user_id BIGINT, url VARCHAR, ms_on_page BIGINT, ts TIMESTAMP, \
+           WATERMARK FOR ts AS ts - INTERVAL '10' SECOND) \
+         WITH (connector = 'file', path = '{}', format = 'json', max_files_per_trigger = 1);
+         CREATE EXTERNAL TABLE users STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true');
+         CREATE SINK out WITH (connector = 'memory') AS {query};",
+        dir.join("clicks").display(),
+        dir.join("users.csv").display()
+    )
+}
+
+/// Runs `query` over the inputs in `dir` until every file is read, on
+/// `runner` or (without one) in this process; returns its rows, sorted,
+/// as text, and the number of batches.
+async fn run(
+    dir: &Path,
+    query: &str,
+    runner: Option<Arc<dyn PlanRunner>>,
+    name: &str,
+) -> sluice::Result<(String, u64)> {
+    let ctx = StreamContext::new();
+    let mut pending = None;
+    for outcome in ctx.sql(&script(dir, query)).await? {
+        if let Outcome::Query(q) = outcome {
+            pending = Some(q);
+        }
+    }
+    let pending = pending.expect("the script defines a query");
+    let checkpoint = dir.join(format!("checkpoint-{name}"));
+    let q = pending
+        .map_writer(|w| {
+            let w = w.trigger(Trigger::AvailableNow).checkpoint(checkpoint);
+            match runner {
+                Some(r) => w.runner(r),
+                None => w,
+            }
+        })
+        .start()
+        .await?;
+    q.await_termination().await?;
+    let batches = q.last_progress().map(|p| p.batch_id + 1).unwrap_or(0);
+    let rows = ctx
+        .session()
+        .sql("SELECT * FROM out ORDER BY 1, 2, 3, 4, 5")
+        .await
+        .map_err(sluice::Error::from)?
+        .collect()
+        .await
+        .map_err(sluice::Error::from)?;
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&rows)
+        .unwrap()
+        .to_string();
+    Ok((text, batches))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stateless_join_runs_on_the_cluster_as_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    let scheduler = cluster(2, &dir.path().join("work")).await;
+    let runner: Arc<dyn PlanRunner> = Arc::new(ClusterRunner::new(&scheduler.addr().to_string()));
+    // A stream joined with a static table, filtered and projected: the
+    // static table's scan is read by the executors.
+    let query = "SELECT c.ts, c.user_id, u.name, c.url, c.ms_on_page * 2 AS doubled \
+                 FROM clicks c LEFT JOIN users u ON c.user_id = u.user_id \
+                 WHERE c.ms_on_page >= 1000";
+    let (local, local_batches) = run(dir.path(), query, None, "local").await.unwrap();
+    let (remote, remote_batches) = run(dir.path(), query, Some(runner), "cluster")
+        .await
+        .unwrap();
+    assert_eq!(local_batches, 20);
+    assert_eq!(remote_batches, 20);
+    assert!(local.lines().count() > 100, "{local}");
+    assert_eq!(local, remote);
+    // The executors ran the batches' jobs: their work directories hold the
+    // jobs' result files (kept for a while after each job).
+    let mut jobs = 0;
+    for e in std::fs::read_dir(dir.path().join("work")).unwrap() {
+        jobs += std::fs::read_dir(e.unwrap().path()).unwrap().count();
+    }
+    assert!(jobs > 0, "no job ran on the executors");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stateful_query_is_refused_on_the_cluster_until_it_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    // No cluster is needed: the query is refused when it starts.
+    let runner: Arc<dyn PlanRunner> = Arc::new(ClusterRunner::new("127.0.0.1:9"));
+    let query = "SELECT window_start, window_end, count(*) AS n \
+                 FROM TUMBLE(clicks, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end";
+    let err = run(dir.path(), query, Some(runner), "stateful")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not run on a cluster yet"), "{err}");
+    assert!(err.contains("aggregate"), "{err}");
+    assert!(err.contains("ballista at http://127.0.0.1:9"), "{err}");
+}
