@@ -5,6 +5,7 @@
 //! cargo run --release -p sluice-benches -- --state     # the state store alone, printed
 //! cargo run --release -p sluice-benches -- --users     # the CLI and DuckDB figures alone
 //! cargo run --release -p sluice-benches -- --soak 60   # a 60-minute soak, to docs/benchmarks-soak.md
+//! cargo run --release -p sluice-benches -- --cluster   # the loopback Ballista cluster alone, printed
 //! ```
 //!
 //! Each comparison runs both sides in the same process run, so their ratio
@@ -12,6 +13,7 @@
 //! minimum and maximum beside them. The results are printed and written as
 //! Markdown with the machine, the date and the commit.
 
+mod cluster;
 mod nexmark;
 mod overhead;
 mod single;
@@ -230,6 +232,12 @@ async fn main() -> Result<()> {
                 );
             }
         }
+        return Ok(());
+    }
+    if args.iter().any(|a| a == "--cluster") {
+        let work =
+            tempfile::tempdir_in(".").map_err(|e| sluice::Error::io("a work directory", e))?;
+        print!("{}", cluster::cluster_section(work.path(), 200).await?);
         return Ok(());
     }
     if args.iter().any(|a| a == "--single-aggregate") {
@@ -472,6 +480,9 @@ async fn main() -> Result<()> {
         md,
         "\nq4's, q6's and q9's sinks are changelogs (their rows change); their output rows count the changes. q12 does not run yet (processing-time windows); `benches/nexmark/README.md` says what it needs.\n"
     );
+    // 6. A loopback Ballista cluster against one process.
+    eprintln!("bench: loopback cluster");
+    md.push_str(&cluster::cluster_section(dir, if quick { 50 } else { 200 }).await?);
     // The hand-written record of what was optimized, and what is left.
     md.push('\n');
     md.push_str(include_str!("../optimizations.md"));

@@ -32,6 +32,18 @@ pub(crate) async fn overhead(
     stateful: bool,
     n: usize,
 ) -> Result<(Stats, Stats, String)> {
+    overhead_on(dir, durability, stateful, n, None).await
+}
+
+/// [`overhead`], with each batch's plan run by `runner` (a cluster's).
+pub(crate) async fn overhead_on(
+    dir: &Path,
+    durability: Durability,
+    stateful: bool,
+    n: usize,
+    runner: Option<std::sync::Arc<dyn sluice::PlanRunner>>,
+) -> Result<(Stats, Stats, String)> {
+    let on_cluster = runner.is_some();
     let ctx = StreamContext::new();
     let src = MemorySource::new("s", schema());
     let df = ctx.read_stream(src.clone()).await?;
@@ -48,12 +60,16 @@ pub(crate) async fn overhead(
     } else {
         df
     };
-    let q = df
+    let mut writer = df
         .write_stream()
         .output_mode(OutputMode::Append)
         .trigger(Trigger::Manual)
         .durability(durability)
-        .checkpoint(dir.join(format!("overhead-{stateful}-{durability:?}")))
+        .checkpoint(dir.join(format!("overhead-{stateful}-{durability:?}-{on_cluster}")));
+    if let Some(r) = runner {
+        writer = writer.runner(r);
+    }
+    let q = writer
         .start(MemorySink::new("out", MemoryTable::new()))
         .await?;
     let one = schema();

@@ -1,7 +1,9 @@
 //! `sluice cluster scheduler`, `sluice cluster executor` and `sluice run
 //! --cluster`, as separate processes on 127.0.0.1: a query's output on the
-//! cluster equals its output in one process, and stays so when the driver
-//! crashes mid-run or an executor is killed between batches.
+//! cluster (a stateless join, and a windowed aggregate with its state in
+//! partitions of the checkpoint) equals its output in one process, and
+//! stays so when the driver crashes mid-run or an executor is killed
+//! between batches.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -175,15 +177,86 @@ fn a_query_on_the_cluster_survives_a_driver_crash_and_a_lost_executor() {
     assert_eq!(sink_rows(&dir.join("out")), expected);
 }
 
+/// A windowed aggregate with its watermark, in append mode.
+fn windowed_pipeline(dir: &Path) {
+    fs::write(
+        dir.join("pipeline.sql"),
+        "CREATE SOURCE ev (id BIGINT, v VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) \
+           WITH (connector = 'file', path = 'in', format = 'json', max_files_per_trigger = 1);
+         CREATE SINK out WITH (connector = 'file', path = 'out', format = 'json') AS
+         SELECT window_start, id % 5 AS k, count(*) AS n, min(v) AS first
+         FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, id % 5;",
+    )
+    .unwrap();
+    fs::create_dir_all(dir.join("in")).unwrap();
+    for f in 0..20 {
+        let body: String = (0..6)
+            .map(|r| {
+                let id = f * 6 + r;
+                format!(
+                    "{{\"id\": {id}, \"v\": \"r{f}-{r}\", \"ts\": \"2026-01-01T00:00:{:02}\"}}\n",
+                    (f * 3 + r % 3) % 60
+                )
+            })
+            .collect();
+        fs::write(dir.join("in").join(format!("{f:03}.json")), body).unwrap();
+    }
+}
+
 #[test]
-fn a_stateful_query_is_refused_on_the_cluster_with_a_clear_error() {
+fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
+    let expected = {
+        let tmp = tempfile::tempdir().unwrap();
+        windowed_pipeline(tmp.path());
+        let o = run(tmp.path(), None, &[], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        sink_rows(&tmp.path().join("out"))
+    };
+    assert!(expected.len() > 20, "{expected:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    windowed_pipeline(dir);
+    let (_scheduler, addr) = scheduler(&dir.join("scheduler.log"));
+    let _one = executor(&addr, dir, 1);
+    let two = executor(&addr, dir, 2);
+    // The driver dies after batch 3's state and rows are written, before
+    // its commit record; then again right after batch 7's plan record.
+    for crash in ["after-sink:3", "after-offsets:7"] {
+        let crashed = run(dir, Some(&addr), &[], &[("SLUICE_CRASH_AT", crash)]);
+        assert_eq!(
+            crashed.status.code(),
+            Some(86),
+            "{crash}: {}",
+            stderr(&crashed)
+        );
+    }
+    let ok = run(dir, Some(&addr), &["--max-batches", "4"], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // One executor is killed; the rest of the run goes to the other, which
+    // loads the state partitions the killed one wrote.
+    drop(two);
+    let ok = run(dir, Some(&addr), &[], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(sink_rows(&dir.join("out")), expected);
+    assert!(dir.join("ckpt/out/state/aggregate/partitions").exists());
+
+    // The checkpoint's state is in partitions: a run in one process is
+    // refused, naming why.
+    let o = run(dir, None, &[], &[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("was written by a run on a cluster"), "{err}");
+}
+
+#[test]
+fn an_operator_not_built_for_clusters_is_refused_with_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     fs::write(
         dir.join("pipeline.sql"),
         "CREATE SOURCE ev (id BIGINT, v VARCHAR) WITH (connector = 'file', path = 'in', format = 'json');
-         CREATE SINK out WITH (connector = 'file', path = 'out', format = 'json', output_mode = 'update') AS
-         SELECT v, count(*) AS n FROM ev GROUP BY v;",
+         CREATE SINK out WITH (connector = 'file', path = 'out', format = 'json') AS
+         SELECT DISTINCT v FROM ev;",
     )
     .unwrap();
     fs::create_dir_all(dir.join("in")).unwrap();
@@ -191,9 +264,18 @@ fn a_stateful_query_is_refused_on_the_cluster_with_a_clear_error() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(
-        err.contains("stateful operator 'aggregate'")
-            && err.contains("does not run on a cluster yet"),
+        err.contains("stateful operator 'dedup'")
+            && err.contains("only grouped aggregates run on a cluster yet"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A checkpoint whose aggregate state was written in one process is not
+    // taken over by a cluster.
+    windowed_pipeline(dir);
+    let o = run(dir, None, &["--max-batches", "2"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(dir, Some("127.0.0.1:9"), &[], &[]);
+    let err = stderr(&o);
+    assert!(err.contains("was written by a run in one process"), "{err}");
 }

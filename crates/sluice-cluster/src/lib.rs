@@ -15,14 +15,21 @@
 //!   the watermark and writes the sinks, exactly as in one process; only
 //!   the plan between the sources and the sink runs on the cluster.
 //!
-//! Not built yet: stateful operators on the cluster (their state split into
-//! partitions in a shared checkpoint), sources read by the executors, and
-//! object storage. A query with a stateful operator is refused by
-//! [`ClusterRunner`] when it starts.
+//! - A grouped aggregate runs as one task per partition of its state, in
+//!   the checkpoint's `state/<op>/p<k>/`, which every executor reads and
+//!   writes at the same path (a shared directory): see [`stateful`].
+//!
+//! Not built yet: the other stateful operators (deduplication, top-N,
+//! joins of two streams, session windows) and chains of them on a cluster,
+//! sources read by the executors, and object storage. A query that needs
+//! one of these is refused by [`ClusterRunner`] when it starts.
 
+pub mod codec;
 mod runner;
 mod server;
 pub mod session;
+mod slice;
+pub mod stateful;
 
-pub use runner::ClusterRunner;
+pub use runner::{ClusterRunner, DEFAULT_STATE_PARTITIONS};
 pub use server::{ExecutorOptions, Scheduler, run_executor, start_scheduler};

@@ -1,6 +1,7 @@
 //! Running each micro-batch's plan as one Ballista job.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 
 use ballista_core::execution_plans::execute_physical_plan;
@@ -9,17 +10,32 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::TaskContext;
-use datafusion::physical_plan::{ExecutionPlan, collect_partitioned};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning, collect_partitioned};
 use datafusion_proto::physical_plan::AsExecutionPlan;
 use datafusion_proto::protobuf::PhysicalPlanNode;
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
+use sluice_common::durable::{Durability, read_json, write_json};
 use sluice_common::{Error, Result};
-use sluice_exec::PlanRunner;
-use sluice_exec::operators::{BatchContext, stateful_nodes};
+use sluice_exec::operators::{StreamingAggregateExec, stateful_nodes};
+use sluice_exec::{BatchJob, PlanRunner};
 use sluice_planner::is_stream_scan;
 
 use crate::session::{physical_codec, session_config};
+use crate::stateful::{PartitionedAggregateExec, StateJob, partition_ids, recompute};
+
+/// How many partitions a stateful operator's state is split into when its
+/// first batch runs on a cluster, unless the runner is told otherwise.
+pub const DEFAULT_STATE_PARTITIONS: usize = 8;
+
+/// `state/<op>/partitions`: the partitions an operator's state was split
+/// into, fixed when its first batch ran on a cluster.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PartitionsRecord {
+    partitions: usize,
+}
 
 /// Runs each batch's plan on a Ballista cluster, as one job submitted to
 /// its scheduler.
@@ -28,12 +44,14 @@ use crate::session::{physical_codec, session_config};
 /// in one process and puts each stream scan's rows for the batch into the
 /// plan as an in-memory scan; the cluster runs the rest, shuffling at its
 /// hash repartitions, and the driver collects the job's rows for the sinks.
-/// Stateful operators are not run on a cluster yet: a query with one is
-/// refused when it starts.
+/// A grouped aggregate runs as one task per partition of its state (see
+/// [`crate::stateful`]); the other stateful operators are not run on a
+/// cluster yet, and a query with one is refused when it starts.
 #[derive(Debug, Clone)]
 pub struct ClusterRunner {
     url: String,
     session_id: String,
+    partitions: usize,
 }
 
 impl ClusterRunner {
@@ -47,7 +65,16 @@ impl ClusterRunner {
         ClusterRunner {
             url,
             session_id: format!("sluice-{}", uuid::Uuid::new_v4()),
+            partitions: DEFAULT_STATE_PARTITIONS,
         }
+    }
+
+    /// Splits the state of an operator whose first batch runs with this
+    /// runner into `n` partitions (at least 1). A checkpoint keeps the
+    /// number it was started with.
+    pub fn with_state_partitions(mut self, n: usize) -> Self {
+        self.partitions = n.max(1);
+        self
     }
 
     /// The scheduler's URL.
@@ -98,6 +125,111 @@ async fn detach(
     Ok(detached.data)
 }
 
+/// `plan` with every aggregate as a [`PartitionedAggregateExec`] over its
+/// input hash-partitioned on its keys into the operator's partitions
+/// (`partitions`, by operator id; one for an aggregate without keys), and a
+/// coalesce above it, so that the plan above sees one partition as before.
+fn distribute(
+    plan: Arc<dyn ExecutionPlan>,
+    job: &BatchJob,
+    partitions: &BTreeMap<String, usize>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let planned = plan
+        .transform_up(|p| {
+            let any: &dyn std::any::Any = p.as_ref();
+            let Some(agg) = any.downcast_ref::<StreamingAggregateExec>() else {
+                return Ok(Transformed::no(p));
+            };
+            use sluice_exec::operators::StatefulExec;
+            let id = agg.operator_id().to_string();
+            let keys = agg.key_exprs();
+            let n = if keys.is_empty() {
+                1
+            } else {
+                partitions
+                    .get(&id)
+                    .copied()
+                    .unwrap_or(DEFAULT_STATE_PARTITIONS)
+            };
+            let input = Arc::clone(agg.children()[0]);
+            let split: Arc<dyn ExecutionPlan> = if n == 1 {
+                Arc::new(CoalescePartitionsExec::new(input))
+            } else {
+                Arc::new(RepartitionExec::try_new(
+                    input,
+                    Partitioning::Hash(keys, n),
+                )?)
+            };
+            let rebuilt = Arc::new(agg.clone()).replace_children(vec![split], recompute())?;
+            let any: &dyn std::any::Any = rebuilt.as_ref();
+            let agg = any
+                .downcast_ref::<StreamingAggregateExec>()
+                .cloned()
+                .expect("an aggregate rebuilt is an aggregate");
+            let mut batch = job.batch;
+            if let Some(&d) = job.delays.get(&id).filter(|d| **d > 0) {
+                batch.watermark_start = batch.watermark_start.map(|w| w.saturating_sub(d));
+                batch.watermark_end = batch.watermark_end.map(|w| w.saturating_sub(d));
+            }
+            let state = StateJob {
+                checkpoint: job.checkpoint.clone(),
+                durability: job.durability,
+                batch,
+            };
+            let node = Arc::new(PartitionedAggregateExec::new(
+                agg,
+                partition_ids(n)?,
+                state,
+            )?);
+            Ok(Transformed::yes(
+                Arc::new(CoalescePartitionsExec::new(node)) as Arc<dyn ExecutionPlan>,
+            ))
+        })
+        .map_err(Error::from)?;
+    Ok(planned.data)
+}
+
+/// Each aggregate's number of state partitions: as recorded in the
+/// checkpoint, or `default` recorded now for one that has none yet.
+fn state_partitions(
+    plan: &Arc<dyn ExecutionPlan>,
+    checkpoint: &Path,
+    durability: Durability,
+    default: usize,
+) -> Result<BTreeMap<String, usize>> {
+    let mut out = BTreeMap::new();
+    for node in stateful_nodes(plan) {
+        let any: &dyn std::any::Any = node;
+        let Some(agg) = any.downcast_ref::<StreamingAggregateExec>() else {
+            continue;
+        };
+        let id = node.operator_id().to_string();
+        let dir = checkpoint.join("state").join(&id);
+        let path = dir.join(sluice_exec::execution::CLUSTER_STATE_MARK);
+        let n = if path.exists() {
+            read_json::<PartitionsRecord>(&path)?.partitions
+        } else {
+            let n = if agg.key_exprs().is_empty() {
+                1
+            } else {
+                default
+            };
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            write_json(&path, &PartitionsRecord { partitions: n }, durability)?;
+            n
+        };
+        if n == 0 {
+            return Err(Error::checkpoint(
+                &path,
+                "an operator with 0 state partitions",
+            ));
+        }
+        out.insert(id, n);
+    }
+    Ok(out)
+}
+
 /// Encodes `plan` as the scheduler will receive it, naming the node that
 /// cannot be.
 fn encode(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
@@ -113,13 +245,32 @@ impl PlanRunner for ClusterRunner {
     }
 
     fn check(&self, plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
-        if let Some(op) = stateful_nodes(plan).first() {
+        let nodes = stateful_nodes(plan);
+        for op in &nodes {
+            let any: &dyn std::any::Any = *op;
+            let merges = any
+                .downcast_ref::<StreamingAggregateExec>()
+                .map(StreamingAggregateExec::merges_sessions);
+            let why = match merges {
+                None => Some("only grouped aggregates run on a cluster yet"),
+                Some(true) => Some("session windows do not run on a cluster yet"),
+                Some(false) => None,
+            };
+            if let Some(why) = why {
+                return Err(Error::not_supported(format!(
+                    "stateful operator '{}' ({}): {why}; run the query in one process (without --cluster)",
+                    op.operator_id(),
+                    op.description()
+                )));
+            }
+        }
+        if nodes.len() > 1 {
             return Err(Error::not_supported(format!(
-                "stateful operator '{}' ({}) does not run on a cluster yet: run the query in one process (without --cluster)",
-                op.operator_id(),
-                op.description()
+                "a chain of {} stateful operators does not run on a cluster yet; run the query in one process (without --cluster)",
+                nodes.len()
             )));
         }
+        drop(nodes);
         // The plan as a batch sends it, with no rows in its scans.
         let empty = plan
             .clone()
@@ -132,17 +283,30 @@ impl PlanRunner for ClusterRunner {
             })
             .map_err(Error::from)?
             .data;
-        encode(&empty)
+        let job = BatchJob {
+            batch: Default::default(),
+            checkpoint: std::path::PathBuf::new(),
+            durability: Durability::NoSync,
+            delays: BTreeMap::new(),
+        };
+        encode(&distribute(empty, &job, &BTreeMap::new())?)
     }
 
-    fn run(
-        &self,
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
+    fn run<'a>(
+        &'a self,
         plan: Arc<dyn ExecutionPlan>,
         ctx: Arc<TaskContext>,
-        _batch: BatchContext,
-    ) -> BoxFuture<'_, Result<Vec<RecordBatch>>> {
+        job: &'a BatchJob,
+    ) -> BoxFuture<'a, Result<Vec<RecordBatch>>> {
         Box::pin(async move {
+            let partitions =
+                state_partitions(&plan, &job.checkpoint, job.durability, self.partitions)?;
             let plan = detach(plan, ctx).await?;
+            let plan = distribute(plan, job, &partitions)?;
             let config = session_config();
             let codec = physical_codec();
             let stream = execute_physical_plan::<PhysicalPlanNode>(

@@ -4,17 +4,15 @@
 use std::sync::Arc;
 
 use ballista_core::extension::SessionConfigExt;
-use ballista_core::serde::BallistaPhysicalExtensionCodec;
 use datafusion::execution::{FunctionRegistry, SessionState, SessionStateBuilder};
 use datafusion::prelude::SessionConfig;
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
 
 /// The codec for plan nodes that DataFusion's own serialization does not
-/// know. Today Ballista's (its shuffle and stage nodes): the plans a
-/// cluster runs hold only DataFusion's nodes once the driver has put each
-/// batch's rows in place of the stream scans.
+/// know: Ballista's (its shuffle and stage nodes) and Sluice's
+/// ([`crate::codec::SluiceCodec`]).
 pub fn physical_codec() -> Arc<dyn PhysicalExtensionCodec> {
-    Arc::new(BallistaPhysicalExtensionCodec::default())
+    Arc::new(crate::codec::SluiceCodec::default())
 }
 
 /// The session config of a cluster's parts: Ballista's defaults, with

@@ -67,13 +67,13 @@ fn write_inputs(dir: &Path) {
     std::fs::write(dir.join("users.csv"), users).unwrap();
 }
 
-fn script(dir: &Path, query: &str) -> String {
+fn script(dir: &Path, query: &str, mode: &str) -> String {
     format!(
         "CREATE SOURCE clicks (user_id BIGINT, url VARCHAR, ms_on_page BIGINT, ts TIMESTAMP, \
            WATERMARK FOR ts AS ts - INTERVAL '10' SECOND) \
          WITH (connector = 'file', path = '{}', format = 'json', max_files_per_trigger = 1);
          CREATE EXTERNAL TABLE users STORED AS CSV LOCATION '{}' OPTIONS ('format.has_header' 'true');
-         CREATE SINK out WITH (connector = 'memory') AS {query};",
+         CREATE SINK out WITH (connector = 'memory', output_mode = '{mode}') AS {query};",
         dir.join("clicks").display(),
         dir.join("users.csv").display()
     )
@@ -88,9 +88,20 @@ async fn run(
     runner: Option<Arc<dyn PlanRunner>>,
     name: &str,
 ) -> sluice::Result<(String, u64)> {
+    run_mode(dir, query, runner, name, "append").await
+}
+
+/// [`run`] with the sink in output mode `mode`.
+async fn run_mode(
+    dir: &Path,
+    query: &str,
+    runner: Option<Arc<dyn PlanRunner>>,
+    name: &str,
+    mode: &str,
+) -> sluice::Result<(String, u64)> {
     let ctx = StreamContext::new();
     let mut pending = None;
-    for outcome in ctx.sql(&script(dir, query)).await? {
+    for outcome in ctx.sql(&script(dir, query, mode)).await? {
         if let Outcome::Query(q) = outcome {
             pending = Some(q);
         }
@@ -111,7 +122,7 @@ async fn run(
     let batches = q.last_progress().map(|p| p.batch_id + 1).unwrap_or(0);
     let rows = ctx
         .session()
-        .sql("SELECT * FROM out ORDER BY 1, 2, 3, 4, 5")
+        .sql("SELECT * FROM out ORDER BY 1, 2, 3")
         .await
         .map_err(sluice::Error::from)?
         .collect()
@@ -152,18 +163,78 @@ async fn a_stateless_join_runs_on_the_cluster_as_in_one_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stateful_query_is_refused_on_the_cluster_until_it_is_built() {
+async fn aggregates_run_on_the_cluster_with_their_state_in_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    let scheduler = cluster(2, &dir.path().join("work")).await;
+    let runner = |n: usize| -> Arc<dyn PlanRunner> {
+        Arc::new(ClusterRunner::new(&scheduler.addr().to_string()).with_state_partitions(n))
+    };
+    // A windowed aggregate in append mode: each minute's window is emitted
+    // once the watermark (10 s behind) passes it, one batch later.
+    let windowed = "SELECT window_start, window_end, user_id, count(*) AS n, sum(ms_on_page) AS total \
+                    FROM TUMBLE(clicks, ts, INTERVAL '1' MINUTE) \
+                    GROUP BY window_start, window_end, user_id";
+    let (local, _) = run(dir.path(), windowed, None, "w-local").await.unwrap();
+    let (remote, batches) = run(dir.path(), windowed, Some(runner(3)), "w-cluster")
+        .await
+        .unwrap();
+    assert_eq!(batches, 20);
+    // 19 closed minutes of 7 users (the last minute is still open).
+    assert_eq!(local.lines().count(), 19 * 7 + 4, "{local}");
+    assert_eq!(local, remote);
+    let state = dir.path().join("checkpoint-w-cluster/state/aggregate");
+    for k in 0..3 {
+        assert!(
+            state.join(format!("p{k}/19.delta")).exists(),
+            "partition {k}"
+        );
+    }
+    assert!(!state.join("p3").exists());
+
+    // A global aggregate (one partition) and a keyed one without a window,
+    // whose state is never evicted.
+    for (name, query) in [
+        (
+            "g",
+            "SELECT count(*) AS n, max(ms_on_page) AS m, min(url) AS u FROM clicks",
+        ),
+        (
+            "k",
+            "SELECT url, count(*) AS n, avg(ms_on_page) AS a FROM clicks GROUP BY url",
+        ),
+    ] {
+        let (local, _) = run_mode(dir.path(), query, None, &format!("{name}-local"), "update")
+            .await
+            .unwrap();
+        let (remote, _) = run_mode(
+            dir.path(),
+            query,
+            Some(runner(4)),
+            &format!("{name}-cluster"),
+            "update",
+        )
+        .await
+        .unwrap();
+        assert_eq!(local, remote, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_not_built_for_clusters_is_refused_when_the_query_starts() {
     let dir = tempfile::tempdir().unwrap();
     write_inputs(dir.path());
     // No cluster is needed: the query is refused when it starts.
     let runner: Arc<dyn PlanRunner> = Arc::new(ClusterRunner::new("127.0.0.1:9"));
-    let query = "SELECT window_start, window_end, count(*) AS n \
-                 FROM TUMBLE(clicks, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end";
-    let err = run(dir.path(), query, Some(runner), "stateful")
+    let query = "SELECT DISTINCT user_id, url FROM clicks";
+    let err = run(dir.path(), query, Some(runner), "dedup")
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("does not run on a cluster yet"), "{err}");
-    assert!(err.contains("aggregate"), "{err}");
+    assert!(
+        err.contains("only grouped aggregates run on a cluster yet"),
+        "{err}"
+    );
+    assert!(err.contains("dedup"), "{err}");
     assert!(err.contains("ballista at http://127.0.0.1:9"), "{err}");
 }

@@ -161,6 +161,9 @@ pub struct MicroBatchExecution {
     plan: Arc<dyn ExecutionPlan>,
     /// The stateful operators, bottom up: (operator id, description).
     operators: Vec<(String, String)>,
+    /// Per stateful operator, how far its input watermark is below the
+    /// query's (see `watermark_delays`).
+    delays: BTreeMap<String, i64>,
     /// The batch and the operators' state, as the plan's stateful nodes
     /// find them in `task_ctx`.
     runtime: Arc<OperatorRuntime>,
@@ -352,14 +355,23 @@ impl MicroBatchExecution {
             options,
         )
         .map_err(ctx)?;
-        // Opened once the checkpoint's lock is held: a store writes its meta.
-        let states = open_states(
-            &physical,
-            &config.checkpoint,
-            config.durability,
-            config.state_snapshot_fallback,
-        )
-        .map_err(ctx)?;
+        // Opened once the checkpoint's lock is held: a store writes its
+        // meta. A runner that keeps the state itself (a cluster's) opens
+        // it where the plan runs; the layouts of the two differ, so a
+        // checkpoint's state stays with the kind of run that wrote it.
+        let keeps_state = config.runner.as_ref().is_some_and(|r| r.keeps_state());
+        check_state_layout(&physical, &config.checkpoint, keeps_state).map_err(ctx)?;
+        let states = if keeps_state {
+            crate::operators::OperatorStates::new()
+        } else {
+            open_states(
+                &physical,
+                &config.checkpoint,
+                config.durability,
+                config.state_snapshot_fallback,
+            )
+            .map_err(ctx)?
+        };
         let nodes = stateful_nodes(&physical);
         let operators: Vec<(String, String)> = nodes
             .iter()
@@ -397,7 +409,8 @@ impl MicroBatchExecution {
             }
         });
         drop(nodes);
-        let runtime = OperatorRuntime::with_delays(states, watermark_delays(&physical));
+        let delays = watermark_delays(&physical);
+        let runtime = OperatorRuntime::with_delays(states, delays.clone());
         let mut inputs = Vec::new();
         for table in tables {
             let src = Arc::clone(table.source());
@@ -479,6 +492,11 @@ impl MicroBatchExecution {
                 schema,
             });
         }
+        if keeps_state && !late_sinks.is_empty() {
+            return Err(ctx(Error::not_supported(
+                "late_rows sinks on a cluster: the executors count late rows but do not send them back yet",
+            )));
+        }
         let stateful = !operators.is_empty();
         let output_schema = match (stateful, config.output_mode) {
             (false, OutputMode::Changelog) => with_op_field(&physical.schema()),
@@ -500,6 +518,7 @@ impl MicroBatchExecution {
             sink,
             output_schema,
             plan: physical,
+            delays,
             operators,
             task_ctx: runtime.task_ctx(&state.task_ctx()),
             runtime,
@@ -1203,10 +1222,18 @@ impl MicroBatchExecution {
         self.runtime.set_batch(batch);
         let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
         let rows = match &self.config.runner {
-            Some(runner) => runner
-                .run(plan, Arc::clone(&self.task_ctx), batch)
-                .await
-                .map_err(|e| e.context(runner.describe()))?,
+            Some(runner) => {
+                let job = crate::runner::BatchJob {
+                    batch,
+                    checkpoint: self.config.checkpoint.clone(),
+                    durability: self.config.durability,
+                    delays: self.delays.clone(),
+                };
+                runner
+                    .run(plan, Arc::clone(&self.task_ctx), &job)
+                    .await
+                    .map_err(|e| e.context(runner.describe()))?
+            }
             None => collect(plan, Arc::clone(&self.task_ctx))
                 .await
                 .map_err(Error::from)?,
@@ -1368,4 +1395,47 @@ fn max_event_time(batches: &[RecordBatch], column: &str) -> Result<Option<i64>> 
         }
     }
     Ok(out)
+}
+
+/// The file that marks an operator's state directory as a cluster's: its
+/// state split into partition directories `p<k>` (see `sluice-cluster`).
+pub const CLUSTER_STATE_MARK: &str = "partitions";
+
+/// Refuses to run an operator's state in a layout other than the one its
+/// directory was written in: partition directories (`cluster`, marked by
+/// [`CLUSTER_STATE_MARK`]) or one store.
+fn check_state_layout(
+    plan: &Arc<dyn ExecutionPlan>,
+    checkpoint: &std::path::Path,
+    cluster: bool,
+) -> Result<()> {
+    for node in stateful_nodes(plan) {
+        let dir = checkpoint.join("state").join(node.operator_id());
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let marked = names.iter().any(|n| n == CLUSTER_STATE_MARK);
+        let single = names
+            .iter()
+            .any(|n| n.ends_with(".delta") || n.ends_with(".snapshot"));
+        if cluster && single && !marked {
+            return Err(Error::not_supported(format!(
+                "the state of operator '{}' in {} was written by a run in one process; a cluster keeps state in partitions of its own: run this checkpoint without --cluster, or start a new checkpoint",
+                node.operator_id(),
+                dir.display()
+            )));
+        }
+        if !cluster && marked {
+            return Err(Error::not_supported(format!(
+                "the state of operator '{}' in {} was written by a run on a cluster, in partitions: run this checkpoint with --cluster, or start a new checkpoint",
+                node.operator_id(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }

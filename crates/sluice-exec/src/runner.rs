@@ -7,6 +7,8 @@
 //! the plan (offsets, reading the sources, watermarks, sinks, the commit) stays
 //! with the executor in this process, the driver.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
@@ -14,8 +16,23 @@ use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
 use futures::future::BoxFuture;
 use sluice_common::Result;
+use sluice_common::durable::Durability;
 
 use crate::operators::BatchContext;
+
+/// What a runner knows of the batch whose plan it runs.
+#[derive(Debug, Clone)]
+pub struct BatchJob {
+    /// The batch (its id, trigger time, watermarks, input rows).
+    pub batch: BatchContext,
+    /// The query's checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Whether checkpoint files are fsynced.
+    pub durability: Durability,
+    /// Per stateful operator id, how far (ms) its input watermark is below
+    /// the query's (a join below it delays it).
+    pub delays: BTreeMap<String, i64>,
+}
 
 /// Runs the physical plan of one micro-batch and returns its rows.
 pub trait PlanRunner: std::fmt::Debug + Send + Sync {
@@ -27,13 +44,22 @@ pub trait PlanRunner: std::fmt::Debug + Send + Sync {
     /// naming what in it stands in the way.
     fn check(&self, plan: &Arc<dyn ExecutionPlan>) -> Result<()>;
 
-    /// Runs `plan` as batch `batch`. When it is called the plan's stream
+    /// Whether the runner keeps the stateful operators' state itself (in
+    /// the checkpoint, as the plan runs): the executor then opens,
+    /// prepares and commits no state of its own, and the batch's commit
+    /// record is written once `run` has returned, so the state of every
+    /// operator must be written by then.
+    fn keeps_state(&self) -> bool {
+        false
+    }
+
+    /// Runs `plan` as `job`'s batch. When it is called the plan's stream
     /// scans hold the batch's rows, and `ctx` is the task context the plan
     /// would run with in this process.
-    fn run(
-        &self,
+    fn run<'a>(
+        &'a self,
         plan: Arc<dyn ExecutionPlan>,
         ctx: Arc<TaskContext>,
-        batch: BatchContext,
-    ) -> BoxFuture<'_, Result<Vec<RecordBatch>>>;
+        job: &'a BatchJob,
+    ) -> BoxFuture<'a, Result<Vec<RecordBatch>>>;
 }

@@ -70,6 +70,12 @@ pub struct StateStoreOptions {
     /// snapshot and the deltas after it (every version writes a delta, so
     /// nothing is lost while they are retained) instead of failing.
     pub snapshot_fallback: bool,
+    /// After a commit, prepare the next version's delta file ahead (with
+    /// fsync: zeros to be written over in place). Off where several
+    /// processes may write one version (a cluster's retried tasks): every
+    /// delta is then written whole to a temporary file and renamed, so any
+    /// attempt's file is a complete one.
+    pub prepare_next: bool,
 }
 
 impl Default for StateStoreOptions {
@@ -80,6 +86,7 @@ impl Default for StateStoreOptions {
             retain_versions: 20,
             durability: Durability::Fsync,
             snapshot_fallback: false,
+            prepare_next: true,
         }
     }
 }
@@ -777,7 +784,12 @@ impl StateStore {
         let durability = self.options.durability;
         let next = version + 1;
         let zeros = prepared_zeros(delta_bytes);
+        let prepare = self.options.prepare_next;
         self.cleanup.start(Box::new(move || {
+            if !prepare {
+                cleanup(&dir, oldest);
+                return None;
+            }
             // A failed preparation only means the next delta is written
             // the usual way (temporary file, rename, directory sync).
             let name = StateFile {

@@ -27,6 +27,7 @@ fn store(dir: Option<&Path>, snapshot_interval: u64, retain: u64) -> StateStore 
         retain_versions: retain,
         durability: Durability::NoSync,
         snapshot_fallback: false,
+        prepare_next: true,
     };
     StateStore::new(
         dir.map(Path::to_path_buf),
@@ -235,6 +236,7 @@ fn fsynced_commits_write_the_next_delta_into_a_file_prepared_ahead() {
         retain_versions: 100,
         durability: Durability::Fsync,
         snapshot_fallback: false,
+        prepare_next: true,
     };
     let open = || {
         StateStore::new(

@@ -157,6 +157,12 @@ struct AggregateCore {
     finalizer: StateFinalizer,
     keys: Vec<String>,
     aggregates: Vec<String>,
+    /// The partial aggregate's grouping and filters over the input, and the
+    /// TTL as given: what [`StreamingAggregateExec::top_over`] rebuilds
+    /// DataFusion's aggregate from.
+    group_by: PhysicalGroupBy,
+    filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    ttl_given: Option<std::time::Duration>,
 }
 
 /// The stateful grouped aggregate of a streaming query (see the module docs).
@@ -418,6 +424,9 @@ impl StreamingAggregateExec {
             ttl: ttl.map(|d| d.as_millis() as i64),
             keys: group_by.expr().iter().map(|(_, n)| n.clone()).collect(),
             aggregates: aggr.iter().map(|a| a.name().to_string()).collect(),
+            filters: src_agg.filter_expr().to_vec(),
+            group_by,
+            ttl_given: ttl,
         };
         Ok(Self::build(id, input, Arc::new(core), OutputMode::Append))
     }
@@ -477,6 +486,72 @@ impl StreamingAggregateExec {
             (None, _) if self.core.ttl.is_some() => "keys not updated for state_ttl",
             (None, _) => "none (unwindowed state is kept for every key)",
         }
+    }
+
+    /// DataFusion's aggregate this node was made from (a Final over a
+    /// Partial), over `input`: `try_new(id, top_over(input), ttl())` makes
+    /// the same node over another input, with state of its own (how an
+    /// executor rebuilds it from the plan it is sent).
+    pub fn top_over(&self, input: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+        let core = &self.core;
+        let input_schema = Arc::clone(&core.finalizer.input_schema);
+        let aggr = core.finalizer.aggr.clone();
+        let n = aggr.len();
+        let partial = AggregateExec::try_new(
+            AggregateMode::Partial,
+            core.group_by.clone(),
+            aggr.clone(),
+            core.filters.clone(),
+            input,
+            Arc::clone(&input_schema),
+        )?;
+        let top = AggregateExec::try_new(
+            AggregateMode::Final,
+            core.group_by.as_final(),
+            aggr,
+            vec![None; n],
+            Arc::new(partial),
+            input_schema,
+        )?;
+        Ok(Arc::new(top))
+    }
+
+    /// The TTL of unwindowed keys it was made with.
+    pub fn ttl(&self) -> Option<std::time::Duration> {
+        self.core.ttl_given
+    }
+
+    /// The grouping expressions over its input's rows: rows equal on them
+    /// are one key, so hashing them splits the input between state
+    /// partitions.
+    pub fn key_exprs(&self) -> Vec<Arc<dyn PhysicalExpr>> {
+        self.core
+            .group_by
+            .expr()
+            .iter()
+            .map(|(e, _)| Arc::clone(e))
+            .collect()
+    }
+
+    /// Whether it merges session windows (a session's rows must meet other
+    /// sessions of their key, not only their window's).
+    pub fn merges_sessions(&self) -> bool {
+        self.core.session.is_some()
+    }
+
+    /// Runs the aggregate over one batch with `store` as its state (the
+    /// state before the batch), outside a query's operator runtime: its
+    /// child's rows in, the rows to emit and what the run did out. The
+    /// store is not committed.
+    pub async fn run_with(
+        &self,
+        store: &mut StateStore,
+        batch: BatchContext,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<(Vec<RecordBatch>, OperatorReport)> {
+        let mut report = OperatorReport::default();
+        let rows = self.run_on(store, batch, ctx, &mut report).await?;
+        Ok((rows, report))
     }
 
     /// Runs the aggregate over one batch: its child's rows in, the rows to

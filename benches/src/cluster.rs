@@ -1,0 +1,152 @@
+//! Micro-batches on a loopback Ballista cluster (a scheduler and two
+//! executors in this process, on 127.0.0.1) against the same queries in one
+//! process: per-batch latency of one-row batches, and the throughput of the
+//! 100,000-row windowed aggregate.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::Result;
+use sluice::deps::sluice_common::durable::Durability;
+use sluice::prelude::*;
+use sluice_cluster::{ClusterRunner, ExecutorOptions, Scheduler, run_executor, start_scheduler};
+
+use crate::overhead::overhead_on;
+use crate::{ms, rows, schema};
+
+/// The executors of the loopback cluster, and the tasks each runs at once.
+const EXECUTORS: usize = 2;
+const SLOTS: usize = 2;
+
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| sluice::Error::io("finding a free port", e))
+}
+
+/// A scheduler and its executors on 127.0.0.1, in this process.
+async fn loopback(work: &Path) -> Result<Scheduler> {
+    let scheduler = start_scheduler("127.0.0.1:0".parse().expect("an address")).await?;
+    for i in 0..EXECUTORS {
+        let options = ExecutorOptions {
+            scheduler: scheduler.addr(),
+            host: "127.0.0.1".to_string(),
+            flight_port: free_port()?,
+            grpc_port: free_port()?,
+            slots: SLOTS,
+            work_dir: work.join(format!("executor-{i}")),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = run_executor(options).await {
+                eprintln!("bench: executor {i} stopped: {e}");
+            }
+        });
+    }
+    Ok(scheduler)
+}
+
+/// Rows per second of `batches` batches of `size` rows through a windowed
+/// aggregate (one-minute windows, 10,000 keys), after two warm-up batches.
+async fn windowed_throughput(
+    dir: &Path,
+    name: &str,
+    size: usize,
+    batches: usize,
+    runner: Option<Arc<dyn sluice::PlanRunner>>,
+) -> Result<f64> {
+    let ctx = StreamContext::new();
+    let src = MemorySource::new("s", schema());
+    let df = ctx
+        .read_stream(src.clone())
+        .await?
+        .with_watermark("ts", Duration::from_secs(5))?
+        .tumble("ts", Duration::from_secs(60))?
+        .aggregate(
+            vec![col("window_start"), col("window_end"), col("k")],
+            vec![
+                sluice::deps::datafusion::functions_aggregate::expr_fn::count(lit(1)).alias("n"),
+                sluice::deps::datafusion::functions_aggregate::expr_fn::sum(col("v")).alias("s"),
+            ],
+        )?;
+    let mut writer = df
+        .write_stream()
+        .output_mode(OutputMode::Append)
+        .trigger(Trigger::Manual)
+        .durability(Durability::Fsync)
+        .checkpoint(dir.join(format!("throughput-{name}")));
+    if let Some(r) = runner {
+        writer = writer.runner(r);
+    }
+    let q = writer
+        .start(MemorySink::new("out", MemoryTable::new()))
+        .await?;
+    let one = schema();
+    let mut at = 0;
+    let mut took = Duration::ZERO;
+    for i in 0..batches + 2 {
+        src.append(rows(&one, at, at + size, 10_000))?;
+        at += size;
+        let t = Instant::now();
+        q.run_batch().await?;
+        if i >= 2 {
+            took += t.elapsed();
+        }
+    }
+    q.stop().await?;
+    Ok((size * batches) as f64 / took.as_secs_f64())
+}
+
+/// The cluster section of the benchmarks page, as Markdown.
+pub(crate) async fn cluster_section(dir: &Path, n: usize) -> Result<String> {
+    let scheduler = loopback(&dir.join("cluster-work")).await?;
+    let addr = scheduler.addr().to_string();
+    let runner = |p: usize| -> Arc<dyn sluice::PlanRunner> {
+        Arc::new(ClusterRunner::new(&addr).with_state_partitions(p))
+    };
+    let mut md = String::new();
+    md.push_str("## On a loopback Ballista cluster\n\n");
+    md.push_str(&format!(
+        "A scheduler and {EXECUTORS} executors ({SLOTS} task slots each) in the benchmark's \
+process on 127.0.0.1 (`sluice-cluster`, Ballista 55, push scheduling), against the same \
+query in one process, side by side in one run. The machine's cores are shared by the \
+driver, the scheduler and the executors. State on the cluster is in 4 partitions.\n\n"
+    ));
+    md.push_str(&format!(
+        "### Per-batch latency: one-row batches, trigger → commit, {n} batches each\n\n"
+    ));
+    md.push_str("| query | durability | one process median / p99 (ms) | cluster median / p99 (ms) | ratio of medians |\n|---|---|---:|---:|---:|\n");
+    for stateful in [false, true] {
+        for durability in [Durability::NoSync, Durability::Fsync] {
+            let (local, _, _) = overhead_on(dir, durability, stateful, n, None).await?;
+            let (remote, _, _) = overhead_on(dir, durability, stateful, n, Some(runner(4))).await?;
+            md.push_str(&format!(
+                "| {} | {durability:?} | {} / {} | {} / {} | {:.1}× |\n",
+                if stateful {
+                    "windowed aggregate"
+                } else {
+                    "stateless"
+                },
+                ms(local.median),
+                ms(local.p99),
+                ms(remote.median),
+                ms(remote.p99),
+                remote.median.as_secs_f64() / local.median.as_secs_f64()
+            ));
+        }
+    }
+    md.push_str(
+        "\n### Throughput: windowed aggregate, 100,000-row batches (10 batches, fsync)\n\n",
+    );
+    let local = windowed_throughput(dir, "local", 100_000, 10, None).await?;
+    let remote = windowed_throughput(dir, "cluster", 100_000, 10, Some(runner(4))).await?;
+    md.push_str("| run | rows/s | against one process |\n|---|---:|---:|\n");
+    md.push_str(&format!("| one process | {:.0} | 1.00 |\n", local));
+    md.push_str(&format!(
+        "| loopback cluster | {:.0} | {:.2} |\n\n",
+        remote,
+        remote / local
+    ));
+    Ok(md)
+}

@@ -1,0 +1,496 @@
+//! Stateful operators on a cluster: each one's state split into P
+//! partitions of the checkpoint, one task per partition.
+//!
+//! On a cluster the driver replaces a [`StreamingAggregateExec`] by a
+//! [`PartitionedAggregateExec`] over a hash repartition of its input on its
+//! group keys into P partitions (P is recorded in the operator's state
+//! directory, `state/<op>/partitions`, when the first batch runs). The task
+//! for partition k, on whichever executor runs it:
+//!
+//! 1. takes the state of `state/<op>/p<k>/` as of batch N−1: the store this
+//!    executor kept from its last task on that partition, if it is still
+//!    that version and its delta file is the one on disk, or else loads it
+//!    from the shared checkpoint;
+//! 2. runs the aggregate over its partition's rows of batch N;
+//! 3. commits version N of the partition (a delta, and a snapshot every
+//!    tenth version), each file written whole to a temporary file and
+//!    renamed into place;
+//! 4. returns the rows to emit.
+//!
+//! The job ends when every partition's task has; only then does the driver
+//! write batch N's commit record. A retried or duplicated task writes the
+//! same partition's files for the same version from the same state and
+//! rows: any attempt's file is a complete, correct version N, and a later
+//! load takes whichever was renamed last. A task whose batch is re-run after
+//! a crash (version N written, no commit record) loads N−1 again, since its
+//! kept store is at N.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning,
+    PlanProperties,
+};
+use sluice_common::durable::Durability;
+use sluice_common::{BatchId, Error, Result};
+use sluice_exec::operators::{BatchContext, StatefulExec, StreamingAggregateExec};
+use sluice_state::store::{StateStore, StateStoreOptions};
+
+/// Where a partitioned operator's state is and which batch it runs.
+#[derive(Debug, Clone)]
+pub struct StateJob {
+    /// The query's checkpoint directory, at the same path on every
+    /// executor (a shared directory).
+    pub checkpoint: PathBuf,
+    /// Whether state files are fsynced.
+    pub durability: Durability,
+    /// The batch, with the watermarks as this operator sees them.
+    pub batch: BatchContext,
+}
+
+/// A [`StreamingAggregateExec`] whose state is split into partitions, one
+/// task each (see the module docs).
+///
+/// Its first child is the aggregate's input hash-partitioned on the group
+/// keys into P partitions; its second is [`partition_ids`]: P one-row
+/// partitions holding their own index. Ballista runs each task of a stage
+/// over a plan restricted to the task's partitions (its readers and
+/// in-memory scans keep only those, re-indexed from 0), so a task does not
+/// know its partition's global index from the index it is asked for; the
+/// second child, restricted alike, tells it which state partition its rows
+/// are.
+#[derive(Debug, Clone)]
+pub struct PartitionedAggregateExec {
+    agg: StreamingAggregateExec,
+    ids: Arc<dyn ExecutionPlan>,
+    job: StateJob,
+    properties: Arc<PlanProperties>,
+}
+
+/// The name of [`partition_ids`]' one column.
+const PARTITION: &str = "partition";
+
+/// `n` partitions of one row each, partition k holding k.
+pub fn partition_ids(n: usize) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::arrow::array::UInt64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        PARTITION,
+        DataType::UInt64,
+        false,
+    )]));
+    let parts = (0..n as u64)
+        .map(|k| {
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(UInt64Array::from(vec![k]))],
+            )
+            .map(|b| vec![b])
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let scan =
+        datafusion::datasource::memory::MemorySourceConfig::try_new_exec(&parts, schema, None)?;
+    Ok(scan)
+}
+
+impl PartitionedAggregateExec {
+    /// `agg` (whose input is already partitioned on its keys) running
+    /// `job`'s batch, with `ids` ([`partition_ids`]) as many partitions as
+    /// its input.
+    pub fn new(
+        agg: StreamingAggregateExec,
+        ids: Arc<dyn ExecutionPlan>,
+        job: StateJob,
+    ) -> Result<Self> {
+        let parts = agg.children()[0].output_partitioning().partition_count();
+        let id_parts = ids.output_partitioning().partition_count();
+        if parts != id_parts {
+            return Err(Error::internal(format!(
+                "a partitioned aggregate over {parts} input partitions with {id_parts} partition ids"
+            )));
+        }
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(agg.schema()),
+            Partitioning::UnknownPartitioning(parts),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Ok(PartitionedAggregateExec {
+            agg,
+            ids,
+            job,
+            properties,
+        })
+    }
+
+    /// The aggregate it runs.
+    pub fn aggregate(&self) -> &StreamingAggregateExec {
+        &self.agg
+    }
+
+    /// The batch it runs and where its state is.
+    pub fn job(&self) -> &StateJob {
+        &self.job
+    }
+}
+
+/// Options that have a rebuilt node work out its properties again.
+pub(crate) fn recompute() -> datafusion::physical_plan::execution_plan::ReplaceChildrenOptions {
+    use datafusion::physical_plan::execution_plan::{
+        ChildrenPropertiesMode, ReplaceChildrenOptions,
+    };
+    ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute)
+}
+
+/// The directory of partition `k` of operator `op`'s state.
+pub fn partition_dir(checkpoint: &Path, op: &str, k: usize) -> PathBuf {
+    checkpoint.join("state").join(op).join(format!("p{k}"))
+}
+
+impl DisplayAs for PartitionedAggregateExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "PartitionedAggregateExec: batch={}, ",
+            self.job.batch.batch_id
+        )?;
+        self.agg.fmt_as(t, f)
+    }
+}
+
+impl ExecutionPlan for PartitionedAggregateExec {
+    fn name(&self) -> &str {
+        "PartitionedAggregateExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        let mut out = self.agg.children();
+        out.push(&self.ids);
+        out
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+        ) -> datafusion::common::Result<
+            datafusion::common::tree_node::TreeNodeRecursion,
+        >,
+    ) -> datafusion::common::Result<datafusion::common::tree_node::TreeNodeRecursion> {
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let [input, ids] = <[_; 2]>::try_from(children).map_err(|c| {
+            datafusion::error::DataFusionError::Internal(format!(
+                "PartitionedAggregateExec takes two children, got {}",
+                c.len()
+            ))
+        })?;
+        let rebuilt = Arc::new(self.agg.clone()).replace_children(vec![input], recompute())?;
+        let any: &dyn Any = rebuilt.as_ref();
+        let agg = any
+            .downcast_ref::<StreamingAggregateExec>()
+            .cloned()
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(
+                    "an aggregate rebuilt as another node".into(),
+                )
+            })?;
+        Ok(Arc::new(Self::new(agg, ids, self.job.clone())?))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        ctx: Arc<TaskContext>,
+    ) -> datafusion::common::Result<SendableRecordBatchStream> {
+        use futures::{StreamExt, TryStreamExt};
+        let parts = self.properties.output_partitioning().partition_count();
+        if partition >= parts {
+            return Err(datafusion::error::DataFusionError::Internal(format!(
+                "PartitionedAggregateExec has {parts} partitions, asked for {partition}"
+            )));
+        }
+        let agg = self.agg.clone();
+        let ids = Arc::clone(&self.ids);
+        let job = self.job.clone();
+        let schema = self.schema();
+        let rows = async move {
+            let k = partition_id(&ids, partition, &ctx).await?;
+            run_partition(agg, partition, k, job, ctx)
+                .await
+                .map_err(datafusion::error::DataFusionError::from)
+        };
+        let stream = futures::stream::once(rows)
+            .map_ok(|rows| futures::stream::iter(rows.into_iter().map(Ok)))
+            .try_flatten()
+            .boxed();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+/// The global index of local partition `local`: the one value of that
+/// partition of [`partition_ids`].
+async fn partition_id(
+    ids: &Arc<dyn ExecutionPlan>,
+    local: usize,
+    ctx: &Arc<TaskContext>,
+) -> datafusion::common::Result<usize> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::UInt64Type;
+    use futures::TryStreamExt;
+    let batches: Vec<RecordBatch> = ids.execute(local, Arc::clone(ctx))?.try_collect().await?;
+    let values: Vec<u64> = batches
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<UInt64Type>().values().to_vec())
+        .collect();
+    match values.as_slice() {
+        [k] => Ok(*k as usize),
+        other => Err(datafusion::error::DataFusionError::Internal(format!(
+            "local partition {local} of a partitioned aggregate has {} partition ids",
+            other.len()
+        ))),
+    }
+}
+
+/// The task of local partition `local`, state partition `k`: steps 1 to 4
+/// of the module docs.
+async fn run_partition(
+    agg: StreamingAggregateExec,
+    local: usize,
+    k: usize,
+    job: StateJob,
+    ctx: Arc<TaskContext>,
+) -> Result<Vec<RecordBatch>> {
+    let id = agg.operator_id().to_string();
+    let input = Arc::clone(agg.children()[0]);
+    // A node of its own, over this partition of the input alone: the
+    // aggregate's inner stages are not shared with other tasks.
+    let slice: Arc<dyn ExecutionPlan> =
+        Arc::new(crate::slice::PartitionSliceExec::new(input, local));
+    let node = StreamingAggregateExec::try_new(id.clone(), agg.top_over(slice)?, agg.ttl())?
+        .with_emit(agg.emit_mode())?;
+    let dir = partition_dir(&job.checkpoint, &id, k);
+    let (keys, values) = node.state_schemas();
+    let id_n = job.batch.batch_id;
+    let mut store = take_store(&dir, keys, values, job.durability, id_n)
+        .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
+    let (rows, _report) = node.run_with(&mut store, job.batch, &ctx).await?;
+    let committed = tokio::task::spawn_blocking(move || {
+        store.commit(id_n)?;
+        Ok::<_, Error>(store)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("a state commit panicked: {e}")))?
+    .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
+    keep_store(&dir, committed);
+    Ok(rows)
+}
+
+/// What identifies the file a version was committed in: a rewrite by
+/// another attempt (a new file renamed into place) changes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    inode: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+fn stamp(dir: &Path, version: Option<BatchId>) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let v = version?;
+    let meta = std::fs::metadata(dir.join(format!("{v}.delta"))).ok()?;
+    Some(Stamp {
+        len: meta.len(),
+        inode: meta.ino(),
+        modified: meta.modified().ok(),
+    })
+}
+
+/// A partition's store this executor committed last, with the stamp of
+/// the delta it wrote.
+struct Kept {
+    store: StateStore,
+    stamp: Option<Stamp>,
+}
+
+/// The stores this process's tasks committed, by partition directory.
+static KEPT: LazyLock<Mutex<HashMap<PathBuf, Kept>>> = LazyLock::new(Mutex::default);
+
+/// The partition's state as of the batch before `batch`: the kept store if
+/// it is exactly that, or else loaded from the checkpoint.
+fn take_store(
+    dir: &Path,
+    keys: datafusion::arrow::datatypes::SchemaRef,
+    values: datafusion::arrow::datatypes::SchemaRef,
+    durability: Durability,
+    batch: BatchId,
+) -> Result<StateStore> {
+    let before = batch.checked_sub(1);
+    let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
+    if let Some(k) = kept
+        && k.store.version() == before
+        && k.stamp == stamp(dir, before)
+    {
+        return Ok(k.store);
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let options = StateStoreOptions {
+        durability,
+        prepare_next: false,
+        ..StateStoreOptions::default()
+    };
+    let mut store = StateStore::new(Some(dir.to_path_buf()), keys, values, options)?;
+    store.load(before)?;
+    Ok(store)
+}
+
+fn keep_store(dir: &Path, store: StateStore) {
+    let stamp = stamp(dir, store.version());
+    KEPT.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(dir.to_path_buf(), Kept { store, stamp });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{AsArray, Int64Array, RecordBatch};
+    use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+    use sluice_common::durable::Durability;
+    use sluice_state::store::{StateStore, StateStoreOptions};
+
+    use super::{KEPT, keep_store, take_store};
+
+    fn schemas() -> (SchemaRef, SchemaRef) {
+        (
+            Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)])),
+            Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)])),
+        )
+    }
+
+    fn row(k: i64, v: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![k])),
+                Arc::new(Int64Array::from(vec![v])),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn value(store: &StateStore) -> Vec<i64> {
+        let all = store.scan().unwrap();
+        all.column(1).as_primitive::<Int64Type>().values().to_vec()
+    }
+
+    fn kept(dir: &std::path::Path) -> bool {
+        KEPT.lock().unwrap().contains_key(dir)
+    }
+
+    /// Another attempt of the same task on another executor: a fresh store
+    /// that writes `version` from the state before it.
+    fn other_attempt(dir: &std::path::Path, version: u64, v: i64) {
+        let (keys, values) = schemas();
+        let options = StateStoreOptions {
+            durability: Durability::NoSync,
+            prepare_next: false,
+            ..StateStoreOptions::default()
+        };
+        let mut store = StateStore::new(Some(dir.to_path_buf()), keys, values, options).unwrap();
+        store.load(version.checked_sub(1)).unwrap();
+        store.put(&row(1, v)).unwrap();
+        store.commit(version).unwrap();
+    }
+
+    #[test]
+    fn a_kept_store_serves_the_next_batch_only_while_its_file_is_the_one_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("p0");
+        let (keys, values) = schemas();
+        let open = |batch| {
+            take_store(
+                &dir,
+                keys.clone(),
+                values.clone(),
+                Durability::NoSync,
+                batch,
+            )
+        };
+
+        // Batch 0 on this executor; batch 1 finds the store it kept.
+        let mut store = open(0).unwrap();
+        store.put(&row(1, 10)).unwrap();
+        store.commit(0).unwrap();
+        keep_store(&dir, store);
+        let mut store = open(1).unwrap();
+        assert!(!kept(&dir), "the kept store was taken");
+        assert_eq!(store.version(), Some(0));
+        assert_eq!(value(&store), vec![10]);
+        store.put(&row(1, 11)).unwrap();
+        store.commit(1).unwrap();
+        keep_store(&dir, store);
+
+        // Batch 1 is re-run elsewhere (a retried task, or a batch re-run
+        // after the driver died) and writes version 1 anew: the kept store,
+        // though at version 1, is not the file on disk, so batch 2 loads.
+        other_attempt(&dir, 1, 12);
+        let store = open(2).unwrap();
+        assert_eq!(store.version(), Some(1));
+        assert_eq!(value(&store), vec![12]);
+
+        // A re-run of batch 1 on this executor, whose kept store is at
+        // version 1, loads version 0 from disk.
+        keep_store(&dir, store);
+        let store = open(1).unwrap();
+        assert_eq!(store.version(), Some(0));
+        assert_eq!(value(&store), vec![10]);
+    }
+
+    #[test]
+    fn any_attempts_file_of_a_version_is_a_whole_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("p3");
+        std::fs::create_dir_all(&dir).unwrap();
+        other_attempt(&dir, 0, 5);
+        // Two attempts of batch 1 from the same state and rows, one after
+        // the other: the second's file replaces the first's whole, and no
+        // temporary file is left.
+        other_attempt(&dir, 1, 6);
+        other_attempt(&dir, 1, 6);
+        let (keys, values) = schemas();
+        let store = take_store(&dir, keys, values, Durability::NoSync, 2).unwrap();
+        assert_eq!(value(&store), vec![6]);
+        let leftovers: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}
