@@ -6,8 +6,8 @@
 //! sluice explain pipeline.sql
 //! sluice state DIR [--query NAME] [--version N] [--raw]
 //! sluice progress DIR [--query NAME] [--last N]
-//! sluice run pipeline.sql --cluster HOST:PORT     (each batch as a Ballista job)
-//! sluice cluster scheduler [--bind 127.0.0.1:50050]
+//! sluice run pipeline.sql --cluster HOST:PORT [--job-timeout SECS]   (each batch as a Ballista job)
+//! sluice cluster scheduler [--bind 127.0.0.1:50050] [--executor-timeout SECS]
 //! sluice cluster executor --scheduler HOST:PORT [--host 127.0.0.1]
 //!                         [--flight-port 50051] [--grpc-port 50052]
 //!                         [--slots N] [--work-dir DIR]
@@ -68,9 +68,15 @@ enum Command {
         http: Option<String>,
         /// Run each micro-batch's plan as a job on the Ballista cluster
         /// whose scheduler is at this address (`sluice cluster scheduler`).
-        /// Queries with stateful operators do not run on a cluster yet.
+        /// A grouped aggregate's state is kept in partitions of the
+        /// checkpoint, which every executor must reach at the same path;
+        /// other stateful operators do not run on a cluster yet.
         #[arg(long, value_name = "HOST:PORT")]
         cluster: Option<String>,
+        /// With --cluster: give up on a batch's job after this many seconds
+        /// and retry the batch (as any transient failure).
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        job_timeout: u64,
     },
     /// Start a part of a Ballista cluster that runs Sluice's micro-batches.
     Cluster {
@@ -121,6 +127,10 @@ enum ClusterPart {
         /// Where to listen.
         #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:50050")]
         bind: std::net::SocketAddr,
+        /// Seconds without a heartbeat after which an executor is taken
+        /// for lost and its tasks run elsewhere (executors send one every 2 s).
+        #[arg(long, value_name = "SECS", default_value_t = 20)]
+        executor_timeout: u64,
     },
     /// An executor: registers with the scheduler and runs tasks. Runs
     /// until stopped (Ctrl-C or SIGTERM).
@@ -172,7 +182,11 @@ fn main() -> ExitCode {
                 max_batches,
                 http,
                 cluster,
-            } => run(file, checkpoint, trigger, max_batches, http, cluster).await,
+                job_timeout,
+            } => {
+                let cluster = cluster.map(|addr| (addr, Duration::from_secs(job_timeout)));
+                run(file, checkpoint, trigger, max_batches, http, cluster).await
+            }
             Command::Cluster { part } => cluster_part(part).await,
             Command::Explain { file } => explain(file).await,
             Command::State {
@@ -213,11 +227,12 @@ async fn run(
     trigger: Option<String>,
     max_batches: Option<u64>,
     http: Option<String>,
-    cluster: Option<String>,
+    cluster: Option<(String, Duration)>,
 ) -> sluice::Result<()> {
     let sql = read_sql(&file)?;
-    let runner: Option<Arc<dyn sluice::PlanRunner>> = cluster.map(|addr| {
-        Arc::new(sluice_cluster::ClusterRunner::new(&addr)) as Arc<dyn sluice::PlanRunner>
+    let runner: Option<Arc<dyn sluice::PlanRunner>> = cluster.map(|(addr, timeout)| {
+        Arc::new(sluice_cluster::ClusterRunner::new(&addr).with_job_timeout(timeout))
+            as Arc<dyn sluice::PlanRunner>
     });
     let trigger: Option<Trigger> = trigger.map(|t| t.parse()).transpose()?;
     if trigger == Some(Trigger::Manual) {
@@ -297,8 +312,13 @@ async fn run(
 /// `sluice cluster scheduler|executor`: runs the part until it stops.
 async fn cluster_part(part: ClusterPart) -> sluice::Result<()> {
     match part {
-        ClusterPart::Scheduler { bind } => {
-            let scheduler = sluice_cluster::start_scheduler(bind).await?;
+        ClusterPart::Scheduler {
+            bind,
+            executor_timeout,
+        } => {
+            let scheduler =
+                sluice_cluster::start_scheduler_with(bind, Duration::from_secs(executor_timeout))
+                    .await?;
             // Tests and scripts read the address (port 0 picks one).
             println!("sluice: scheduler listening on {}", scheduler.addr());
             let _ = std::io::stdout().flush();

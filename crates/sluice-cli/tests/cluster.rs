@@ -42,8 +42,14 @@ fn free_port() -> u16 {
 /// Starts a scheduler on a free port and returns it with its address, read
 /// from the line it prints (waiting at most a minute).
 fn scheduler(log: &Path) -> (Part, String) {
+    scheduler_with(log, &[])
+}
+
+/// [`scheduler`] with more arguments.
+fn scheduler_with(log: &Path, extra: &[&str]) -> (Part, String) {
     let mut child = bin()
         .args(["cluster", "scheduler", "--bind", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(fs::File::create(log).unwrap())
         .spawn()
@@ -68,7 +74,19 @@ fn scheduler(log: &Path) -> (Part, String) {
 }
 
 fn executor(scheduler: &str, dir: &Path, i: usize) -> Part {
-    let child = bin()
+    executor_with(scheduler, dir, i, &[])
+}
+
+/// [`executor`] with more environment.
+fn executor_with(scheduler: &str, dir: &Path, i: usize, env: &[(&str, &str)]) -> Part {
+    let mut cmd = bin();
+    cmd.envs(env.iter().copied());
+    // In a directory of its own: nothing it writes may depend on where
+    // the driver runs.
+    let work = dir.join(format!("executor-{i}"));
+    fs::create_dir_all(&work).unwrap();
+    let child = cmd
+        .current_dir(&work)
         .args([
             "cluster",
             "executor",
@@ -130,7 +148,30 @@ fn run(dir: &Path, cluster: Option<&str>, extra: &[&str], env: &[(&str, &str)]) 
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("sluice run runs")
+    bounded(cmd)
+}
+
+/// Runs `cmd` to the end, or kills it after five minutes and fails: a run
+/// waits on the cluster, and a cluster that never answers must not hang
+/// the test suite.
+fn bounded(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sluice run starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(300)) {
+        Ok(out) => out.expect("sluice run ran"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("sluice run (pid {pid}) did not finish within five minutes");
+        }
+    }
 }
 
 fn stderr(o: &Output) -> String {
@@ -238,7 +279,10 @@ fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
     let ok = run(dir, Some(&addr), &[], &[]);
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert_eq!(sink_rows(&dir.join("out")), expected);
+    // The state is in the driver's checkpoint (the executors run in other
+    // directories and are given its absolute path).
     assert!(dir.join("ckpt/out/state/aggregate/partitions").exists());
+    assert!(dir.join("ckpt/out/state/aggregate/p0/0.delta").exists());
 
     // The checkpoint's state is in partitions: a run in one process is
     // refused, naming why.
@@ -246,6 +290,63 @@ fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("was written by a run on a cluster"), "{err}");
+}
+
+/// Not in the suite yet: in about two runs of five, Ballista 55's scheduler
+/// stops scheduling after the executor dies mid-task (the retried jobs
+/// wait too, so the run gives up after its retries). Run it with
+/// `cargo test -p sluice-cli --test cluster -- --ignored --nocapture`.
+#[test]
+#[ignore = "Ballista's scheduler sometimes stalls after an executor dies mid-task (issue 14)"]
+fn an_executor_killed_in_the_middle_of_a_batch_leaves_the_output_exactly_once() {
+    let expected = {
+        let tmp = tempfile::tempdir().unwrap();
+        windowed_pipeline(tmp.path());
+        let o = run(tmp.path(), None, &[], &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        sink_rows(&tmp.path().join("out"))
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    windowed_pipeline(dir);
+    // An executor not heard from for 4 s is taken for lost.
+    let (_scheduler, addr) =
+        scheduler_with(&dir.join("scheduler.log"), &["--executor-timeout", "4"]);
+    let _one = executor(&addr, dir, 1);
+    // Executor two dies in the middle of the first task of batch 5 or
+    // later it runs: after writing its state partition's version, before
+    // reporting the task done.
+    let mut two = executor_with(&addr, dir, 2, &[("SLUICE_CRASH_AT", "after-state:5")]);
+    // A job the cluster leaves waiting is given up after 15 s and the
+    // batch retried.
+    let first = run(dir, Some(&addr), &["--job-timeout", "15"], &[]);
+    // Ballista runs the lost tasks again on executor one; should the job
+    // fail instead, the query stops with the batch uncommitted and a re-run
+    // redoes it. Either way the output is exactly once.
+    eprintln!(
+        "the run with the executor killed mid-batch: {}",
+        if first.status.success() {
+            "completed (Ballista ran the lost tasks again)".to_string()
+        } else {
+            format!("stopped: {}", stderr(&first).trim())
+        }
+    );
+    if !first.status.success() {
+        let again = run(dir, Some(&addr), &["--job-timeout", "15"], &[]);
+        assert!(
+            again.status.success(),
+            "first: {}\nagain: {}",
+            stderr(&first),
+            stderr(&again)
+        );
+    }
+    let status = two.0.try_wait().expect("executor two's status");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(86),
+        "executor two did not die mid-batch"
+    );
+    assert_eq!(sink_rows(&dir.join("out")), expected);
 }
 
 #[test]

@@ -31,5 +31,8 @@ pub mod session;
 mod slice;
 pub mod stateful;
 
-pub use runner::{ClusterRunner, DEFAULT_STATE_PARTITIONS};
-pub use server::{ExecutorOptions, Scheduler, run_executor, start_scheduler};
+pub use runner::{ClusterRunner, DEFAULT_JOB_TIMEOUT, DEFAULT_STATE_PARTITIONS};
+pub use server::{
+    EXECUTOR_TIMEOUT, ExecutorOptions, HEARTBEAT, Scheduler, run_executor, start_scheduler,
+    start_scheduler_with,
+};

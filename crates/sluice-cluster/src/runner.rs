@@ -52,7 +52,11 @@ pub struct ClusterRunner {
     url: String,
     session_id: String,
     partitions: usize,
+    job_timeout: std::time::Duration,
 }
+
+/// How long a batch's job may take before the runner gives up on it.
+pub const DEFAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl ClusterRunner {
     /// A runner for the scheduler at `scheduler` (`host:port`).
@@ -66,7 +70,18 @@ impl ClusterRunner {
             url,
             session_id: format!("sluice-{}", uuid::Uuid::new_v4()),
             partitions: DEFAULT_STATE_PARTITIONS,
+            job_timeout: DEFAULT_JOB_TIMEOUT,
         }
+    }
+
+    /// Gives up on a batch's job that has not finished after `timeout`,
+    /// with an I/O error, which the query retries as any transient failure
+    /// (a new job; whatever the abandoned one writes is a whole version of
+    /// the same state). A cluster that lost an executor in the middle of a
+    /// job can leave the job waiting.
+    pub fn with_job_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.job_timeout = timeout;
+        self
     }
 
     /// Splits the state of an operator whose first batch runs with this
@@ -230,6 +245,11 @@ fn state_partitions(
     Ok(out)
 }
 
+/// How a batch's job is named in errors.
+fn job_id(batch: u64) -> String {
+    batch.to_string()
+}
+
 /// Encodes `plan` as the scheduler will receive it, naming the node that
 /// cannot be.
 fn encode(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
@@ -303,23 +323,45 @@ impl PlanRunner for ClusterRunner {
         job: &'a BatchJob,
     ) -> BoxFuture<'a, Result<Vec<RecordBatch>>> {
         Box::pin(async move {
+            // The executors run elsewhere (another directory, another
+            // machine with the checkpoint mounted at the same path): they
+            // are sent the checkpoint's absolute path.
+            let absolute = std::path::absolute(&job.checkpoint)
+                .map_err(|e| Error::io(format!("resolving {}", job.checkpoint.display()), e))?;
+            let job = &BatchJob {
+                checkpoint: absolute,
+                ..job.clone()
+            };
+            let job_batch = job.batch.batch_id;
             let partitions =
                 state_partitions(&plan, &job.checkpoint, job.durability, self.partitions)?;
             let plan = detach(plan, ctx).await?;
             let plan = distribute(plan, job, &partitions)?;
             let config = session_config();
             let codec = physical_codec();
-            let stream = execute_physical_plan::<PhysicalPlanNode>(
-                self.url.clone(),
-                &config.ballista_config(),
-                plan,
-                codec.as_ref(),
-                self.session_id.clone(),
-                config,
-            )
-            .await
-            .map_err(Error::from)?;
-            stream.try_collect().await.map_err(Error::from)
+            let job = async {
+                let stream = execute_physical_plan::<PhysicalPlanNode>(
+                    self.url.clone(),
+                    &config.ballista_config(),
+                    plan,
+                    codec.as_ref(),
+                    self.session_id.clone(),
+                    config.clone(),
+                )
+                .await
+                .map_err(Error::from)?;
+                stream.try_collect().await.map_err(Error::from)
+            };
+            match tokio::time::timeout(self.job_timeout, job).await {
+                Ok(rows) => rows,
+                Err(_) => Err(Error::io(
+                    format!("waiting for batch {}'s job", job_id(job_batch)),
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no result within {:?}", self.job_timeout),
+                    ),
+                )),
+            }
         })
     }
 }

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ballista_core::config::TaskSchedulingPolicy;
 use ballista_core::registry::BallistaFunctionRegistry;
@@ -57,8 +58,33 @@ impl Drop for Scheduler {
     }
 }
 
-/// Starts a scheduler listening on `bind` (port 0 picks a free one).
+/// How long a scheduler waits, by default, for an executor that stopped
+/// sending heartbeats before it takes the executor for lost and runs its
+/// tasks elsewhere.
+pub const EXECUTOR_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often an executor sends its heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Starts a scheduler listening on `bind` (port 0 picks a free one), with
+/// the default executor timeout.
 pub async fn start_scheduler(bind: SocketAddr) -> Result<Scheduler> {
+    start_scheduler_with(bind, EXECUTOR_TIMEOUT).await
+}
+
+/// Starts a scheduler listening on `bind` that takes an executor for lost
+/// after `executor_timeout` without a heartbeat (at least twice
+/// [`HEARTBEAT`]).
+pub async fn start_scheduler_with(
+    bind: SocketAddr,
+    executor_timeout: Duration,
+) -> Result<Scheduler> {
+    if executor_timeout < 2 * HEARTBEAT {
+        return Err(Error::plan(format!(
+            "an executor timeout of {executor_timeout:?} is shorter than two heartbeats ({:?})",
+            2 * HEARTBEAT
+        )));
+    }
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .map_err(|e| Error::io(format!("binding the scheduler to {bind}"), e))?;
@@ -72,6 +98,8 @@ pub async fn start_scheduler(bind: SocketAddr) -> Result<Scheduler> {
         scheduler_id: addr.to_string(),
         scheduling_policy: TaskSchedulingPolicy::PushStaged,
         finished_job_data_clean_up_interval_seconds: JOB_DATA_KEPT_SECONDS,
+        executor_timeout_seconds: executor_timeout.as_secs().max(1),
+        expire_dead_executor_interval_seconds: 1,
         override_physical_codec: Some(physical_codec()),
         override_config_producer: Some(Arc::new(session_config)),
         override_session_builder: Some(Arc::new(|config: SessionConfig| Ok(session_state(config)))),
@@ -129,7 +157,7 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
         print_thread_info: false,
         job_data_ttl_seconds: 3600,
         job_data_clean_up_interval_seconds: 600,
-        executor_heartbeat_interval_seconds: 5,
+        executor_heartbeat_interval_seconds: HEARTBEAT.as_secs(),
         override_physical_codec: Some(physical_codec()),
         override_config_producer: Some(Arc::new(move || config.clone())),
         override_function_registry: Some(Arc::new(registry)),

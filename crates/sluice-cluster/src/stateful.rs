@@ -300,6 +300,17 @@ async fn run_partition(
     .await
     .map_err(|e| Error::internal(format!("a state commit panicked: {e}")))?
     .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
+    // `SLUICE_CRASH_AT=after-state:N` in an executor's environment: the
+    // executor dies once a task of batch N or later has committed its
+    // partition, before the task reports (the scheduler runs the task
+    // again elsewhere). "Or later", since which executor gets which task
+    // is the scheduler's choice.
+    if let Some(fault) = sluice_exec::Fault::from_env()
+        && fault.point == sluice_exec::FaultPoint::AfterState
+        && id_n >= fault.batch_id
+    {
+        fault.fire()?;
+    }
     keep_store(&dir, committed);
     Ok(rows)
 }

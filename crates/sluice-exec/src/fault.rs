@@ -85,7 +85,8 @@ impl Fault {
         })
     }
 
-    pub(crate) fn fire(&self) -> Result<()> {
+    /// Fires the fault: exits the process, or returns the injected error.
+    pub fn fire(&self) -> Result<()> {
         if self.exit_process {
             eprintln!(
                 "sluice: injected crash {} of batch {}",
