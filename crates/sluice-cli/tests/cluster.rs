@@ -292,8 +292,8 @@ fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
     assert!(err.contains("was written by a run on a cluster"), "{err}");
 }
 
-/// Not in the suite yet: in about two runs of five, Ballista 55's scheduler
-/// stops scheduling after the executor dies mid-task (the retried jobs
+/// Not in the suite yet: in four runs of eight, Ballista 55's scheduler
+/// stopped scheduling after the executor died mid-task (the retried jobs
 /// wait too, so the run gives up after its retries). Run it with
 /// `cargo test -p sluice-cli --test cluster -- --ignored --nocapture`.
 #[test]
