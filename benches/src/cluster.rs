@@ -37,6 +37,7 @@ async fn loopback(work: &Path) -> Result<Scheduler> {
             grpc_port: free_port()?,
             slots: SLOTS,
             work_dir: work.join(format!("executor-{i}")),
+            scheduling: Default::default(),
         };
         tokio::spawn(async move {
             if let Err(e) = run_executor(options).await {

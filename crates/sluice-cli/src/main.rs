@@ -7,10 +7,10 @@
 //! sluice state DIR [--query NAME] [--version N] [--raw]
 //! sluice progress DIR [--query NAME] [--last N]
 //! sluice run pipeline.sql --cluster HOST:PORT [--job-timeout SECS]   (each batch as a Ballista job)
-//! sluice cluster scheduler [--bind 127.0.0.1:50050] [--executor-timeout SECS]
+//! sluice cluster scheduler [--bind 127.0.0.1:50050] [--executor-timeout SECS] [--scheduling push|pull]
 //! sluice cluster executor --scheduler HOST:PORT [--host 127.0.0.1]
 //!                         [--flight-port 50051] [--grpc-port 50052]
-//!                         [--slots N] [--work-dir DIR]
+//!                         [--slots N] [--work-dir DIR] [--scheduling push|pull]
 //! ```
 //!
 //! `DIR` is the directory given to `run --checkpoint`, or one query's
@@ -131,6 +131,11 @@ enum ClusterPart {
         /// for lost and its tasks run elsewhere (executors send one every 2 s).
         #[arg(long, value_name = "SECS", default_value_t = 20)]
         executor_timeout: u64,
+        /// How tasks reach executors: `push` (fast) or `pull` (executors
+        /// poll; slower, but recovers from an executor lost mid-task).
+        /// Executors must be started with the same.
+        #[arg(long, default_value = "push")]
+        scheduling: sluice_cluster::Scheduling,
     },
     /// An executor: registers with the scheduler and runs tasks. Runs
     /// until stopped (Ctrl-C or SIGTERM).
@@ -155,6 +160,9 @@ enum ClusterPart {
         /// directory under the system's temporary directory).
         #[arg(long, value_name = "DIR")]
         work_dir: Option<PathBuf>,
+        /// `push` or `pull`: as the scheduler was started with.
+        #[arg(long, default_value = "push")]
+        scheduling: sluice_cluster::Scheduling,
     },
 }
 
@@ -311,14 +319,19 @@ async fn run(
 
 /// `sluice cluster scheduler|executor`: runs the part until it stops.
 async fn cluster_part(part: ClusterPart) -> sluice::Result<()> {
+    sluice_cluster::logging::init_from_env();
     match part {
         ClusterPart::Scheduler {
             bind,
             executor_timeout,
+            scheduling,
         } => {
-            let scheduler =
-                sluice_cluster::start_scheduler_with(bind, Duration::from_secs(executor_timeout))
-                    .await?;
+            let scheduler = sluice_cluster::start_scheduler_with(
+                bind,
+                Duration::from_secs(executor_timeout),
+                scheduling,
+            )
+            .await?;
             // Tests and scripts read the address (port 0 picks one).
             println!("sluice: scheduler listening on {}", scheduler.addr());
             let _ = std::io::stdout().flush();
@@ -331,6 +344,7 @@ async fn cluster_part(part: ClusterPart) -> sluice::Result<()> {
             grpc_port,
             slots,
             work_dir,
+            scheduling,
         } => {
             let work_dir = work_dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("sluice-executor-{}", std::process::id()))
@@ -342,6 +356,7 @@ async fn cluster_part(part: ClusterPart) -> sluice::Result<()> {
                 grpc_port,
                 slots: slots.unwrap_or_else(sluice::deps::sluice_common::cores),
                 work_dir,
+                scheduling,
             })
             .await
         }

@@ -25,6 +25,7 @@
 //! one of these is refused by [`ClusterRunner`] when it starts.
 
 pub mod codec;
+pub mod logging;
 mod runner;
 mod server;
 pub mod session;
@@ -33,6 +34,6 @@ pub mod stateful;
 
 pub use runner::{ClusterRunner, DEFAULT_JOB_TIMEOUT, DEFAULT_STATE_PARTITIONS};
 pub use server::{
-    EXECUTOR_TIMEOUT, ExecutorOptions, HEARTBEAT, Scheduler, run_executor, start_scheduler,
-    start_scheduler_with,
+    EXECUTOR_TIMEOUT, ExecutorOptions, HEARTBEAT, Scheduler, Scheduling, run_executor,
+    start_scheduler, start_scheduler_with,
 };

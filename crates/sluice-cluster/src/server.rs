@@ -3,7 +3,8 @@
 //! Both are Ballista's own servers (`ballista-scheduler`, `ballista-executor`)
 //! configured with Sluice's session ([`crate::session`]): its functions for
 //! decoding plans and its codec for their nodes. The scheduler keeps its
-//! state in memory and pushes tasks to executors (`PushStaged`); an executor
+//! state in memory and pushes tasks to executors (`PushStaged`; or they
+//! poll for them, `PullStaged`, see [`Scheduling`]); an executor
 //! keeps a batch's shuffle files in its work directory until the scheduler
 //! has them removed.
 
@@ -66,18 +67,57 @@ pub const EXECUTOR_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often an executor sends its heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
+/// How tasks reach executors. A scheduler and its executors must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheduling {
+    /// The scheduler pushes each task to an executor's gRPC port as soon as
+    /// it is ready (Ballista's `PushStaged`): tens of milliseconds a batch.
+    /// With Ballista 55, an executor that dies in the middle of a task can
+    /// leave the scheduler scheduling nothing more (see the architecture
+    /// page).
+    #[default]
+    Push,
+    /// Executors poll the scheduler for tasks (Ballista's `PullStaged`):
+    /// hundreds of milliseconds a batch on a loopback cluster, but the
+    /// tasks of an executor lost mid-task run again elsewhere.
+    Pull,
+}
+
+impl std::str::FromStr for Scheduling {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "push" => Ok(Scheduling::Push),
+            "pull" => Ok(Scheduling::Pull),
+            other => Err(Error::plan(format!(
+                "scheduling '{other}' is not one of push, pull"
+            ))),
+        }
+    }
+}
+
+impl Scheduling {
+    fn policy(self) -> TaskSchedulingPolicy {
+        match self {
+            Scheduling::Push => TaskSchedulingPolicy::PushStaged,
+            Scheduling::Pull => TaskSchedulingPolicy::PullStaged,
+        }
+    }
+}
+
 /// Starts a scheduler listening on `bind` (port 0 picks a free one), with
-/// the default executor timeout.
+/// push scheduling and the default executor timeout.
 pub async fn start_scheduler(bind: SocketAddr) -> Result<Scheduler> {
-    start_scheduler_with(bind, EXECUTOR_TIMEOUT).await
+    start_scheduler_with(bind, EXECUTOR_TIMEOUT, Scheduling::Push).await
 }
 
 /// Starts a scheduler listening on `bind` that takes an executor for lost
 /// after `executor_timeout` without a heartbeat (at least twice
-/// [`HEARTBEAT`]).
+/// [`HEARTBEAT`]) and hands out tasks by `scheduling`.
 pub async fn start_scheduler_with(
     bind: SocketAddr,
     executor_timeout: Duration,
+    scheduling: Scheduling,
 ) -> Result<Scheduler> {
     if executor_timeout < 2 * HEARTBEAT {
         return Err(Error::plan(format!(
@@ -96,7 +136,7 @@ pub async fn start_scheduler_with(
         bind_port: addr.port(),
         external_host: addr.ip().to_string(),
         scheduler_id: addr.to_string(),
-        scheduling_policy: TaskSchedulingPolicy::PushStaged,
+        scheduling_policy: scheduling.policy(),
         finished_job_data_clean_up_interval_seconds: JOB_DATA_KEPT_SECONDS,
         executor_timeout_seconds: executor_timeout.as_secs().max(1),
         expire_dead_executor_interval_seconds: 1,
@@ -136,6 +176,8 @@ pub struct ExecutorOptions {
     pub slots: usize,
     /// Where it writes shuffle files.
     pub work_dir: PathBuf,
+    /// How it gets tasks: as its scheduler hands them out.
+    pub scheduling: Scheduling,
 }
 
 /// Runs an executor until its process is stopped (Ctrl-C or SIGTERM ends
@@ -152,7 +194,7 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
         scheduler_port: options.scheduler.port(),
         scheduler_connect_timeout_seconds: 10,
         vcores: options.slots.max(1),
-        task_scheduling_policy: TaskSchedulingPolicy::PushStaged,
+        task_scheduling_policy: options.scheduling.policy(),
         work_dir: Some(options.work_dir.display().to_string()),
         print_thread_info: false,
         job_data_ttl_seconds: 3600,

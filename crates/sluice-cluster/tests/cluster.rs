@@ -31,6 +31,7 @@ async fn cluster(executors: usize, work: &Path) -> Scheduler {
             grpc_port: free_port(),
             slots: 2,
             work_dir: work.join(format!("executor-{i}")),
+            scheduling: Default::default(),
         };
         tokio::spawn(async move {
             if let Err(e) = run_executor(options).await {
