@@ -187,13 +187,20 @@ fn stderr(o: &Output) -> String {
 
 /// The output of the pipeline run in one process, start to end.
 fn expected() -> Vec<String> {
-    let tmp = tempfile::tempdir().unwrap();
-    pipeline(tmp.path());
-    let o = run(tmp.path(), None, &[], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let rows = sink_rows(&tmp.path().join("out"));
+    let rows = one_process(|d| {
+        pipeline(d);
+    });
     assert_eq!(rows.len(), 67, "{rows:?}");
     rows
+}
+
+/// The sink rows of the pipeline `setup` writes, run in one process.
+fn one_process(setup: impl Fn(&Path)) -> Vec<String> {
+    let tmp = tempfile::tempdir().unwrap();
+    setup(tmp.path());
+    let o = run(tmp.path(), None, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    sink_rows(&tmp.path().join("out"))
 }
 
 #[test]
@@ -253,13 +260,7 @@ fn windowed_pipeline(dir: &Path) {
 
 #[test]
 fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
-    let expected = {
-        let tmp = tempfile::tempdir().unwrap();
-        windowed_pipeline(tmp.path());
-        let o = run(tmp.path(), None, &[], &[]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        sink_rows(&tmp.path().join("out"))
-    };
+    let expected = one_process(windowed_pipeline);
     assert!(expected.len() > 20, "{expected:?}");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -305,13 +306,7 @@ fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
 /// of the stage it rolled back; later jobs are queued and never run).
 #[test]
 fn an_executor_killed_in_the_middle_of_a_batch_leaves_the_output_exactly_once() {
-    let expected = {
-        let tmp = tempfile::tempdir().unwrap();
-        windowed_pipeline(tmp.path());
-        let o = run(tmp.path(), None, &[], &[]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        sink_rows(&tmp.path().join("out"))
-    };
+    let expected = one_process(windowed_pipeline);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     windowed_pipeline(dir);

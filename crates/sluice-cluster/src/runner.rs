@@ -98,6 +98,34 @@ impl ClusterRunner {
     }
 }
 
+/// How many partitions `agg`'s state starts with: one without keys (every
+/// row is one key), `default` otherwise.
+fn initial_partitions(agg: &StreamingAggregateExec, default: usize) -> usize {
+    if agg.key_exprs().is_empty() {
+        1
+    } else {
+        default
+    }
+}
+
+/// `plan` with every stream scan replaced by an in-memory scan of the
+/// partitions `rows` gives for it.
+fn scans_in_memory(
+    plan: Arc<dyn ExecutionPlan>,
+    mut rows: impl FnMut(&Arc<dyn ExecutionPlan>) -> Vec<Vec<RecordBatch>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let replaced = plan
+        .transform_up(|p| {
+            if !is_stream_scan(p.as_ref()) {
+                return Ok(Transformed::no(p));
+            }
+            let scan = MemorySourceConfig::try_new_exec(&rows(&p), p.schema(), None)?;
+            Ok(Transformed::yes(scan as Arc<dyn ExecutionPlan>))
+        })
+        .map_err(Error::from)?;
+    Ok(replaced.data)
+}
+
 /// `plan` with every stream scan replaced by an in-memory scan of the rows
 /// it yields now (the batch's rows, in as many partitions as the scan
 /// had): a plan whose every node the cluster can decode and run.
@@ -125,19 +153,10 @@ async fn detach(
             .map_err(Error::from)?;
         rows.insert(key, parts);
     }
-    let detached = plan
-        .transform_up(|p| {
-            let key = Arc::as_ptr(&p) as *const () as usize;
-            match rows.get(&key) {
-                Some(parts) => {
-                    let scan = MemorySourceConfig::try_new_exec(parts, p.schema(), None)?;
-                    Ok(Transformed::yes(scan as Arc<dyn ExecutionPlan>))
-                }
-                None => Ok(Transformed::no(p)),
-            }
-        })
-        .map_err(Error::from)?;
-    Ok(detached.data)
+    scans_in_memory(plan, |p| {
+        let key = Arc::as_ptr(p) as *const () as usize;
+        rows.get(&key).cloned().unwrap_or_default()
+    })
 }
 
 /// `plan` with every aggregate as a [`PartitionedAggregateExec`] over its
@@ -158,14 +177,10 @@ fn distribute(
             use sluice_exec::operators::StatefulExec;
             let id = agg.operator_id().to_string();
             let keys = agg.key_exprs();
-            let n = if keys.is_empty() {
-                1
-            } else {
-                partitions
-                    .get(&id)
-                    .copied()
-                    .unwrap_or(DEFAULT_STATE_PARTITIONS)
-            };
+            let n = partitions
+                .get(&id)
+                .copied()
+                .unwrap_or_else(|| initial_partitions(agg, DEFAULT_STATE_PARTITIONS));
             let input = Arc::clone(agg.children()[0]);
             let split: Arc<dyn ExecutionPlan> = if n == 1 {
                 Arc::new(CoalescePartitionsExec::new(input))
@@ -181,11 +196,7 @@ fn distribute(
                 .downcast_ref::<StreamingAggregateExec>()
                 .cloned()
                 .expect("an aggregate rebuilt is an aggregate");
-            let mut batch = job.batch;
-            if let Some(&d) = job.delays.get(&id).filter(|d| **d > 0) {
-                batch.watermark_start = batch.watermark_start.map(|w| w.saturating_sub(d));
-                batch.watermark_end = batch.watermark_end.map(|w| w.saturating_sub(d));
-            }
+            let batch = job.batch.delayed(job.delays.get(&id).copied().unwrap_or(0));
             let state = StateJob {
                 checkpoint: job.checkpoint.clone(),
                 durability: job.durability,
@@ -224,11 +235,7 @@ fn state_partitions(
         let n = if path.exists() {
             read_json::<PartitionsRecord>(&path)?.partitions
         } else {
-            let n = if agg.key_exprs().is_empty() {
-                1
-            } else {
-                default
-            };
+            let n = initial_partitions(agg, default);
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             write_json(&path, &PartitionsRecord { partitions: n }, durability)?;
@@ -243,11 +250,6 @@ fn state_partitions(
         out.insert(id, n);
     }
     Ok(out)
-}
-
-/// How a batch's job is named in errors.
-fn job_id(batch: u64) -> String {
-    batch.to_string()
 }
 
 /// Encodes `plan` as the scheduler will receive it, naming the node that
@@ -292,17 +294,7 @@ impl PlanRunner for ClusterRunner {
         }
         drop(nodes);
         // The plan as a batch sends it, with no rows in its scans.
-        let empty = plan
-            .clone()
-            .transform_up(|p| {
-                if is_stream_scan(p.as_ref()) {
-                    let scan = MemorySourceConfig::try_new_exec(&[vec![]], p.schema(), None)?;
-                    return Ok(Transformed::yes(scan as Arc<dyn ExecutionPlan>));
-                }
-                Ok(Transformed::no(p))
-            })
-            .map_err(Error::from)?
-            .data;
+        let empty = scans_in_memory(Arc::clone(plan), |_| vec![vec![]])?;
         let job = BatchJob {
             batch: Default::default(),
             checkpoint: std::path::PathBuf::new(),
@@ -355,7 +347,7 @@ impl PlanRunner for ClusterRunner {
             match tokio::time::timeout(self.job_timeout, job).await {
                 Ok(rows) => rows,
                 Err(_) => Err(Error::io(
-                    format!("waiting for batch {}'s job", job_id(job_batch)),
+                    format!("waiting for batch {job_batch}'s job"),
                     std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("no result within {:?}", self.job_timeout),

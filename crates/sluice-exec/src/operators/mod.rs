@@ -68,6 +68,18 @@ pub struct BatchContext {
     pub input_rows: u64,
 }
 
+impl BatchContext {
+    /// The batch as an operator whose input watermark is `delay_ms` below
+    /// the query's sees it (a join below it delays it).
+    pub fn delayed(mut self, delay_ms: i64) -> Self {
+        if delay_ms > 0 {
+            self.watermark_start = self.watermark_start.map(|w| w.saturating_sub(delay_ms));
+            self.watermark_end = self.watermark_end.map(|w| w.saturating_sub(delay_ms));
+        }
+        self
+    }
+}
+
 /// One stateful operator's state: its store, and what its last run reported.
 #[derive(Debug)]
 pub struct OperatorState {
@@ -192,12 +204,7 @@ impl OperatorRuntime {
         let state = rt.states.get(id).cloned().ok_or_else(|| {
             DataFusionError::Internal(format!("stateful operator '{id}' has no state opened"))
         })?;
-        let mut batch = rt.batch();
-        if let Some(&d) = rt.delays.get(id).filter(|d| **d > 0) {
-            batch.watermark_start = batch.watermark_start.map(|w| w.saturating_sub(d));
-            batch.watermark_end = batch.watermark_end.map(|w| w.saturating_sub(d));
-        }
-        Ok((batch, state))
+        Ok((rt.batch().delayed(rt.delay(id)), state))
     }
 
     /// A task context like `base` that carries this runtime.
