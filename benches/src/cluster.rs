@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use sluice::Result;
 use sluice::deps::sluice_common::durable::Durability;
 use sluice::prelude::*;
-use sluice_cluster::{ClusterRunner, ExecutorOptions, Scheduler, run_executor, start_scheduler};
+use sluice_cluster::{ClusterRunner, Scheduler};
 
 use crate::overhead::overhead_on;
 use crate::{ms, rows, schema};
@@ -19,33 +19,9 @@ use crate::{ms, rows, schema};
 const EXECUTORS: usize = 2;
 const SLOTS: usize = 2;
 
-fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| sluice::Error::io("finding a free port", e))
-}
-
 /// A scheduler and its executors on 127.0.0.1, in this process.
 async fn loopback(work: &Path) -> Result<Scheduler> {
-    let scheduler = start_scheduler("127.0.0.1:0".parse().expect("an address")).await?;
-    for i in 0..EXECUTORS {
-        let options = ExecutorOptions {
-            scheduler: scheduler.addr(),
-            host: "127.0.0.1".to_string(),
-            flight_port: free_port()?,
-            grpc_port: free_port()?,
-            slots: SLOTS,
-            work_dir: work.join(format!("executor-{i}")),
-            scheduling: Default::default(),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = run_executor(options).await {
-                eprintln!("bench: executor {i} stopped: {e}");
-            }
-        });
-    }
-    Ok(scheduler)
+    sluice_cluster::start_local(EXECUTORS, SLOTS, work).await
 }
 
 /// Rows per second of `batches` batches of `size` rows through a windowed

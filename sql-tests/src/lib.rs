@@ -41,7 +41,12 @@
 //! (the reason is required), out of variants with `# variant: no-restarts`
 //! or `# variant: no-random-splits`. In the split variant only the file's
 //! statements run, unless it says `# variant: random-splits`: then its query
-//! results must hold under any split too.
+//! results must hold under any split too. A few files say
+//! `# variant: cluster`: they also run as written with each batch's plan on
+//! a Ballista cluster ([`Variant::Cluster`]: a scheduler and two executors
+//! the runner starts in its process on 127.0.0.1, and a
+//! `sluice_cluster::ClusterRunner`), and their results and final check must
+//! hold there too.
 //!
 //! `$TMP` in any statement is replaced by the test file's own temporary
 //! directory; queries checkpoint to `$TMP/checkpoints/<query>`. Every
@@ -63,7 +68,9 @@ use sluice::deps::sluice_common::options::parse_duration;
 use sluice::deps::sluice_connectors::kafka::{self, LocalBroker};
 use sluice::deps::sluice_planner::{Statement, parse_script};
 use sluice::deps::sluice_state::checkpoint::read_progress;
-use sluice::{Error, Fault, ManualClock, Outcome, StreamContext, StreamingQuery, Trigger};
+use sluice::{
+    Error, Fault, ManualClock, Outcome, PlanRunner, StreamContext, StreamingQuery, Trigger,
+};
 use sqllogictest::{DBOutput, DefaultColumnType};
 
 /// The error a test statement reports (its one-line message).
@@ -95,6 +102,7 @@ pub struct SluiceDb {
     queries: Vec<StreamingQuery>,
     definitions: Vec<Statement>,
     kafka: Option<LocalBroker>,
+    runner: Option<Arc<dyn PlanRunner>>,
 }
 
 impl SluiceDb {
@@ -109,6 +117,16 @@ impl SluiceDb {
             queries: Vec::new(),
             definitions: Vec::new(),
             kafka: None,
+            runner: None,
+        }
+    }
+
+    /// A fresh database whose queries run each batch's plan with `runner`
+    /// (the cluster variant's `ClusterRunner`).
+    pub fn with_runner(dir: &Path, runner: Arc<dyn PlanRunner>) -> Self {
+        SluiceDb {
+            runner: Some(runner),
+            ..Self::new(dir)
         }
     }
 
@@ -127,6 +145,10 @@ impl SluiceDb {
     async fn start(&mut self, outcome: Outcome) -> Result<Option<Vec<RecordBatch>>, TestError> {
         match outcome {
             Outcome::Query(q) => {
+                let q = match &self.runner {
+                    Some(r) => Box::new(q.map_writer(|w| w.runner(Arc::clone(r)))),
+                    None => q,
+                };
                 let q = q.with_trigger(Trigger::Manual).start().await?;
                 self.queries.push(q);
                 Ok(None)
@@ -513,6 +535,10 @@ pub enum Variant {
         /// Whether the file's own query results must hold too.
         strict: bool,
     },
+    /// The file as written, each batch's plan run on a Ballista cluster
+    /// (a scheduler and two executors on 127.0.0.1): for files marked
+    /// `# variant: cluster`, a few, to keep the suite's time.
+    Cluster,
 }
 
 impl std::fmt::Display for Variant {
@@ -520,6 +546,7 @@ impl std::fmt::Display for Variant {
         match self {
             Variant::Plain => Ok(()),
             Variant::Restarts => f.write_str(" [restart after every batch]"),
+            Variant::Cluster => f.write_str(" [on a Ballista cluster]"),
             Variant::Splits { seed, strict: true } => {
                 write!(f, " [random splits, SLT_SEED={seed}]")
             }
@@ -559,6 +586,9 @@ pub fn variants(name: &str, text: &str) -> Vec<Variant> {
         let strict = marked(text, "variant: random-splits").is_some();
         v.push(Variant::Splits { seed, strict });
     }
+    if marked(text, "variant: cluster").is_some() {
+        v.push(Variant::Cluster);
+    }
     v
 }
 
@@ -588,7 +618,7 @@ pub fn batch_check_exemptions(text: &str) -> Result<Vec<String>, String> {
 /// final `CHECK ALL AGAINST BATCH` of every sink not exempted.
 pub fn transform(text: &str, variant: Variant) -> Result<String, String> {
     let body = match variant {
-        Variant::Plain => text.to_string(),
+        Variant::Plain | Variant::Cluster => text.to_string(),
         Variant::Splits { seed, strict } => {
             let body = if strict {
                 text.to_string()

@@ -539,17 +539,22 @@ fn status(q: &StreamingQuery) -> String {
 const PIPELINE_SQL: &str = "pipeline.sql";
 
 fn write_pipeline_sql(dir: &Path, sql: &str) -> sluice::Result<()> {
-    let path = dir.join(PIPELINE_SQL);
-    let tmp = dir.join(format!("{PIPELINE_SQL}.tmp"));
-    std::fs::write(&tmp, sql)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| sluice::Error::io(format!("writing {}", path.display()), e))
+    // Informational, so not synced; atomic, and written through to the
+    // bucket of a checkpoint kept in one.
+    use sluice::deps::sluice_common::durable;
+    durable::write_atomic(
+        &dir.join(PIPELINE_SQL),
+        sql.as_bytes(),
+        durable::Durability::NoSync,
+    )
 }
 
 /// The query checkpoints `dir` names: itself when it is one query's
 /// directory, otherwise the query directories in it (the directory given
 /// to `run --checkpoint`); only `query`'s when given.
 fn query_dirs(dir: &Path, query: Option<&str>) -> sluice::Result<Vec<(PathBuf, Metadata)>> {
+    // A checkpoint (root) in a bucket is read from a local copy of it.
+    let dir = &sluice::deps::sluice_common::remote::local_dir(dir)?;
     if dir.join("metadata").exists() {
         let meta: Metadata = read_json(&dir.join("metadata"))?;
         if let Some(q) = query

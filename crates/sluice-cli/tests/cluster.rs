@@ -140,14 +140,11 @@ fn pipeline(dir: &Path) -> PathBuf {
 
 fn run(dir: &Path, cluster: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = bin();
-    cmd.current_dir(dir).args([
-        "run",
-        "pipeline.sql",
-        "--checkpoint",
-        "ckpt",
-        "--trigger",
-        "available-now",
-    ]);
+    cmd.current_dir(dir)
+        .args(["run", "pipeline.sql", "--trigger", "available-now"]);
+    if !extra.contains(&"--checkpoint") {
+        cmd.args(["--checkpoint", "ckpt"]);
+    }
     if let Some(c) = cluster {
         cmd.args(["--cluster", c]);
     }
@@ -389,4 +386,57 @@ fn an_operator_not_built_for_clusters_is_refused_with_a_clear_error() {
     let o = run(dir, Some("127.0.0.1:9"), &[], &[]);
     let err = stderr(&o);
     assert!(err.contains("was written by a run in one process"), "{err}");
+}
+
+/// The same windowed aggregate with its checkpoint in a bucket of a local
+/// S3 server: the driver and each executor mount it in caches of their own
+/// (separate processes, separate directories), so the state partitions an
+/// executor loads are the ones in the bucket.
+#[test]
+fn a_windowed_aggregate_on_the_cluster_keeps_its_checkpoint_in_a_bucket() {
+    use sluice::deps::sluice_connectors::s3_server::LocalS3;
+    let expected = one_process(windowed_pipeline);
+    let s3 = LocalS3::start().unwrap();
+    s3.create_bucket("ckpts").unwrap();
+    let env: Vec<(&str, String)> = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    windowed_pipeline(dir);
+    let (_scheduler, addr) = scheduler(&dir.join("scheduler.log"));
+    let _one = executor_with(&addr, dir, 1, &env, &[]);
+    let two = executor_with(&addr, dir, 2, &env, &[]);
+    let in_bucket = ["--checkpoint", "s3://ckpts/run"];
+    let mut crash_env = env.clone();
+    crash_env.push(("SLUICE_CRASH_AT", "after-sink:3"));
+    let crashed = run(dir, Some(&addr), &in_bucket, &crash_env);
+    assert_eq!(crashed.status.code(), Some(86), "{}", stderr(&crashed));
+    let mut first = in_bucket.to_vec();
+    first.extend(["--max-batches", "5"]);
+    let ok = run(dir, Some(&addr), &first, &env);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // One executor is killed; the other loads the partitions it wrote from
+    // the bucket.
+    drop(two);
+    let ok = run(dir, Some(&addr), &in_bucket, &env);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(sink_rows(&dir.join("out")), expected);
+    let keys: Vec<String> = s3
+        .objects("ckpts", "run/out/state")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        keys.iter()
+            .any(|k| k == "run/out/state/aggregate/partitions")
+            && keys
+                .iter()
+                .any(|k| k.starts_with("run/out/state/aggregate/p0/")),
+        "{keys:?}"
+    );
+    assert!(
+        !dir.join("ckpt").exists(),
+        "nothing of the checkpoint is local"
+    );
 }

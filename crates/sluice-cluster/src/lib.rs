@@ -34,6 +34,6 @@ pub mod stateful;
 
 pub use runner::{ClusterRunner, DEFAULT_JOB_TIMEOUT, DEFAULT_STATE_PARTITIONS};
 pub use server::{
-    EXECUTOR_TIMEOUT, ExecutorOptions, HEARTBEAT, Scheduler, Scheduling, run_executor,
+    EXECUTOR_TIMEOUT, ExecutorOptions, HEARTBEAT, Scheduler, Scheduling, run_executor, start_local,
     start_scheduler, start_scheduler_with,
 };

@@ -318,15 +318,21 @@ impl PlanRunner for ClusterRunner {
             // The executors run elsewhere (another directory, another
             // machine with the checkpoint mounted at the same path): they
             // are sent the checkpoint's absolute path.
-            let absolute = std::path::absolute(&job.checkpoint)
-                .map_err(|e| Error::io(format!("resolving {}", job.checkpoint.display()), e))?;
+            // A checkpoint in a bucket is sent as its URL: each executor
+            // mounts it in a cache of its own.
+            let absolute = if sluice_common::remote::is_url(&job.checkpoint) {
+                job.checkpoint.clone()
+            } else {
+                std::path::absolute(&job.checkpoint)
+                    .map_err(|e| Error::io(format!("resolving {}", job.checkpoint.display()), e))?
+            };
             let job = &BatchJob {
                 checkpoint: absolute,
                 ..job.clone()
             };
             let job_batch = job.batch.batch_id;
-            let partitions =
-                state_partitions(&plan, &job.checkpoint, job.durability, self.partitions)?;
+            let root = sluice_common::remote::local_dir(&job.checkpoint)?;
+            let partitions = state_partitions(&plan, &root, job.durability, self.partitions)?;
             let plan = detach(plan, ctx).await?;
             let plan = distribute(plan, job, &partitions)?;
             let config = session_config();

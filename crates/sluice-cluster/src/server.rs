@@ -216,3 +216,39 @@ pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
             ))
         })
 }
+
+/// Starts, in this process on 127.0.0.1 (free ports), a scheduler and
+/// `executors` executors of `slots` slots each, working in
+/// `work/executor-<i>`: a loopback cluster for tests and benchmarks. The
+/// scheduler serves while its handle lives; the executors run until the
+/// process ends (an executor that stops prints why).
+pub async fn start_local(
+    executors: usize,
+    slots: usize,
+    work: &std::path::Path,
+) -> Result<Scheduler> {
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| Error::io("finding a free port", e))
+    };
+    let scheduler = start_scheduler(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    for i in 0..executors {
+        let options = ExecutorOptions {
+            scheduler: scheduler.addr(),
+            host: "127.0.0.1".to_string(),
+            flight_port: free_port()?,
+            grpc_port: free_port()?,
+            slots,
+            work_dir: work.join(format!("executor-{i}")),
+            scheduling: Scheduling::default(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = run_executor(options).await {
+                eprintln!("sluice: executor {i} stopped: {e}");
+            }
+        });
+    }
+    Ok(scheduler)
+}

@@ -48,8 +48,9 @@ use sluice_state::store::{StateStore, StateStoreOptions};
 /// Where a partitioned operator's state is and which batch it runs.
 #[derive(Debug, Clone)]
 pub struct StateJob {
-    /// The query's checkpoint directory, at the same path on every
-    /// executor (a shared directory).
+    /// The query's checkpoint: a directory at the same path on every
+    /// executor (a shared directory), or a bucket URL that every executor
+    /// mounts (`sluice_common::remote`).
     pub checkpoint: PathBuf,
     /// Whether state files are fsynced.
     pub durability: Durability,
@@ -287,7 +288,13 @@ async fn run_partition(
         Arc::new(crate::slice::PartitionSliceExec::new(input, local));
     let node = StreamingAggregateExec::try_new(id.clone(), agg.top_over(slice)?, agg.ttl())?
         .with_emit(agg.emit_mode())?;
-    let dir = partition_dir(&job.checkpoint, &id, k);
+    // A checkpoint in a bucket: this process's cache of it, with the
+    // partition's files made current (a file another attempt rewrote is
+    // downloaded, so a kept store no longer matches it).
+    let root = sluice_common::remote::local_dir(&job.checkpoint)?;
+    let dir = partition_dir(&root, &id, k);
+    sluice_common::remote::sync(&dir)
+        .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
     let (keys, values) = node.state_schemas();
     let id_n = job.batch.batch_id;
     let mut store = take_store(&dir, keys, values, job.durability, id_n)

@@ -3,43 +3,18 @@
 //! query runs once in one process and once on the cluster, over the same
 //! files in the same micro-batches; the outputs must be equal.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use sluice::prelude::*;
 use sluice::{Outcome, PlanRunner};
-use sluice_cluster::{ClusterRunner, ExecutorOptions, Scheduler, run_executor, start_scheduler};
-
-/// A port free at the time of asking (the executor binds it itself).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on 127.0.0.1")
-}
+use sluice_cluster::{ClusterRunner, Scheduler};
 
 /// A scheduler and `executors` executors on 127.0.0.1.
 async fn cluster(executors: usize, work: &Path) -> Scheduler {
-    let bind: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let scheduler = start_scheduler(bind).await.expect("scheduler starts");
-    for i in 0..executors {
-        let options = ExecutorOptions {
-            scheduler: scheduler.addr(),
-            host: "127.0.0.1".to_string(),
-            flight_port: free_port(),
-            grpc_port: free_port(),
-            slots: 2,
-            work_dir: work.join(format!("executor-{i}")),
-            scheduling: Default::default(),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = run_executor(options).await {
-                panic!("executor {i} stopped: {e}");
-            }
-        });
-    }
-    scheduler
+    sluice_cluster::start_local(executors, 2, work)
+        .await
+        .expect("the cluster starts")
 }
 
 /// 20 files of clicks, one per micro-batch, and a CSV of users.

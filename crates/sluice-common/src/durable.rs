@@ -276,7 +276,8 @@ fn write_atomic_parts(path: &Path, parts: &[&[u8]], durability: Durability) -> R
         if durability == Durability::Fsync {
             sync_dir(dir)?;
         }
-        Ok(())
+        // In a mounted checkpoint, the write counts once the bucket has it.
+        crate::remote::put(path, parts)
     })();
     result.map_err(|e: std::io::Error| {
         let _ = fs::remove_file(&tmp);
@@ -429,7 +430,7 @@ pub fn write_framed_in_place(path: &Path, body: &[u8], durability: Durability) -
         if durability == Durability::Fsync {
             f.sync_data()?;
         }
-        Ok(())
+        crate::remote::put(path, &[header.as_bytes(), body])
     })();
     result.map_err(|e: std::io::Error| Error::io(format!("writing {}", path.display()), e))
 }

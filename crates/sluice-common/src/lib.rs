@@ -19,6 +19,7 @@ pub mod error;
 pub mod mode;
 pub mod options;
 pub mod progress;
+pub mod remote;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result, ResultExt};

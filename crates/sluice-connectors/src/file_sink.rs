@@ -20,13 +20,17 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sluice_common::durable::{self, Durability};
+use sluice_common::remote::Location;
 use sluice_common::{BatchId, Error, Options, OutputMode, Result};
 
 use crate::decode::Format;
@@ -99,6 +103,13 @@ impl FileSink {
     /// Builds the sink from `CREATE SINK ... WITH (connector = 'file', ...)`.
     pub fn from_options(name: &str, options: &Options) -> Result<Self> {
         let path = options.require("path")?;
+        if path.contains("://") && !sluice_common::remote::is_url(Path::new(&path)) {
+            return Err(Error::not_supported(format!(
+                "{}: the URL '{path}' (local paths, file:// and s3:// URLs are written)",
+                options.owner()
+            )));
+        }
+        let path = path.trim_start_matches("file://").to_string();
         let sink = match options
             .get_choice("format", &["json", "csv", "parquet"])?
             .as_deref()
@@ -112,6 +123,55 @@ impl FileSink {
             _ => Durability::Fsync,
         };
         Ok(sink.named(name).with_durability(durability))
+    }
+
+    /// [`Sink::write`] into a bucket: batch N's object is put in one
+    /// request, which S3 makes visible whole or not at all, over the
+    /// object an earlier attempt of N put; a batch with no rows deletes
+    /// such an object. Objects of N in another format go first.
+    async fn write_object(
+        &self,
+        id: BatchId,
+        file: &str,
+        (url, store, prefix): (&str, Arc<dyn ObjectStore>, &ObjectPath),
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<()> {
+        let at = |name: &str| ObjectPath::from_iter(prefix.parts().chain([name.into()]));
+        let failed = |what: String, e: object_store::Error| {
+            Error::io(format!("{what} {url}/{file}"), std::io::Error::other(e))
+        };
+        let delete = |name: String| {
+            let store = Arc::clone(&store);
+            let location = at(&name);
+            async move {
+                match store.delete(&location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(failed(
+                        format!("removing {name} of an earlier attempt of"),
+                        e,
+                    )),
+                }
+            }
+        };
+        for other in ["json", "csv", "parquet"] {
+            if other != self.format.extension() {
+                delete(format!("part-{id:06}.{other}")).await?;
+            }
+        }
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if rows == 0 {
+            return delete(file.to_string()).await;
+        }
+        let bytes = self.encode(schema, batches)?;
+        let shown = PathBuf::from(format!("{url}/{file}"));
+        durable::io_step("putting to the object store", &shown)
+            .map_err(|e| Error::io(format!("writing {}", shown.display()), e))?;
+        store
+            .put(&at(file), PutPayload::from(bytes))
+            .await
+            .map_err(|e| failed("writing".into(), e))?;
+        Ok(())
     }
 
     fn meta_dir(&self) -> PathBuf {
@@ -209,6 +269,11 @@ impl Sink for FileSink {
                 self.name
             )));
         }
+        if sluice_common::remote::is_url(&self.path) {
+            // A bucket: one put per batch file, nothing staged.
+            Location::parse(&self.path)?;
+            return Ok(());
+        }
         let staging = self.meta_dir().join("staging");
         fs::create_dir_all(&staging)
             .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
@@ -232,6 +297,11 @@ impl Sink for FileSink {
         batches: Vec<RecordBatch>,
     ) -> Result<()> {
         let file = format!("part-{id:06}.{}", self.format.extension());
+        if let Location::Store { url, store, prefix } = Location::parse(&self.path)? {
+            return self
+                .write_object(id, &file, (&url, store, &prefix), schema, &batches)
+                .await;
+        }
         let target = self.path.join(&file);
         let mut removed = false;
         // An earlier attempt of batch N by a Sluice that wrote manifests.

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,6 +20,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde_json::Value;
 use sluice_common::durable::{self, Durability};
+use sluice_common::remote::Location;
 use sluice_common::{Error, Options, Result};
 
 use crate::decode::{self, Format};
@@ -134,9 +135,9 @@ impl FileSource {
                 )));
             }
         };
-        if path.contains("://") && !path.starts_with("file://") {
+        if path.contains("://") && !sluice_common::remote::is_url(Path::new(&path)) {
             return Err(Error::not_supported(format!(
-                "{}: object store URLs ('{path}'); only local directories are read today",
+                "{}: the URL '{path}' (local paths, file:// and s3:// URLs are read)",
                 options.owner()
             )));
         }
@@ -169,9 +170,14 @@ impl Source for FileSource {
             )));
         }
         let log = FileLog::load(ctx.dir.join("files"), ctx.durability)?;
+        // A directory or a bucket prefix: the store is what differs.
+        let store: Arc<dyn ObjectStore> = match Location::parse(&self.path)? {
+            Location::Local(_) => Arc::new(LocalFileSystem::new()),
+            Location::Store { store, .. } => store,
+        };
         Ok(Box::new(FileReader {
             source: self.clone(),
-            store: Arc::new(LocalFileSystem::new()),
+            store,
             log,
             listed: false,
         }))
@@ -256,7 +262,7 @@ impl FileLog {
 #[derive(Debug)]
 struct FileReader {
     source: FileSource,
-    store: Arc<LocalFileSystem>,
+    store: Arc<dyn ObjectStore>,
     log: FileLog,
     /// Whether the last `latest_offset` listed the directory (so the log
     /// holds every file there was).
@@ -264,7 +270,12 @@ struct FileReader {
 }
 
 impl FileReader {
+    /// The directory as shown in messages (the URL for a bucket), and its
+    /// prefix in the store.
     fn root(&self) -> Result<(PathBuf, StorePath)> {
+        if let Location::Store { url, prefix, .. } = Location::parse(&self.source.path)? {
+            return Ok((PathBuf::from(url), prefix));
+        }
         let root = fs::canonicalize(&self.source.path).map_err(|e| {
             Error::plan(format!(
                 "file source '{}': directory {} cannot be read: {e}",
@@ -385,7 +396,11 @@ impl SourceReader for FileReader {
         // read, on a local disk as on an object store) and kept in log order.
         let targets: Vec<(PathBuf, StorePath)> = self.log.files[s..e]
             .iter()
-            .map(|rel| (root.join(rel), StorePath::from(format!("{prefix}/{rel}"))))
+            .map(|rel| {
+                let location =
+                    StorePath::from_iter(prefix.parts().chain(rel.split('/').map(Into::into)));
+                (root.join(rel), location)
+            })
             .collect();
         let store = Arc::clone(&self.store);
         let fetches = targets.into_iter().map(move |(shown, location)| {

@@ -28,9 +28,11 @@ pub mod file_sink;
 pub mod file_source;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+mod local_server;
 pub mod memory;
 pub mod nexmark;
 pub mod rate;
+pub mod s3_server;
 pub mod sink;
 pub mod source;
 

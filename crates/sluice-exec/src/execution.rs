@@ -346,8 +346,14 @@ impl MicroBatchExecution {
             durability: config.durability,
             ..CheckpointOptions::default()
         };
+        // A checkpoint in a bucket is worked on in a local cache that every
+        // durable write goes through to (`sluice_common::remote`).
+        // Synced again on a reopen: the bucket, not the cache, is the
+        // checkpoint.
+        let root = sluice_common::remote::local_dir(&config.checkpoint).map_err(ctx)?;
+        sluice_common::remote::sync(&root).map_err(ctx)?;
         let checkpoint = Checkpoint::open(
-            &config.checkpoint,
+            &root,
             &name,
             &fingerprint(&plan),
             &names,
@@ -360,13 +366,13 @@ impl MicroBatchExecution {
         // it where the plan runs; the layouts of the two differ, so a
         // checkpoint's state stays with the kind of run that wrote it.
         let keeps_state = config.runner.as_ref().is_some_and(|r| r.keeps_state());
-        check_state_layout(&physical, &config.checkpoint, keeps_state).map_err(ctx)?;
+        check_state_layout(&physical, &root, keeps_state).map_err(ctx)?;
         let states = if keeps_state {
             crate::operators::OperatorStates::new()
         } else {
             open_states(
                 &physical,
-                &config.checkpoint,
+                &root,
                 config.durability,
                 config.state_snapshot_fallback,
             )

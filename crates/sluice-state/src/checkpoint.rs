@@ -333,6 +333,7 @@ impl Checkpoint {
         let mut line = serde_json::to_vec(progress)
             .map_err(|e| Error::internal(format!("serializing progress: {e}")))?;
         line.push(b'\n');
+        roll_progress(&self.root, &path, progress.batch_id)?;
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -353,8 +354,77 @@ impl Checkpoint {
             }
         }
         f.write_all(&line)
-            .map_err(|e| Error::io(format!("appending to {}", path.display()), e))
+            .map_err(|e| Error::io(format!("appending to {}", path.display()), e))?;
+        // In a checkpoint kept in a bucket, the file goes to it whole (at
+        // most [`PROGRESS_ROLL_BYTES`] and a record).
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        sluice_common::remote::put_file(&path, len)
+            .map_err(|e| Error::io(format!("putting {}", path.display()), e))
     }
+}
+
+/// `progress.jsonl` is rolled into `progress/` once it holds this much.
+pub const PROGRESS_ROLL_BYTES: u64 = 256 * 1024;
+
+/// How many rolled progress files are kept (the newest).
+pub const PROGRESS_ROLLED_KEPT: usize = 4;
+
+/// Before batch `batch`'s record is appended: a `progress.jsonl` of
+/// [`PROGRESS_ROLL_BYTES`] or more is renamed to
+/// `progress/<first batch id it holds>.jsonl` (20 digits; `batch` when its
+/// first line does not parse), and rolled files past the newest
+/// [`PROGRESS_ROLLED_KEPT`] go.
+fn roll_progress(root: &Path, path: &Path, batch: BatchId) -> Result<()> {
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(_) => return Ok(()),
+    };
+    if len < PROGRESS_ROLL_BYTES {
+        return Ok(());
+    }
+    let ctx = |e| Error::io(format!("rolling {}", path.display()), e);
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(File::open(path).map_err(ctx)?),
+        &mut first,
+    )
+    .map_err(ctx)?;
+    let first = serde_json::from_str::<Progress>(&first).map_or(batch, |p| p.batch_id);
+    let dir = root.join(PROGRESS_DIR);
+    fs::create_dir_all(&dir).map_err(ctx)?;
+    let rolled = dir.join(format!("{first:020}.jsonl"));
+    fs::rename(path, &rolled).map_err(ctx)?;
+    sluice_common::remote::put_file(&rolled, len).map_err(ctx)?;
+    sluice_common::remote::remove(path);
+    let mut old = rolled_progress(root);
+    let excess = old.len().saturating_sub(PROGRESS_ROLLED_KEPT);
+    for p in old.drain(..excess) {
+        let _ = fs::remove_file(&p);
+        sluice_common::remote::remove(&p);
+    }
+    Ok(())
+}
+
+/// The directory of rolled progress files.
+const PROGRESS_DIR: &str = "progress";
+
+/// The rolled progress files, oldest first.
+fn rolled_progress(root: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(root.join(PROGRESS_DIR))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| !n.starts_with('.') && n.ends_with(".jsonl"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
 }
 
 /// The newest committed batch of the checkpoint at `root`, read without
@@ -447,18 +517,23 @@ fn convert_version_1(root: &Path, mut m: Metadata, durability: Durability) -> Re
 /// Reads the progress records of the checkpoint at `root`, oldest first,
 /// skipping a torn last line.
 pub fn read_progress(root: &Path) -> Result<Vec<Progress>> {
-    let path = root.join("progress.jsonl");
-    // Bytes, not text: a damaged log may hold anything, and only the lines
-    // that parse count.
-    let text = match fs::read(&path) {
-        Ok(t) => String::from_utf8_lossy(&t).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
-    };
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect())
+    let mut out = Vec::new();
+    let mut files = rolled_progress(root);
+    files.push(root.join("progress.jsonl"));
+    for path in files {
+        // Bytes, not text: a damaged log may hold anything, and only the
+        // lines that parse count.
+        let text = match fs::read(&path) {
+            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        out.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Progress>(l).ok()),
+        );
+    }
+    Ok(out)
 }
 
 fn acquire_lock(root: &Path) -> Result<File> {
@@ -550,6 +625,49 @@ mod tests {
             watermark_ms: None,
             config: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn progress_rolls_into_a_few_files_and_reads_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = open(dir.path()).unwrap();
+        let name = "x".repeat(4000);
+        let n = 400;
+        for id in 0..n {
+            let p = Progress {
+                name: name.clone(),
+                batch_id: id,
+                ..Progress::default()
+            };
+            ck.append_progress(&p).unwrap();
+        }
+        let rolled = rolled_progress(dir.path());
+        assert_eq!(rolled.len(), PROGRESS_ROLLED_KEPT, "{rolled:?}");
+        assert!(
+            fs::metadata(dir.path().join("progress.jsonl"))
+                .unwrap()
+                .len()
+                < PROGRESS_ROLL_BYTES + 5000
+        );
+        let ids: Vec<BatchId> = read_progress(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.batch_id)
+            .collect();
+        // The newest records, in order, none twice, up to the last.
+        assert_eq!(*ids.last().unwrap(), n - 1);
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+        assert!(
+            ids.len() as u64 > 4 * PROGRESS_ROLL_BYTES / 4100,
+            "{}",
+            ids.len()
+        );
+        // Each rolled file is named after its first record.
+        let first = ids[0];
+        assert_eq!(
+            rolled[0].file_name().unwrap().to_str().unwrap(),
+            format!("{first:020}.jsonl")
+        );
     }
 
     #[test]

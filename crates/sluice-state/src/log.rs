@@ -457,7 +457,8 @@ impl BatchLog {
         let keep_from = first.saturating_sub(self.retain);
         while w.log.segments.len() > 1 && w.log.segments[1].0 <= keep_from {
             let (_, old) = w.log.segments.remove(0);
-            let _ = fs::remove_file(old);
+            let _ = fs::remove_file(&old);
+            sluice_common::remote::remove(&old);
         }
         let oldest = w.log.segments[0].0;
         w.log.plans.retain(|id, _| *id >= oldest);
@@ -493,7 +494,9 @@ impl BatchLog {
                 io_step("syncing", &path)?;
                 open.file.sync_data()?;
             }
-            Ok(())
+            // In a mounted checkpoint, the segment as it now is goes to the
+            // bucket in one put: the record counts once the bucket has it.
+            sluice_common::remote::put_file(&path, open.len + bytes.len() as u64)
         })();
         match result {
             Ok(()) => {

@@ -84,7 +84,12 @@ impl TableFunctionImpl for StateFunction {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                let dir = root.map(|r| r.join(&name)).filter(|d| d.exists()).ok_or_else(|| {
+                // A root in a bucket is read from a local copy of it.
+                let dir = root
+                    .map(|r| sluice_common::remote::local_dir(&r.join(&name)))
+                    .transpose()
+                    .map_err(DataFusionError::from)?;
+                let dir = dir.filter(|d| d.join("metadata").exists()).ok_or_else(|| {
                     arg_err(format!("state('{name}'): no query named '{name}' was started here or checkpointed under the checkpoint root"))
                 })?;
                 QueryState {

@@ -6,10 +6,9 @@
 //! installs it into `~/.cache/sluice/tools` (the README's test command does
 //! that itself); `SLUICE_TANSU` names another binary.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -18,13 +17,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_common::{Error, Result};
 
 use super::{Connection, Range, Record, fetch, kafka_error};
+use crate::local_server::LocalServer;
 
 /// A tansu broker on a free port of 127.0.0.1, stopped when dropped.
 #[derive(Debug)]
 pub struct LocalBroker {
-    child: Child,
-    port: u16,
-    log: PathBuf,
+    server: LocalServer,
 }
 
 impl LocalBroker {
@@ -57,98 +55,29 @@ impl LocalBroker {
     /// Starts a broker and waits (at most 20 s) until it accepts connections.
     pub fn start() -> Result<LocalBroker> {
         let bin = Self::binary()?;
-        let mut last = String::new();
-        // A port found free may be taken before tansu binds it: try a few.
-        for _ in 0..5 {
-            let port = free_port()?;
-            let log = std::env::temp_dir().join(format!("sluice-tansu-{port}.log"));
-            let log_file = std::fs::File::create(&log)
-                .map_err(|e| Error::io(format!("creating {}", log.display()), e))?;
+        let args = |port: u16| {
             let url = format!("tcp://127.0.0.1:{port}");
-            let child = Command::new(&bin)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                ])
-                .args(["--storage-engine", "memory://tansu/"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file)
-                .spawn()
-                .map_err(|e| Error::io(format!("starting {}", bin.display()), e))?;
-            let mut broker = LocalBroker { child, port, log };
-            match broker.wait_ready(Duration::from_secs(20)) {
-                Ok(()) => return Ok(broker),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(Error::io(
-            "starting a tansu broker",
-            std::io::Error::other(last),
-        ))
-    }
-
-    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
-        let deadline = Instant::now() + limit;
-        let addr = ("127.0.0.1", self.port);
-        loop {
-            if let Some(status) = self
-                .child
-                .try_wait()
-                .map_err(|e| Error::io("waiting for tansu", e))?
-            {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                return Err(Error::io(
-                    format!(
-                        "tansu exited ({status}) before it listened on port {}",
-                        self.port
-                    ),
-                    std::io::Error::other(
-                        log.lines().rev().take(5).collect::<Vec<_>>().join(" | "),
-                    ),
-                ));
-            }
-            if TcpStream::connect(addr).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::io(
-                    format!(
-                        "tansu did not listen on port {} within {limit:?}",
-                        self.port
-                    ),
-                    std::io::Error::from(std::io::ErrorKind::TimedOut),
-                ));
-            }
-            // Waiting for another process to listen, not for engine work:
-            // there is no clock of ours to wait on.
-            #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            [
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ]
+            .into_iter()
+            .chain(["--storage-engine", "memory://tansu/"])
+            .map(str::to_string)
+            .collect()
+        };
+        let ready = |port: u16| TcpStream::connect(("127.0.0.1", port)).is_ok();
+        let server = LocalServer::start("tansu", &bin, args, ready, Duration::from_secs(20))?;
+        Ok(LocalBroker { server })
     }
 
     /// `bootstrap.servers` for this broker.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.server.port())
     }
-}
-
-impl Drop for LocalBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("finding a free port", e))?;
-    Ok(l.local_addr()
-        .map_err(|e| Error::io("finding a free port", e))?
-        .port())
 }
 
 fn admin(servers: &str) -> Result<AdminClient<DefaultClientContext>> {

@@ -1002,7 +1002,9 @@ fn cleanup(dir: &Path, oldest: BatchId) {
         return;
     };
     for f in plan::removable(&files, oldest) {
-        let _ = fs::remove_file(dir.join(f.name()));
+        let path = dir.join(f.name());
+        let _ = fs::remove_file(&path);
+        sluice_common::remote::remove(&path);
     }
 }
 
