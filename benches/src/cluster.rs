@@ -1,7 +1,8 @@
 //! Micro-batches on a loopback Ballista cluster (a scheduler and two
 //! executors in this process, on 127.0.0.1) against the same queries in one
 //! process: per-batch latency of one-row batches, and the throughput of the
-//! 100,000-row windowed aggregate.
+//! 100,000-row windowed aggregate; and both again with the checkpoint in a
+//! bucket of a local S3 server (moto, `scripts/s3-server.sh install`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use sluice::Result;
 use sluice::deps::sluice_common::durable::Durability;
+use sluice::deps::sluice_connectors::s3_server::LocalS3;
 use sluice::prelude::*;
 use sluice_cluster::{ClusterRunner, Scheduler};
 
@@ -94,9 +96,13 @@ driver, the scheduler and the executors. State on the cluster is in 4 partitions
         "### Per-batch latency: one-row batches, trigger → commit, {n} batches each\n\n"
     ));
     md.push_str("| query | durability | one process median / p99 (ms) | cluster median / p99 (ms) | ratio of medians |\n|---|---|---:|---:|---:|\n");
+    let mut durable_local = Vec::new();
     for stateful in [false, true] {
         for durability in [Durability::NoSync, Durability::Fsync] {
             let (local, _, _) = overhead_on(dir, durability, stateful, n, None).await?;
+            if durability == Durability::Fsync {
+                durable_local.push(local);
+            }
             let (remote, _, _) = overhead_on(dir, durability, stateful, n, Some(runner(4))).await?;
             md.push_str(&format!(
                 "| {} | {durability:?} | {} / {} | {} / {} | {:.1}× |\n",
@@ -121,9 +127,55 @@ driver, the scheduler and the executors. State on the cluster is in 4 partitions
     md.push_str("| run | rows/s | against one process |\n|---|---:|---:|\n");
     md.push_str(&format!("| one process | {:.0} | 1.00 |\n", local));
     md.push_str(&format!(
-        "| loopback cluster | {:.0} | {:.2} |\n\n",
+        "| loopback cluster | {:.0} | {:.2} |\n",
         remote,
         remote / local
     ));
+    // The same with the checkpoint in a bucket of a local S3 server.
+    let s3 = LocalS3::start()?;
+    s3.register_bucket("sluice-bench")?;
+    let bucket = Path::new("s3://sluice-bench");
+    let in_bucket = windowed_throughput(bucket, "bucket", 100_000, 10, None).await?;
+    let cluster_bucket =
+        windowed_throughput(bucket, "cluster-bucket", 100_000, 10, Some(runner(4))).await?;
+    md.push_str(&format!(
+        "| one process, checkpoint in a bucket | {:.0} | {:.2} |\n",
+        in_bucket,
+        in_bucket / local
+    ));
+    md.push_str(&format!(
+        "| loopback cluster, checkpoint in a bucket | {:.0} | {:.2} |\n\n",
+        cluster_bucket,
+        cluster_bucket / local
+    ));
+    md.push_str(&format!(
+        "### With the checkpoint in a bucket: one-row batches, fsync, {n} batches each\n\n\
+The checkpoint in a bucket of moto's S3 server (5.2.6, a Python process) on 127.0.0.1, \
+mounted on a local cache: every file the batch writes is also put to the bucket, in one \
+`PUT` each, before the write returns (`docs/checkpoint-format.md`, \"A checkpoint in a \
+bucket\"). On this in-process cluster the executors share the driver's mount (one \
+process); separate executor processes would each keep a cache of their own.\n\n"
+    ));
+    md.push_str("| query | one process, local directory median / p99 (ms) | one process, bucket | cluster, bucket |\n|---|---:|---:|---:|\n");
+    for (stateful, local) in [false, true].into_iter().zip(durable_local) {
+        let (one, _, _) = overhead_on(bucket, Durability::Fsync, stateful, n, None).await?;
+        let (cl, _, _) =
+            overhead_on(bucket, Durability::Fsync, stateful, n, Some(runner(4))).await?;
+        md.push_str(&format!(
+            "| {} | {} / {} | {} / {} | {} / {} |\n",
+            if stateful {
+                "windowed aggregate"
+            } else {
+                "stateless"
+            },
+            ms(local.median),
+            ms(local.p99),
+            ms(one.median),
+            ms(one.p99),
+            ms(cl.median),
+            ms(cl.p99),
+        ));
+    }
+    md.push('\n');
     Ok(md)
 }

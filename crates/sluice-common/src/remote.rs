@@ -212,46 +212,38 @@ fn mount_of(path: &Path) -> Option<Arc<Mount>> {
 /// bucket on the first call; a later call returns the same directory as it
 /// is, and whoever needs it current syncs what it reads).
 pub fn local_dir(path: &Path) -> Result<PathBuf> {
-    match Location::parse(path)? {
-        Location::Local(p) => Ok(p),
-        Location::Store { url, store, prefix } => {
-            let existing = mounts()
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .find(|m| m.url == url)
-                .cloned();
-            let mount = match existing {
-                Some(m) => m,
-                None => {
-                    let local = cache_root().join(format!(
-                        "{}-{:016x}",
-                        std::process::id(),
-                        fnv1a(url.as_bytes())
-                    ));
-                    // A directory of this name is an earlier process's
-                    // (the same pid): nothing in it is known to be current.
-                    let _ = fs::remove_dir_all(&local);
-                    fs::create_dir_all(&local)
-                        .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
-                    let m = Arc::new(Mount {
-                        url,
-                        local,
-                        store,
-                        prefix,
-                        etags: Mutex::new(HashMap::new()),
-                    });
-                    mounts()
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(Arc::clone(&m));
-                    sync(&m.local)?;
-                    m
-                }
-            };
-            Ok(mount.local.clone())
-        }
+    let (url, store, prefix) = match Location::parse(path)? {
+        Location::Local(p) => return Ok(p),
+        Location::Store { url, store, prefix } => (url, store, prefix),
+    };
+    // Looked up and, the first time, made and synced under the table's
+    // write lock: two tasks of an executor mounting at once must not both
+    // make (and the second empty) the cache, and none may use it before
+    // it holds what the bucket does.
+    let mut all = mounts().write().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = all.iter().find(|m| m.url == url) {
+        return Ok(m.local.clone());
     }
+    let local = cache_root().join(format!(
+        "{}-{:016x}",
+        std::process::id(),
+        fnv1a(url.as_bytes())
+    ));
+    // A directory of this name is an earlier process's (the same pid):
+    // nothing in it is known to be current.
+    let _ = fs::remove_dir_all(&local);
+    fs::create_dir_all(&local)
+        .map_err(|e| Error::io(format!("creating {}", local.display()), e))?;
+    let m = Arc::new(Mount {
+        url,
+        local,
+        store,
+        prefix,
+        etags: Mutex::new(HashMap::new()),
+    });
+    sync_in(&m, &m.local)?;
+    all.push(Arc::clone(&m));
+    Ok(m.local.clone())
 }
 
 /// The URL a mounted local path stands for (`None` when it is not in a
@@ -305,16 +297,16 @@ fn store_error(what: String, e: object_store::Error) -> std::io::Error {
 /// hold (but not `lock` or temporary files, which are local). Does nothing
 /// for a directory outside every mount.
 pub fn sync(dir: &Path) -> Result<()> {
-    let Some(m) = mount_of(dir) else {
-        return Ok(());
-    };
-    let what = || {
-        format!(
-            "syncing {} from {}",
-            dir.display(),
-            url_of(dir).unwrap_or_default()
-        )
-    };
+    match mount_of(dir) {
+        Some(m) => sync_in(&m, dir),
+        None => Ok(()),
+    }
+}
+
+/// [`sync`] of `dir`, a directory of mount `m` (takes no lock of the
+/// mount table).
+fn sync_in(m: &Mount, dir: &Path) -> Result<()> {
+    let what = || format!("syncing {} from {}", dir.display(), m.url);
     let prefix = m
         .object(dir)
         .ok_or_else(|| Error::internal(format!("{} is not in its mount", dir.display())))?;
@@ -342,7 +334,7 @@ pub fn sync(dir: &Path) -> Result<()> {
         write_local(&local, &bytes).map_err(|e| Error::io(what(), e))?;
         m.etags().insert(local, meta.e_tag.clone());
     }
-    remove_unlisted(dir, &present, &m);
+    remove_unlisted(dir, &present, m);
     Ok(())
 }
 
@@ -355,7 +347,10 @@ fn write_local(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("object");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Named per process and call: two threads may sync one file at once.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}-{call}.{}.tmp", std::process::id()));
     fs::write(&tmp, bytes)?;
     fs::rename(&tmp, path)
 }
@@ -408,8 +403,9 @@ pub fn put_file(path: &Path, len: u64) -> std::io::Result<()> {
     if mount_of(path).is_none() {
         return Ok(());
     }
-    let mut bytes = fs::read(path)?;
-    bytes.truncate(len as usize);
+    // Only the records: the zeros prepared past them are not read.
+    let mut bytes = vec![0; len as usize];
+    std::io::Read::read_exact(&mut fs::File::open(path)?, &mut bytes)?;
     put(path, &[&bytes])
 }
 
@@ -541,6 +537,27 @@ mod tests {
 
         // Mounting again (a query reopened) keeps the directory.
         assert_eq!(local_dir(Path::new("s3://mount-bucket/ck/")).unwrap(), root);
+    }
+
+    #[test]
+    fn tasks_mounting_at_once_share_one_whole_cache() {
+        let store = bucket("race-bucket");
+        for k in 0..20 {
+            put_object(&store, &format!("ck/state/p{k}/0.delta"), b"v0");
+        }
+        let roots: Vec<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| local_dir(Path::new("s3://race-bucket/ck")).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(roots.windows(2).all(|w| w[0] == w[1]), "{roots:?}");
+        for k in 0..20 {
+            assert_eq!(
+                fs::read(roots[0].join(format!("state/p{k}/0.delta"))).unwrap(),
+                b"v0"
+            );
+        }
     }
 
     #[test]
