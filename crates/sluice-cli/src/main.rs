@@ -14,7 +14,7 @@
 //! ```
 //!
 //! `DIR` is the directory given to `run --checkpoint`, or one query's
-//! directory in it.
+//! directory in it; either may be an `s3://bucket/prefix` URL.
 //!
 //! Errors are one line on standard error and a non-zero exit code.
 
@@ -53,7 +53,10 @@ enum Command {
         /// The SQL file.
         file: PathBuf,
         /// Checkpoint root: each query checkpoints to `DIR/<sink name>`; run
-        /// again with the same DIR to resume. Default: a temporary directory.
+        /// again with the same DIR to resume. DIR may be an `s3://bucket/prefix`
+        /// URL (the S3 client reads `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+        /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`). Default: a
+        /// temporary directory.
         #[arg(long, value_name = "DIR")]
         checkpoint: Option<PathBuf>,
         /// When batches run: an interval such as 5s, `once`, or `available-now`.
@@ -69,8 +72,9 @@ enum Command {
         /// Run each micro-batch's plan as a job on the Ballista cluster
         /// whose scheduler is at this address (`sluice cluster scheduler`).
         /// A grouped aggregate's state is kept in partitions of the
-        /// checkpoint, which every executor must reach at the same path;
-        /// other stateful operators do not run on a cluster yet.
+        /// checkpoint, which every executor must reach at the same path
+        /// (or in a bucket, with `--checkpoint s3://...`); other stateful
+        /// operators do not run on a cluster yet.
         #[arg(long, value_name = "HOST:PORT")]
         cluster: Option<String>,
         /// With --cluster: give up on a batch's job after this many seconds

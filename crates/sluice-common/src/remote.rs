@@ -318,21 +318,37 @@ fn sync_in(m: &Mount, dir: &Path) -> Result<()> {
         let Some(local) = m.local_of(&meta.location) else {
             continue;
         };
-        present.insert(local.clone());
         let current = m
             .etags()
             .get(&local)
             .is_some_and(|t| t.is_some() && *t == meta.e_tag)
             && local.exists();
         if current {
+            present.insert(local);
             continue;
         }
         let store = Arc::clone(&m.store);
         let location = meta.location.clone();
-        let bytes = block_on(async move { store.get(&location).await?.bytes().await })
-            .map_err(|e| Error::io(what(), store_error(format!("reading {}", meta.location), e)))?;
+        let got = block_on(async move {
+            let r = store.get(&location).await?;
+            let e_tag = r.meta.e_tag.clone();
+            Ok::<_, object_store::Error>((r.bytes().await?, e_tag))
+        });
+        let (bytes, e_tag) = match got {
+            Ok(got) => got,
+            // Removed since the listing (retention's cleanup after another
+            // task's commit): gone, as if it had not been listed.
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    what(),
+                    store_error(format!("reading {}", meta.location), e),
+                ));
+            }
+        };
         write_local(&local, &bytes).map_err(|e| Error::io(what(), e))?;
-        m.etags().insert(local, meta.e_tag.clone());
+        m.etags().insert(local.clone(), e_tag);
+        present.insert(local);
     }
     remove_unlisted(dir, &present, m);
     Ok(())
@@ -558,6 +574,88 @@ mod tests {
                 b"v0"
             );
         }
+    }
+
+    /// A store whose listings also name an object it does not hold, as a
+    /// listing taken just before another process's cleanup removed it.
+    #[derive(Debug)]
+    struct ListsAGhost(InMemory);
+
+    impl std::fmt::Display for ListsAGhost {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("ListsAGhost")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for ListsAGhost {
+        async fn put_opts(
+            &self,
+            location: &ObjectPath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.0.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjectPath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.0.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &ObjectPath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.0.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
+            self.0.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            use futures::StreamExt;
+            let ghost = self.0.list(prefix).map(|m| {
+                m.map(|mut m| {
+                    m.location = ObjectPath::from(format!("{}.ghost", m.location));
+                    m
+                })
+            });
+            self.0.list(prefix).chain(ghost.take(1)).boxed()
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjectPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &ObjectPath,
+            to: &ObjectPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.0.copy_opts(from, to, options).await
+        }
+    }
+
+    #[test]
+    fn an_object_removed_after_the_listing_is_taken_as_gone() {
+        let store: Arc<dyn ObjectStore> = Arc::new(ListsAGhost(InMemory::new()));
+        register_store("s3://ghost-bucket", Arc::clone(&store));
+        put_object(&store, "ck/state/7.delta", b"seven");
+        let root = local_dir(Path::new("s3://ghost-bucket/ck")).unwrap();
+        assert_eq!(fs::read(root.join("state/7.delta")).unwrap(), b"seven");
+        assert!(!root.join("state/7.delta.ghost").exists());
+        sync(&root.join("state")).unwrap();
     }
 
     #[test]
