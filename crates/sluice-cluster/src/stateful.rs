@@ -291,7 +291,7 @@ async fn run_partition(
     // A checkpoint in a bucket: this process's cache of it, with the
     // partition's files made current (a file another attempt rewrote is
     // downloaded, so a kept store no longer matches it).
-    let root = sluice_common::remote::local_dir(&job.checkpoint)?;
+    let root = sluice_common::remote::local_dir_unsynced(&job.checkpoint)?;
     let dir = partition_dir(&root, &id, k);
     sluice_common::remote::sync(&dir)
         .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;

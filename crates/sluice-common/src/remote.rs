@@ -212,6 +212,17 @@ fn mount_of(path: &Path) -> Option<Arc<Mount>> {
 /// bucket on the first call; a later call returns the same directory as it
 /// is, and whoever needs it current syncs what it reads).
 pub fn local_dir(path: &Path) -> Result<PathBuf> {
+    mount(path, true)
+}
+
+/// [`local_dir`] without the first sync: the cache starts empty, and the
+/// caller [`sync`]s each directory before it reads it (a cluster task reads
+/// its state partition alone, and need not download the whole checkpoint).
+pub fn local_dir_unsynced(path: &Path) -> Result<PathBuf> {
+    mount(path, false)
+}
+
+fn mount(path: &Path, synced: bool) -> Result<PathBuf> {
     let (url, store, prefix) = match Location::parse(path)? {
         Location::Local(p) => return Ok(p),
         Location::Store { url, store, prefix } => (url, store, prefix),
@@ -241,7 +252,9 @@ pub fn local_dir(path: &Path) -> Result<PathBuf> {
         prefix,
         etags: Mutex::new(HashMap::new()),
     });
-    sync_in(&m, &m.local)?;
+    if synced {
+        sync_in(&m, &m.local)?;
+    }
     all.push(Arc::clone(&m));
     Ok(m.local.clone())
 }
@@ -656,6 +669,21 @@ mod tests {
         assert_eq!(fs::read(root.join("state/7.delta")).unwrap(), b"seven");
         assert!(!root.join("state/7.delta.ghost").exists());
         sync(&root.join("state")).unwrap();
+    }
+
+    #[test]
+    fn an_unsynced_mount_downloads_only_what_is_synced() {
+        let store = bucket("lazy-bucket");
+        put_object(&store, "ck/log/0.log", b"log");
+        put_object(&store, "ck/state/a/p1/3.delta", b"p1");
+        let root = local_dir_unsynced(Path::new("s3://lazy-bucket/ck")).unwrap();
+        assert!(!root.join("log/0.log").exists());
+        sync(&root.join("state/a/p1")).unwrap();
+        assert_eq!(fs::read(root.join("state/a/p1/3.delta")).unwrap(), b"p1");
+        assert!(
+            !root.join("log/0.log").exists(),
+            "only the synced directory"
+        );
     }
 
     #[test]
