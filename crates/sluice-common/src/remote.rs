@@ -420,8 +420,12 @@ pub fn put(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
     let payload = PutPayload::from_iter(parts.iter().map(|p| bytes::Bytes::copy_from_slice(p)));
     let store = Arc::clone(&m.store);
     let loc = location.clone();
-    let put = block_on(async move { store.put(&loc, payload).await })
-        .map_err(|e| store_error(format!("putting {}/{location}", m.url), e))?;
+    let put = block_on(async move { store.put(&loc, payload).await }).map_err(|e| {
+        // The cache now holds what the bucket may not: forgotten, so the
+        // next sync takes the bucket's object again.
+        m.etags().remove(path);
+        store_error(format!("putting {location} in {}", m.url), e)
+    })?;
     m.etags().insert(path.to_path_buf(), put.e_tag);
     Ok(())
 }

@@ -346,12 +346,9 @@ impl MicroBatchExecution {
             durability: config.durability,
             ..CheckpointOptions::default()
         };
-        // A checkpoint in a bucket is worked on in a local cache that every
-        // durable write goes through to (`sluice_common::remote`).
-        // Synced again on a reopen: the bucket, not the cache, is the
-        // checkpoint.
+        // A checkpoint in a bucket is worked on in a local cache (synced
+        // with the bucket by `Checkpoint::open`, under its lock).
         let root = sluice_common::remote::local_dir(&config.checkpoint).map_err(ctx)?;
-        sluice_common::remote::sync(&root).map_err(ctx)?;
         let checkpoint = Checkpoint::open(
             &root,
             &name,

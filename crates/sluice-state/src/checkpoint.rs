@@ -169,6 +169,11 @@ impl Checkpoint {
         fs::create_dir_all(root)
             .map_err(|e| Error::io(format!("creating checkpoint {}", root.display()), e))?;
         let lock = acquire_lock(root)?;
+        // A checkpoint in a bucket (`root` its mount's cache): the bucket,
+        // not the cache, is the checkpoint. Synced under the lock, so a
+        // second start in this process, which the lock refuses, cannot
+        // remove files the running query has not put yet.
+        sluice_common::remote::sync(root)?;
         // Holding the lock, no other process writes here: temporary files
         // of writes that a crash cut short can go.
         durable::remove_stale_temp_files(root);

@@ -86,7 +86,12 @@ impl TableFunctionImpl for StateFunction {
                     .clone();
                 // A root in a bucket is read from a local copy of it.
                 let dir = root
-                    .map(|r| sluice_common::remote::local_dir(&r.join(&name)))
+                    .map(|r| {
+                        let dir = sluice_common::remote::local_dir(&r.join(&name))?;
+                        // Current as of now, not as of the first read.
+                        sluice_common::remote::sync(&dir)?;
+                        Ok::<_, Error>(dir)
+                    })
                     .transpose()
                     .map_err(DataFusionError::from)?;
                 let dir = dir.filter(|d| d.join("metadata").exists()).ok_or_else(|| {
