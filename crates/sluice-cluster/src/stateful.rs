@@ -291,10 +291,18 @@ async fn run_partition(
     // A checkpoint in a bucket: this process's cache of it, with the
     // partition's files made current (a file another attempt rewrote is
     // downloaded, so a kept store no longer matches it).
-    let root = sluice_common::remote::local_dir_unsynced(&job.checkpoint)?;
-    let dir = partition_dir(&root, &id, k);
-    sluice_common::remote::sync(&dir)
-        .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
+    // On a blocking thread: the downloads must not hold up the executor's
+    // runtime (its heartbeats, its other task).
+    let (checkpoint, op) = (job.checkpoint.clone(), id.clone());
+    let dir = tokio::task::spawn_blocking(move || {
+        let root = sluice_common::remote::local_dir_unsynced(&checkpoint)?;
+        let dir = partition_dir(&root, &op, k);
+        sluice_common::remote::sync(&dir)?;
+        Ok::<_, Error>(dir)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("a state partition's sync panicked: {e}")))?
+    .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
     let (keys, values) = node.state_schemas();
     let id_n = job.batch.batch_id;
     let mut store = take_store(&dir, keys, values, job.durability, id_n)
