@@ -77,6 +77,15 @@ async fn windowed_throughput(
     Ok((size * batches) as f64 / took.as_secs_f64())
 }
 
+/// A latency row's query, as `overhead_on` runs it.
+fn query_label(stateful: bool) -> &'static str {
+    if stateful {
+        "windowed aggregate"
+    } else {
+        "stateless"
+    }
+}
+
 /// The cluster section of the benchmarks page, as Markdown.
 pub(crate) async fn cluster_section(dir: &Path, n: usize) -> Result<String> {
     let scheduler = loopback(&dir.join("cluster-work")).await?;
@@ -106,11 +115,7 @@ driver, the scheduler and the executors. State on the cluster is in 4 partitions
             let (remote, _, _) = overhead_on(dir, durability, stateful, n, Some(runner(4))).await?;
             md.push_str(&format!(
                 "| {} | {durability:?} | {} / {} | {} / {} | {:.1}× |\n",
-                if stateful {
-                    "windowed aggregate"
-                } else {
-                    "stateless"
-                },
+                query_label(stateful),
                 ms(local.median),
                 ms(local.p99),
                 ms(remote.median),
@@ -163,11 +168,7 @@ process); separate executor processes would each keep a cache of their own.\n\n"
             overhead_on(bucket, Durability::Fsync, stateful, n, Some(runner(4))).await?;
         md.push_str(&format!(
             "| {} | {} / {} | {} / {} | {} / {} |\n",
-            if stateful {
-                "windowed aggregate"
-            } else {
-                "stateless"
-            },
+            query_label(stateful),
             ms(local.median),
             ms(local.p99),
             ms(one.median),

@@ -346,9 +346,10 @@ impl MicroBatchExecution {
             durability: config.durability,
             ..CheckpointOptions::default()
         };
-        // A checkpoint in a bucket is worked on in a local cache (synced
-        // with the bucket by `Checkpoint::open`, under its lock).
-        let root = sluice_common::remote::local_dir(&config.checkpoint).map_err(ctx)?;
+        // A checkpoint in a bucket is worked on in a local cache, synced
+        // with the bucket by `Checkpoint::open` under its lock (so not here
+        // as well).
+        let root = sluice_common::remote::local_dir_unsynced(&config.checkpoint).map_err(ctx)?;
         let checkpoint = Checkpoint::open(
             &root,
             &name,

@@ -87,7 +87,7 @@ impl TableFunctionImpl for StateFunction {
                 // A root in a bucket is read from a local copy of it.
                 let dir = root
                     .map(|r| {
-                        let dir = sluice_common::remote::local_dir(&r.join(&name))?;
+                        let dir = sluice_common::remote::local_dir_unsynced(&r.join(&name))?;
                         // Current as of now, not as of the first read.
                         sluice_common::remote::sync(&dir)?;
                         Ok::<_, Error>(dir)
