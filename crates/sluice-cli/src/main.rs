@@ -71,10 +71,11 @@ enum Command {
         http: Option<String>,
         /// Run each micro-batch's plan as a job on the Ballista cluster
         /// whose scheduler is at this address (`sluice cluster scheduler`).
-        /// A grouped aggregate's state is kept in partitions of the
-        /// checkpoint, which every executor must reach at the same path
-        /// (or in a bucket, with `--checkpoint s3://...`); other stateful
-        /// operators do not run on a cluster yet.
+        /// The state of a grouped aggregate, a join of two streams or a
+        /// deduplication is kept in partitions of the checkpoint, which
+        /// every executor must reach at the same path (or in a bucket,
+        /// with `--checkpoint s3://...`); other stateful operators and
+        /// chains of them do not run on a cluster yet.
         #[arg(long, value_name = "HOST:PORT")]
         cluster: Option<String>,
         /// With --cluster: give up on a batch's job after this many seconds

@@ -362,9 +362,10 @@ fn an_operator_not_built_for_clusters_is_refused_with_a_clear_error() {
     let dir = tmp.path();
     fs::write(
         dir.join("pipeline.sql"),
-        "CREATE SOURCE ev (id BIGINT, v VARCHAR) WITH (connector = 'file', path = 'in', format = 'json');
+        "CREATE SOURCE ev (id BIGINT, v VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+           WITH (connector = 'file', path = 'in', format = 'json');
          CREATE SINK out WITH (connector = 'file', path = 'out', format = 'json') AS
-         SELECT DISTINCT v FROM ev;",
+         SELECT id, v, ts FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY v ORDER BY ts) AS rn FROM ev) WHERE rn = 1;",
     )
     .unwrap();
     fs::create_dir_all(dir.join("in")).unwrap();
@@ -372,8 +373,8 @@ fn an_operator_not_built_for_clusters_is_refused_with_a_clear_error() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(
-        err.contains("stateful operator 'dedup'")
-            && err.contains("only grouped aggregates run on a cluster yet"),
+        err.contains("stateful operator 'topn'")
+            && err.contains("joins of two streams and deduplication run on a cluster yet"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");

@@ -3,9 +3,10 @@
 //! DataFusion's serialization (datafusion-proto) knows DataFusion's nodes,
 //! Ballista's codec its shuffle and stage nodes; [`SluiceCodec`] adds
 //! Sluice's. A Sluice node is written as `SLUICE/1`, a kind byte, a JSON
-//! header (ids, options, the batch) and, for an aggregate, DataFusion's
-//! aggregate it was made from over an empty input, in DataFusion's own
-//! encoding. Anything else goes to Ballista's codec unchanged.
+//! header (ids, options, the batch) and the DataFusion node the operator
+//! is made from over empty inputs (an aggregate, a hash join, an aggregate
+//! without functions for a deduplication), in DataFusion's own encoding;
+//! the executor makes the operator again from it, as the planner did. Anything else goes to Ballista's codec unchanged.
 
 use std::sync::Arc;
 
@@ -14,7 +15,9 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::joins::HashJoinExec;
 use datafusion_proto::physical_plan::{
     AsExecutionPlan, DefaultPhysicalExtensionCodec, PhysicalExtensionCodec,
     PhysicalProtoConverterExtension,
@@ -23,12 +26,14 @@ use datafusion_proto::protobuf::PhysicalPlanNode;
 use serde::{Deserialize, Serialize};
 use sluice_common::OutputMode;
 use sluice_common::durable::Durability;
-use sluice_exec::operators::{BatchContext, StatefulExec, StreamingAggregateExec};
+use sluice_exec::operators::{BatchContext, DedupExec, StreamJoinExec, StreamingAggregateExec};
 
-use crate::stateful::{PartitionedAggregateExec, StateJob};
+use crate::stateful::{PartitionedExec, PartitionedOp, StateJob, recompute};
 
 const MAGIC: &[u8] = b"SLUICE/1";
 const AGGREGATE: u8 = 1;
+const JOIN: u8 = 2;
+const DEDUP: u8 = 3;
 
 /// Ballista's codec, and Sluice's nodes.
 #[derive(Debug, Default)]
@@ -36,12 +41,15 @@ pub struct SluiceCodec {
     ballista: BallistaPhysicalExtensionCodec,
 }
 
-/// What a [`PartitionedAggregateExec`] is besides DataFusion's aggregate.
+/// What a [`PartitionedExec`] is besides the DataFusion node its operator
+/// is made from.
 #[derive(Debug, Serialize, Deserialize)]
-struct AggregateHeader {
+struct NodeHeader {
     id: String,
     emit: String,
     ttl_ms: Option<u64>,
+    #[serde(default)]
+    event_time_columns: Vec<String>,
     checkpoint: String,
     fsync: bool,
     batch_id: u64,
@@ -55,22 +63,56 @@ fn bad(what: impl Into<String>) -> DataFusionError {
     DataFusionError::Internal(format!("decoding a Sluice plan node: {}", what.into()))
 }
 
+/// An empty input with `plan`'s schema: what a shell is made over.
+fn empty_like(plan: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    Arc::new(EmptyExec::new(plan.schema()))
+}
+
 impl SluiceCodec {
-    fn encode_aggregate(&self, node: &PartitionedAggregateExec, buf: &mut Vec<u8>) -> Result<()> {
-        let agg = node.aggregate();
+    fn encode_node(&self, node: &PartitionedExec, buf: &mut Vec<u8>) -> Result<()> {
+        let op = node.op();
+        let inputs = op.inputs();
         let job = node.job();
-        let input_schema = agg.children()[0].schema();
-        let shell = agg
-            .top_over(Arc::new(EmptyExec::new(input_schema)))
-            .map_err(DataFusionError::from)?;
+        // The DataFusion node the operator is made from, over empty inputs.
+        let (kind, shell, ttl, event_time_columns): (_, Arc<dyn ExecutionPlan>, _, _) = match op {
+            PartitionedOp::Aggregate(a) => (
+                AGGREGATE,
+                a.top_over(empty_like(&inputs[0]))
+                    .map_err(DataFusionError::from)?,
+                a.ttl(),
+                vec![],
+            ),
+            PartitionedOp::Join(j) => (
+                JOIN,
+                Arc::new(
+                    j.hash_join_over(empty_like(&inputs[0]), empty_like(&inputs[1]))
+                        .map_err(DataFusionError::from)?,
+                ),
+                j.ttl(),
+                j.event_time_columns().to_vec(),
+            ),
+            PartitionedOp::Dedup(d) => (
+                DEDUP,
+                d.distinct_over(empty_like(&inputs[0]))
+                    .map_err(DataFusionError::from)?,
+                d.ttl(),
+                d.event_time_columns().to_vec(),
+            ),
+        };
         let shell =
             PhysicalPlanNode::try_from_physical_plan(shell, &DefaultPhysicalExtensionCodec {})?;
         let mut shell_bytes = Vec::new();
         shell.try_encode(&mut shell_bytes)?;
-        let header = AggregateHeader {
-            id: agg.operator_id().to_string(),
-            emit: agg.emit_mode().to_string(),
-            ttl_ms: agg.ttl().map(|d| d.as_millis() as u64),
+        let emit = match op {
+            PartitionedOp::Aggregate(a) => a.emit_mode(),
+            PartitionedOp::Join(j) => j.emit_mode(),
+            PartitionedOp::Dedup(d) => d.emit_mode(),
+        };
+        let header = NodeHeader {
+            id: op.node().operator_id().to_string(),
+            emit: emit.to_string(),
+            ttl_ms: ttl.map(|d| d.as_millis() as u64),
+            event_time_columns,
             checkpoint: job.checkpoint.display().to_string(),
             fsync: job.durability == Durability::Fsync,
             batch_id: job.batch.batch_id,
@@ -82,51 +124,92 @@ impl SluiceCodec {
         let header =
             serde_json::to_vec(&header).map_err(|e| DataFusionError::External(e.into()))?;
         buf.extend_from_slice(MAGIC);
-        buf.push(AGGREGATE);
+        buf.push(kind);
         buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
         buf.extend_from_slice(&header);
         buf.extend_from_slice(&shell_bytes);
         Ok(())
     }
 
-    fn decode_aggregate(
+    fn decode_node(
         &self,
+        kind: u8,
         body: &[u8],
         inputs: &[Arc<dyn ExecutionPlan>],
         ctx: &TaskContext,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let [input, ids] = inputs else {
-            return Err(bad(format!("an aggregate with {} inputs", inputs.len())));
-        };
+        let expected = if kind == JOIN { 3 } else { 2 };
+        if inputs.len() != expected {
+            return Err(bad(format!(
+                "a node of kind {kind} with {} inputs, not {expected}",
+                inputs.len()
+            )));
+        }
+        let (ids, inputs) = inputs.split_last().expect("counted");
         let len = body
             .get(..4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or_else(|| bad("a truncated aggregate"))?;
+            .ok_or_else(|| bad("a truncated node"))?;
         let header = body
             .get(4..4 + len)
-            .ok_or_else(|| bad("a truncated aggregate header"))?;
-        let header: AggregateHeader =
+            .ok_or_else(|| bad("a truncated node header"))?;
+        let header: NodeHeader =
             serde_json::from_slice(header).map_err(|e| bad(format!("its header: {e}")))?;
         let shell = PhysicalPlanNode::try_decode(&body[4 + len..])?
             .try_into_physical_plan(ctx, &DefaultPhysicalExtensionCodec {})?;
-        // The empty input the aggregate was sent over becomes its input.
-        let top = shell
-            .transform_up(|p| {
-                let any: &dyn std::any::Any = p.as_ref();
-                if any.is::<EmptyExec>() {
-                    return Ok(Transformed::yes(Arc::clone(input)));
-                }
-                Ok(Transformed::no(p))
-            })?
-            .data;
         let emit: OutputMode = header
             .emit
             .parse()
             .map_err(|e| bad(format!("its output mode: {e}")))?;
         let ttl = header.ttl_ms.map(std::time::Duration::from_millis);
-        let agg = StreamingAggregateExec::try_new(header.id, top, ttl)
-            .and_then(|a| a.with_emit(emit))
-            .map_err(DataFusionError::from)?;
+        let id = header.id.clone();
+        let any: &dyn std::any::Any = shell.as_ref();
+        let op = match kind {
+            AGGREGATE => {
+                // The empty input the aggregate was sent over becomes its
+                // input.
+                let top = Arc::clone(&shell)
+                    .transform_up(|p| {
+                        let any: &dyn std::any::Any = p.as_ref();
+                        if any.is::<EmptyExec>() {
+                            return Ok(Transformed::yes(Arc::clone(&inputs[0])));
+                        }
+                        Ok(Transformed::no(p))
+                    })?
+                    .data;
+                let agg = StreamingAggregateExec::try_new(id, top, ttl)
+                    .and_then(|a| a.with_emit(emit))
+                    .map_err(DataFusionError::from)?;
+                PartitionedOp::Aggregate(agg)
+            }
+            JOIN => {
+                let join = any
+                    .downcast_ref::<HashJoinExec>()
+                    .ok_or_else(|| bad("a join sent as another node"))?;
+                let node =
+                    StreamJoinExec::from_hash_join(id, join, &header.event_time_columns, ttl)
+                        .map_err(DataFusionError::from)?
+                        .with_emit(emit);
+                let node = Arc::new(node).replace_children(inputs.to_vec(), recompute())?;
+                PartitionedOp::of(node.as_ref()).ok_or_else(|| bad("a join rebuilt"))?
+            }
+            DEDUP => {
+                let agg = any
+                    .downcast_ref::<AggregateExec>()
+                    .ok_or_else(|| bad("a deduplication sent as another node"))?;
+                let node =
+                    DedupExec::from_distinct(id, &shell, agg, &header.event_time_columns, ttl)
+                        .map_err(DataFusionError::from)?
+                        .with_emit(emit);
+                let node = Arc::new(node).replace_children(inputs.to_vec(), recompute())?;
+                PartitionedOp::of(node.as_ref()).ok_or_else(|| bad("a deduplication rebuilt"))?
+            }
+            other => {
+                return Err(bad(format!(
+                    "an unknown kind of node {other} (a newer Sluice?)"
+                )));
+            }
+        };
         let job = StateJob {
             checkpoint: header.checkpoint.into(),
             durability: if header.fsync {
@@ -143,8 +226,7 @@ impl SluiceCodec {
             },
         };
         Ok(Arc::new(
-            PartitionedAggregateExec::new(agg, Arc::clone(ids), job)
-                .map_err(DataFusionError::from)?,
+            PartitionedExec::new(op, Arc::clone(ids), job).map_err(DataFusionError::from)?,
         ))
     }
 }
@@ -158,8 +240,8 @@ impl PhysicalExtensionCodec for SluiceCodec {
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         match buf.strip_prefix(MAGIC) {
-            Some([AGGREGATE, body @ ..]) => self.decode_aggregate(body, inputs, ctx),
-            Some(_) => Err(bad("an unknown kind of node (a newer Sluice?)")),
+            Some([kind, body @ ..]) => self.decode_node(*kind, body, inputs, ctx),
+            Some([]) => Err(bad("a node without its kind")),
             None => self.ballista.try_decode(buf, inputs, ctx, proto_converter),
         }
     }
@@ -171,8 +253,8 @@ impl PhysicalExtensionCodec for SluiceCodec {
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<()> {
         let any: &dyn std::any::Any = node.as_ref();
-        if let Some(agg) = any.downcast_ref::<PartitionedAggregateExec>() {
-            return self.encode_aggregate(agg, buf);
+        if let Some(node) = any.downcast_ref::<PartitionedExec>() {
+            return self.encode_node(node, buf);
         }
         self.ballista.try_encode(node, buf, proto_converter)
     }

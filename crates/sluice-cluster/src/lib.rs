@@ -15,14 +15,15 @@
 //!   the watermark and writes the sinks, exactly as in one process; only
 //!   the plan between the sources and the sink runs on the cluster.
 //!
-//! - A grouped aggregate runs as one task per partition of its state, in
-//!   the checkpoint's `state/<op>/p<k>/`, which every executor reads and
-//!   writes at the same path (a shared directory): see [`stateful`].
+//! - A grouped aggregate, a join of two streams and a deduplication run
+//!   as one task per partition of their state, in the checkpoint's
+//!   `state/<op>/p<k>/`, which every executor reads and writes at the same
+//!   path (a shared directory) or mounts (a bucket): see [`stateful`].
 //!
-//! Not built yet: the other stateful operators (deduplication, top-N,
-//! joins of two streams, session windows) and chains of them on a cluster,
-//! sources read by the executors, and object storage. A query that needs
-//! one of these is refused by [`ClusterRunner`] when it starts.
+//! Not built yet: the other stateful operators (top-N, session windows)
+//! and chains of stateful operators on a cluster, late rows sent back to
+//! the driver (`late_rows` sinks), and sources read by the executors. A
+//! query that needs one of these is refused when it starts.
 
 pub mod codec;
 pub mod logging;

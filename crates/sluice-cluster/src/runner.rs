@@ -24,7 +24,7 @@ use sluice_exec::{BatchJob, PlanRunner};
 use sluice_planner::is_stream_scan;
 
 use crate::session::{physical_codec, session_config};
-use crate::stateful::{PartitionedAggregateExec, StateJob, partition_ids, recompute};
+use crate::stateful::{PartitionedExec, PartitionedOp, StateJob, partition_ids, recompute};
 
 /// How many partitions a stateful operator's state is split into when its
 /// first batch runs on a cluster, unless the runner is told otherwise.
@@ -44,9 +44,10 @@ struct PartitionsRecord {
 /// in one process and puts each stream scan's rows for the batch into the
 /// plan as an in-memory scan; the cluster runs the rest, shuffling at its
 /// hash repartitions, and the driver collects the job's rows for the sinks.
-/// A grouped aggregate runs as one task per partition of its state (see
-/// [`crate::stateful`]); the other stateful operators are not run on a
-/// cluster yet, and a query with one is refused when it starts.
+/// A grouped aggregate, a join of two streams and a deduplication run as
+/// one task per partition of their state (see [`crate::stateful`]); the
+/// other stateful operators are not run on a cluster yet, and a query with
+/// one is refused when it starts.
 #[derive(Debug, Clone)]
 pub struct ClusterRunner {
     url: String,
@@ -95,16 +96,6 @@ impl ClusterRunner {
     /// The scheduler's URL.
     pub fn url(&self) -> &str {
         &self.url
-    }
-}
-
-/// How many partitions `agg`'s state starts with: one without keys (every
-/// row is one key), `default` otherwise.
-fn initial_partitions(agg: &StreamingAggregateExec, default: usize) -> usize {
-    if agg.key_exprs().is_empty() {
-        1
-    } else {
-        default
     }
 }
 
@@ -159,10 +150,11 @@ async fn detach(
     })
 }
 
-/// `plan` with every aggregate as a [`PartitionedAggregateExec`] over its
-/// input hash-partitioned on its keys into the operator's partitions
-/// (`partitions`, by operator id; one for an aggregate without keys), and a
-/// coalesce above it, so that the plan above sees one partition as before.
+/// `plan` with every stateful operator that runs on a cluster as a
+/// [`PartitionedExec`] over each input hash-partitioned on its keys into
+/// the operator's partitions (`partitions`, by operator id; one for an
+/// aggregate without keys), and a coalesce above it, so that the plan
+/// above sees one partition as before.
 fn distribute(
     plan: Arc<dyn ExecutionPlan>,
     job: &BatchJob,
@@ -170,43 +162,38 @@ fn distribute(
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let planned = plan
         .transform_up(|p| {
-            let any: &dyn std::any::Any = p.as_ref();
-            let Some(agg) = any.downcast_ref::<StreamingAggregateExec>() else {
+            let Some(op) = PartitionedOp::of(p.as_ref()) else {
                 return Ok(Transformed::no(p));
             };
-            use sluice_exec::operators::StatefulExec;
-            let id = agg.operator_id().to_string();
-            let keys = agg.key_exprs();
+            let id = op.node().operator_id().to_string();
             let n = partitions
                 .get(&id)
                 .copied()
-                .unwrap_or_else(|| initial_partitions(agg, DEFAULT_STATE_PARTITIONS));
-            let input = Arc::clone(agg.children()[0]);
-            let split: Arc<dyn ExecutionPlan> = if n == 1 {
-                Arc::new(CoalescePartitionsExec::new(input))
-            } else {
-                Arc::new(RepartitionExec::try_new(
-                    input,
-                    Partitioning::Hash(keys, n),
-                )?)
-            };
-            let rebuilt = Arc::new(agg.clone()).replace_children(vec![split], recompute())?;
-            let any: &dyn std::any::Any = rebuilt.as_ref();
-            let agg = any
-                .downcast_ref::<StreamingAggregateExec>()
-                .cloned()
-                .expect("an aggregate rebuilt is an aggregate");
+                .unwrap_or_else(|| op.initial_partitions(DEFAULT_STATE_PARTITIONS));
+            let split = op
+                .inputs()
+                .into_iter()
+                .zip(op.key_exprs())
+                .map(|(input, keys)| {
+                    Ok(if n == 1 {
+                        Arc::new(CoalescePartitionsExec::new(input)) as Arc<dyn ExecutionPlan>
+                    } else {
+                        Arc::new(RepartitionExec::try_new(
+                            input,
+                            Partitioning::Hash(keys, n),
+                        )?)
+                    })
+                })
+                .collect::<datafusion::common::Result<Vec<_>>>()?;
+            let op = PartitionedOp::of(op.plan().replace_children(split, recompute())?.as_ref())
+                .expect("a stateful node rebuilt is one");
             let batch = job.batch.delayed(job.delays.get(&id).copied().unwrap_or(0));
             let state = StateJob {
                 checkpoint: job.checkpoint.clone(),
                 durability: job.durability,
                 batch,
             };
-            let node = Arc::new(PartitionedAggregateExec::new(
-                agg,
-                partition_ids(n)?,
-                state,
-            )?);
+            let node = Arc::new(PartitionedExec::new(op, partition_ids(n)?, state)?);
             Ok(Transformed::yes(
                 Arc::new(CoalescePartitionsExec::new(node)) as Arc<dyn ExecutionPlan>,
             ))
@@ -215,8 +202,8 @@ fn distribute(
     Ok(planned.data)
 }
 
-/// Each aggregate's number of state partitions: as recorded in the
-/// checkpoint, or `default` recorded now for one that has none yet.
+/// Each stateful operator's number of state partitions: as recorded in
+/// the checkpoint, or `default` recorded now for one that has none yet.
 fn state_partitions(
     plan: &Arc<dyn ExecutionPlan>,
     checkpoint: &Path,
@@ -224,18 +211,20 @@ fn state_partitions(
     default: usize,
 ) -> Result<BTreeMap<String, usize>> {
     let mut out = BTreeMap::new();
-    for node in stateful_nodes(plan) {
-        let any: &dyn std::any::Any = node;
-        let Some(agg) = any.downcast_ref::<StreamingAggregateExec>() else {
-            continue;
-        };
-        let id = node.operator_id().to_string();
+    let mut ops = Vec::new();
+    plan.apply(|p| {
+        ops.extend(PartitionedOp::of(p.as_ref()));
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(Error::from)?;
+    for op in ops {
+        let id = op.node().operator_id().to_string();
         let dir = checkpoint.join("state").join(&id);
         let path = dir.join(sluice_exec::execution::CLUSTER_STATE_MARK);
         let n = if path.exists() {
             read_json::<PartitionsRecord>(&path)?.partitions
         } else {
-            let n = initial_partitions(agg, default);
+            let n = op.initial_partitions(default);
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             write_json(&path, &PartitionsRecord { partitions: n }, durability)?;
@@ -270,13 +259,14 @@ impl PlanRunner for ClusterRunner {
         let nodes = stateful_nodes(plan);
         for op in &nodes {
             let any: &dyn std::any::Any = *op;
-            let merges = any
-                .downcast_ref::<StreamingAggregateExec>()
-                .map(StreamingAggregateExec::merges_sessions);
-            let why = match merges {
-                None => Some("only grouped aggregates run on a cluster yet"),
-                Some(true) => Some("session windows do not run on a cluster yet"),
-                Some(false) => None,
+            let why = match any.downcast_ref::<StreamingAggregateExec>() {
+                Some(a) if a.merges_sessions() => {
+                    Some("session windows do not run on a cluster yet")
+                }
+                _ if PartitionedOp::of(*op).is_none() => Some(
+                    "only grouped aggregates, joins of two streams and deduplication run on a cluster yet",
+                ),
+                _ => None,
             };
             if let Some(why) = why {
                 return Err(Error::not_supported(format!(

@@ -1,17 +1,21 @@
 //! Stateful operators on a cluster: each one's state split into P
 //! partitions of the checkpoint, one task per partition.
 //!
-//! On a cluster the driver replaces a [`StreamingAggregateExec`] by a
-//! [`PartitionedAggregateExec`] over a hash repartition of its input on its
-//! group keys into P partitions (P is recorded in the operator's state
-//! directory, `state/<op>/partitions`, when the first batch runs). The task
-//! for partition k, on whichever executor runs it:
+//! On a cluster the driver replaces a grouped aggregate
+//! ([`StreamingAggregateExec`]), a join of two streams ([`StreamJoinExec`])
+//! or a deduplication ([`DedupExec`]) by a [`PartitionedExec`] over a hash
+//! repartition of each of its inputs on its keys into P partitions (the
+//! group keys, each side's equality keys, the distinct columns; P is
+//! recorded in the operator's state directory, `state/<op>/partitions`,
+//! when the first batch runs). Rows that meet in the operator (a group, a
+//! pair that can match, a duplicate) have equal keys, so they meet in one
+//! partition. The task for partition k, on whichever executor runs it:
 //!
 //! 1. takes the state of `state/<op>/p<k>/` as of batch N−1: the store this
-//!    executor kept from its last task on that partition, if it is still
-//!    that version and its delta file is the one on disk, or else loads it
-//!    from the shared checkpoint;
-//! 2. runs the aggregate over its partition's rows of batch N;
+//!    executor kept from its last task on that partition (with a join's
+//!    index over it), if it is still that version and its delta file is
+//!    the one on disk, or else loads it from the shared checkpoint;
+//! 2. runs the operator over its partition's rows of batch N;
 //! 3. commits version N of the partition (a delta, and a snapshot every
 //!    tenth version), each file written whole to a temporary file and
 //!    renamed into place;
@@ -34,6 +38,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
@@ -42,7 +47,10 @@ use datafusion::physical_plan::{
 };
 use sluice_common::durable::Durability;
 use sluice_common::{BatchId, Error, Result};
-use sluice_exec::operators::{BatchContext, StatefulExec, StreamingAggregateExec};
+use sluice_exec::operators::{
+    BatchContext, DedupExec, JoinIndex, OperatorReport, StatefulExec, StreamJoinExec,
+    StreamingAggregateExec,
+};
 use sluice_state::store::{StateStore, StateStoreOptions};
 
 /// Where a partitioned operator's state is and which batch it runs.
@@ -58,20 +66,130 @@ pub struct StateJob {
     pub batch: BatchContext,
 }
 
-/// A [`StreamingAggregateExec`] whose state is split into partitions, one
-/// task each (see the module docs).
+/// A stateful operator that runs on a cluster, one task per partition of
+/// its state.
+#[derive(Debug, Clone)]
+pub enum PartitionedOp {
+    /// A grouped aggregate (not one that merges session windows).
+    Aggregate(StreamingAggregateExec),
+    /// A join of two streams.
+    Join(StreamJoinExec),
+    /// A deduplication.
+    Dedup(DedupExec),
+}
+
+impl PartitionedOp {
+    /// `plan` as an operator that runs on a cluster, if it is one.
+    pub fn of(plan: &dyn ExecutionPlan) -> Option<Self> {
+        let any: &dyn Any = plan;
+        if let Some(a) = any.downcast_ref::<StreamingAggregateExec>() {
+            return (!a.merges_sessions()).then(|| PartitionedOp::Aggregate(a.clone()));
+        }
+        if let Some(j) = any.downcast_ref::<StreamJoinExec>() {
+            return Some(PartitionedOp::Join(j.clone()));
+        }
+        any.downcast_ref::<DedupExec>()
+            .map(|d| PartitionedOp::Dedup(d.clone()))
+    }
+
+    /// The node, as a stateful node.
+    pub fn node(&self) -> &dyn StatefulExec {
+        match self {
+            PartitionedOp::Aggregate(a) => a,
+            PartitionedOp::Join(j) => j,
+            PartitionedOp::Dedup(d) => d,
+        }
+    }
+
+    /// The node, as a plan.
+    pub fn plan(&self) -> Arc<dyn ExecutionPlan> {
+        match self {
+            PartitionedOp::Aggregate(a) => Arc::new(a.clone()),
+            PartitionedOp::Join(j) => Arc::new(j.clone()),
+            PartitionedOp::Dedup(d) => Arc::new(d.clone()),
+        }
+    }
+
+    /// Its inputs (a join's left, then its right).
+    pub fn inputs(&self) -> Vec<Arc<dyn ExecutionPlan>> {
+        self.node().children().into_iter().cloned().collect()
+    }
+
+    /// Per input, the expressions its rows are partitioned by. Empty for
+    /// an aggregate without keys: its state is one partition.
+    pub fn key_exprs(&self) -> Vec<Vec<Arc<dyn PhysicalExpr>>> {
+        match self {
+            PartitionedOp::Aggregate(a) => vec![a.key_exprs()],
+            PartitionedOp::Join(j) => j.key_exprs().to_vec(),
+            PartitionedOp::Dedup(d) => vec![d.key_exprs()],
+        }
+    }
+
+    /// How many partitions its state starts with: one when it has no
+    /// keys (every row is one key), `default` otherwise.
+    pub fn initial_partitions(&self, default: usize) -> usize {
+        if self.key_exprs().iter().any(Vec::is_empty) {
+            1
+        } else {
+            default
+        }
+    }
+
+    /// The same operator over `inputs`. An aggregate is made anew, so that
+    /// its inner stages are not shared with another task's; the others
+    /// share what they were made with, which a run does not change.
+    pub fn over(&self, inputs: Vec<Arc<dyn ExecutionPlan>>) -> Result<Self> {
+        let rebuilt = match self {
+            PartitionedOp::Aggregate(a) => {
+                let [input] = <[_; 1]>::try_from(inputs)
+                    .map_err(|_| Error::internal("an aggregate takes one input"))?;
+                let node = StreamingAggregateExec::try_new(
+                    a.operator_id().to_string(),
+                    a.top_over(input)?,
+                    a.ttl(),
+                )?
+                .with_emit(a.emit_mode())?;
+                return Ok(PartitionedOp::Aggregate(node));
+            }
+            PartitionedOp::Join(_) | PartitionedOp::Dedup(_) => {
+                self.plan().replace_children(inputs, recompute())?
+            }
+        };
+        PartitionedOp::of(rebuilt.as_ref())
+            .ok_or_else(|| Error::internal("a stateful node rebuilt as another node"))
+    }
+
+    /// Runs over one batch with `store` (and `index`, for a join) as its
+    /// state before the batch.
+    async fn run_with(
+        &self,
+        store: &mut StateStore,
+        index: &mut JoinIndex,
+        batch: BatchContext,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<(Vec<RecordBatch>, OperatorReport)> {
+        match self {
+            PartitionedOp::Aggregate(a) => a.run_with(store, batch, ctx).await,
+            PartitionedOp::Join(j) => j.run_with(store, index, batch, ctx).await,
+            PartitionedOp::Dedup(d) => d.run_with(store, batch, ctx).await,
+        }
+    }
+}
+
+/// A stateful operator whose state is split into partitions, one task
+/// each (see the module docs).
 ///
-/// Its first child is the aggregate's input hash-partitioned on the group
-/// keys into P partitions; its second is [`partition_ids`]: P one-row
+/// Its children are the operator's inputs, each hash-partitioned on its
+/// keys into P partitions, and last [`partition_ids`]: P one-row
 /// partitions holding their own index. Ballista runs each task of a stage
 /// over a plan restricted to the task's partitions (its readers and
 /// in-memory scans keep only those, re-indexed from 0), so a task does not
 /// know its partition's global index from the index it is asked for; the
-/// second child, restricted alike, tells it which state partition its rows
+/// last child, restricted alike, tells it which state partition its rows
 /// are.
 #[derive(Debug, Clone)]
-pub struct PartitionedAggregateExec {
-    agg: StreamingAggregateExec,
+pub struct PartitionedExec {
+    op: PartitionedOp,
     ids: Arc<dyn ExecutionPlan>,
     job: StateJob,
     properties: Arc<PlanProperties>,
@@ -103,39 +221,37 @@ pub fn partition_ids(n: usize) -> Result<Arc<dyn ExecutionPlan>> {
     Ok(scan)
 }
 
-impl PartitionedAggregateExec {
-    /// `agg` (whose input is already partitioned on its keys) running
+impl PartitionedExec {
+    /// `op` (whose inputs are already partitioned on its keys) running
     /// `job`'s batch, with `ids` ([`partition_ids`]) as many partitions as
-    /// its input.
-    pub fn new(
-        agg: StreamingAggregateExec,
-        ids: Arc<dyn ExecutionPlan>,
-        job: StateJob,
-    ) -> Result<Self> {
-        let parts = agg.children()[0].output_partitioning().partition_count();
+    /// each of its inputs.
+    pub fn new(op: PartitionedOp, ids: Arc<dyn ExecutionPlan>, job: StateJob) -> Result<Self> {
         let id_parts = ids.output_partitioning().partition_count();
-        if parts != id_parts {
-            return Err(Error::internal(format!(
-                "a partitioned aggregate over {parts} input partitions with {id_parts} partition ids"
-            )));
+        for input in op.inputs() {
+            let parts = input.output_partitioning().partition_count();
+            if parts != id_parts {
+                return Err(Error::internal(format!(
+                    "a partitioned operator over {parts} input partitions with {id_parts} partition ids"
+                )));
+            }
         }
         let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(agg.schema()),
-            Partitioning::UnknownPartitioning(parts),
+            EquivalenceProperties::new(op.node().schema()),
+            Partitioning::UnknownPartitioning(id_parts),
             EmissionType::Final,
             Boundedness::Bounded,
         ));
-        Ok(PartitionedAggregateExec {
-            agg,
+        Ok(PartitionedExec {
+            op,
             ids,
             job,
             properties,
         })
     }
 
-    /// The aggregate it runs.
-    pub fn aggregate(&self) -> &StreamingAggregateExec {
-        &self.agg
+    /// The operator it runs.
+    pub fn op(&self) -> &PartitionedOp {
+        &self.op
     }
 
     /// The batch it runs and where its state is.
@@ -157,20 +273,16 @@ pub fn partition_dir(checkpoint: &Path, op: &str, k: usize) -> PathBuf {
     checkpoint.join("state").join(op).join(format!("p{k}"))
 }
 
-impl DisplayAs for PartitionedAggregateExec {
+impl DisplayAs for PartitionedExec {
     fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "PartitionedAggregateExec: batch={}, ",
-            self.job.batch.batch_id
-        )?;
-        self.agg.fmt_as(t, f)
+        write!(f, "PartitionedExec: batch={}, ", self.job.batch.batch_id)?;
+        self.op.node().fmt_as(t, f)
     }
 }
 
-impl ExecutionPlan for PartitionedAggregateExec {
+impl ExecutionPlan for PartitionedExec {
     fn name(&self) -> &str {
-        "PartitionedAggregateExec"
+        "PartitionedExec"
     }
 
     fn properties(&self) -> &Arc<PlanProperties> {
@@ -178,7 +290,7 @@ impl ExecutionPlan for PartitionedAggregateExec {
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        let mut out = self.agg.children();
+        let mut out = self.op.node().children();
         out.push(&self.ids);
         out
     }
@@ -196,25 +308,24 @@ impl ExecutionPlan for PartitionedAggregateExec {
 
     fn with_new_children(
         self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
-        let [input, ids] = <[_; 2]>::try_from(children).map_err(|c| {
-            datafusion::error::DataFusionError::Internal(format!(
-                "PartitionedAggregateExec takes two children, got {}",
-                c.len()
-            ))
+        let inputs = self.op.inputs().len();
+        if children.len() != inputs + 1 {
+            return Err(datafusion::error::DataFusionError::Internal(format!(
+                "PartitionedExec takes {} children, got {}",
+                inputs + 1,
+                children.len()
+            )));
+        }
+        let ids = children.pop().expect("counted");
+        let rebuilt = self.op.plan().replace_children(children, recompute())?;
+        let op = PartitionedOp::of(rebuilt.as_ref()).ok_or_else(|| {
+            datafusion::error::DataFusionError::Internal(
+                "a stateful node rebuilt as another node".into(),
+            )
         })?;
-        let rebuilt = Arc::new(self.agg.clone()).replace_children(vec![input], recompute())?;
-        let any: &dyn Any = rebuilt.as_ref();
-        let agg = any
-            .downcast_ref::<StreamingAggregateExec>()
-            .cloned()
-            .ok_or_else(|| {
-                datafusion::error::DataFusionError::Internal(
-                    "an aggregate rebuilt as another node".into(),
-                )
-            })?;
-        Ok(Arc::new(Self::new(agg, ids, self.job.clone())?))
+        Ok(Arc::new(Self::new(op, ids, self.job.clone())?))
     }
 
     fn execute(
@@ -226,16 +337,16 @@ impl ExecutionPlan for PartitionedAggregateExec {
         let parts = self.properties.output_partitioning().partition_count();
         if partition >= parts {
             return Err(datafusion::error::DataFusionError::Internal(format!(
-                "PartitionedAggregateExec has {parts} partitions, asked for {partition}"
+                "PartitionedExec has {parts} partitions, asked for {partition}"
             )));
         }
-        let agg = self.agg.clone();
+        let op = self.op.clone();
         let ids = Arc::clone(&self.ids);
         let job = self.job.clone();
         let schema = self.schema();
         let rows = async move {
             let k = partition_id(&ids, partition, &ctx).await?;
-            run_partition(agg, partition, k, job, ctx)
+            run_partition(op, partition, k, job, ctx)
                 .await
                 .map_err(datafusion::error::DataFusionError::from)
         };
@@ -265,7 +376,7 @@ async fn partition_id(
     match values.as_slice() {
         [k] => Ok(*k as usize),
         other => Err(datafusion::error::DataFusionError::Internal(format!(
-            "local partition {local} of a partitioned aggregate has {} partition ids",
+            "local partition {local} of a partitioned operator has {} partition ids",
             other.len()
         ))),
     }
@@ -274,20 +385,22 @@ async fn partition_id(
 /// The task of local partition `local`, state partition `k`: steps 1 to 4
 /// of the module docs.
 async fn run_partition(
-    agg: StreamingAggregateExec,
+    op: PartitionedOp,
     local: usize,
     k: usize,
     job: StateJob,
     ctx: Arc<TaskContext>,
 ) -> Result<Vec<RecordBatch>> {
-    let id = agg.operator_id().to_string();
-    let input = Arc::clone(agg.children()[0]);
-    // A node of its own, over this partition of the input alone: the
-    // aggregate's inner stages are not shared with other tasks.
-    let slice: Arc<dyn ExecutionPlan> =
-        Arc::new(crate::slice::PartitionSliceExec::new(input, local));
-    let node = StreamingAggregateExec::try_new(id.clone(), agg.top_over(slice)?, agg.ttl())?
-        .with_emit(agg.emit_mode())?;
+    let id = op.node().operator_id().to_string();
+    // A node of its own, over this partition of each input alone.
+    let slices = op
+        .inputs()
+        .into_iter()
+        .map(|input| {
+            Arc::new(crate::slice::PartitionSliceExec::new(input, local)) as Arc<dyn ExecutionPlan>
+        })
+        .collect();
+    let node = op.over(slices)?;
     // A checkpoint in a bucket: this process's cache of it, with the
     // partition's files made current (a file another attempt rewrote is
     // downloaded, so a kept store no longer matches it).
@@ -303,11 +416,13 @@ async fn run_partition(
     .await
     .map_err(|e| Error::internal(format!("a state partition's sync panicked: {e}")))?
     .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
-    let (keys, values) = node.state_schemas();
+    let (keys, values) = node.node().state_schemas();
     let id_n = job.batch.batch_id;
-    let mut store = take_store(&dir, keys, values, job.durability, id_n)
+    let (mut store, mut index) = take_store(&dir, keys, values, job.durability, id_n)
         .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
-    let (rows, _report) = node.run_with(&mut store, job.batch, &ctx).await?;
+    let (rows, _report) = node
+        .run_with(&mut store, &mut index, job.batch, &ctx)
+        .await?;
     let committed = tokio::task::spawn_blocking(move || {
         store.commit(id_n)?;
         Ok::<_, Error>(store)
@@ -326,7 +441,7 @@ async fn run_partition(
     {
         fault.fire()?;
     }
-    keep_store(&dir, committed);
+    keep_store(&dir, committed, index);
     Ok(rows)
 }
 
@@ -351,31 +466,33 @@ fn stamp(dir: &Path, version: Option<BatchId>) -> Option<Stamp> {
 }
 
 /// A partition's store this executor committed last, with the stamp of
-/// the delta it wrote.
+/// the delta it wrote (and a join's index over it).
 struct Kept {
     store: StateStore,
+    index: JoinIndex,
     stamp: Option<Stamp>,
 }
 
 /// The stores this process's tasks committed, by partition directory.
 static KEPT: LazyLock<Mutex<HashMap<PathBuf, Kept>>> = LazyLock::new(Mutex::default);
 
-/// The partition's state as of the batch before `batch`: the kept store if
-/// it is exactly that, or else loaded from the checkpoint.
+/// The partition's state as of the batch before `batch`: the kept store
+/// (and index) if it is exactly that, or else loaded from the checkpoint
+/// (with an empty index, which the join rebuilds from the store).
 fn take_store(
     dir: &Path,
     keys: datafusion::arrow::datatypes::SchemaRef,
     values: datafusion::arrow::datatypes::SchemaRef,
     durability: Durability,
     batch: BatchId,
-) -> Result<StateStore> {
+) -> Result<(StateStore, JoinIndex)> {
     let before = batch.checked_sub(1);
     let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
     if let Some(k) = kept
         && k.store.version() == before
         && k.stamp == stamp(dir, before)
     {
-        return Ok(k.store);
+        return Ok((k.store, k.index));
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -386,14 +503,19 @@ fn take_store(
     };
     let mut store = StateStore::new(Some(dir.to_path_buf()), keys, values, options)?;
     store.load(before)?;
-    Ok(store)
+    Ok((store, JoinIndex::default()))
 }
 
-fn keep_store(dir: &Path, store: StateStore) {
+fn keep_store(dir: &Path, store: StateStore, index: JoinIndex) {
     let stamp = stamp(dir, store.version());
-    KEPT.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(dir.to_path_buf(), Kept { store, stamp });
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        dir.to_path_buf(),
+        Kept {
+            store,
+            index,
+            stamp,
+        },
+    );
 }
 
 #[cfg(test)]
@@ -404,6 +526,8 @@ mod tests {
     use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
     use sluice_common::durable::Durability;
     use sluice_state::store::{StateStore, StateStoreOptions};
+
+    use sluice_exec::operators::JoinIndex;
 
     use super::{KEPT, keep_store, take_store};
 
@@ -466,20 +590,21 @@ mod tests {
                 Durability::NoSync,
                 batch,
             )
+            .map(|(store, _index)| store)
         };
 
         // Batch 0 on this executor; batch 1 finds the store it kept.
         let mut store = open(0).unwrap();
         store.put(&row(1, 10)).unwrap();
         store.commit(0).unwrap();
-        keep_store(&dir, store);
+        keep_store(&dir, store, JoinIndex::default());
         let mut store = open(1).unwrap();
         assert!(!kept(&dir), "the kept store was taken");
         assert_eq!(store.version(), Some(0));
         assert_eq!(value(&store), vec![10]);
         store.put(&row(1, 11)).unwrap();
         store.commit(1).unwrap();
-        keep_store(&dir, store);
+        keep_store(&dir, store, JoinIndex::default());
 
         // Batch 1 is re-run elsewhere (a retried task, or a batch re-run
         // after the driver died) and writes version 1 anew: the kept store,
@@ -491,7 +616,7 @@ mod tests {
 
         // A re-run of batch 1 on this executor, whose kept store is at
         // version 1, loads version 0 from disk.
-        keep_store(&dir, store);
+        keep_store(&dir, store, JoinIndex::default());
         let store = open(1).unwrap();
         assert_eq!(store.version(), Some(0));
         assert_eq!(value(&store), vec![10]);
@@ -509,7 +634,7 @@ mod tests {
         other_attempt(&dir, 1, 6);
         other_attempt(&dir, 1, 6);
         let (keys, values) = schemas();
-        let store = take_store(&dir, keys, values, Durability::NoSync, 2).unwrap();
+        let (store, _) = take_store(&dir, keys, values, Durability::NoSync, 2).unwrap();
         assert_eq!(value(&store), vec![6]);
         let leftovers: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()

@@ -66,6 +66,9 @@ struct DedupCore {
     event_time: Option<usize>,
     /// Keys not seen again for this long (ms of trigger clock) are dropped.
     ttl: Option<i64>,
+    /// The streams' watermark columns the node was made with (a cluster
+    /// sends them to make the node again on an executor).
+    event_time_columns: Vec<String>,
 }
 
 impl DedupExec {
@@ -113,6 +116,7 @@ impl DedupExec {
             value_schema: Arc::new(Schema::new(values)),
             event_time,
             ttl: ttl.map(|d| d.as_millis() as i64),
+            event_time_columns: event_time_columns.to_vec(),
         };
         Ok(Self::build(id, input, Arc::new(core), OutputMode::Append))
     }
@@ -145,6 +149,61 @@ impl DedupExec {
             Arc::clone(&self.core),
             mode,
         )
+    }
+
+    /// The aggregate without aggregate functions it does, over `input`:
+    /// what a cluster sends to make the node again on an executor, with
+    /// [`Self::from_distinct`] as both its top and its raw-row stage.
+    pub fn distinct_over(&self, input: Arc<dyn ExecutionPlan>) -> Result<Arc<AggregateExec>> {
+        use datafusion::physical_plan::aggregates::{AggregateMode, PhysicalGroupBy};
+        let schema = input.schema();
+        let group = PhysicalGroupBy::new_single(self.core.keys.clone());
+        Ok(Arc::new(AggregateExec::try_new(
+            AggregateMode::Single,
+            group,
+            vec![],
+            vec![],
+            input,
+            schema,
+        )?))
+    }
+
+    /// The streams' watermark columns the node was made with.
+    pub fn event_time_columns(&self) -> &[String] {
+        &self.core.event_time_columns
+    }
+
+    /// Its TTL (the query's `state_ttl`), if it has one.
+    pub fn ttl(&self) -> Option<std::time::Duration> {
+        self.core
+            .ttl
+            .map(|ms| std::time::Duration::from_millis(ms.max(0) as u64))
+    }
+
+    /// The output mode it emits in.
+    pub fn emit_mode(&self) -> OutputMode {
+        self.emit
+    }
+
+    /// Its key expressions over its input: what a cluster partitions its
+    /// input by.
+    pub fn key_exprs(&self) -> Vec<Arc<dyn PhysicalExpr>> {
+        self.core.keys.iter().map(|(e, _)| Arc::clone(e)).collect()
+    }
+
+    /// Runs the deduplication over one batch with `store` as its state
+    /// (the state before the batch), outside a query's operator runtime:
+    /// its child's rows in, the rows to emit and what the run did out. The
+    /// store is not committed.
+    pub async fn run_with(
+        &self,
+        store: &mut StateStore,
+        batch: BatchContext,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<(Vec<RecordBatch>, OperatorReport)> {
+        let mut report = OperatorReport::default();
+        let rows = self.run_on(store, batch, ctx, &mut report).await?;
+        Ok((rows, report))
     }
 
     async fn run(self, ctx: Arc<TaskContext>) -> Result<Vec<RecordBatch>> {

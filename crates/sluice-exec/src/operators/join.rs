@@ -136,6 +136,11 @@ struct JoinCore {
     value_schema: SchemaRef,
     /// The in-memory index over the state (see [`Index`]).
     index: Mutex<Index>,
+    /// What the node was made with, to make it again elsewhere (a cluster
+    /// sends the hash join and these): the streams' watermark columns and
+    /// the query's `state_ttl`.
+    event_time_columns: Vec<String>,
+    ttl: Option<std::time::Duration>,
 }
 
 /// A side's stored rows, indexed by join key and by time.
@@ -235,6 +240,12 @@ struct Index {
     valid_for: Option<Option<BatchId>>,
     sides: [SideRows; 2],
 }
+
+/// A join's in-memory index over its stored rows, kept beside its store
+/// by whoever runs it with [`StreamJoinExec::run_with`] (a cluster's
+/// executor, per state partition).
+#[derive(Debug, Default)]
+pub struct JoinIndex(Index);
 
 /// A row of a pair: a new row of the batch, or a stored one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -350,6 +361,8 @@ impl StreamJoinExec {
             key_schema: Arc::new(Schema::new(keys)),
             value_schema: Arc::new(Schema::new(values)),
             index: Mutex::new(Index::default()),
+            event_time_columns: event_time_columns.to_vec(),
+            ttl,
         };
         Ok(Self::build(
             id,
@@ -407,20 +420,100 @@ impl StreamJoinExec {
         }
     }
 
+    /// The hash join this node was made from, over `left` and `right`
+    /// (what a cluster sends to make the node again on an executor).
+    pub fn hash_join_over(
+        &self,
+        left: Arc<dyn ExecutionPlan>,
+        right: Arc<dyn ExecutionPlan>,
+    ) -> Result<HashJoinExec> {
+        let core = &self.core;
+        let null_equality = if core.null_equals_null {
+            NullEquality::NullEqualsNull
+        } else {
+            NullEquality::NullEqualsNothing
+        };
+        Ok(HashJoinExec::try_new(
+            left,
+            right,
+            core.on.clone(),
+            core.filter.clone(),
+            &core.join_type,
+            core.projection.clone(),
+            datafusion::physical_plan::joins::PartitionMode::CollectLeft,
+            null_equality,
+            false,
+        )?)
+    }
+
+    /// The streams' watermark columns the node was made with.
+    pub fn event_time_columns(&self) -> &[String] {
+        &self.core.event_time_columns
+    }
+
+    /// The query's `state_ttl` the node was made with.
+    pub fn ttl(&self) -> Option<std::time::Duration> {
+        self.core.ttl
+    }
+
+    /// The output mode it emits in.
+    pub fn emit_mode(&self) -> OutputMode {
+        self.emit
+    }
+
+    /// The equality keys over each side's rows: what a cluster partitions
+    /// each side by, so that rows that can match meet in one partition.
+    pub fn key_exprs(&self) -> [Vec<Arc<dyn PhysicalExpr>>; 2] {
+        [
+            self.core.on.iter().map(|(l, _)| Arc::clone(l)).collect(),
+            self.core.on.iter().map(|(_, r)| Arc::clone(r)).collect(),
+        ]
+    }
+
+    /// Runs the join over one batch with `store` as its state (the state
+    /// before the batch) and `index` as its index over it, outside a
+    /// query's operator runtime: both children's rows in, the rows to emit
+    /// and what the run did out. The store is not committed. An index that
+    /// is not of the store's version is rebuilt from the store.
+    pub async fn run_with(
+        &self,
+        store: &mut StateStore,
+        index: &mut JoinIndex,
+        batch: BatchContext,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<(Vec<RecordBatch>, OperatorReport)> {
+        let input = self.inputs(ctx).await?;
+        let mut report = OperatorReport::default();
+        let started = std::time::Instant::now();
+        let rows = self.run_on(store, &mut index.0, batch, input, &mut report)?;
+        report
+            .steps
+            .push(("run", started.elapsed().as_secs_f64() * 1000.0));
+        Ok((rows, report))
+    }
+
+    async fn inputs(&self, ctx: &Arc<TaskContext>) -> Result<[Vec<RecordBatch>; 2]> {
+        let left = collect(Arc::clone(&self.left), Arc::clone(ctx))
+            .await
+            .map_err(Error::from)?;
+        let right = collect(Arc::clone(&self.right), Arc::clone(ctx))
+            .await
+            .map_err(Error::from)?;
+        Ok([left, right])
+    }
+
     async fn run(self, ctx: Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
         let (batch, state) = OperatorRuntime::of(&ctx, &self.id)?;
-        let left = collect(Arc::clone(&self.left), Arc::clone(&ctx))
-            .await
-            .map_err(Error::from)?;
-        let right = collect(Arc::clone(&self.right), Arc::clone(&ctx))
-            .await
-            .map_err(Error::from)?;
+        let input = self.inputs(&ctx).await?;
         let mut guard = state.lock().await;
         let st = &mut *guard;
         st.begin();
         let mut report = OperatorReport::default();
         let started = std::time::Instant::now();
-        let out = self.run_on(&mut st.store, batch, [left, right], &mut report);
+        let out = {
+            let mut index = self.core.index.lock().unwrap_or_else(|p| p.into_inner());
+            self.run_on(&mut st.store, &mut index, batch, input, &mut report)
+        };
         report
             .steps
             .push(("run", started.elapsed().as_secs_f64() * 1000.0));
@@ -431,15 +524,15 @@ impl StreamJoinExec {
     fn run_on(
         &self,
         store: &mut StateStore,
+        index: &mut Index,
         batch: BatchContext,
         input: [Vec<RecordBatch>; 2],
         report: &mut OperatorReport,
     ) -> Result<Vec<RecordBatch>> {
         let core = &self.core;
-        let mut index = core.index.lock().unwrap_or_else(|p| p.into_inner());
         if index.valid_for != Some(store.version()) {
             *index = Index::default();
-            core.rebuild(store, &mut index)?;
+            core.rebuild(store, index)?;
         }
         index.valid_for = None;
 
@@ -666,7 +759,6 @@ impl StreamJoinExec {
             store.remove(&core.state_keys(s, &removed))?;
         }
         index.valid_for = Some(Some(batch.batch_id));
-        drop(index);
 
         let mut emitted = Vec::with_capacity(out.len());
         for b in out {

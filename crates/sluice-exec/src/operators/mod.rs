@@ -48,7 +48,7 @@ use sluice_state::store::{CommitStats, StateStore, StateStoreOptions};
 
 pub use aggregate::{StateFinalizer, StreamingAggregateExec};
 pub use dedup::DedupExec;
-pub use join::StreamJoinExec;
+pub use join::{JoinIndex, StreamJoinExec};
 pub use topn::TopNExec;
 
 /// What one micro-batch is, as the stateful nodes see it.
