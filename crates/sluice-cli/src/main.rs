@@ -32,7 +32,6 @@ use sluice::deps::datafusion::physical_plan::collect;
 use sluice::deps::sluice_common::durable::read_json;
 use sluice::deps::sluice_planner::{Statement, parse_script};
 use sluice::deps::sluice_state::checkpoint::{Metadata, last_committed};
-use sluice::deps::sluice_state::store::read_state;
 use sluice::{Outcome, Progress, QueryInfo, QueryStatus, StreamContext, StreamingQuery, Trigger};
 
 #[derive(Parser)]
@@ -637,7 +636,10 @@ async fn query_state(
     raw: bool,
 ) -> sluice::Result<()> {
     let state_dir = dir.join("state").join("aggregate");
-    if !state_dir.join("meta").exists() {
+    let partitioned = state_dir
+        .join(sluice::deps::sluice_exec::execution::CLUSTER_STATE_MARK)
+        .exists();
+    if !state_dir.join("meta").exists() && !partitioned {
         let others = sluice::other_operators(dir);
         if others.is_empty() {
             println!("query '{}' keeps no state (it is stateless)", meta.name);
@@ -663,7 +665,13 @@ async fn query_state(
             meta.name
         )));
     }
-    let (batch, keys) = read_state(&state_dir, v)?;
+    let Some((batch, keys)) = sluice::read_aggregate_state(dir, v)? else {
+        println!(
+            "query '{}' keeps its first aggregate's state in partitions, none written yet",
+            meta.name
+        );
+        return Ok(());
+    };
     let rows = batch.num_rows() as u64;
     let values = if raw {
         Err("as asked with --raw".to_string())

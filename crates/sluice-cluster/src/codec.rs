@@ -26,6 +26,7 @@ use datafusion_proto::protobuf::PhysicalPlanNode;
 use serde::{Deserialize, Serialize};
 use sluice_common::OutputMode;
 use sluice_common::durable::Durability;
+use sluice_exec::operators::changelog::ChangelogExec;
 use sluice_exec::operators::{BatchContext, DedupExec, StreamJoinExec, StreamingAggregateExec};
 
 use crate::stateful::{PartitionedExec, PartitionedOp, StateJob, recompute};
@@ -34,6 +35,8 @@ const MAGIC: &[u8] = b"SLUICE/1";
 const AGGREGATE: u8 = 1;
 const JOIN: u8 = 2;
 const DEDUP: u8 = 3;
+/// A changelog plan's root ([`ChangelogExec`]): nothing but its input.
+const CHANGELOG: u8 = 4;
 
 /// Ballista's codec, and Sluice's nodes.
 #[derive(Debug, Default)]
@@ -240,6 +243,13 @@ impl PhysicalExtensionCodec for SluiceCodec {
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         match buf.strip_prefix(MAGIC) {
+            Some([CHANGELOG]) => match inputs {
+                [input] => Ok(Arc::new(ChangelogExec::new(Arc::clone(input)))),
+                _ => Err(bad(format!(
+                    "a changelog root with {} inputs",
+                    inputs.len()
+                ))),
+            },
             Some([kind, body @ ..]) => self.decode_node(*kind, body, inputs, ctx),
             Some([]) => Err(bad("a node without its kind")),
             None => self.ballista.try_decode(buf, inputs, ctx, proto_converter),
@@ -255,6 +265,11 @@ impl PhysicalExtensionCodec for SluiceCodec {
         let any: &dyn std::any::Any = node.as_ref();
         if let Some(node) = any.downcast_ref::<PartitionedExec>() {
             return self.encode_node(node, buf);
+        }
+        if any.is::<ChangelogExec>() {
+            buf.extend_from_slice(MAGIC);
+            buf.push(CHANGELOG);
+            return Ok(());
         }
         self.ballista.try_encode(node, buf, proto_converter)
     }

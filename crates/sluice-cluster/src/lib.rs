@@ -20,13 +20,17 @@
 //!   `state/<op>/p<k>/`, which every executor reads and writes at the same
 //!   path (a shared directory) or mounts (a bucket): see [`stateful`].
 //!
-//! Not built yet: the other stateful operators (top-N, session windows)
-//! and chains of stateful operators on a cluster, late rows sent back to
-//! the driver (`late_rows` sinks), and sources read by the executors. A
-//! query that needs one of these is refused when it starts.
+//!   Chains of them run as one job, a stage per operator; each task writes
+//!   a report beside its partition (its late rows, its state figures; see
+//!   [`report`]) that the driver reads before the batch's commit.
+//!
+//! Not built yet: top-N and session windows on a cluster, and sources read
+//! by the executors. A query that needs one of these is refused when it
+//! starts.
 
 pub mod codec;
 pub mod logging;
+pub mod report;
 mod runner;
 mod server;
 pub mod session;

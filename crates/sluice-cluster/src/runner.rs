@@ -12,7 +12,9 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion::physical_plan::{ExecutionPlan, Partitioning, collect_partitioned};
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, Partitioning, collect_partitioned,
+};
 use datafusion_proto::physical_plan::AsExecutionPlan;
 use datafusion_proto::protobuf::PhysicalPlanNode;
 use futures::TryStreamExt;
@@ -20,11 +22,13 @@ use futures::future::BoxFuture;
 use sluice_common::durable::{Durability, read_json, write_json};
 use sluice_common::{Error, Result};
 use sluice_exec::operators::{StreamingAggregateExec, stateful_nodes};
-use sluice_exec::{BatchJob, PlanRunner};
+use sluice_exec::{BatchJob, OperatorRun, PlanRunner, RunOutput};
 use sluice_planner::is_stream_scan;
 
 use crate::session::{physical_codec, session_config};
-use crate::stateful::{PartitionedExec, PartitionedOp, StateJob, partition_ids, recompute};
+use crate::stateful::{
+    PartitionedExec, PartitionedOp, StateJob, partition_dir, partition_ids, recompute,
+};
 
 /// How many partitions a stateful operator's state is split into when its
 /// first batch runs on a cluster, unless the runner is told otherwise.
@@ -175,14 +179,21 @@ fn distribute(
                 .into_iter()
                 .zip(op.key_exprs())
                 .map(|(input, keys)| {
-                    Ok(if n == 1 {
-                        Arc::new(CoalescePartitionsExec::new(input)) as Arc<dyn ExecutionPlan>
-                    } else {
-                        Arc::new(RepartitionExec::try_new(
-                            input,
-                            Partitioning::Hash(keys, n),
-                        )?)
-                    })
+                    Ok(
+                        if n == 1 && input.output_partitioning().partition_count() == 1 {
+                            // Already one partition (another operator's rows,
+                            // coalesced): a second coalesce would be a stage
+                            // of its own.
+                            input
+                        } else if n == 1 {
+                            Arc::new(CoalescePartitionsExec::new(input)) as Arc<dyn ExecutionPlan>
+                        } else {
+                            Arc::new(RepartitionExec::try_new(
+                                input,
+                                Partitioning::Hash(keys, n),
+                            )?)
+                        },
+                    )
                 })
                 .collect::<datafusion::common::Result<Vec<_>>>()?;
             let op = PartitionedOp::of(op.plan().replace_children(split, recompute())?.as_ref())
@@ -276,12 +287,6 @@ impl PlanRunner for ClusterRunner {
                 )));
             }
         }
-        if nodes.len() > 1 {
-            return Err(Error::not_supported(format!(
-                "a chain of {} stateful operators does not run on a cluster yet; run the query in one process (without --cluster)",
-                nodes.len()
-            )));
-        }
         drop(nodes);
         // The plan as a batch sends it, with no rows in its scans.
         let empty = scans_in_memory(Arc::clone(plan), |_| vec![vec![]])?;
@@ -303,7 +308,7 @@ impl PlanRunner for ClusterRunner {
         plan: Arc<dyn ExecutionPlan>,
         ctx: Arc<TaskContext>,
         job: &'a BatchJob,
-    ) -> BoxFuture<'a, Result<Vec<RecordBatch>>> {
+    ) -> BoxFuture<'a, Result<RunOutput>> {
         Box::pin(async move {
             // The executors run elsewhere (another directory, another
             // machine with the checkpoint mounted at the same path): they
@@ -323,11 +328,12 @@ impl PlanRunner for ClusterRunner {
             let job_batch = job.batch.batch_id;
             let root = sluice_common::remote::local_dir(&job.checkpoint)?;
             let partitions = state_partitions(&plan, &root, job.durability, self.partitions)?;
+            let described = described(&plan)?;
             let plan = detach(plan, ctx).await?;
             let plan = distribute(plan, job, &partitions)?;
             let config = session_config();
             let codec = physical_codec();
-            let job = async {
+            let run = async {
                 let stream = execute_physical_plan::<PhysicalPlanNode>(
                     self.url.clone(),
                     &config.ballista_config(),
@@ -340,16 +346,102 @@ impl PlanRunner for ClusterRunner {
                 .map_err(Error::from)?;
                 stream.try_collect().await.map_err(Error::from)
             };
-            match tokio::time::timeout(self.job_timeout, job).await {
-                Ok(rows) => rows,
-                Err(_) => Err(Error::io(
-                    format!("waiting for batch {job_batch}'s job"),
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no result within {:?}", self.job_timeout),
-                    ),
-                )),
-            }
+            let rows = match tokio::time::timeout(self.job_timeout, run).await {
+                Ok(rows) => rows?,
+                Err(_) => {
+                    return Err(Error::io(
+                        format!("waiting for batch {job_batch}'s job"),
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no result within {:?}", self.job_timeout),
+                        ),
+                    ));
+                }
+            };
+            // Every partition's task has written its report by now.
+            let operators = tokio::task::spawn_blocking(move || {
+                read_reports(&root, job_batch, described, &partitions)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("reading the tasks' reports panicked: {e}")))??;
+            Ok(RunOutput { rows, operators })
         })
     }
+}
+
+/// Each stateful operator of `plan` that runs in partitions, bottom up:
+/// its id and description.
+fn described(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    plan.apply(|p| {
+        if let Some(op) = PartitionedOp::of(p.as_ref()) {
+            let node = op.node();
+            out.push((node.operator_id().to_string(), node.description()));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(Error::from)?;
+    out.reverse();
+    Ok(out)
+}
+
+/// What each operator in `ops` did in batch `batch`, from its partitions'
+/// reports in the checkpoint at `root` (see [`crate::report`]): counts and
+/// state figures summed, late rows in partition order, each step's time
+/// the slowest partition's.
+fn read_reports(
+    root: &Path,
+    batch: sluice_common::BatchId,
+    ops: Vec<(String, String)>,
+    partitions: &BTreeMap<String, usize>,
+) -> Result<Vec<OperatorRun>> {
+    let mut out = Vec::with_capacity(ops.len());
+    for (id, description) in ops {
+        let n = partitions.get(&id).copied().unwrap_or(0);
+        let mut run = OperatorRun {
+            id: id.clone(),
+            description,
+            ..OperatorRun::default()
+        };
+        for k in 0..n {
+            let path = partition_dir(root, &id, k).join(crate::report::REPORT);
+            let bytes = sluice_common::remote::read(&path)?.ok_or_else(|| {
+                Error::io(
+                    format!("reading operator '{id}' partition {k}'s report of batch {batch}"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{} is missing", path.display()),
+                    ),
+                )
+            })?;
+            let part = crate::report::decode(&path, &bytes)?;
+            if part.batch_id != batch {
+                return Err(Error::io(
+                    format!("reading operator '{id}' partition {k}'s report of batch {batch}"),
+                    std::io::Error::other(format!(
+                        "{} is the report of batch {}",
+                        path.display(),
+                        part.batch_id
+                    )),
+                ));
+            }
+            let r = part.report;
+            run.report.input_rows += r.input_rows;
+            run.report.late_rows += r.late_rows;
+            run.report.late.extend(r.late);
+            for (step, ms) in r.steps {
+                match run.report.steps.iter_mut().find(|(s, _)| *s == step) {
+                    Some((_, slowest)) => *slowest = slowest.max(ms),
+                    None => run.report.steps.push((step, ms)),
+                }
+            }
+            run.stats.rows += part.stats.rows;
+            run.stats.updated += part.stats.updated;
+            run.stats.removed += part.stats.removed;
+            run.stats.bytes_written += part.stats.bytes_written;
+            run.memory_bytes += part.memory_bytes;
+        }
+        out.push(run);
+    }
+    Ok(out)
 }

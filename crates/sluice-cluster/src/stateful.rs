@@ -19,7 +19,8 @@
 //! 3. commits version N of the partition (a delta, and a snapshot every
 //!    tenth version), each file written whole to a temporary file and
 //!    renamed into place;
-//! 4. returns the rows to emit.
+//! 4. writes its report (its late rows among it; see [`crate::report`]) and
+//!    returns the rows to emit.
 //!
 //! The job ends when every partition's task has; only then does the driver
 //! write batch N's commit record. A retried or duplicated task writes the
@@ -47,6 +48,7 @@ use datafusion::physical_plan::{
 };
 use sluice_common::durable::Durability;
 use sluice_common::{BatchId, Error, Result};
+use sluice_exec::operators::changelog::SEQ;
 use sluice_exec::operators::{
     BatchContext, DedupExec, JoinIndex, OperatorReport, StatefulExec, StreamJoinExec,
     StreamingAggregateExec,
@@ -225,16 +227,12 @@ impl PartitionedExec {
     /// `op` (whose inputs are already partitioned on its keys) running
     /// `job`'s batch, with `ids` ([`partition_ids`]) as many partitions as
     /// each of its inputs.
+    ///
+    /// The inputs' partitions are checked when a task runs, not here: a
+    /// cluster's planner rebuilds the node while it rewrites its inputs
+    /// (drops a coalesce, then puts one back where this node asks for it).
     pub fn new(op: PartitionedOp, ids: Arc<dyn ExecutionPlan>, job: StateJob) -> Result<Self> {
         let id_parts = ids.output_partitioning().partition_count();
-        for input in op.inputs() {
-            let parts = input.output_partitioning().partition_count();
-            if parts != id_parts {
-                return Err(Error::internal(format!(
-                    "a partitioned operator over {parts} input partitions with {id_parts} partition ids"
-                )));
-            }
-        }
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(op.node().schema()),
             Partitioning::UnknownPartitioning(id_parts),
@@ -295,6 +293,28 @@ impl ExecutionPlan for PartitionedExec {
         out
     }
 
+    // What the inputs must stay as they were sent: the optimizer a
+    // cluster's planner runs over each stage drops a coalesce no node asks
+    // for, and may spread an input over more partitions.
+    fn required_input_distribution(&self) -> Vec<datafusion::physical_expr::Distribution> {
+        use datafusion::physical_expr::Distribution;
+        let single = self.properties.output_partitioning().partition_count() == 1;
+        self.children()
+            .iter()
+            .map(|_| {
+                if single {
+                    Distribution::SinglePartition
+                } else {
+                    Distribution::UnspecifiedDistribution
+                }
+            })
+            .collect()
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false; self.children().len()]
+    }
+
     fn apply_expressions(
         &self,
         _f: &mut dyn FnMut(
@@ -340,14 +360,24 @@ impl ExecutionPlan for PartitionedExec {
                 "PartitionedExec has {parts} partitions, asked for {partition}"
             )));
         }
+        for input in self.op.inputs() {
+            let input_parts = input.output_partitioning().partition_count();
+            if input_parts != parts {
+                return Err(datafusion::error::DataFusionError::Internal(format!(
+                    "a partitioned operator over {input_parts} input partitions with {parts} partition ids"
+                )));
+            }
+        }
         let op = self.op.clone();
         let ids = Arc::clone(&self.ids);
         let job = self.job.clone();
         let schema = self.schema();
         let rows = async move {
             let k = partition_id(&ids, partition, &ctx).await?;
-            run_partition(op, partition, k, job, ctx)
-                .await
+            let rows = run_partition(op, partition, k, job, ctx).await?;
+            rows.into_iter()
+                .map(|b| pairs_apart(b, k, parts))
+                .collect::<Result<Vec<_>>>()
                 .map_err(datafusion::error::DataFusionError::from)
         };
         let stream = futures::stream::once(rows)
@@ -356,6 +386,34 @@ impl ExecutionPlan for PartitionedExec {
             .boxed();
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
+}
+
+/// `rows` of partition `k` of `n` with the numbers that pair the two rows
+/// of an update (the changelog's last column, [`SEQ`]) made unique across
+/// partitions: each partition numbers its updates from 0, and the
+/// changelog's root pairs rows by number over the whole batch. Within a
+/// batch the high half of a number is the batch id, the same everywhere;
+/// the low half `j` becomes `j * n + k`.
+fn pairs_apart(rows: RecordBatch, k: usize, n: usize) -> Result<RecordBatch> {
+    use datafusion::arrow::array::{AsArray, UInt64Array};
+    use datafusion::arrow::datatypes::{DataType, UInt64Type};
+    let schema = rows.schema();
+    let last = rows.num_columns().wrapping_sub(1);
+    let is_seq = schema
+        .fields()
+        .last()
+        .is_some_and(|f| f.name() == SEQ && *f.data_type() == DataType::UInt64);
+    if !is_seq || n <= 1 {
+        return Ok(rows);
+    }
+    let (k, n) = (k as u64, n as u64);
+    let seqs: UInt64Array = rows
+        .column(last)
+        .as_primitive::<UInt64Type>()
+        .unary(|s| ((s >> 32) << 32).wrapping_add((s & 0xFFFF_FFFF) * n + k));
+    let mut cols = rows.columns().to_vec();
+    cols[last] = Arc::new(seqs);
+    Ok(RecordBatch::try_new(schema, cols)?)
 }
 
 /// The global index of local partition `local`: the one value of that
@@ -420,11 +478,21 @@ async fn run_partition(
     let id_n = job.batch.batch_id;
     let (mut store, mut index) = take_store(&dir, keys, values, job.durability, id_n)
         .map_err(|e| e.context(format!("operator '{id}' partition {k}")))?;
-    let (rows, _report) = node
+    let (rows, report) = node
         .run_with(&mut store, &mut index, job.batch, &ctx)
         .await?;
+    let report_dir = dir.clone();
     let committed = tokio::task::spawn_blocking(move || {
-        store.commit(id_n)?;
+        let stats = store.commit(id_n)?;
+        crate::report::write(
+            &report_dir,
+            &crate::report::PartitionReport {
+                batch_id: id_n,
+                report,
+                stats,
+                memory_bytes: store.memory_bytes() as u64,
+            },
+        )?;
         Ok::<_, Error>(store)
     })
     .await

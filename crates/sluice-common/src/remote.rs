@@ -442,6 +442,31 @@ pub fn put_file(path: &Path, len: u64) -> std::io::Result<()> {
     put(path, &[&bytes])
 }
 
+/// The bytes of the file at `path`, or `None` when there is none: in a
+/// mount, the bucket's object (not the cache's copy, which another process
+/// may have replaced in the bucket); elsewhere, the local file.
+pub fn read(path: &Path) -> Result<Option<Vec<u8>>> {
+    let what = || format!("reading {}", path.display());
+    let Some((m, location)) = mount_of(path).and_then(|m| Some((Arc::clone(&m), m.object(path)?)))
+    else {
+        return match fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(what(), e)),
+        };
+    };
+    let store = Arc::clone(&m.store);
+    let loc = location.clone();
+    match block_on(async move { store.get(&loc).await?.bytes().await }) {
+        Ok(b) => Ok(Some(b.to_vec())),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(Error::io(
+            what(),
+            store_error(format!("reading {location} in {}", m.url), e),
+        )),
+    }
+}
+
 /// Removes the object of `path`, just removed from a mount's cache; a
 /// no-op outside mounts. Best effort, like the local removal it follows
 /// (retention's cleanup): an object left behind is removed by the next

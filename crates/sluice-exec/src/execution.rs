@@ -496,11 +496,6 @@ impl MicroBatchExecution {
                 schema,
             });
         }
-        if keeps_state && !late_sinks.is_empty() {
-            return Err(ctx(Error::not_supported(
-                "late_rows sinks on a cluster: the executors count late rows but do not send them back yet",
-            )));
-        }
         let stateful = !operators.is_empty();
         let output_schema = match (stateful, config.output_mode) {
             (false, OutputMode::Changelog) => with_op_field(&physical.schema()),
@@ -1030,7 +1025,7 @@ impl MicroBatchExecution {
         for input in &self.inputs {
             input.table.clear_batch();
         }
-        let output = result?;
+        let (output, ran_elsewhere) = result?;
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         // What the stateful operators did: late rows, and the time of their steps.
         let mut late_rows = 0;
@@ -1047,6 +1042,27 @@ impl MicroBatchExecution {
             for (step, ms) in report.steps {
                 durations.insert(format!("{}_{step}", id.replace('-', "_")), ms);
             }
+        }
+        // Operators a runner ran (and committed) elsewhere: reported the
+        // same way, their state figures as their commits gave them.
+        let mut committed_elsewhere = Vec::with_capacity(ran_elsewhere.len());
+        for run in ran_elsewhere {
+            late_rows += run.report.late_rows;
+            late.extend(
+                run.report
+                    .late
+                    .into_iter()
+                    .map(|(k, b)| (run.id.clone(), k, b)),
+            );
+            for (step, ms) in run.report.steps {
+                durations.insert(format!("{}_{step}", run.id.replace('-', "_")), ms);
+            }
+            committed_elsewhere.push(CommittedState {
+                id: run.id,
+                description: run.description,
+                stats: run.stats,
+                memory_bytes: run.memory_bytes,
+            });
         }
         durations.insert("execute".to_string(), ms(t.elapsed()));
         // The state commit. Fsynced, it runs on a thread of its own beside
@@ -1070,7 +1086,7 @@ impl MicroBatchExecution {
         let beside_sink =
             !jobs.is_empty() && self.config.durability == Durability::Fsync && !fault_after_state;
         let mut pending_state = None;
-        let mut operators = Vec::new();
+        let mut operators = self.state_progress(committed_elsewhere, watermark);
         if beside_sink {
             let (done, finished) = std::sync::mpsc::sync_channel::<()>(1);
             let task = tokio::task::spawn_blocking(move || {
@@ -1207,7 +1223,7 @@ impl MicroBatchExecution {
         entry: &OffsetEntry,
         watermark: Option<i64>,
         input_rows: u64,
-    ) -> Result<Vec<RecordBatch>> {
+    ) -> Result<(Vec<RecordBatch>, Vec<crate::runner::OperatorRun>)> {
         let id = entry.batch_id;
         for (op, state) in self.runtime.states() {
             state
@@ -1225,7 +1241,7 @@ impl MicroBatchExecution {
         };
         self.runtime.set_batch(batch);
         let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
-        let rows = match &self.config.runner {
+        let (rows, ran) = match &self.config.runner {
             Some(runner) => {
                 let job = crate::runner::BatchJob {
                     batch,
@@ -1233,22 +1249,27 @@ impl MicroBatchExecution {
                     durability: self.config.durability,
                     delays: self.delays.clone(),
                 };
-                runner
+                let out = runner
                     .run(plan, Arc::clone(&self.task_ctx), &job)
                     .await
-                    .map_err(|e| e.context(runner.describe()))?
+                    .map_err(|e| e.context(runner.describe()))?;
+                (out.rows, out.operators)
             }
-            None => collect(plan, Arc::clone(&self.task_ctx))
-                .await
-                .map_err(Error::from)?,
+            None => (
+                collect(plan, Arc::clone(&self.task_ctx))
+                    .await
+                    .map_err(Error::from)?,
+                vec![],
+            ),
         };
         if self.operators.is_empty() && self.config.output_mode == OutputMode::Changelog {
-            return rows
+            let rows = rows
                 .into_iter()
                 .map(|b| inserts(&self.output_schema, b))
-                .collect();
+                .collect::<Result<_>>()?;
+            return Ok((rows, ran));
         }
-        Ok(rows)
+        Ok((rows, ran))
     }
 
     /// Arms (or clears) a fault at a step of the commit protocol.

@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 use sluice_common::Result;
 use sluice_common::durable::Durability;
 
-use crate::operators::BatchContext;
+use crate::operators::{BatchContext, OperatorReport};
 
 /// What a runner knows of the batch whose plan it runs.
 #[derive(Debug, Clone)]
@@ -32,6 +32,33 @@ pub struct BatchJob {
     /// Per stateful operator id, how far (ms) its input watermark is below
     /// the query's (a join below it delays it).
     pub delays: BTreeMap<String, i64>,
+}
+
+/// What a runner's run of a batch's plan gives back.
+#[derive(Debug, Default)]
+pub struct RunOutput {
+    /// The plan's rows, for the sink.
+    pub rows: Vec<RecordBatch>,
+    /// For a runner that keeps state ([`PlanRunner::keeps_state`]): what
+    /// each stateful operator did in the batch (its late rows among it),
+    /// which the executor reports and routes as it does an operator's run
+    /// in this process.
+    pub operators: Vec<OperatorRun>,
+}
+
+/// What one stateful operator did in a batch run by a [`PlanRunner`].
+#[derive(Debug, Default)]
+pub struct OperatorRun {
+    /// Its operator id.
+    pub id: String,
+    /// Its one-line description.
+    pub description: String,
+    /// Its rows on time and late, and the time of its steps.
+    pub report: OperatorReport,
+    /// What the commit of its state did (summed over its partitions).
+    pub stats: sluice_state::store::CommitStats,
+    /// The memory its state takes where it ran (summed).
+    pub memory_bytes: u64,
 }
 
 /// Runs the physical plan of one micro-batch and returns its rows.
@@ -61,5 +88,5 @@ pub trait PlanRunner: std::fmt::Debug + Send + Sync {
         plan: Arc<dyn ExecutionPlan>,
         ctx: Arc<TaskContext>,
         job: &'a BatchJob,
-    ) -> BoxFuture<'a, Result<Vec<RecordBatch>>>;
+    ) -> BoxFuture<'a, Result<RunOutput>>;
 }

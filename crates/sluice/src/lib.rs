@@ -49,10 +49,11 @@ pub use sluice_connectors::{
     MemorySource, MemoryTable, RateSource,
 };
 pub use sluice_exec::{
-    Fault, FaultPoint, PlanRunner, QueryInfo, QueryStatus, StateFinalizer, StreamingQuery, Trigger,
+    Fault, FaultPoint, OperatorRun, PlanRunner, QueryInfo, QueryStatus, RunOutput, StateFinalizer,
+    StreamingQuery, Trigger,
 };
 pub use sluice_planner::{OutputMode, WatermarkDef};
-pub use state_table::other_operators;
+pub use state_table::{other_operators, read_aggregate_state};
 
 /// The crates Sluice is built on, for types not re-exported here.
 pub mod deps {

@@ -8,7 +8,7 @@
 //! states (e.g. `avg(x)[sum]`, `avg(x)[count]`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -111,9 +111,59 @@ impl TableFunctionImpl for StateFunction {
     }
 }
 
+/// The stored rows of a query's first aggregate (`state/aggregate`) as of
+/// batch `version`, and how many of their columns are the key; `None` when
+/// the query keeps no such state. A cluster's state, split into partition
+/// directories `p<k>`, is read partition by partition, in order.
+pub fn read_aggregate_state(
+    checkpoint: &Path,
+    version: u64,
+) -> Result<Option<(RecordBatch, usize)>> {
+    let dir = checkpoint.join("state").join("aggregate");
+    if dir.join("meta").exists() {
+        return read_state(&dir, version).map(Some);
+    }
+    if !dir
+        .join(sluice_exec::execution::CLUSTER_STATE_MARK)
+        .exists()
+    {
+        return Ok(None);
+    }
+    let mut parts: Vec<(usize, PathBuf)> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let k = name.to_str()?.strip_prefix('p')?.parse::<usize>().ok()?;
+            let path = e.path();
+            path.join("meta").exists().then_some((k, path))
+        })
+        .collect();
+    parts.sort();
+    let mut batches = Vec::with_capacity(parts.len());
+    let mut keys = 0;
+    for (_, part) in parts {
+        let (batch, k) = read_state(&part, version)?;
+        keys = k;
+        batches.push(batch);
+    }
+    let Some(first) = batches.first() else {
+        return Ok(None);
+    };
+    let schema = first.schema();
+    let all = datafusion::arrow::compute::concat_batches(&schema, &batches)?;
+    Ok(Some((all, keys)))
+}
+
 fn load(name: &str, query: &QueryState, version: Option<u64>) -> Result<RecordBatch> {
-    let state_dir = query.checkpoint.join("state").join("aggregate");
-    if !state_dir.join("meta").exists() {
+    let has_state = {
+        let dir = query.checkpoint.join("state").join("aggregate");
+        dir.join("meta").exists()
+            || dir
+                .join(sluice_exec::execution::CLUSTER_STATE_MARK)
+                .exists()
+    };
+    if !has_state {
         let others = other_operators(&query.checkpoint);
         return Err(Error::plan(if others.is_empty() {
             format!("state('{name}'): the query keeps no state (it is stateless)")
@@ -139,16 +189,27 @@ fn load(name: &str, query: &QueryState, version: Option<u64>) -> Result<RecordBa
         }
         (Some(v), Some(_)) => v,
     };
-    Ok(read_state(&state_dir, version)?.0)
+    read_aggregate_state(&query.checkpoint, version)?
+        .map(|(batch, _)| batch)
+        .ok_or_else(|| {
+            Error::plan(format!(
+                "state('{name}'): the first aggregate's state holds no partition yet"
+            ))
+        })
 }
 
-/// The operators with state under a query's checkpoint (`state/<id>/meta`)
-/// other than the first aggregate, by id.
+/// The operators with state under a query's checkpoint (`state/<id>/meta`,
+/// or `state/<id>/partitions` on a cluster) other than the first
+/// aggregate, by id.
 pub fn other_operators(checkpoint: &std::path::Path) -> Vec<String> {
     let mut ids: Vec<String> = std::fs::read_dir(checkpoint.join("state"))
         .map(|d| {
             d.flatten()
-                .filter(|e| e.path().join("meta").exists())
+                .filter(|e| {
+                    let p = e.path();
+                    p.join("meta").exists()
+                        || p.join(sluice_exec::execution::CLUSTER_STATE_MARK).exists()
+                })
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|id| id != "aggregate")
                 .collect()
