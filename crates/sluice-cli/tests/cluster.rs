@@ -193,11 +193,33 @@ fn expected() -> Vec<String> {
 
 /// The sink rows of the pipeline `setup` writes, run in one process.
 fn one_process(setup: impl Fn(&Path)) -> Vec<String> {
+    one_process_sinks(setup, &["out"]).swap_remove(0)
+}
+
+/// The rows of each of `sinks` (by path) of the pipeline `setup` writes,
+/// run in one process.
+fn one_process_sinks(setup: impl Fn(&Path), sinks: &[&str]) -> Vec<Vec<String>> {
     let tmp = tempfile::tempdir().unwrap();
     setup(tmp.path());
     let o = run(tmp.path(), None, &[], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    sink_rows(&tmp.path().join("out"))
+    sinks
+        .iter()
+        .map(|s| sink_rows(&tmp.path().join(s)))
+        .collect()
+}
+
+/// The rows of the two sinks of [`windowed_pipeline`] run in one process.
+fn windowed_expected() -> (Vec<String>, Vec<String>) {
+    let mut both = one_process_sinks(windowed_pipeline, &["out", "joined"]);
+    let joined = both.pop().unwrap();
+    let out = both.pop().unwrap();
+    assert!(out.len() > 20, "{out:?}");
+    // 120 rows of `ev`, a third matched; the rest come out with NULLs
+    // but for the last few, whose match the watermark never ruled out.
+    let matched = joined.iter().filter(|r| r.contains("\"t")).count();
+    assert!(joined.len() > 100 && matched >= 40, "{joined:?}");
+    (out, joined)
 }
 
 #[test]
@@ -229,17 +251,41 @@ fn a_query_on_the_cluster_survives_a_driver_crash_and_a_lost_executor() {
     assert_eq!(sink_rows(&dir.join("out")), expected);
 }
 
-/// A windowed aggregate with its watermark, in append mode.
+/// Two queries over streams with watermarks, in append mode: a windowed
+/// aggregate (sink `out`), and a left outer join of two streams within
+/// 5 seconds (sink `joined`), whose rows without a match come out once the
+/// watermark rules one out.
 fn windowed_pipeline(dir: &Path) {
     fs::write(
         dir.join("pipeline.sql"),
         "CREATE SOURCE ev (id BIGINT, v VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) \
            WITH (connector = 'file', path = 'in', format = 'json', max_files_per_trigger = 1);
+         CREATE SOURCE tags (id BIGINT, tag VARCHAR, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) \
+           WITH (connector = 'file', path = 'tags', format = 'json', max_files_per_trigger = 1);
          CREATE SINK out WITH (connector = 'file', path = 'out', format = 'json') AS
          SELECT window_start, id % 5 AS k, count(*) AS n, min(v) AS first
-         FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, id % 5;",
+         FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, id % 5;
+         CREATE SINK joined WITH (connector = 'file', path = 'joined', format = 'json') AS
+         SELECT e.id, e.v, t.tag FROM ev e LEFT JOIN tags t
+           ON e.id = t.id AND t.ts BETWEEN e.ts AND e.ts + INTERVAL '5' SECOND;",
     )
     .unwrap();
+    fs::create_dir_all(dir.join("tags")).unwrap();
+    for f in 0..20 {
+        // Every other row of each file of `ev` gets a tag, two seconds
+        // after it.
+        let body: String = (0..6)
+            .step_by(2)
+            .map(|r| {
+                let id = f * 6 + r;
+                format!(
+                    "{{\"id\": {id}, \"tag\": \"t{f}\", \"ts\": \"2026-01-01T00:00:{:02}\"}}\n",
+                    ((f * 3 + r % 3) % 60 + 2).min(59)
+                )
+            })
+            .collect();
+        fs::write(dir.join("tags").join(format!("{f:03}.json")), body).unwrap();
+    }
     fs::create_dir_all(dir.join("in")).unwrap();
     for f in 0..20 {
         let body: String = (0..6)
@@ -256,9 +302,8 @@ fn windowed_pipeline(dir: &Path) {
 }
 
 #[test]
-fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
-    let expected = one_process(windowed_pipeline);
-    assert!(expected.len() > 20, "{expected:?}");
+fn a_windowed_aggregate_and_a_join_on_the_cluster_are_exactly_once_across_crashes() {
+    let (expected, joined) = windowed_expected();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     windowed_pipeline(dir);
@@ -284,10 +329,12 @@ fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
     let ok = run(dir, Some(&addr), &[], &[]);
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert_eq!(sink_rows(&dir.join("out")), expected);
+    assert_eq!(sink_rows(&dir.join("joined")), joined);
     // The state is in the driver's checkpoint (the executors run in other
     // directories and are given its absolute path).
     assert!(dir.join("ckpt/out/state/aggregate/partitions").exists());
     assert!(dir.join("ckpt/out/state/aggregate/p0/0.delta").exists());
+    assert!(dir.join("ckpt/joined/state/join/p0/0.delta").exists());
 
     // The checkpoint's state is in partitions: a run in one process is
     // refused, naming why.
@@ -303,7 +350,7 @@ fn a_windowed_aggregate_on_the_cluster_is_exactly_once_across_crashes() {
 /// of the stage it rolled back; later jobs are queued and never run).
 #[test]
 fn an_executor_killed_in_the_middle_of_a_batch_leaves_the_output_exactly_once() {
-    let expected = one_process(windowed_pipeline);
+    let (expected, joined) = windowed_expected();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     windowed_pipeline(dir);
@@ -354,6 +401,7 @@ fn an_executor_killed_in_the_middle_of_a_batch_leaves_the_output_exactly_once() 
         "executor two did not die mid-batch"
     );
     assert_eq!(sink_rows(&dir.join("out")), expected);
+    assert_eq!(sink_rows(&dir.join("joined")), joined);
 }
 
 #[test]
@@ -394,9 +442,9 @@ fn an_operator_not_built_for_clusters_is_refused_with_a_clear_error() {
 /// (separate processes, separate directories), so the state partitions an
 /// executor loads are the ones in the bucket.
 #[test]
-fn a_windowed_aggregate_on_the_cluster_keeps_its_checkpoint_in_a_bucket() {
+fn a_windowed_aggregate_and_a_join_on_the_cluster_keep_their_checkpoints_in_a_bucket() {
     use sluice::deps::sluice_connectors::s3_server::LocalS3;
-    let expected = one_process(windowed_pipeline);
+    let (expected, joined) = windowed_expected();
     let s3 = LocalS3::start().unwrap();
     s3.create_bucket("ckpts").unwrap();
     let env: Vec<(&str, String)> = s3.env();
@@ -422,20 +470,20 @@ fn a_windowed_aggregate_on_the_cluster_keeps_its_checkpoint_in_a_bucket() {
     let ok = run(dir, Some(&addr), &in_bucket, &env);
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert_eq!(sink_rows(&dir.join("out")), expected);
+    assert_eq!(sink_rows(&dir.join("joined")), joined);
     let keys: Vec<String> = s3
-        .objects("ckpts", "run/out/state")
+        .objects("ckpts", "run/")
         .unwrap()
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    assert!(
-        keys.iter()
-            .any(|k| k == "run/out/state/aggregate/partitions")
-            && keys
-                .iter()
-                .any(|k| k.starts_with("run/out/state/aggregate/p0/")),
-        "{keys:?}"
-    );
+    for op in ["out/state/aggregate", "joined/state/join"] {
+        assert!(
+            keys.iter().any(|k| *k == format!("run/{op}/partitions"))
+                && keys.iter().any(|k| k.starts_with(&format!("run/{op}/p0/"))),
+            "{op}: {keys:?}"
+        );
+    }
     assert!(
         !dir.join("ckpt").exists(),
         "nothing of the checkpoint is local"
