@@ -11,13 +11,18 @@
 use std::sync::Arc;
 
 use ballista_core::serde::BallistaPhysicalExtensionCodec;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::joins::HashJoinExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion_proto::physical_plan::{
     AsExecutionPlan, DefaultPhysicalExtensionCodec, PhysicalExtensionCodec,
     PhysicalProtoConverterExtension,
@@ -27,7 +32,9 @@ use serde::{Deserialize, Serialize};
 use sluice_common::OutputMode;
 use sluice_common::durable::Durability;
 use sluice_exec::operators::changelog::ChangelogExec;
-use sluice_exec::operators::{BatchContext, DedupExec, StreamJoinExec, StreamingAggregateExec};
+use sluice_exec::operators::{
+    BatchContext, DedupExec, StreamJoinExec, StreamingAggregateExec, TopNExec,
+};
 
 use crate::stateful::{PartitionedExec, PartitionedOp, StateJob, recompute};
 
@@ -37,6 +44,7 @@ const JOIN: u8 = 2;
 const DEDUP: u8 = 3;
 /// A changelog plan's root ([`ChangelogExec`]): nothing but its input.
 const CHANGELOG: u8 = 4;
+const TOPN: u8 = 5;
 
 /// Ballista's codec, and Sluice's nodes.
 #[derive(Debug, Default)]
@@ -53,6 +61,15 @@ struct NodeHeader {
     ttl_ms: Option<u64>,
     #[serde(default)]
     event_time_columns: Vec<String>,
+    /// A top-N's limit, the names of its partition keys (the first keys of
+    /// its shell's sort; the rest is its order) and the window node's
+    /// schema it replaces, as an Arrow IPC stream.
+    #[serde(default)]
+    limit: usize,
+    #[serde(default)]
+    partition_names: Vec<String>,
+    #[serde(default)]
+    schema_ipc: Vec<u8>,
     checkpoint: String,
     fsync: bool,
     batch_id: u64,
@@ -66,6 +83,22 @@ fn bad(what: impl Into<String>) -> DataFusionError {
     DataFusionError::Internal(format!("decoding a Sluice plan node: {}", what.into()))
 }
 
+/// `schema` as an Arrow IPC stream without batches.
+fn schema_bytes(schema: &SchemaRef) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::try_new(&mut buf, schema)?;
+    w.finish()?;
+    drop(w);
+    Ok(buf)
+}
+
+/// The schema of an Arrow IPC stream [`schema_bytes`] wrote.
+fn schema_from_bytes(bytes: &[u8]) -> Result<SchemaRef> {
+    StreamReader::try_new(bytes, None)
+        .map(|r| r.schema())
+        .map_err(|e| bad(format!("a top-N's schema: {e}")))
+}
+
 /// An empty input with `plan`'s schema: what a shell is made over.
 fn empty_like(plan: &Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
     Arc::new(EmptyExec::new(plan.schema()))
@@ -77,7 +110,28 @@ impl SluiceCodec {
         let inputs = op.inputs();
         let job = node.job();
         // The DataFusion node the operator is made from, over empty inputs.
+        let mut topn = (0, vec![], vec![]);
         let (kind, shell, ttl, event_time_columns): (_, Arc<dyn ExecutionPlan>, _, _) = match op {
+            PartitionedOp::TopN(t) => {
+                let (partition, order, limit, out_schema) = t.parts();
+                topn = (
+                    limit,
+                    partition.iter().map(|(_, n)| n.clone()).collect(),
+                    schema_bytes(out_schema)?,
+                );
+                // The sort the window ran over: its keys, then its order.
+                let sort: Vec<PhysicalSortExpr> = partition
+                    .iter()
+                    .map(|(e, _)| PhysicalSortExpr::new_default(Arc::clone(e)))
+                    .chain(order.iter().cloned())
+                    .collect();
+                let empty = empty_like(&inputs[0]);
+                let shell: Arc<dyn ExecutionPlan> = match LexOrdering::new(sort) {
+                    Some(ordering) => Arc::new(SortExec::new(ordering, empty)),
+                    None => empty,
+                };
+                (TOPN, shell, None, vec![])
+            }
             PartitionedOp::Aggregate(a) => (
                 AGGREGATE,
                 a.top_over(empty_like(&inputs[0]))
@@ -110,12 +164,16 @@ impl SluiceCodec {
             PartitionedOp::Aggregate(a) => a.emit_mode(),
             PartitionedOp::Join(j) => j.emit_mode(),
             PartitionedOp::Dedup(d) => d.emit_mode(),
+            PartitionedOp::TopN(t) => t.emit_mode(),
         };
         let header = NodeHeader {
             id: op.node().operator_id().to_string(),
             emit: emit.to_string(),
             ttl_ms: ttl.map(|d| d.as_millis() as u64),
             event_time_columns,
+            limit: topn.0,
+            partition_names: topn.1,
+            schema_ipc: topn.2,
             checkpoint: job.checkpoint.display().to_string(),
             fsync: job.durability == Durability::Fsync,
             batch_id: job.batch.batch_id,
@@ -206,6 +264,33 @@ impl SluiceCodec {
                         .with_emit(emit);
                 let node = Arc::new(node).replace_children(inputs.to_vec(), recompute())?;
                 PartitionedOp::of(node.as_ref()).ok_or_else(|| bad("a deduplication rebuilt"))?
+            }
+            TOPN => {
+                let sort: Vec<PhysicalSortExpr> = match any.downcast_ref::<SortExec>() {
+                    Some(s) => s.expr().iter().cloned().collect(),
+                    None => vec![],
+                };
+                let keys = header.partition_names.len();
+                if sort.len() < keys {
+                    return Err(bad("a top-N with fewer sort keys than partition keys"));
+                }
+                let partition = sort[..keys]
+                    .iter()
+                    .zip(&header.partition_names)
+                    .map(|(s, n)| (Arc::clone(&s.expr), n.clone()))
+                    .collect();
+                let out_schema = schema_from_bytes(&header.schema_ipc)?;
+                let node = TopNExec::try_new(
+                    id,
+                    Arc::clone(&inputs[0]),
+                    partition,
+                    sort[keys..].to_vec(),
+                    header.limit,
+                    out_schema,
+                )
+                .map_err(DataFusionError::from)?
+                .with_emit(emit);
+                PartitionedOp::TopN(node)
             }
             other => {
                 return Err(bad(format!(

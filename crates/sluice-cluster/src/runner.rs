@@ -274,9 +274,9 @@ impl PlanRunner for ClusterRunner {
                 Some(a) if a.merges_sessions() => {
                     Some("session windows do not run on a cluster yet")
                 }
-                _ if PartitionedOp::of(*op).is_none() => Some(
-                    "only grouped aggregates, joins of two streams and deduplication run on a cluster yet",
-                ),
+                _ if PartitionedOp::of(*op).is_none() => {
+                    Some("this operator does not run on a cluster yet")
+                }
                 _ => None,
             };
             if let Some(why) = why {

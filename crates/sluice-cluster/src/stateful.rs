@@ -51,7 +51,7 @@ use sluice_common::{BatchId, Error, Result};
 use sluice_exec::operators::changelog::SEQ;
 use sluice_exec::operators::{
     BatchContext, DedupExec, JoinIndex, OperatorReport, StatefulExec, StreamJoinExec,
-    StreamingAggregateExec,
+    StreamingAggregateExec, TopNExec,
 };
 use sluice_state::store::{StateStore, StateStoreOptions};
 
@@ -78,6 +78,8 @@ pub enum PartitionedOp {
     Join(StreamJoinExec),
     /// A deduplication.
     Dedup(DedupExec),
+    /// A `ROW_NUMBER()` top-N (partitioned by its `PARTITION BY` keys).
+    TopN(TopNExec),
 }
 
 impl PartitionedOp {
@@ -90,6 +92,9 @@ impl PartitionedOp {
         if let Some(j) = any.downcast_ref::<StreamJoinExec>() {
             return Some(PartitionedOp::Join(j.clone()));
         }
+        if let Some(t) = any.downcast_ref::<TopNExec>() {
+            return Some(PartitionedOp::TopN(t.clone()));
+        }
         any.downcast_ref::<DedupExec>()
             .map(|d| PartitionedOp::Dedup(d.clone()))
     }
@@ -100,6 +105,7 @@ impl PartitionedOp {
             PartitionedOp::Aggregate(a) => a,
             PartitionedOp::Join(j) => j,
             PartitionedOp::Dedup(d) => d,
+            PartitionedOp::TopN(t) => t,
         }
     }
 
@@ -109,6 +115,7 @@ impl PartitionedOp {
             PartitionedOp::Aggregate(a) => Arc::new(a.clone()),
             PartitionedOp::Join(j) => Arc::new(j.clone()),
             PartitionedOp::Dedup(d) => Arc::new(d.clone()),
+            PartitionedOp::TopN(t) => Arc::new(t.clone()),
         }
     }
 
@@ -124,6 +131,7 @@ impl PartitionedOp {
             PartitionedOp::Aggregate(a) => vec![a.key_exprs()],
             PartitionedOp::Join(j) => j.key_exprs().to_vec(),
             PartitionedOp::Dedup(d) => vec![d.key_exprs()],
+            PartitionedOp::TopN(t) => vec![t.key_exprs()],
         }
     }
 
@@ -153,7 +161,7 @@ impl PartitionedOp {
                 .with_emit(a.emit_mode())?;
                 return Ok(PartitionedOp::Aggregate(node));
             }
-            PartitionedOp::Join(_) | PartitionedOp::Dedup(_) => {
+            PartitionedOp::Join(_) | PartitionedOp::Dedup(_) | PartitionedOp::TopN(_) => {
                 self.plan().replace_children(inputs, recompute())?
             }
         };
@@ -174,6 +182,7 @@ impl PartitionedOp {
             PartitionedOp::Aggregate(a) => a.run_with(store, batch, ctx).await,
             PartitionedOp::Join(j) => j.run_with(store, index, batch, ctx).await,
             PartitionedOp::Dedup(d) => d.run_with(store, batch, ctx).await,
+            PartitionedOp::TopN(t) => t.run_with(store, batch, ctx).await,
         }
     }
 }

@@ -222,7 +222,7 @@ async fn aggregates_run_on_the_cluster_with_their_state_in_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn joins_of_two_streams_and_deduplication_run_on_the_cluster_as_in_one_process() {
+async fn joins_deduplication_top_n_and_chains_run_on_the_cluster_as_in_one_process() {
     let dir = tempfile::tempdir().unwrap();
     write_inputs(dir.path());
     let scheduler = cluster(2, &dir.path().join("work")).await;
@@ -266,6 +266,24 @@ async fn joins_of_two_streams_and_deduplication_run_on_the_cluster_as_in_one_pro
             "SELECT DISTINCT user_id, url FROM clicks",
             "append",
         ),
+        // Each user's first click (keep-first top-N).
+        (
+            "first",
+            "SELECT user_id, url, ts FROM (SELECT *, ROW_NUMBER() OVER \
+             (PARTITION BY user_id ORDER BY ts) AS rn FROM clicks) WHERE rn = 1",
+            "append",
+        ),
+        // A chain: the two busiest users of each minute, a top-N per window
+        // over a windowed aggregate.
+        (
+            "busiest",
+            "SELECT window_start, user_id, n FROM (SELECT *, ROW_NUMBER() OVER \
+             (PARTITION BY window_start, window_end ORDER BY n DESC, user_id) AS rn \
+             FROM (SELECT window_start, window_end, user_id, count(*) AS n \
+                   FROM TUMBLE(clicks, ts, INTERVAL '1' MINUTE) \
+                   GROUP BY window_start, window_end, user_id)) WHERE rn <= 2",
+            "append",
+        ),
     ] {
         let (local, batches) = run_mode(dir.path(), query, None, &format!("{name}-local"), mode)
             .await
@@ -283,10 +301,10 @@ async fn joins_of_two_streams_and_deduplication_run_on_the_cluster_as_in_one_pro
         assert_eq!(remote_batches, 20, "{name}");
         assert!(local.lines().count() > 10, "{name}: {local}");
         assert_eq!(local, remote, "{name}");
-        let op = if name.starts_with("distinct") {
-            "dedup"
-        } else {
-            "join"
+        let op = match name {
+            "distinct" | "distinct-time" => "dedup",
+            "first" | "busiest" => "topn",
+            _ => "join",
         };
         let state = dir
             .path()
@@ -306,16 +324,17 @@ async fn an_operator_not_built_for_clusters_is_refused_when_the_query_starts() {
     write_inputs(dir.path());
     // No cluster is needed: the query is refused when it starts.
     let runner: Arc<dyn PlanRunner> = Arc::new(ClusterRunner::new("127.0.0.1:9"));
-    let query = "SELECT user_id, url, ts FROM (SELECT *, ROW_NUMBER() OVER \
-                 (PARTITION BY user_id ORDER BY ts) AS rn FROM clicks) WHERE rn = 1";
-    let err = run(dir.path(), query, Some(runner), "topn")
+    let query = "SELECT user_id, window_start, count(*) AS n \
+                 FROM SESSION(clicks, ts, INTERVAL '30' SECOND) \
+                 GROUP BY user_id, window_start, window_end";
+    let err = run(dir.path(), query, Some(runner), "session")
         .await
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("joins of two streams and deduplication run on a cluster yet"),
+        err.contains("session windows do not run on a cluster yet"),
         "{err}"
     );
-    assert!(err.contains("topn"), "{err}");
+    assert!(err.contains("'aggregate'"), "{err}");
     assert!(err.contains("ballista at http://127.0.0.1:9"), "{err}");
 }

@@ -213,6 +213,52 @@ impl TopNExec {
         })
     }
 
+    /// What the node was made of, to make it again elsewhere (a cluster
+    /// sends these): its partition keys with their names, its order, its
+    /// limit and the window node's schema it replaces.
+    #[allow(clippy::type_complexity)]
+    pub fn parts(
+        &self,
+    ) -> (
+        &[(Arc<dyn PhysicalExpr>, String)],
+        &[PhysicalSortExpr],
+        usize,
+        &SchemaRef,
+    ) {
+        let c = &self.core;
+        (&c.partition, &c.order, c.limit, &c.out_schema)
+    }
+
+    /// The output mode it emits in.
+    pub fn emit_mode(&self) -> OutputMode {
+        self.emit
+    }
+
+    /// Its partition keys over its input: what a cluster partitions its
+    /// input by (none: one partition).
+    pub fn key_exprs(&self) -> Vec<Arc<dyn PhysicalExpr>> {
+        self.core
+            .partition
+            .iter()
+            .map(|(e, _)| Arc::clone(e))
+            .collect()
+    }
+
+    /// Runs the top-N over one batch with `store` as its state (the state
+    /// before the batch), outside a query's operator runtime: its child's
+    /// rows in, the rows to emit and what the run did out. The store is not
+    /// committed.
+    pub async fn run_with(
+        &self,
+        store: &mut StateStore,
+        batch: BatchContext,
+        ctx: &Arc<TaskContext>,
+    ) -> Result<(Vec<RecordBatch>, OperatorReport)> {
+        let mut report = OperatorReport::default();
+        let rows = self.run_on(store, batch, ctx, &mut report).await?;
+        Ok((rows, report))
+    }
+
     async fn run(self, ctx: Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
         let (batch, state) = OperatorRuntime::of(&ctx, &self.id)?;
         let mut guard = state.lock().await;
