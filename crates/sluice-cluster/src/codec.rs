@@ -66,6 +66,9 @@ struct NodeHeader {
     /// schema it replaces, as an Arrow IPC stream.
     #[serde(default)]
     limit: usize,
+    /// Whether an aggregate merges session windows.
+    #[serde(default)]
+    sessions: bool,
     #[serde(default)]
     partition_names: Vec<String>,
     #[serde(default)]
@@ -172,6 +175,7 @@ impl SluiceCodec {
             ttl_ms: ttl.map(|d| d.as_millis() as u64),
             event_time_columns,
             limit: topn.0,
+            sessions: matches!(op, PartitionedOp::Aggregate(a) if a.merges_sessions()),
             partition_names: topn.1,
             schema_ipc: topn.2,
             checkpoint: job.checkpoint.display().to_string(),
@@ -238,9 +242,14 @@ impl SluiceCodec {
                         Ok(Transformed::no(p))
                     })?
                     .data;
-                let agg = StreamingAggregateExec::try_new(id, top, ttl)
-                    .and_then(|a| a.with_emit(emit))
-                    .map_err(DataFusionError::from)?;
+                let agg = StreamingAggregateExec::try_new_with_sessions(
+                    id,
+                    top,
+                    ttl,
+                    Some(header.sessions),
+                )
+                .and_then(|a| a.with_emit(emit))
+                .map_err(DataFusionError::from)?;
                 PartitionedOp::Aggregate(agg)
             }
             JOIN => {

@@ -21,7 +21,6 @@ use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use sluice_common::durable::{Durability, read_json, write_json};
 use sluice_common::{Error, Result};
-use sluice_exec::operators::{StreamingAggregateExec, stateful_nodes};
 use sluice_exec::{BatchJob, OperatorRun, PlanRunner, RunOutput};
 use sluice_planner::is_stream_scan;
 
@@ -267,28 +266,8 @@ impl PlanRunner for ClusterRunner {
     }
 
     fn check(&self, plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
-        let nodes = stateful_nodes(plan);
-        for op in &nodes {
-            let any: &dyn std::any::Any = *op;
-            let why = match any.downcast_ref::<StreamingAggregateExec>() {
-                Some(a) if a.merges_sessions() => {
-                    Some("session windows do not run on a cluster yet")
-                }
-                _ if PartitionedOp::of(*op).is_none() => {
-                    Some("this operator does not run on a cluster yet")
-                }
-                _ => None,
-            };
-            if let Some(why) = why {
-                return Err(Error::not_supported(format!(
-                    "stateful operator '{}' ({}): {why}; run the query in one process (without --cluster)",
-                    op.operator_id(),
-                    op.description()
-                )));
-            }
-        }
-        drop(nodes);
-        // The plan as a batch sends it, with no rows in its scans.
+        // The plan as a batch sends it, with no rows in its scans: a node
+        // the codec does not know is named.
         let empty = scans_in_memory(Arc::clone(plan), |_| vec![vec![]])?;
         let job = BatchJob {
             batch: Default::default(),
@@ -444,4 +423,30 @@ fn read_reports(
         out.push(run);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::physical_plan::ExecutionPlan;
+    use sluice_exec::PlanRunner;
+
+    use super::ClusterRunner;
+
+    #[test]
+    fn a_plan_with_a_node_the_codec_does_not_know_is_refused_naming_it() {
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let scan = MemorySourceConfig::try_new_exec(&[vec![]], schema, None).unwrap();
+        // A node that is built on an executor and never sent.
+        let plan: Arc<dyn ExecutionPlan> = Arc::new(crate::slice::PartitionSliceExec::new(scan, 0));
+        let err = ClusterRunner::new("127.0.0.1:9")
+            .check(&plan)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be sent to a cluster"), "{err}");
+        assert!(err.contains("PartitionSliceExec"), "{err}");
+    }
 }

@@ -72,7 +72,8 @@ pub struct StateJob {
 /// its state.
 #[derive(Debug, Clone)]
 pub enum PartitionedOp {
-    /// A grouped aggregate (not one that merges session windows).
+    /// A grouped aggregate (session windows partitioned by their other
+    /// keys).
     Aggregate(StreamingAggregateExec),
     /// A join of two streams.
     Join(StreamJoinExec),
@@ -87,7 +88,7 @@ impl PartitionedOp {
     pub fn of(plan: &dyn ExecutionPlan) -> Option<Self> {
         let any: &dyn Any = plan;
         if let Some(a) = any.downcast_ref::<StreamingAggregateExec>() {
-            return (!a.merges_sessions()).then(|| PartitionedOp::Aggregate(a.clone()));
+            return Some(PartitionedOp::Aggregate(a.clone()));
         }
         if let Some(j) = any.downcast_ref::<StreamJoinExec>() {
             return Some(PartitionedOp::Join(j.clone()));
@@ -128,7 +129,7 @@ impl PartitionedOp {
     /// an aggregate without keys: its state is one partition.
     pub fn key_exprs(&self) -> Vec<Vec<Arc<dyn PhysicalExpr>>> {
         match self {
-            PartitionedOp::Aggregate(a) => vec![a.key_exprs()],
+            PartitionedOp::Aggregate(a) => vec![a.partition_exprs()],
             PartitionedOp::Join(j) => j.key_exprs().to_vec(),
             PartitionedOp::Dedup(d) => vec![d.key_exprs()],
             PartitionedOp::TopN(t) => vec![t.key_exprs()],
@@ -153,10 +154,11 @@ impl PartitionedOp {
             PartitionedOp::Aggregate(a) => {
                 let [input] = <[_; 1]>::try_from(inputs)
                     .map_err(|_| Error::internal("an aggregate takes one input"))?;
-                let node = StreamingAggregateExec::try_new(
+                let node = StreamingAggregateExec::try_new_with_sessions(
                     a.operator_id().to_string(),
                     a.top_over(input)?,
                     a.ttl(),
+                    Some(a.merges_sessions()),
                 )?
                 .with_emit(a.emit_mode())?;
                 return Ok(PartitionedOp::Aggregate(node));

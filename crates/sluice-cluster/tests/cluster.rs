@@ -222,7 +222,7 @@ async fn aggregates_run_on_the_cluster_with_their_state_in_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn joins_deduplication_top_n_and_chains_run_on_the_cluster_as_in_one_process() {
+async fn joins_deduplication_top_n_sessions_and_chains_run_on_the_cluster_as_in_one_process() {
     let dir = tempfile::tempdir().unwrap();
     write_inputs(dir.path());
     let scheduler = cluster(2, &dir.path().join("work")).await;
@@ -284,6 +284,15 @@ async fn joins_deduplication_top_n_and_chains_run_on_the_cluster_as_in_one_proce
                    GROUP BY window_start, window_end, user_id)) WHERE rn <= 2",
             "append",
         ),
+        // Session windows, partitioned by their other keys: a user's
+        // sessions meet in one partition.
+        (
+            "sessions",
+            "SELECT user_id, window_start, window_end, count(*) AS n \
+             FROM SESSION(clicks, ts, INTERVAL '30' SECOND) \
+             GROUP BY user_id, window_start, window_end",
+            "append",
+        ),
     ] {
         let (local, batches) = run_mode(dir.path(), query, None, &format!("{name}-local"), mode)
             .await
@@ -304,6 +313,7 @@ async fn joins_deduplication_top_n_and_chains_run_on_the_cluster_as_in_one_proce
         let op = match name {
             "distinct" | "distinct-time" => "dedup",
             "first" | "busiest" => "topn",
+            "sessions" => "aggregate",
             _ => "join",
         };
         let state = dir
@@ -316,25 +326,4 @@ async fn joins_deduplication_top_n_and_chains_run_on_the_cluster_as_in_one_proce
             );
         }
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_operator_not_built_for_clusters_is_refused_when_the_query_starts() {
-    let dir = tempfile::tempdir().unwrap();
-    write_inputs(dir.path());
-    // No cluster is needed: the query is refused when it starts.
-    let runner: Arc<dyn PlanRunner> = Arc::new(ClusterRunner::new("127.0.0.1:9"));
-    let query = "SELECT user_id, window_start, count(*) AS n \
-                 FROM SESSION(clicks, ts, INTERVAL '30' SECOND) \
-                 GROUP BY user_id, window_start, window_end";
-    let err = run(dir.path(), query, Some(runner), "session")
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("session windows do not run on a cluster yet"),
-        "{err}"
-    );
-    assert!(err.contains("'aggregate'"), "{err}");
-    assert!(err.contains("ballista at http://127.0.0.1:9"), "{err}");
 }

@@ -286,6 +286,19 @@ impl StreamingAggregateExec {
         top: Arc<dyn ExecutionPlan>,
         ttl: Option<std::time::Duration>,
     ) -> Result<Self> {
+        Self::try_new_with_sessions(id, top, ttl, None)
+    }
+
+    /// [`Self::try_new`], told whether it merges session windows rather
+    /// than finding out from its input (which computes each row's session
+    /// window): a cluster's task makes the node again over a slice of a
+    /// shuffle, with that computation in another stage. `None` finds out.
+    pub fn try_new_with_sessions(
+        id: String,
+        top: Arc<dyn ExecutionPlan>,
+        ttl: Option<std::time::Duration>,
+        merges_sessions: Option<bool>,
+    ) -> Result<Self> {
         let src = top_aggregate(&top).ok_or_else(|| {
             Error::internal(format!("not the top of an aggregate: {}", top.name()))
         })?;
@@ -305,7 +318,7 @@ impl StreamingAggregateExec {
         // Aggregates over static tables may stand below (e.g. a joined
         // subquery): they are re-run with the rest of the input each batch.
         let input = Arc::clone(src_agg.input());
-        let session = computes_session_end(&input);
+        let session = merges_sessions.unwrap_or_else(|| computes_session_end(&input));
         let input_schema = src_agg.input_schema();
         let group_by = src_agg.group_expr().clone();
         let aggr = src_agg.aggr_expr().to_vec();
@@ -530,6 +543,20 @@ impl StreamingAggregateExec {
             .expr()
             .iter()
             .map(|(e, _)| Arc::clone(e))
+            .collect()
+    }
+
+    /// The grouping expressions rows must agree on to ever meet in one
+    /// group: [`Self::key_exprs`], but without a session window's bounds
+    /// (a row's own window, which merges with the other sessions of its
+    /// key). Hashing them splits the input between state partitions.
+    pub fn partition_exprs(&self) -> Vec<Arc<dyn PhysicalExpr>> {
+        let session = self.core.session;
+        self.key_exprs()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| session.is_none_or(|(ws, we)| *i != ws && *i != we))
+            .map(|(_, e)| e)
             .collect()
     }
 
