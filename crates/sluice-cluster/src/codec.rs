@@ -36,6 +36,7 @@ use sluice_exec::operators::{
     BatchContext, DedupExec, StreamJoinExec, StreamingAggregateExec, TopNExec,
 };
 
+use crate::source_read::{ReadMode, SourceReadExec};
 use crate::stateful::{PartitionedExec, PartitionedOp, StateJob, recompute};
 
 const MAGIC: &[u8] = b"SLUICE/1";
@@ -45,6 +46,19 @@ const DEDUP: u8 = 3;
 /// A changelog plan's root ([`ChangelogExec`]): nothing but its input.
 const CHANGELOG: u8 = 4;
 const TOPN: u8 = 5;
+/// A read of a source's range ([`SourceReadExec`]): a JSON header, over
+/// the scan of its parts.
+const SOURCE: u8 = 6;
+
+/// What a [`SourceReadExec`] is besides its parts.
+#[derive(Debug, Serialize, Deserialize)]
+struct SourceHeader {
+    source: String,
+    config: serde_json::Value,
+    schema_ipc: Vec<u8>,
+    watermark: Option<String>,
+    stats: bool,
+}
 
 /// Ballista's codec, and Sluice's nodes.
 #[derive(Debug, Default)]
@@ -99,7 +113,7 @@ fn schema_bytes(schema: &SchemaRef) -> Result<Vec<u8>> {
 fn schema_from_bytes(bytes: &[u8]) -> Result<SchemaRef> {
     StreamReader::try_new(bytes, None)
         .map(|r| r.schema())
-        .map_err(|e| bad(format!("a top-N's schema: {e}")))
+        .map_err(|e| bad(format!("a schema: {e}")))
 }
 
 /// An empty input with `plan`'s schema: what a shell is made over.
@@ -337,6 +351,25 @@ impl PhysicalExtensionCodec for SluiceCodec {
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         match buf.strip_prefix(MAGIC) {
+            Some([SOURCE, body @ ..]) => {
+                let [parts] = inputs else {
+                    return Err(bad(format!("a source read with {} inputs", inputs.len())));
+                };
+                let h: SourceHeader = serde_json::from_slice(body)
+                    .map_err(|e| bad(format!("a source read's header: {e}")))?;
+                Ok(Arc::new(SourceReadExec::new(
+                    h.source,
+                    h.config,
+                    schema_from_bytes(&h.schema_ipc)?,
+                    h.watermark,
+                    if h.stats {
+                        ReadMode::Stats
+                    } else {
+                        ReadMode::Rows
+                    },
+                    Arc::clone(parts),
+                )))
+            }
             Some([CHANGELOG]) => match inputs {
                 [input] => Ok(Arc::new(ChangelogExec::new(Arc::clone(input)))),
                 _ => Err(bad(format!(
@@ -359,6 +392,21 @@ impl PhysicalExtensionCodec for SluiceCodec {
         let any: &dyn std::any::Any = node.as_ref();
         if let Some(node) = any.downcast_ref::<PartitionedExec>() {
             return self.encode_node(node, buf);
+        }
+        if let Some(read) = any.downcast_ref::<SourceReadExec>() {
+            let header = SourceHeader {
+                source: read.source().to_string(),
+                config: read.config().clone(),
+                schema_ipc: schema_bytes(read.source_schema())?,
+                watermark: read.watermark().map(str::to_string),
+                stats: read.mode() == ReadMode::Stats,
+            };
+            buf.extend_from_slice(MAGIC);
+            buf.push(SOURCE);
+            buf.extend_from_slice(
+                &serde_json::to_vec(&header).map_err(|e| DataFusionError::External(e.into()))?,
+            );
+            return Ok(());
         }
         if any.is::<ChangelogExec>() {
             buf.extend_from_slice(MAGIC);

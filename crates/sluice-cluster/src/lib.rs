@@ -35,6 +35,7 @@ mod runner;
 mod server;
 pub mod session;
 mod slice;
+pub mod source_read;
 pub mod stateful;
 
 pub use runner::{ClusterRunner, DEFAULT_JOB_TIMEOUT, DEFAULT_STATE_PARTITIONS};

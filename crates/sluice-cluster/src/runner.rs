@@ -21,7 +21,9 @@ use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use sluice_common::durable::{Durability, read_json, write_json};
 use sluice_common::{Error, Result};
-use sluice_exec::{BatchJob, OperatorRun, PlanRunner, RunOutput};
+use sluice_exec::{BatchJob, OperatorRun, PlanRunner, RemoteRange, RunOutput, SourceStats};
+
+use crate::source_read::{ReadMode, SourceReadExec, read_stats};
 use sluice_planner::is_stream_scan;
 
 use crate::session::{physical_codec, session_config};
@@ -57,6 +59,9 @@ pub struct ClusterRunner {
     session_id: String,
     partitions: usize,
     job_timeout: std::time::Duration,
+    driver_reads: bool,
+    /// Source ranges the executors were given to read so far.
+    ranges_read: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How long a batch's job may take before the runner gives up on it.
@@ -75,6 +80,8 @@ impl ClusterRunner {
             session_id: format!("sluice-{}", uuid::Uuid::new_v4()),
             partitions: DEFAULT_STATE_PARTITIONS,
             job_timeout: DEFAULT_JOB_TIMEOUT,
+            driver_reads: false,
+            ranges_read: Arc::default(),
         }
     }
 
@@ -94,6 +101,22 @@ impl ClusterRunner {
     pub fn with_state_partitions(mut self, n: usize) -> Self {
         self.partitions = n.max(1);
         self
+    }
+
+    /// Has the driver read every source and ship the rows in the plan, as
+    /// for a source that cannot describe its ranges to the executors (a
+    /// memory or Kafka source), instead of having the executors read the
+    /// files of a file source.
+    pub fn with_sources_read_by_driver(mut self) -> Self {
+        self.driver_reads = true;
+        self
+    }
+
+    /// How many source ranges (one source's part of one batch) the
+    /// executors were given to read so far: 0 when the driver read
+    /// everything.
+    pub fn ranges_read(&self) -> u64 {
+        self.ranges_read.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The scheduler's URL.
@@ -260,7 +283,90 @@ fn encode(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
         .map_err(|e| Error::not_supported(format!("the plan cannot be sent to a cluster: {e}")))
 }
 
+impl ClusterRunner {
+    /// Runs `plan` as one job and returns its rows; `what` names the job
+    /// when it does not finish in time.
+    async fn submit(&self, plan: Arc<dyn ExecutionPlan>, what: String) -> Result<Vec<RecordBatch>> {
+        let config = session_config();
+        let codec = physical_codec();
+        let run = async {
+            let stream = execute_physical_plan::<PhysicalPlanNode>(
+                self.url.clone(),
+                &config.ballista_config(),
+                plan,
+                codec.as_ref(),
+                self.session_id.clone(),
+                config.clone(),
+            )
+            .await
+            .map_err(Error::from)?;
+            stream.try_collect().await.map_err(Error::from)
+        };
+        match tokio::time::timeout(self.job_timeout, run).await {
+            Ok(rows) => rows,
+            Err(_) => Err(Error::io(
+                format!("waiting for {what}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no result within {:?}", self.job_timeout),
+                ),
+            )),
+        }
+    }
+}
+
 impl PlanRunner for ClusterRunner {
+    fn reads_sources(&self) -> bool {
+        !self.driver_reads
+    }
+
+    fn count_reads<'a>(
+        &'a self,
+        ranges: &'a [RemoteRange],
+        _ctx: Arc<TaskContext>,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, SourceStats>>> {
+        Box::pin(async move {
+            // Nothing to read (every range empty): no job.
+            if ranges.iter().all(|r| r.read.parts.is_empty()) {
+                return Ok(BTreeMap::new());
+            }
+            let mut counts: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(ranges.len());
+            for r in ranges {
+                counts.push(Arc::new(SourceReadExec::of_range(
+                    &r.name,
+                    &r.read,
+                    Arc::clone(&r.schema),
+                    r.watermark.clone(),
+                    ReadMode::Stats,
+                )?));
+            }
+            let plan: Arc<dyn ExecutionPlan> = match counts.len() {
+                1 => counts.pop().expect("one"),
+                _ => datafusion::physical_plan::union::UnionExec::try_new(counts)?,
+            };
+            let names: Vec<&str> = ranges.iter().map(|r| r.name.as_str()).collect();
+            let rows = self
+                .submit(
+                    plan,
+                    format!("the job reading sources {}", names.join(", ")),
+                )
+                .await?;
+            self.ranges_read
+                .fetch_add(ranges.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            read_stats(&rows)
+        })
+    }
+
+    fn read_node(&self, range: &RemoteRange) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(SourceReadExec::of_range(
+            &range.name,
+            &range.read,
+            Arc::clone(&range.schema),
+            range.watermark.clone(),
+            ReadMode::Rows,
+        )?))
+    }
+
     fn describe(&self) -> String {
         format!("ballista at {}", self.url)
     }
@@ -310,33 +416,9 @@ impl PlanRunner for ClusterRunner {
             let described = described(&plan)?;
             let plan = detach(plan, ctx).await?;
             let plan = distribute(plan, job, &partitions)?;
-            let config = session_config();
-            let codec = physical_codec();
-            let run = async {
-                let stream = execute_physical_plan::<PhysicalPlanNode>(
-                    self.url.clone(),
-                    &config.ballista_config(),
-                    plan,
-                    codec.as_ref(),
-                    self.session_id.clone(),
-                    config.clone(),
-                )
-                .await
-                .map_err(Error::from)?;
-                stream.try_collect().await.map_err(Error::from)
-            };
-            let rows = match tokio::time::timeout(self.job_timeout, run).await {
-                Ok(rows) => rows?,
-                Err(_) => {
-                    return Err(Error::io(
-                        format!("waiting for batch {job_batch}'s job"),
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no result within {:?}", self.job_timeout),
-                        ),
-                    ));
-                }
-            };
+            let rows = self
+                .submit(plan, format!("batch {job_batch}'s job"))
+                .await?;
             // Every partition's task has written its report by now.
             let operators = tokio::task::spawn_blocking(move || {
                 read_reports(&root, job_batch, described, &partitions)

@@ -222,6 +222,61 @@ async fn aggregates_run_on_the_cluster_with_their_state_in_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_sources_are_read_by_the_executors_with_the_same_watermarks() {
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    let scheduler = cluster(2, &dir.path().join("work")).await;
+    let addr = scheduler.addr().to_string();
+    // A windowed aggregate and a join: what they emit depends on the
+    // watermark, which the driver computes from what the executors count.
+    for (name, query) in [
+        (
+            "windowed",
+            "SELECT window_start, window_end, user_id, count(*) AS n, sum(ms_on_page) AS total \
+             FROM TUMBLE(clicks, ts, INTERVAL '1' MINUTE) \
+             GROUP BY window_start, window_end, user_id",
+        ),
+        (
+            "joined",
+            "SELECT s.user_id, s.ad, s.ts AS shown, c.url \
+             FROM shown s LEFT JOIN clicks c ON c.user_id = s.user_id \
+             AND c.ts BETWEEN s.ts AND s.ts + INTERVAL '30' SECOND",
+        ),
+    ] {
+        let executors = Arc::new(ClusterRunner::new(&addr));
+        let driver = Arc::new(ClusterRunner::new(&addr).with_sources_read_by_driver());
+        let (local, _) = run(dir.path(), query, None, &format!("{name}-local"))
+            .await
+            .unwrap();
+        let (read_there, batches) = run(
+            dir.path(),
+            query,
+            Some(Arc::clone(&executors) as Arc<dyn PlanRunner>),
+            &format!("{name}-executors"),
+        )
+        .await
+        .unwrap();
+        let (read_here, _) = run(
+            dir.path(),
+            query,
+            Some(Arc::clone(&driver) as Arc<dyn PlanRunner>),
+            &format!("{name}-driver"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(batches, 20, "{name}");
+        assert!(local.lines().count() > 20, "{name}: {local}");
+        assert_eq!(local, read_there, "{name}");
+        assert_eq!(local, read_here, "{name}");
+        // Every batch's files were read by the executors (one range per
+        // source a batch), or none.
+        let sources = if name == "joined" { 2 } else { 1 };
+        assert_eq!(executors.ranges_read(), 20 * sources, "{name}");
+        assert_eq!(driver.ranges_read(), 0, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joins_deduplication_top_n_sessions_and_chains_run_on_the_cluster_as_in_one_process() {
     let dir = tempfile::tempdir().unwrap();
     write_inputs(dir.path());

@@ -64,6 +64,13 @@ pub trait SourceReader: Send + Sync + Debug {
     fn backlog_unit(&self) -> &'static str {
         "rows"
     }
+    /// The range `[start, end)` as other processes read it (a cluster's
+    /// executors): what to read with and the range's parts, or `None`
+    /// when this source's rows can only be read here. Reading every part
+    /// in order must give exactly what [`SourceReader::read`] gives.
+    fn remote_read(&self, _start: &Value, _end: &Value) -> Result<Option<RemoteRead>> {
+        Ok(None)
+    }
     /// An offset after `start` and at most `end`, chosen by `draw` (any
     /// number): the end of a smaller batch, for tests that split the input
     /// into random micro-batches (`SET split_seed`). Offsets that count rows
@@ -75,6 +82,18 @@ pub trait SourceReader: Send + Sync + Debug {
             _ => end.clone(),
         }
     }
+}
+
+/// A range of a source as another process reads it: `config` says what
+/// to read with (the connector, where the data is, its format), each of
+/// `parts` is a piece of the range read on its own
+/// (`sluice_connectors::read_part`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteRead {
+    /// The connector and its settings.
+    pub config: Value,
+    /// The range's pieces, in order.
+    pub parts: Vec<Value>,
 }
 
 /// The rows of one range, and what could not be decoded.

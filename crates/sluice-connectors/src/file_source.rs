@@ -25,7 +25,7 @@ use sluice_common::{Error, Options, Result};
 
 use crate::decode::{self, Format};
 use sluice_common::connector::{
-    DeadLetter, OnError, ReadBatch, Source, SourceContext, SourceReader,
+    DeadLetter, OnError, ReadBatch, RemoteRead, Source, SourceContext, SourceReader,
 };
 
 use crate::source::offset_u64;
@@ -391,84 +391,207 @@ impl SourceReader for FileReader {
             ));
         }
         let (root, prefix) = self.root()?;
-        let mut out = ReadBatch::default();
-        // The files are fetched concurrently (each get waits on a blocking
-        // read, on a local disk as on an object store) and kept in log order.
-        let targets: Vec<(PathBuf, StorePath)> = self.log.files[s..e]
-            .iter()
-            .map(|rel| {
-                let location =
-                    StorePath::from_iter(prefix.parts().chain(rel.split('/').map(Into::into)));
-                (root.join(rel), location)
-            })
-            .collect();
-        let store = Arc::clone(&self.store);
-        let fetches = targets.into_iter().map(move |(shown, location)| {
-            let store = Arc::clone(&store);
-            async move {
-                let got = match store.get(&location).await {
-                    // A file is available from its last modification.
-                    Ok(r) => {
-                        let modified = r.meta.last_modified.timestamp_millis();
-                        r.bytes().await.map(|b| (b, modified))
-                    }
-                    Err(e) => Err(e),
-                };
-                (shown, got)
-            }
-        });
-        let mut oldest: Option<i64> = None;
-        let mut fetched = Vec::with_capacity(e - s);
-        let mut gets = futures::stream::iter(fetches).buffered(FETCH_CONCURRENCY);
-        while let Some((shown, got)) = gets.next().await {
-            let (bytes, modified) = got.map_err(|err| match err {
-                object_store::Error::NotFound { .. } => Error::data(format!(
-                    "source '{}': file {} was taken by this query but is gone",
-                    self.source.name,
-                    shown.display()
-                )),
-                other => Error::io(
-                    format!("reading {}", shown.display()),
-                    std::io::Error::other(other),
-                ),
-            })?;
-            oldest = Some(oldest.map_or(modified, |o| o.min(modified)));
-            fetched.push((shown, bytes));
-        }
-        // Decoding (Parquet above all) is the costly part: the files of a
-        // batch are decoded in parallel, then taken in log order.
-        let decoded = decode_all(&self.source.format, &self.source.schema, fetched)?;
-        out.available_ms = oldest;
-        for (shown, decoded) in decoded {
-            out.batches.extend(decoded.batches);
-            for bad in decoded.bad {
-                let location = match bad.line {
-                    Some(l) => format!("{}:{l}", shown.display()),
-                    None => shown.display().to_string(),
-                };
-                match &self.source.on_error {
-                    OnError::Fail => {
-                        let at = match bad.line {
-                            Some(l) => format!("file {}, line {l}", shown.display()),
-                            None => format!("file {}", shown.display()),
-                        };
-                        return Err(Error::data(format!(
-                            "source '{}': {at}: {}",
-                            self.source.name, bad.error
-                        )));
-                    }
-                    OnError::Drop => out.dropped += 1,
-                    OnError::DeadLetter(_) => out.dead_letters.push(DeadLetter {
-                        source: self.source.name.clone(),
-                        location,
-                        error: bad.error,
-                        raw: bad.raw,
-                    }),
-                }
-            }
-        }
-        Ok(out)
+        read_files(
+            &self.source,
+            &self.store,
+            &root,
+            &prefix,
+            &self.log.files[s..e],
+        )
+        .await
     }
+
+    fn remote_read(&self, start: &Value, end: &Value) -> Result<Option<RemoteRead>> {
+        let (s, e) = (
+            offset_u64(&self.source.name, start)? as usize,
+            offset_u64(&self.source.name, end)? as usize,
+        );
+        let files = self.log.files.get(s..e).ok_or_else(|| {
+            Error::checkpoint(
+                &self.log.dir,
+                format!(
+                    "batch needs files [{s}, {e}) but the file log lists {}",
+                    self.log.files.len()
+                ),
+            )
+        })?;
+        // The directory as every process finds it: an absolute path (a
+        // shared directory) or the bucket's URL.
+        let (root, _) = self.root()?;
+        let src = &self.source;
+        let (format, header, delimiter) = match &src.format {
+            Format::Json => ("json", true, b','),
+            Format::Parquet => ("parquet", true, b','),
+            Format::Csv { header, delimiter } => ("csv", *header, *delimiter),
+        };
+        let (on_error, dead_letter) = match &src.on_error {
+            OnError::Fail => ("fail", None),
+            OnError::Drop => ("drop", None),
+            OnError::DeadLetter(t) => ("dead_letter", Some(t.clone())),
+        };
+        let config = serde_json::json!({
+            "connector": "file",
+            "name": src.name,
+            "root": root.to_string_lossy(),
+            "format": format,
+            "header": header,
+            "delimiter": delimiter,
+            "on_error": on_error,
+            "dead_letter": dead_letter,
+        });
+        // Runs of consecutive files, at most REMOTE_PARTS of them.
+        let per = files.len().div_ceil(REMOTE_PARTS).max(1);
+        let parts = files
+            .chunks(per)
+            .map(|run| Value::from(run.to_vec()))
+            .collect();
+        Ok(Some(RemoteRead { config, parts }))
+    }
+}
+
+/// At most how many parts a batch's files are read in elsewhere.
+const REMOTE_PARTS: usize = 16;
+
+/// Reads part `part` (a run of file names under the source's directory) of
+/// a range described by `config` ([`SourceReader::remote_read`]), as the
+/// source's reader would.
+pub async fn read_part(config: &Value, schema: SchemaRef, part: &Value) -> Result<ReadBatch> {
+    let field = |k: &str| {
+        config.get(k).ok_or_else(|| {
+            Error::internal(format!(
+                "a file source's remote read without '{k}': {config}"
+            ))
+        })
+    };
+    let text = |k: &str| -> Result<String> {
+        field(k)?
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| Error::internal(format!("'{k}' is not text in {config}")))
+    };
+    let name = text("name")?;
+    let root = text("root")?;
+    let format = match text("format")?.as_str() {
+        "json" => Format::Json,
+        "parquet" => Format::Parquet,
+        "csv" => Format::Csv {
+            header: field("header")?.as_bool().unwrap_or(true),
+            delimiter: field("delimiter")?
+                .as_u64()
+                .and_then(|d| u8::try_from(d).ok())
+                .unwrap_or(b','),
+        },
+        other => return Err(Error::internal(format!("unknown file format '{other}'"))),
+    };
+    let on_error = match text("on_error")?.as_str() {
+        "fail" => OnError::Fail,
+        "drop" => OnError::Drop,
+        _ => OnError::DeadLetter(text("dead_letter")?),
+    };
+    let files: Vec<String> = serde_json::from_value(part.clone())
+        .map_err(|e| Error::internal(format!("a file source's part {part}: {e}")))?;
+    let mut source = FileSource::new(root.clone(), format)
+        .schema(schema)
+        .name(name);
+    source.on_error = on_error;
+    let (shown, store, prefix): (PathBuf, Arc<dyn ObjectStore>, StorePath) =
+        match Location::parse(Path::new(&root))? {
+            Location::Store { url, store, prefix } => (PathBuf::from(url), store, prefix),
+            Location::Local(p) => {
+                let prefix = StorePath::from_filesystem_path(&p)
+                    .map_err(|e| Error::plan(format!("file source '{}': {e}", source.name)))?;
+                (p, Arc::new(LocalFileSystem::new()), prefix)
+            }
+        };
+    read_files(&source, &store, &shown, &prefix, &files).await
+}
+
+/// Fetches and decodes `files` (names under `prefix` of `store`, shown in
+/// messages under `root`), in order, as `source` says.
+async fn read_files(
+    source: &FileSource,
+    store: &Arc<dyn ObjectStore>,
+    root: &Path,
+    prefix: &StorePath,
+    files: &[String],
+) -> Result<ReadBatch> {
+    let mut out = ReadBatch::default();
+    // The files are fetched concurrently (each get waits on a blocking
+    // read, on a local disk as on an object store) and kept in log order.
+    let targets: Vec<(PathBuf, StorePath)> = files
+        .iter()
+        .map(|rel| {
+            let location =
+                StorePath::from_iter(prefix.parts().chain(rel.split('/').map(Into::into)));
+            (root.join(rel), location)
+        })
+        .collect();
+    let store = Arc::clone(store);
+    let fetches = targets.into_iter().map(move |(shown, location)| {
+        let store = Arc::clone(&store);
+        async move {
+            let got = match store.get(&location).await {
+                // A file is available from its last modification.
+                Ok(r) => {
+                    let modified = r.meta.last_modified.timestamp_millis();
+                    r.bytes().await.map(|b| (b, modified))
+                }
+                Err(e) => Err(e),
+            };
+            (shown, got)
+        }
+    });
+    let mut oldest: Option<i64> = None;
+    let mut fetched = Vec::with_capacity(files.len());
+    let mut gets = futures::stream::iter(fetches).buffered(FETCH_CONCURRENCY);
+    while let Some((shown, got)) = gets.next().await {
+        let (bytes, modified) = got.map_err(|err| match err {
+            object_store::Error::NotFound { .. } => Error::data(format!(
+                "source '{}': file {} was taken by this query but is gone",
+                source.name,
+                shown.display()
+            )),
+            other => Error::io(
+                format!("reading {}", shown.display()),
+                std::io::Error::other(other),
+            ),
+        })?;
+        oldest = Some(oldest.map_or(modified, |o| o.min(modified)));
+        fetched.push((shown, bytes));
+    }
+    // Decoding (Parquet above all) is the costly part: the files of a
+    // batch are decoded in parallel, then taken in log order.
+    let decoded = decode_all(&source.format, &source.schema, fetched)?;
+    out.available_ms = oldest;
+    for (shown, decoded) in decoded {
+        out.batches.extend(decoded.batches);
+        for bad in decoded.bad {
+            let location = match bad.line {
+                Some(l) => format!("{}:{l}", shown.display()),
+                None => shown.display().to_string(),
+            };
+            match &source.on_error {
+                OnError::Fail => {
+                    let at = match bad.line {
+                        Some(l) => format!("file {}, line {l}", shown.display()),
+                        None => format!("file {}", shown.display()),
+                    };
+                    return Err(Error::data(format!(
+                        "source '{}': {at}: {}",
+                        source.name, bad.error
+                    )));
+                }
+                OnError::Drop => out.dropped += 1,
+                OnError::DeadLetter(_) => out.dead_letters.push(DeadLetter {
+                    source: source.name.clone(),
+                    location,
+                    error: bad.error,
+                    raw: bad.raw,
+                }),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// How many files of a batch are fetched at once.

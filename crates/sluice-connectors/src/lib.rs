@@ -45,8 +45,8 @@ pub use nexmark::{NexmarkSource, NexmarkTable};
 pub use rate::RateSource;
 pub use sink::{ConsoleSink, ForeachBatchSink, sink_from_options};
 pub use sluice_common::connector::{
-    DeadLetter, OnError, ReadBatch, Sink, Source, SourceContext, SourceReader,
+    DeadLetter, OnError, ReadBatch, RemoteRead, Sink, Source, SourceContext, SourceReader,
 };
-pub use source::source_from_options;
+pub use source::{read_part, source_from_options};
 
 pub use datafusion;

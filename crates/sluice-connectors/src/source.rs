@@ -57,6 +57,22 @@ pub fn source_from_options(
     }
 }
 
+/// Reads one part of a range another process described
+/// ([`sluice_common::connector::SourceReader::remote_read`]): what a
+/// cluster's executor does with the parts the driver sends.
+pub async fn read_part(
+    config: &Value,
+    schema: SchemaRef,
+    part: &Value,
+) -> Result<sluice_common::connector::ReadBatch> {
+    match config.get("connector").and_then(Value::as_str) {
+        Some("file") => crate::file_source::read_part(config, schema, part).await,
+        _ => Err(Error::not_supported(format!(
+            "reading a source elsewhere than in the driver: {config}"
+        ))),
+    }
+}
+
 /// Reads a `u64` offset, naming the source when it is not one.
 pub(crate) fn offset_u64(source: &str, v: &Value) -> Result<u64> {
     v.as_u64().ok_or_else(|| {

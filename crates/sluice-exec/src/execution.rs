@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::runner::{RemoteRange, SourceStats};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::{cast, max};
 use datafusion::arrow::datatypes::{
@@ -35,7 +36,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use serde_json::Value;
-use sluice_common::connector::{DeadLetter, Sink, SourceContext, SourceReader};
+use sluice_common::connector::{DeadLetter, ReadBatch, Sink, SourceContext, SourceReader};
 use sluice_common::durable::Durability;
 use sluice_common::{BatchId, Clock, Error, Progress, Result, SourceProgress, StateProgress};
 use sluice_planner::{OutputMode, StreamTable, check_streaming_plan, fingerprint, fork_streams};
@@ -164,6 +165,9 @@ pub struct MicroBatchExecution {
     /// Per stateful operator, how far its input watermark is below the
     /// query's (see `watermark_delays`).
     delays: BTreeMap<String, i64>,
+    /// Whether the runner reads the sources that can be read elsewhere
+    /// (it says so, and no stream scan carries a limit of its own).
+    remote_reads: bool,
     /// The batch and the operators' state, as the plan's stateful nodes
     /// find them in `task_ctx`.
     runtime: Arc<OperatorRuntime>,
@@ -511,6 +515,19 @@ impl MicroBatchExecution {
         // A source that never had data is idle from when the query was first
         // created, so a re-run after any restart decides idleness alike.
         let started_ms = checkpoint.metadata().created_ms;
+        let remote_reads = config.runner.as_ref().is_some_and(|r| r.reads_sources()) && {
+            let mut limited = false;
+            let _ = physical.apply(|p| {
+                let any: &dyn std::any::Any = p.as_ref();
+                if let Some(scan) =
+                    any.downcast_ref::<datafusion::physical_plan::streaming::StreamingTableExec>()
+                {
+                    limited |= scan.limit().is_some();
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            !limited
+        };
         let mut exec = MicroBatchExecution {
             checkpoint,
             inputs,
@@ -518,6 +535,7 @@ impl MicroBatchExecution {
             output_schema,
             plan: physical,
             delays,
+            remote_reads,
             operators,
             task_ctx: runtime.task_ctx(&state.task_ctx()),
             runtime,
@@ -965,7 +983,12 @@ impl MicroBatchExecution {
         let mut last_data = self.last_data_ms.clone();
         let mut dead: Vec<(Arc<dyn Sink>, Vec<DeadLetter>)> = Vec::new();
         let mut available_ms = None;
-        for input in &mut self.inputs {
+        // Each source's range: read here, or (a runner that reads sources,
+        // a source that can be read elsewhere) only described.
+        let runner = self.config.runner.clone().filter(|_| self.remote_reads);
+        let mut reads: Vec<Option<ReadBatch>> = Vec::with_capacity(self.inputs.len());
+        let mut remote: Vec<(usize, RemoteRange)> = Vec::new();
+        for (i, input) in self.inputs.iter_mut().enumerate() {
             let name = input.table.source().name().to_string();
             let range = entry.sources.get(&name).ok_or_else(|| {
                 Error::checkpoint(
@@ -973,13 +996,61 @@ impl MicroBatchExecution {
                     format!("the plan of batch {id} has no range for source '{name}'"),
                 )
             })?;
-            let read = input.reader.read(&range.start, &range.end).await?;
-            let rows: u64 = read.batches.iter().map(|b| b.num_rows() as u64).sum();
+            let described = match &runner {
+                Some(_) => input.reader.remote_read(&range.start, &range.end)?,
+                None => None,
+            };
+            match described {
+                Some(read) => {
+                    remote.push((
+                        i,
+                        RemoteRange {
+                            name,
+                            read,
+                            schema: input.table.source().schema(),
+                            watermark: input.table.watermark().map(|w| w.column.clone()),
+                        },
+                    ));
+                    reads.push(None);
+                }
+                None => reads.push(Some(input.reader.read(&range.start, &range.end).await?)),
+            }
+        }
+        // What the sources read elsewhere hold, counted where they are read.
+        let mut counted = match (&runner, remote.is_empty()) {
+            (Some(r), false) => {
+                let ranges: Vec<RemoteRange> = remote.iter().map(|(_, r)| r.clone()).collect();
+                r.count_reads(&ranges, Arc::clone(&self.task_ctx))
+                    .await
+                    .map_err(|e| e.context(r.describe()))?
+            }
+            _ => BTreeMap::new(),
+        };
+        for (input, read) in self.inputs.iter_mut().zip(reads) {
+            let name = input.table.source().name().to_string();
+            let range = &entry.sources[&name];
+            let (batches, stats) = match read {
+                Some(read) => {
+                    let stats = SourceStats {
+                        rows: read.batches.iter().map(|b| b.num_rows() as u64).sum(),
+                        max_event_ms: match input.table.watermark() {
+                            Some(wm) => max_event_time(&read.batches, &wm.column)?,
+                            None => None,
+                        },
+                        dropped: read.dropped,
+                        dead_letters: read.dead_letters,
+                        available_ms: read.available_ms,
+                    };
+                    (Some(read.batches), stats)
+                }
+                None => (None, counted.remove(&name).unwrap_or_default()),
+            };
+            let rows = stats.rows;
             // For idleness, a watermarked source has data when it brings an
             // event time (rows with a NULL time cannot move its watermark).
             let mut had_data = rows > 0;
-            if let Some(wm) = input.table.watermark() {
-                let seen = max_event_time(&read.batches, &wm.column)?;
+            if input.table.watermark().is_some() {
+                let seen = stats.max_event_ms;
                 had_data = seen.is_some();
                 if let Some(m) = seen {
                     let e = event_max.entry(name.clone()).or_insert(m);
@@ -995,33 +1066,35 @@ impl MicroBatchExecution {
                 start_offset: range.start.clone(),
                 end_offset: range.end.clone(),
                 input_rows: rows,
-                dropped_rows: read.dropped,
-                dead_letter_rows: read.dead_letters.len() as u64,
+                dropped_rows: stats.dropped,
+                dead_letter_rows: stats.dead_letters.len() as u64,
                 backlog: input.backlog,
                 backlog_unit: input
                     .backlog
                     .map(|_| input.reader.backlog_unit().to_string()),
             });
             if rows > 0
-                && let Some(a) = read.available_ms
+                && let Some(a) = stats.available_ms
             {
                 available_ms = Some(available_ms.map_or(a, |m: i64| m.min(a)));
             }
             if let Some(dl) = &input.dead_letter {
-                dead.push((Arc::clone(dl), read.dead_letters));
-            } else if !read.dead_letters.is_empty() {
+                dead.push((Arc::clone(dl), stats.dead_letters));
+            } else if !stats.dead_letters.is_empty() {
                 return Err(Error::internal(format!(
                     "source '{name}' produced dead letters but has no dead-letter sink"
                 )));
             }
-            input.table.set_batch(read.batches);
+            if let Some(batches) = batches {
+                input.table.set_batch(batches);
+            }
         }
         durations.insert("read".to_string(), ms(t.elapsed()));
 
         // Windows close against the watermark at the end of the batch.
         let watermark = self.watermark_after(&event_max, &last_data, entry.timestamp_ms);
         let t = Instant::now();
-        let result = self.run_plan(entry, watermark, input_rows).await;
+        let result = self.run_plan(entry, watermark, input_rows, &remote).await;
         for input in &self.inputs {
             input.table.clear_batch();
         }
@@ -1223,6 +1296,7 @@ impl MicroBatchExecution {
         entry: &OffsetEntry,
         watermark: Option<i64>,
         input_rows: u64,
+        remote: &[(usize, RemoteRange)],
     ) -> Result<(Vec<RecordBatch>, Vec<crate::runner::OperatorRun>)> {
         let id = entry.batch_id;
         for (op, state) in self.runtime.states() {
@@ -1243,6 +1317,11 @@ impl MicroBatchExecution {
         let plan = reset_plan_states(Arc::clone(&self.plan)).map_err(Error::from)?;
         let (rows, ran) = match &self.config.runner {
             Some(runner) => {
+                let plan = if remote.is_empty() {
+                    plan
+                } else {
+                    self.reads_in_place(plan, runner.as_ref(), remote)?
+                };
                 let job = crate::runner::BatchJob {
                     batch,
                     checkpoint: self.config.checkpoint.clone(),
@@ -1270,6 +1349,60 @@ impl MicroBatchExecution {
             return Ok((rows, ran));
         }
         Ok((rows, ran))
+    }
+
+    /// `plan` with the scan of each source in `remote` replaced by the
+    /// runner's node that reads its range where the plan runs, with the
+    /// scan's projection, gathered into one partition as the scan was.
+    fn reads_in_place(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        runner: &dyn crate::runner::PlanRunner,
+        remote: &[(usize, RemoteRange)],
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        use datafusion::common::tree_node::Transformed;
+        use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+        use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
+        use datafusion::physical_plan::streaming::StreamingTableExec;
+        let replaced = plan.transform_up(|p| {
+            let any: &dyn std::any::Any = p.as_ref();
+            let Some(scan) = any.downcast_ref::<StreamingTableExec>() else {
+                return Ok(Transformed::no(p));
+            };
+            let Some((_, range)) = remote
+                .iter()
+                .find(|(i, _)| self.inputs[*i].table.is_scan_of(p.as_ref()))
+            else {
+                return Ok(Transformed::no(p));
+            };
+            let mut node = runner.read_node(range)?;
+            if datafusion::physical_plan::ExecutionPlanProperties::output_partitioning(&node)
+                .partition_count()
+                > 1
+            {
+                node = Arc::new(CoalescePartitionsExec::new(node));
+            }
+            if let Some(columns) = scan.projection() {
+                let schema = node.schema();
+                let exprs = columns
+                    .iter()
+                    .map(|&c| {
+                        let field = schema.field(c);
+                        ProjectionExpr::new(
+                            Arc::new(datafusion::physical_expr::expressions::Column::new(
+                                field.name(),
+                                c,
+                            ))
+                                as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                            field.name().clone(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                node = Arc::new(ProjectionExec::try_new(exprs, node)?);
+            }
+            Ok(Transformed::yes(node))
+        });
+        Ok(replaced.map_err(Error::from)?.data)
     }
 
     /// Arms (or clears) a fault at a step of the commit protocol.
@@ -1408,7 +1541,7 @@ fn inserts(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
 }
 
 /// The largest value of timestamp column `column` over `batches`, in ms.
-fn max_event_time(batches: &[RecordBatch], column: &str) -> Result<Option<i64>> {
+pub fn max_event_time(batches: &[RecordBatch], column: &str) -> Result<Option<i64>> {
     let mut out: Option<i64> = None;
     for b in batches {
         let Some(col) = b.column_by_name(column) else {

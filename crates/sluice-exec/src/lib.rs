@@ -24,5 +24,5 @@ pub use execution::{
 pub use fault::{CRASH_EXIT_CODE, Fault, FaultPoint};
 pub use operators::StateFinalizer;
 pub use query::{QueryInfo, QueryStatus, StreamingQuery};
-pub use runner::{BatchJob, OperatorRun, PlanRunner, RunOutput};
+pub use runner::{BatchJob, OperatorRun, PlanRunner, RemoteRange, RunOutput, SourceStats};
 pub use trigger::Trigger;

@@ -46,6 +46,35 @@ pub struct RunOutput {
     pub operators: Vec<OperatorRun>,
 }
 
+/// A source's range of one batch, to be read where the plan runs
+/// ([`PlanRunner::reads_sources`]).
+#[derive(Debug, Clone)]
+pub struct RemoteRange {
+    /// The source's name.
+    pub name: String,
+    /// The range, as other processes read it.
+    pub read: sluice_common::connector::RemoteRead,
+    /// The source's rows' schema.
+    pub schema: datafusion::arrow::datatypes::SchemaRef,
+    /// Its event-time column, if it has a watermark.
+    pub watermark: Option<String>,
+}
+
+/// What reading a source's range found (see [`PlanRunner::count_reads`]).
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Rows read.
+    pub rows: u64,
+    /// The largest event time, if any row had one.
+    pub max_event_ms: Option<i64>,
+    /// Records dropped (`on_error = 'drop'`).
+    pub dropped: u64,
+    /// Records for the dead letters, in the range's order.
+    pub dead_letters: Vec<sluice_common::connector::DeadLetter>,
+    /// When the oldest record became available.
+    pub available_ms: Option<i64>,
+}
+
 /// What one stateful operator did in a batch run by a [`PlanRunner`].
 #[derive(Debug, Default)]
 pub struct OperatorRun {
@@ -78,6 +107,38 @@ pub trait PlanRunner: std::fmt::Debug + Send + Sync {
     /// operator must be written by then.
     fn keeps_state(&self) -> bool {
         false
+    }
+
+    /// Whether the ranges of the sources that can describe them
+    /// ([`SourceReader::remote_read`](sluice_common::connector::SourceReader::remote_read))
+    /// are read where the plan runs rather than by the driver: the
+    /// executor then asks [`Self::count_reads`] for what it needs before
+    /// the plan, and puts [`Self::read_node`] in place of those sources'
+    /// scans.
+    fn reads_sources(&self) -> bool {
+        false
+    }
+
+    /// Reads `ranges` where plans run and gives, per source name, what
+    /// they hold: their rows' count, largest event time, bad records.
+    fn count_reads<'a>(
+        &'a self,
+        _ranges: &'a [RemoteRange],
+        _ctx: Arc<TaskContext>,
+    ) -> BoxFuture<'a, Result<std::collections::BTreeMap<String, SourceStats>>> {
+        Box::pin(async {
+            Err(sluice_common::Error::internal(
+                "a runner that does not read sources was asked to",
+            ))
+        })
+    }
+
+    /// The plan node that reads `range` where the plan runs, with the
+    /// source's schema.
+    fn read_node(&self, _range: &RemoteRange) -> Result<Arc<dyn ExecutionPlan>> {
+        Err(sluice_common::Error::internal(
+            "a runner that does not read sources was asked to",
+        ))
     }
 
     /// Runs `plan` as `job`'s batch. When it is called the plan's stream
