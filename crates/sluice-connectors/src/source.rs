@@ -67,6 +67,8 @@ pub async fn read_part(
 ) -> Result<sluice_common::connector::ReadBatch> {
     match config.get("connector").and_then(Value::as_str) {
         Some("file") => crate::file_source::read_part(config, schema, part).await,
+        #[cfg(feature = "kafka")]
+        Some("kafka") => crate::kafka::source::read_part(config, schema, part).await,
         _ => Err(Error::not_supported(format!(
             "reading a source elsewhere than in the driver: {config}"
         ))),

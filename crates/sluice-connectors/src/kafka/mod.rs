@@ -21,7 +21,7 @@
 mod broker;
 mod murmur;
 mod sink;
-mod source;
+pub(crate) mod source;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

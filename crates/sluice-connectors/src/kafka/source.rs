@@ -16,7 +16,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use rdkafka::consumer::BaseConsumer;
 use serde_json::Value;
 use sluice_common::connector::{
-    DeadLetter, OnError, ReadBatch, Source, SourceContext, SourceReader,
+    DeadLetter, OnError, ReadBatch, RemoteRead, Source, SourceContext, SourceReader,
 };
 use sluice_common::durable::{self, Durability};
 use sluice_common::{Error, Options, Result};
@@ -59,6 +59,9 @@ pub struct KafkaSource {
     max_rows_per_trigger: Option<u64>,
     fail_on_data_loss: bool,
     on_error: OnError,
+    /// The options it was made from, to make it again elsewhere (a
+    /// cluster's executor reading a range).
+    options: Options,
 }
 
 impl KafkaSource {
@@ -126,6 +129,7 @@ impl KafkaSource {
                 .map(|n| n.max(1) as u64),
             fail_on_data_loss: options.get_bool("fail_on_data_loss")?.unwrap_or(true),
             on_error: OnError::from_options(options)?,
+            options: options.clone(),
         })
     }
 
@@ -498,11 +502,15 @@ impl Inner {
     }
 
     fn read(&self, start: &Value, end: &Value) -> Result<ReadBatch> {
-        let conn = &self.source.conn;
+        let ranges = self.ranges(start, end)?;
+        self.read_ranges(ranges)
+    }
+
+    /// The partitions' offset ranges of `[start, end)`, empty ones left out.
+    fn ranges(&self, start: &Value, end: &Value) -> Result<Vec<Range>> {
         let start_pos = positions(self.name(), start)?;
         let end_pos = positions(self.name(), end)?;
         let mut ranges = Vec::new();
-        let mut lost = 0u64;
         {
             let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
             for (t, ps) in &end_pos {
@@ -530,6 +538,13 @@ impl Inner {
                 }
             }
         }
+        Ok(ranges)
+    }
+
+    /// The records of `ranges`, decoded.
+    fn read_ranges(&self, mut ranges: Vec<Range>) -> Result<ReadBatch> {
+        let conn = &self.source.conn;
+        let mut lost = 0u64;
         // Records deleted by retention since the batch was planned (or,
         // with fail_on_data_loss = false, before).
         let marks = conn.watermarks_all(
@@ -840,6 +855,83 @@ impl SourceReader for KafkaReader {
         let (start, end) = (start.clone(), end.clone());
         blocking(move || inner.read(&start, &end)).await
     }
+
+    /// Each partition's offset range is a part.
+    fn remote_read(&self, start: &Value, end: &Value) -> Result<Option<RemoteRead>> {
+        let source = &self.inner.source;
+        let options: serde_json::Map<String, Value> = source
+            .options
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(v)))
+            .collect();
+        let parts = self
+            .inner
+            .ranges(start, end)?
+            .into_iter()
+            .map(|r| serde_json::json!([r.topic, r.partition, r.from, r.to]))
+            .collect();
+        Ok(Some(RemoteRead {
+            config: serde_json::json!({
+                "connector": "kafka",
+                "name": source.name,
+                "options": options,
+            }),
+            parts,
+        }))
+    }
+}
+
+/// Reads part `part` (one partition's offset range) of a range described
+/// by `config` ([`SourceReader::remote_read`]), as the source's reader
+/// would: with a consumer of its own.
+pub(crate) async fn read_part(
+    config: &Value,
+    schema: SchemaRef,
+    part: &Value,
+) -> Result<ReadBatch> {
+    let name = config
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::internal(format!("a Kafka remote read without a name: {config}")))?
+        .to_string();
+    let pairs: Vec<(String, String)> = config
+        .get("options")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (topic, partition, from, to): (String, i32, i64, i64) =
+        serde_json::from_value(part.clone())
+            .map_err(|e| Error::internal(format!("a Kafka part {part}: {e}")))?;
+    let options = Options::from_pairs(format!("source '{name}'"), pairs);
+    let source = KafkaSource::from_options(&name, Some(schema), &options)?;
+    blocking(move || {
+        let consumer = source
+            .conn
+            .consumer(&format!("source '{}'", source.name), false)?;
+        let inner = Inner {
+            value_schema: source.value_schema(),
+            consumer,
+            log: Mutex::new(PartitionLog {
+                path: PathBuf::new(),
+                durability: Durability::NoSync,
+                starts: Positions::new(),
+                written: false,
+            }),
+            highs: Mutex::default(),
+            source,
+        };
+        inner.read_ranges(vec![Range {
+            topic,
+            partition,
+            from,
+            to,
+        }])
+    })
+    .await
 }
 
 #[cfg(test)]
