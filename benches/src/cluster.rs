@@ -77,6 +77,60 @@ async fn windowed_throughput(
     Ok((size * batches) as f64 / took.as_secs_f64())
 }
 
+/// Rows per second of `batches` Parquet files of `size` rows each (one a
+/// batch) through the same windowed aggregate, after two warm-up files:
+/// read by the driver (one process, or a cluster runner told to), or by
+/// the cluster's executors.
+async fn file_throughput(
+    dir: &Path,
+    name: &str,
+    size: usize,
+    batches: usize,
+    runner: Option<Arc<dyn sluice::PlanRunner>>,
+) -> Result<f64> {
+    let files = dir.join(format!("files-{name}"));
+    crate::throughput::write_parquet(&files, size * (batches + 2), size, 10_000)?;
+    let ctx = StreamContext::new();
+    let src = FileSource::parquet(&files)
+        .schema(schema())
+        .name("s")
+        .max_files_per_trigger(1);
+    let df = ctx
+        .read_stream(src)
+        .await?
+        .with_watermark("ts", Duration::from_secs(5))?
+        .tumble("ts", Duration::from_secs(60))?
+        .aggregate(
+            vec![col("window_start"), col("window_end"), col("k")],
+            vec![
+                sluice::deps::datafusion::functions_aggregate::expr_fn::count(lit(1)).alias("n"),
+                sluice::deps::datafusion::functions_aggregate::expr_fn::sum(col("v")).alias("s"),
+            ],
+        )?;
+    let mut writer = df
+        .write_stream()
+        .output_mode(OutputMode::Append)
+        .trigger(Trigger::Manual)
+        .durability(Durability::Fsync)
+        .checkpoint(dir.join(format!("files-throughput-{name}")));
+    if let Some(r) = runner {
+        writer = writer.runner(r);
+    }
+    let q = writer
+        .start(MemorySink::new("out", MemoryTable::new()))
+        .await?;
+    let mut took = Duration::ZERO;
+    for i in 0..batches + 2 {
+        let t = Instant::now();
+        q.run_batch().await?;
+        if i >= 2 {
+            took += t.elapsed();
+        }
+    }
+    q.stop().await?;
+    Ok((size * batches) as f64 / took.as_secs_f64())
+}
+
 /// A latency row's query, as `overhead_on` runs it.
 fn query_label(stateful: bool) -> &'static str {
     if stateful {
@@ -135,6 +189,30 @@ driver, the scheduler and the executors. State on the cluster is in 4 partitions
         "| loopback cluster | {:.0} | {:.2} |\n",
         remote,
         remote / local
+    ));
+    // From Parquet files: read by the driver, or by the executors.
+    let files_local = file_throughput(dir, "local", 100_000, 10, None).await?;
+    let by_driver: Arc<dyn sluice::PlanRunner> = Arc::new(
+        ClusterRunner::new(&addr)
+            .with_state_partitions(4)
+            .with_sources_read_by_driver(),
+    );
+    let files_driver = file_throughput(dir, "driver", 100_000, 10, Some(by_driver)).await?;
+    let files_executors = file_throughput(dir, "executors", 100_000, 10, Some(runner(4))).await?;
+    md.push_str(&format!(
+        "| from Parquet files (one of 100,000 rows a batch), one process | {:.0} | {:.2} |\n",
+        files_local,
+        files_local / local
+    ));
+    md.push_str(&format!(
+        "| from Parquet files, loopback cluster, files read by the driver | {:.0} | {:.2} |\n",
+        files_driver,
+        files_driver / local
+    ));
+    md.push_str(&format!(
+        "| from Parquet files, loopback cluster, files read by the executors | {:.0} | {:.2} |\n",
+        files_executors,
+        files_executors / local
     ));
     // The same with the checkpoint in a bucket of a local S3 server.
     let s3 = LocalS3::start()?;
