@@ -26,19 +26,17 @@ async fn loopback(work: &Path) -> Result<Scheduler> {
     sluice_cluster::start_local(EXECUTORS, SLOTS, work).await
 }
 
-/// Rows per second of `batches` batches of `size` rows through a windowed
-/// aggregate (one-minute windows, 10,000 keys), after two warm-up batches.
-async fn windowed_throughput(
-    dir: &Path,
-    name: &str,
-    size: usize,
-    batches: usize,
+/// The benchmarks' windowed aggregate (one-minute windows, count and sum
+/// per key) over `src`, started with a manual trigger, fsync and its
+/// checkpoint at `checkpoint`, on `runner` if there is one.
+async fn windowed_query(
+    src: impl sluice::Source + 'static,
+    checkpoint: std::path::PathBuf,
     runner: Option<Arc<dyn sluice::PlanRunner>>,
-) -> Result<f64> {
+) -> Result<sluice::StreamingQuery> {
     let ctx = StreamContext::new();
-    let src = MemorySource::new("s", schema());
     let df = ctx
-        .read_stream(src.clone())
+        .read_stream(src)
         .await?
         .with_watermark("ts", Duration::from_secs(5))?
         .tumble("ts", Duration::from_secs(60))?
@@ -54,13 +52,26 @@ async fn windowed_throughput(
         .output_mode(OutputMode::Append)
         .trigger(Trigger::Manual)
         .durability(Durability::Fsync)
-        .checkpoint(dir.join(format!("throughput-{name}")));
+        .checkpoint(checkpoint);
     if let Some(r) = runner {
         writer = writer.runner(r);
     }
-    let q = writer
+    writer
         .start(MemorySink::new("out", MemoryTable::new()))
-        .await?;
+        .await
+}
+
+/// Rows per second of `batches` batches of `size` rows through a windowed
+/// aggregate (one-minute windows, 10,000 keys), after two warm-up batches.
+async fn windowed_throughput(
+    dir: &Path,
+    name: &str,
+    size: usize,
+    batches: usize,
+    runner: Option<Arc<dyn sluice::PlanRunner>>,
+) -> Result<f64> {
+    let src = MemorySource::new("s", schema());
+    let q = windowed_query(src.clone(), dir.join(format!("throughput-{name}")), runner).await?;
     let one = schema();
     let mut at = 0;
     let mut took = Duration::ZERO;
@@ -90,35 +101,11 @@ async fn file_throughput(
 ) -> Result<f64> {
     let files = dir.join(format!("files-{name}"));
     crate::throughput::write_parquet(&files, size * (batches + 2), size, 10_000)?;
-    let ctx = StreamContext::new();
     let src = FileSource::parquet(&files)
         .schema(schema())
         .name("s")
         .max_files_per_trigger(1);
-    let df = ctx
-        .read_stream(src)
-        .await?
-        .with_watermark("ts", Duration::from_secs(5))?
-        .tumble("ts", Duration::from_secs(60))?
-        .aggregate(
-            vec![col("window_start"), col("window_end"), col("k")],
-            vec![
-                sluice::deps::datafusion::functions_aggregate::expr_fn::count(lit(1)).alias("n"),
-                sluice::deps::datafusion::functions_aggregate::expr_fn::sum(col("v")).alias("s"),
-            ],
-        )?;
-    let mut writer = df
-        .write_stream()
-        .output_mode(OutputMode::Append)
-        .trigger(Trigger::Manual)
-        .durability(Durability::Fsync)
-        .checkpoint(dir.join(format!("files-throughput-{name}")));
-    if let Some(r) = runner {
-        writer = writer.runner(r);
-    }
-    let q = writer
-        .start(MemorySink::new("out", MemoryTable::new()))
-        .await?;
+    let q = windowed_query(src, dir.join(format!("files-throughput-{name}")), runner).await?;
     let mut took = Duration::ZERO;
     for i in 0..batches + 2 {
         let t = Instant::now();
