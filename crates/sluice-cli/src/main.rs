@@ -70,11 +70,11 @@ enum Command {
         http: Option<String>,
         /// Run each micro-batch's plan as a job on the Ballista cluster
         /// whose scheduler is at this address (`sluice cluster scheduler`).
-        /// The state of a grouped aggregate, a join of two streams or a
-        /// deduplication is kept in partitions of the checkpoint, which
-        /// every executor must reach at the same path (or in a bucket,
-        /// with `--checkpoint s3://...`); other stateful operators and
-        /// chains of them do not run on a cluster yet.
+        /// Every stateful operator's state is kept in partitions of the
+        /// checkpoint, which every executor must reach at the same path
+        /// (or in a bucket, with `--checkpoint s3://...`); the executors
+        /// read file and Kafka sources (a local directory must be at the
+        /// same path on each).
         #[arg(long, value_name = "HOST:PORT")]
         cluster: Option<String>,
         /// With --cluster: give up on a batch's job after this many seconds

@@ -24,9 +24,9 @@
 //!   a report beside its partition (its late rows, its state figures; see
 //!   [`report`]) that the driver reads before the batch's commit.
 //!
-//! Not built yet: top-N and session windows on a cluster, and sources read
-//! by the executors. A query that needs one of these is refused when it
-//! starts.
+//! - Every stateful operator runs so (top-N and session windows too), and
+//!   the executors read file and Kafka sources ([`source_read`]); other
+//!   sources are read by the driver and shipped in the plan.
 
 pub mod codec;
 pub mod logging;

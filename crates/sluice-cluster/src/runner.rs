@@ -45,14 +45,14 @@ struct PartitionsRecord {
 /// Runs each batch's plan on a Ballista cluster, as one job submitted to
 /// its scheduler.
 ///
-/// The driver (the query's executor in this process) reads the sources as
-/// in one process and puts each stream scan's rows for the batch into the
-/// plan as an in-memory scan; the cluster runs the rest, shuffling at its
-/// hash repartitions, and the driver collects the job's rows for the sinks.
-/// A grouped aggregate, a join of two streams and a deduplication run as
-/// one task per partition of their state (see [`crate::stateful`]); the
-/// other stateful operators are not run on a cluster yet, and a query with
-/// one is refused when it starts.
+/// The driver (the query's executor in this process) keeps the offsets,
+/// the watermark and the sinks. The executors read the sources that can be
+/// read elsewhere (file and Kafka, see [`crate::source_read`]); the driver
+/// reads the others and puts their rows into the plan as in-memory scans.
+/// The cluster runs the plan, shuffling at its hash repartitions, every
+/// stateful operator as one task per partition of its state (see
+/// [`crate::stateful`]), and the driver collects the job's rows and the
+/// tasks' reports.
 #[derive(Debug, Clone)]
 pub struct ClusterRunner {
     url: String,

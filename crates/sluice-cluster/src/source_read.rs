@@ -323,8 +323,13 @@ pub fn read_stats(rows: &[RecordBatch]) -> Result<BTreeMap<String, SourceStats>>
                 b.num_columns()
             )));
         }
-        let source = b.column(0).as_string::<i32>();
-        let part = b.column(1).as_primitive::<UInt64Type>();
+        let bad =
+            || Error::internal("a source count of another layout (executors of another Sluice?)");
+        let source = b.column(0).as_string_opt::<i32>().ok_or_else(bad)?;
+        let part = b
+            .column(1)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(bad)?;
         for i in 0..b.num_rows() {
             at.push((source.value(i).to_string(), part.value(i), j, i));
         }
@@ -332,11 +337,25 @@ pub fn read_stats(rows: &[RecordBatch]) -> Result<BTreeMap<String, SourceStats>>
     at.sort();
     for (name, _, j, i) in at {
         let b = &rows[j];
-        let n = b.column(2).as_primitive::<UInt64Type>();
-        let max_ms = b.column(3).as_primitive::<Int64Type>();
-        let dropped = b.column(4).as_primitive::<UInt64Type>();
-        let letters = b.column(5).as_string::<i32>();
-        let available = b.column(6).as_primitive::<Int64Type>();
+        let bad =
+            || Error::internal("a source count of another layout (executors of another Sluice?)");
+        let n = b
+            .column(2)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(bad)?;
+        let max_ms = b
+            .column(3)
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(bad)?;
+        let dropped = b
+            .column(4)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(bad)?;
+        let letters = b.column(5).as_string_opt::<i32>().ok_or_else(bad)?;
+        let available = b
+            .column(6)
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(bad)?;
         {
             let s = out.entry(name.clone()).or_default();
             s.rows += n.value(i);
@@ -345,7 +364,9 @@ pub fn read_stats(rows: &[RecordBatch]) -> Result<BTreeMap<String, SourceStats>>
                 s.max_event_ms = Some(s.max_event_ms.map_or(m, |o| o.max(m)));
             }
             s.dropped += dropped.value(i);
-            if available.is_valid(i) && n.value(i) > 0 {
+            // The oldest of the range, as one process takes it (the driver
+            // counts it only for a range with rows).
+            if available.is_valid(i) {
                 let a = available.value(i);
                 s.available_ms = Some(s.available_ms.map_or(a, |o| o.min(a)));
             }

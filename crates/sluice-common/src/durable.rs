@@ -261,7 +261,12 @@ fn write_atomic_parts(path: &Path, parts: &[&[u8]], durability: Durability) -> R
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // Named per call as well as per process: two writers of one file in one
+    // process (two attempts of a cluster task, an abandoned job's and its
+    // retry's) must not write into each other's temporary file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}-{call}.{}.tmp", std::process::id()));
     let result = (|| {
         io_step("creating a temporary file for", path)?;
         let mut f = File::create(&tmp)?;
@@ -303,7 +308,7 @@ fn write_in_halves(f: &mut File, parts: &[&[u8]], path: &Path) -> std::io::Resul
     Ok(())
 }
 
-/// Removes, in `dir` and below, the temporary files (`.<name>.<pid>.tmp`)
+/// Removes, in `dir` and below, the temporary files (`.<name>-<n>.<pid>.tmp`)
 /// that [`write_atomic`] calls of processes no longer running left behind,
 /// as a crash mid-write does; a live process's are kept. Returns how many
 /// went. Only where `/proc` tells which processes run (Linux); elsewhere
@@ -335,7 +340,7 @@ pub fn remove_stale_temp_files(dir: &Path) -> usize {
     removed
 }
 
-/// The writer's process id in a temporary file's name `.<name>.<pid>.tmp`.
+/// The writer's process id in a temporary file's name `.<name>-<n>.<pid>.tmp`.
 fn temp_file_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
     rest.rsplit_once('.')?.1.parse().ok()

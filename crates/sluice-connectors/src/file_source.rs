@@ -457,17 +457,14 @@ const REMOTE_PARTS: usize = 16;
 /// source's reader would.
 pub async fn read_part(config: &Value, schema: SchemaRef, part: &Value) -> Result<ReadBatch> {
     let field = |k: &str| {
-        config.get(k).ok_or_else(|| {
-            Error::internal(format!(
-                "a file source's remote read without '{k}': {config}"
-            ))
-        })
+        config
+            .get(k)
+            .ok_or_else(|| Error::internal(format!("a file source's remote read without '{k}'")))
     };
     let text = |k: &str| -> Result<String> {
-        field(k)?
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| Error::internal(format!("'{k}' is not text in {config}")))
+        field(k)?.as_str().map(str::to_string).ok_or_else(|| {
+            Error::internal(format!("a file source's remote read: '{k}' is not text"))
+        })
     };
     let name = text("name")?;
     let root = text("root")?;

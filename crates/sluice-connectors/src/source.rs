@@ -69,8 +69,9 @@ pub async fn read_part(
         Some("file") => crate::file_source::read_part(config, schema, part).await,
         #[cfg(feature = "kafka")]
         Some("kafka") => crate::kafka::source::read_part(config, schema, part).await,
-        _ => Err(Error::not_supported(format!(
-            "reading a source elsewhere than in the driver: {config}"
+        other => Err(Error::not_supported(format!(
+            "reading a {} source's range on this process (a connector this build of Sluice lacks?)",
+            other.unwrap_or("unnamed")
         ))),
     }
 }

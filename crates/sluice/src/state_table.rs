@@ -129,17 +129,18 @@ pub fn read_aggregate_state(
     {
         return Ok(None);
     }
-    let mut parts: Vec<(usize, PathBuf)> = std::fs::read_dir(&dir)
-        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name();
-            let k = name.to_str()?.strip_prefix('p')?.parse::<usize>().ok()?;
-            let path = e.path();
-            path.join("meta").exists().then_some((k, path))
-        })
+    // Every partition the operator was split into: one missing is an
+    // error, not a smaller state.
+    let mark = dir.join(sluice_exec::execution::CLUSTER_STATE_MARK);
+    let record: serde_json::Value = sluice_common::durable::read_json(&mark)?;
+    let n = record
+        .get("partitions")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::checkpoint(&mark, "no partition count"))?;
+    let parts: Vec<(usize, PathBuf)> = (0..n as usize)
+        .map(|k| (k, dir.join(format!("p{k}"))))
         .collect();
-    parts.sort();
     let mut batches = Vec::with_capacity(parts.len());
     let mut keys = 0;
     for (_, part) in parts {

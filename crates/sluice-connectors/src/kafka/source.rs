@@ -892,7 +892,7 @@ pub(crate) async fn read_part(
     let name = config
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| Error::internal(format!("a Kafka remote read without a name: {config}")))?
+        .ok_or_else(|| Error::internal("a Kafka remote read without a source name"))?
         .to_string();
     let pairs: Vec<(String, String)> = config
         .get("options")
