@@ -171,12 +171,12 @@ driver, the scheduler and the executors. State on the cluster is in 4 partitions
     let local = windowed_throughput(dir, "local", 100_000, 10, None).await?;
     let remote = windowed_throughput(dir, "cluster", 100_000, 10, Some(runner(4))).await?;
     md.push_str("| run | rows/s | against one process |\n|---|---:|---:|\n");
-    md.push_str(&format!("| one process | {:.0} | 1.00 |\n", local));
-    md.push_str(&format!(
-        "| loopback cluster | {:.0} | {:.2} |\n",
-        remote,
-        remote / local
-    ));
+    // A row of the table: rows/s, and against one process from memory.
+    let row = |md: &mut String, run: &str, rps: f64| {
+        md.push_str(&format!("| {run} | {rps:.0} | {:.2} |\n", rps / local));
+    };
+    row(&mut md, "one process", local);
+    row(&mut md, "loopback cluster", remote);
     // From Parquet files: read by the driver, or by the executors.
     let files_local = file_throughput(dir, "local", 100_000, 10, None).await?;
     let by_driver: Arc<dyn sluice::PlanRunner> = Arc::new(
@@ -186,21 +186,21 @@ driver, the scheduler and the executors. State on the cluster is in 4 partitions
     );
     let files_driver = file_throughput(dir, "driver", 100_000, 10, Some(by_driver)).await?;
     let files_executors = file_throughput(dir, "executors", 100_000, 10, Some(runner(4))).await?;
-    md.push_str(&format!(
-        "| from Parquet files (one of 100,000 rows a batch), one process | {:.0} | {:.2} |\n",
+    row(
+        &mut md,
+        "from Parquet files (one of 100,000 rows a batch), one process",
         files_local,
-        files_local / local
-    ));
-    md.push_str(&format!(
-        "| from Parquet files, loopback cluster, files read by the driver | {:.0} | {:.2} |\n",
+    );
+    row(
+        &mut md,
+        "from Parquet files, loopback cluster, files read by the driver",
         files_driver,
-        files_driver / local
-    ));
-    md.push_str(&format!(
-        "| from Parquet files, loopback cluster, files read by the executors | {:.0} | {:.2} |\n",
+    );
+    row(
+        &mut md,
+        "from Parquet files, loopback cluster, files read by the executors",
         files_executors,
-        files_executors / local
-    ));
+    );
     // The same with the checkpoint in a bucket of a local S3 server.
     let s3 = LocalS3::start()?;
     s3.register_bucket("sluice-bench")?;
@@ -208,16 +208,13 @@ driver, the scheduler and the executors. State on the cluster is in 4 partitions
     let in_bucket = windowed_throughput(bucket, "bucket", 100_000, 10, None).await?;
     let cluster_bucket =
         windowed_throughput(bucket, "cluster-bucket", 100_000, 10, Some(runner(4))).await?;
-    md.push_str(&format!(
-        "| one process, checkpoint in a bucket | {:.0} | {:.2} |\n",
-        in_bucket,
-        in_bucket / local
-    ));
-    md.push_str(&format!(
-        "| loopback cluster, checkpoint in a bucket | {:.0} | {:.2} |\n\n",
+    row(&mut md, "one process, checkpoint in a bucket", in_bucket);
+    row(
+        &mut md,
+        "loopback cluster, checkpoint in a bucket",
         cluster_bucket,
-        cluster_bucket / local
-    ));
+    );
+    md.push('\n');
     md.push_str(&format!(
         "### With the checkpoint in a bucket: one-row batches, fsync, {n} batches each\n\n\
 The checkpoint in a bucket of moto's S3 server (5.2.6, a Python process) on 127.0.0.1, \
