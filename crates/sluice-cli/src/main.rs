@@ -242,6 +242,10 @@ async fn run(
     cluster: Option<(String, Duration)>,
 ) -> sluice::Result<()> {
     let sql = read_sql(&file)?;
+    if cluster.is_some() {
+        // The cluster's client and runner log what they recover from.
+        sluice_cluster::logging::init_from_env();
+    }
     let runner: Option<Arc<dyn sluice::PlanRunner>> = cluster.map(|(addr, timeout)| {
         Arc::new(sluice_cluster::ClusterRunner::new(&addr).with_job_timeout(timeout))
             as Arc<dyn sluice::PlanRunner>

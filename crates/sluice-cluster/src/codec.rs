@@ -350,6 +350,10 @@ impl PhysicalExtensionCodec for SluiceCodec {
         ctx: &TaskContext,
         proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        // A task of a stage run again whole marks its job (see
+        // `crate::rollback`); every stage after the first decodes a
+        // shuffle read here.
+        crate::rollback::note(ctx).map_err(|e| DataFusionError::External(Box::new(e)))?;
         match buf.strip_prefix(MAGIC) {
             Some([SOURCE, body @ ..]) => {
                 let [parts] = inputs else {

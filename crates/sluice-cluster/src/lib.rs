@@ -31,6 +31,7 @@
 pub mod codec;
 pub mod logging;
 pub mod report;
+pub mod rollback;
 mod runner;
 mod server;
 pub mod session;

@@ -26,6 +26,7 @@ use sluice_exec::{BatchJob, OperatorRun, PlanRunner, RemoteRange, RunOutput, Sou
 use crate::source_read::{ReadMode, SourceReadExec, read_stats};
 use sluice_planner::is_stream_scan;
 
+use crate::rollback::{Marker, SluiceJobOptions};
 use crate::session::{physical_codec, session_config};
 use crate::stateful::{
     PartitionedExec, PartitionedOp, StateJob, partition_dir, partition_ids, recompute,
@@ -63,6 +64,10 @@ pub struct ClusterRunner {
     /// Source ranges the executors were given to read so far.
     ranges_read: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// How many times a batch's job is run again, in one attempt of the
+/// batch, because it ran a stage again whole.
+pub const MAX_JOB_RERUNS: usize = 3;
 
 /// How long a batch's job may take before the runner gives up on it.
 pub const DEFAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -286,8 +291,16 @@ fn encode(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
 impl ClusterRunner {
     /// Runs `plan` as one job and returns its rows; `what` names the job
     /// when it does not finish in time.
-    async fn submit(&self, plan: Arc<dyn ExecutionPlan>, what: String) -> Result<Vec<RecordBatch>> {
-        let config = session_config();
+    async fn submit(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        what: String,
+        options: Option<SluiceJobOptions>,
+    ) -> Result<Vec<RecordBatch>> {
+        let mut config = session_config();
+        if let Some(options) = options {
+            config.options_mut().extensions.insert(options);
+        }
         let codec = physical_codec();
         let run = async {
             let stream = execute_physical_plan::<PhysicalPlanNode>(
@@ -311,6 +324,50 @@ impl ClusterRunner {
                     format!("no result within {:?}", self.job_timeout),
                 ),
             )),
+        }
+    }
+}
+
+impl ClusterRunner {
+    /// Runs batch `job`'s `plan` as a job and returns its rows; again, as a
+    /// new job, while a job ran a stage again whole (its rows may hold some
+    /// twice: see [`crate::rollback`]), up to [`MAX_JOB_RERUNS`] times.
+    async fn submit_until_clean(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        job: &BatchJob,
+        root: &Path,
+    ) -> Result<Vec<RecordBatch>> {
+        let batch = job.batch.batch_id;
+        let mut reruns = 0;
+        loop {
+            let marker = Marker::new(root, batch);
+            let rows = self
+                .submit(
+                    Arc::clone(&plan),
+                    format!("batch {batch}'s job"),
+                    Some(marker.options(&job.checkpoint)),
+                )
+                .await?;
+            let taken = tokio::task::spawn_blocking(move || marker.take())
+                .await
+                .map_err(|e| Error::internal(format!("reading a job's marker panicked: {e}")))??;
+            let Some(task) = taken else {
+                return Ok(rows);
+            };
+            if reruns == MAX_JOB_RERUNS {
+                return Err(Error::io(
+                    format!("running batch {batch} on the cluster"),
+                    std::io::Error::other(format!(
+                        "{} jobs in a row ran a stage again after losing an executor (last: {task})",
+                        reruns + 1
+                    )),
+                ));
+            }
+            reruns += 1;
+            log::warn!(
+                "batch {batch}'s job ran a stage again ({task}); its rows are dropped and the batch runs again"
+            );
         }
     }
 }
@@ -349,6 +406,8 @@ impl PlanRunner for ClusterRunner {
                 .submit(
                     plan,
                     format!("the job reading sources {}", names.join(", ")),
+                    // One stage, without shuffle reads: never rolled back.
+                    None,
                 )
                 .await?;
             self.ranges_read
@@ -416,9 +475,17 @@ impl PlanRunner for ClusterRunner {
             let described = described(&plan)?;
             let plan = detach(plan, ctx).await?;
             let plan = distribute(plan, job, &partitions)?;
-            let rows = self
-                .submit(plan, format!("batch {job_batch}'s job"))
-                .await?;
+            // The job's last stage is one task. The scheduler keeps every
+            // location a last-stage task ever reported, so a stage of
+            // several whose task ran again (its executor taken for lost
+            // while alive) would hand the driver that task's rows twice;
+            // one task reports once, as the job ends.
+            let plan = if plan.output_partitioning().partition_count() > 1 {
+                Arc::new(CoalescePartitionsExec::new(plan)) as Arc<dyn ExecutionPlan>
+            } else {
+                plan
+            };
+            let rows = self.submit_until_clean(plan, job, &root).await?;
             // Every partition's task has written its report by now.
             let operators = tokio::task::spawn_blocking(move || {
                 read_reports(&root, job_batch, described, &partitions)

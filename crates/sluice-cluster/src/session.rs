@@ -20,6 +20,8 @@ pub fn physical_codec() -> Arc<dyn PhysicalExtensionCodec> {
 pub fn session_config() -> SessionConfig {
     SessionConfig::new_with_ballista()
         .with_ballista_physical_extension_codec(physical_codec())
+        // A batch's job's own keys (`sluice.*`), known to every part.
+        .with_option_extension(crate::rollback::SluiceJobOptions::default())
         // As in one process (StreamContext): a run-time filter derived from
         // one batch's rows must never prune another's.
         .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false)

@@ -335,6 +335,10 @@ pub fn read_stats(rows: &[RecordBatch]) -> Result<BTreeMap<String, SourceStats>>
         }
     }
     at.sort();
+    // One row per part: a part's count listed twice by the scheduler (a
+    // task it ran again after taking a live executor for lost, both
+    // results kept) is the same count, taken once.
+    at.dedup_by(|b, a| (&a.0, a.1) == (&b.0, b.1));
     for (name, _, j, i) in at {
         let b = &rows[j];
         let bad =
@@ -390,4 +394,53 @@ pub fn read_stats(rows: &[RecordBatch]) -> Result<BTreeMap<String, SourceStats>>
 pub fn as_source_read(plan: &dyn ExecutionPlan) -> Option<&SourceReadExec> {
     let any: &dyn Any = plan;
     any.downcast_ref::<SourceReadExec>()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray, UInt64Array};
+
+    use super::{read_stats, stats_schema};
+
+    /// Counting rows: (source, part, rows, largest event time, a dead
+    /// letter's raw text).
+    fn counts(rows: &[(&str, u64, u64, i64, &str)]) -> RecordBatch {
+        let letters: Vec<String> = rows
+            .iter()
+            .map(|r| match r.4 {
+                "" => "[]".to_string(),
+                raw => format!(r#"[{{"location": "f", "error": "e", "raw": "{raw}"}}]"#),
+            })
+            .collect();
+        RecordBatch::try_new(
+            stats_schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|_| 0))),
+                Arc::new(StringArray::from_iter_values(letters)),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|_| 7))),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_part_counted_twice_is_taken_once() {
+        // Part 1 of `a` comes back twice (a task run again after its
+        // executor was taken for lost): its rows and dead letter count once.
+        let stats = read_stats(&[
+            counts(&[("a", 1, 5, 30, "x"), ("b", 0, 2, 10, "")]),
+            counts(&[("a", 0, 3, 20, ""), ("a", 1, 5, 30, "x")]),
+        ])
+        .unwrap();
+        let a = &stats["a"];
+        assert_eq!((a.rows, a.max_event_ms), (8, Some(30)));
+        assert_eq!(a.dead_letters.len(), 1);
+        assert_eq!(stats["b"].rows, 2);
+    }
 }
