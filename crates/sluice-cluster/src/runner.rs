@@ -41,6 +41,31 @@ pub const DEFAULT_STATE_PARTITIONS: usize = 8;
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PartitionsRecord {
     partitions: usize,
+    /// Where the probe keys of the operator's key types go, per input (see
+    /// [`crate::hash_check`]); none for one partition, or in a record
+    /// written before the check was (taken from the build that reads it
+    /// first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hash_check: Option<Vec<u32>>,
+}
+
+/// Where the probe keys of `op`'s key types go among `n` partitions, each
+/// input's after the other's (a join's two sides must agree with the
+/// record alike); `None` for one partition, where no key can move.
+fn hash_check(op: &PartitionedOp, n: usize) -> Result<Option<Vec<u32>>> {
+    if n <= 1 {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for (input, keys) in op.inputs().iter().zip(op.key_exprs()) {
+        let schema = input.schema();
+        let types = keys
+            .iter()
+            .map(|k| k.data_type(&schema))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        out.extend(crate::hash_check::probe(&types, n)?);
+    }
+    Ok(Some(out))
 }
 
 /// Runs each batch's plan on a Ballista cluster, as one job submitted to
@@ -260,20 +285,46 @@ fn state_partitions(
         let dir = checkpoint.join("state").join(&id);
         let path = dir.join(sluice_exec::execution::CLUSTER_STATE_MARK);
         let n = if path.exists() {
-            read_json::<PartitionsRecord>(&path)?.partitions
+            let record = read_json::<PartitionsRecord>(&path)?;
+            let n = record.partitions;
+            if n == 0 {
+                return Err(Error::checkpoint(
+                    &path,
+                    "an operator with 0 state partitions",
+                ));
+            }
+            let check = hash_check(&op, n)?;
+            match (&record.hash_check, &check) {
+                (Some(was), Some(now)) if was != now => {
+                    return Err(Error::checkpoint(
+                        &path,
+                        format!(
+                            "operator '{id}' keeps its state in {n} partitions by a hash of its                              keys that this build computes differently (DataFusion's                              repartitioning hash changed): known keys would go to other                              partitions. Run the query with the build that wrote the                              checkpoint, or start a new checkpoint"
+                        ),
+                    ));
+                }
+                (None, Some(_)) => write_json(
+                    &path,
+                    &PartitionsRecord {
+                        partitions: n,
+                        hash_check: check,
+                    },
+                    durability,
+                )?,
+                _ => {}
+            }
+            n
         } else {
             let n = op.initial_partitions(default);
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-            write_json(&path, &PartitionsRecord { partitions: n }, durability)?;
+            let record = PartitionsRecord {
+                partitions: n,
+                hash_check: hash_check(&op, n)?,
+            };
+            write_json(&path, &record, durability)?;
             n
         };
-        if n == 0 {
-            return Err(Error::checkpoint(
-                &path,
-                "an operator with 0 state partitions",
-            ));
-        }
         out.insert(id, n);
     }
     Ok(out)

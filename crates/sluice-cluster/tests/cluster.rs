@@ -219,6 +219,51 @@ async fn aggregates_run_on_the_cluster_with_their_state_in_partitions() {
         .unwrap();
         assert_eq!(local, remote, "{name}");
     }
+
+    // The record of the windowed aggregate's partitions says where 32
+    // probe keys of its key types go. A build that hashes keys
+    // differently (here: a record whose probes went elsewhere) is refused
+    // before its first batch, naming the file; a record without probes
+    // (an older checkpoint) is given this build's.
+    use sluice::deps::sluice_common::durable::{Durability, read_json, write_json};
+    let record_path = state.join("partitions");
+    let record: serde_json::Value = read_json(&record_path).unwrap();
+    assert_eq!(record["partitions"], 3);
+    let check: Vec<u64> = serde_json::from_value(record["hash_check"].clone()).unwrap();
+    assert_eq!(check.len(), 32, "{record}");
+    assert!(check.iter().all(|p| *p < 3) && check.iter().any(|p| *p != check[0]));
+    let moved: Vec<u64> = check.iter().map(|p| (p + 1) % 3).collect();
+    write_json(
+        &record_path,
+        &serde_json::json!({"partitions": 3, "hash_check": moved}),
+        Durability::Fsync,
+    )
+    .unwrap();
+    // One more file, so that a batch runs.
+    std::fs::copy(
+        dir.path().join("clicks/019.json"),
+        dir.path().join("clicks/020.json"),
+    )
+    .unwrap();
+    let err = run(dir.path(), windowed, Some(runner(3)), "w-cluster")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("computes differently"), "{err}");
+    assert!(err.contains("partitions"), "{err}");
+    write_json(
+        &record_path,
+        &serde_json::json!({"partitions": 3}),
+        Durability::Fsync,
+    )
+    .unwrap();
+    let (_, batches) = run(dir.path(), windowed, Some(runner(3)), "w-cluster")
+        .await
+        .unwrap();
+    assert_eq!(batches, 21);
+    let record: serde_json::Value = read_json(&record_path).unwrap();
+    let again: Vec<u64> = serde_json::from_value(record["hash_check"].clone()).unwrap();
+    assert_eq!(again, check);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
