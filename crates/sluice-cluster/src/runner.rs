@@ -206,6 +206,144 @@ async fn detach(
     })
 }
 
+/// Aggregate functions whose result does not depend on the order of their
+/// rows.
+const ORDER_FREE: &[&str] = &[
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "mean",
+    "median",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "var",
+    "var_pop",
+    "var_samp",
+    "var_population",
+    "var_sample",
+    "bool_and",
+    "bool_or",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "approx_distinct",
+    "approx_median",
+    "approx_percentile_cont",
+    "corr",
+    "covar",
+    "covar_pop",
+    "covar_samp",
+];
+
+/// Whether `plan` has a stateful operator whose answer depends on the
+/// order its rows arrive in: a top-N (which breaks ties by arrival, as one
+/// process does) or an aggregate with a function not known to be free of
+/// order (`first_value`, `last_value`, `array_agg`, `string_agg`, ...).
+fn needs_arrival_order(plan: &Arc<dyn ExecutionPlan>) -> Result<bool> {
+    let mut ops = Vec::new();
+    plan.apply(|p| {
+        ops.extend(PartitionedOp::of(p.as_ref()));
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(Error::from)?;
+    for op in ops {
+        match &op {
+            PartitionedOp::TopN(_) => return Ok(true),
+            PartitionedOp::Aggregate(a) => {
+                let input = op
+                    .inputs()
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::internal("an aggregate without an input"))?;
+                let top = a.top_over(Arc::new(
+                    datafusion::physical_plan::empty::EmptyExec::new(input.schema()),
+                ))?;
+                let mut sensitive = false;
+                top.apply(|p| {
+                    let any: &dyn std::any::Any = p.as_ref();
+                    if let Some(agg) =
+                        any.downcast_ref::<datafusion::physical_plan::aggregates::AggregateExec>()
+                    {
+                        sensitive |= agg
+                            .aggr_expr()
+                            .iter()
+                            .any(|e| !ORDER_FREE.contains(&e.fun().name()));
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+                .map_err(Error::from)?;
+                if sensitive {
+                    return Ok(true);
+                }
+            }
+            PartitionedOp::Join(_) | PartitionedOp::Dedup(_) => {}
+        }
+    }
+    Ok(false)
+}
+
+/// `plan` with each range the executors read in several parts read in one
+/// partition, part after part: the rows then reach every state partition
+/// in the order one process reads them (a shuffle from several map tasks
+/// hands a partition their outputs in the order the tasks finished).
+async fn read_in_order(
+    plan: Arc<dyn ExecutionPlan>,
+    ctx: Arc<TaskContext>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let mut parts: HashMap<usize, Vec<RecordBatch>> = HashMap::new();
+    let mut reads = Vec::new();
+    plan.apply(|p| {
+        if crate::source_read::as_source_read(p.as_ref()).is_some()
+            && p.output_partitioning().partition_count() > 1
+        {
+            reads.push(Arc::clone(p));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(Error::from)?;
+    for read in &reads {
+        let key = Arc::as_ptr(read) as *const () as usize;
+        let scan = Arc::clone(read.children()[0]);
+        let all: Vec<RecordBatch> = collect_partitioned(scan, Arc::clone(&ctx))
+            .await
+            .map_err(Error::from)?
+            .into_iter()
+            .flatten()
+            .collect();
+        parts.insert(key, all);
+    }
+    let replaced = plan
+        .transform_up(|p| {
+            let key = Arc::as_ptr(&p) as *const () as usize;
+            if let Some(all) = parts.get(&key) {
+                let scan = &p.children()[0];
+                let one = MemorySourceConfig::try_new_exec(
+                    std::slice::from_ref(all),
+                    scan.schema(),
+                    None,
+                )?;
+                return Ok(Transformed::yes(
+                    p.replace_children(vec![one], recompute())?,
+                ));
+            }
+            // A coalesce over what is now one partition would only be a
+            // stage of its own.
+            let any: &dyn std::any::Any = p.as_ref();
+            if any.is::<CoalescePartitionsExec>()
+                && let [child] = p.children().as_slice()
+                && child.output_partitioning().partition_count() == 1
+            {
+                return Ok(Transformed::yes(Arc::clone(child)));
+            }
+            Ok(Transformed::no(p))
+        })
+        .map_err(Error::from)?;
+    Ok(replaced.data)
+}
+
 /// `plan` with every stateful operator that runs on a cluster as a
 /// [`PartitionedExec`] over each input hash-partitioned on its keys into
 /// the operator's partitions (`partitions`, by operator id; one for an
@@ -524,7 +662,13 @@ impl PlanRunner for ClusterRunner {
             let root = sluice_common::remote::local_dir(&job.checkpoint)?;
             let partitions = state_partitions(&plan, &root, job.durability, self.partitions)?;
             let described = described(&plan)?;
-            let plan = detach(plan, ctx).await?;
+            let in_order = needs_arrival_order(&plan)?;
+            let plan = detach(plan, Arc::clone(&ctx)).await?;
+            let plan = if in_order {
+                read_in_order(plan, ctx).await?
+            } else {
+                plan
+            };
             let plan = distribute(plan, job, &partitions)?;
             // The job's last stage is one task. The scheduler keeps every
             // location a last-stage task ever reported, so a stage of

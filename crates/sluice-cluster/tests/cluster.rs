@@ -96,9 +96,20 @@ async fn run_mode(
     name: &str,
     mode: &str,
 ) -> sluice::Result<(String, u64)> {
+    run_script(dir, &script(dir, query, mode), runner, name).await
+}
+
+/// [`run`] of the query of `sql`, a whole script whose sink is `out`, a
+/// memory sink.
+async fn run_script(
+    dir: &Path,
+    sql: &str,
+    runner: Option<Arc<dyn PlanRunner>>,
+    name: &str,
+) -> sluice::Result<(String, u64)> {
     let ctx = StreamContext::new();
     let mut pending = None;
-    for outcome in ctx.sql(&script(dir, query, mode)).await? {
+    for outcome in ctx.sql(sql).await? {
         if let Outcome::Query(q) = outcome {
             pending = Some(q);
         }
@@ -424,6 +435,80 @@ async fn joins_deduplication_top_n_sessions_and_chains_run_on_the_cluster_as_in_
                 state.join(format!("p{k}/19.delta")).exists(),
                 "{name}: partition {k}"
             );
+        }
+    }
+}
+
+/// Queries whose answer depends on the order rows arrive in (ties of a
+/// keep-first top-N, `first_value` without `ORDER BY`) read a batch's
+/// files in order on the cluster as in one process: each batch reads four
+/// files, four parts, whose rows tie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_sensitive_queries_read_each_batch_in_order_on_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let ties = dir.path().join("ties");
+    std::fs::create_dir_all(&ties).unwrap();
+    // File f is read in batch f / 4; the four files of a batch hold the
+    // same users at the same times, each with its own url.
+    for f in 0..20 {
+        let text: String = (0..5)
+            .map(|u| {
+                format!(
+                    "{{\"user_id\": {u}, \"url\": \"/f{f}\", \"ts\": \"2026-01-01T00:{:02}:{:02}\"}}\n",
+                    f / 4,
+                    u * 3
+                )
+            })
+            .collect();
+        std::fs::write(ties.join(format!("{f:03}.json")), text).unwrap();
+    }
+    let scheduler = cluster(2, &dir.path().join("work")).await;
+    let runner = || -> Arc<dyn PlanRunner> {
+        Arc::new(ClusterRunner::new(&scheduler.addr().to_string()).with_state_partitions(3))
+    };
+    for (name, query) in [
+        (
+            "first",
+            "SELECT user_id, url, ts FROM (SELECT *, ROW_NUMBER() OVER \
+             (PARTITION BY user_id ORDER BY ts) AS rn FROM ties) WHERE rn = 1",
+        ),
+        (
+            "first-value",
+            "SELECT window_start, user_id, first_value(url) AS url, count(*) AS n \
+             FROM TUMBLE(ties, ts, INTERVAL '1' MINUTE) \
+             GROUP BY window_start, window_end, user_id",
+        ),
+    ] {
+        let sql = format!(
+            "CREATE SOURCE ties (user_id BIGINT, url VARCHAR, ts TIMESTAMP, \
+               WATERMARK FOR ts AS ts - INTERVAL '10' SECOND) \
+             WITH (connector = 'file', path = '{}', format = 'json', max_files_per_trigger = 4);
+             CREATE SINK out WITH (connector = 'memory', output_mode = 'append') AS {query};",
+            ties.display()
+        );
+        let (local, batches) = run_script(dir.path(), &sql, None, &format!("{name}-local"))
+            .await
+            .unwrap();
+        assert_eq!(batches, 5, "{name}");
+        // The first file of a batch wins every tie.
+        assert!(
+            local.contains("/f0 ") || local.contains("/f0|"),
+            "{name}: {local}"
+        );
+        assert!(
+            !local.contains("/f1 ") && !local.contains("/f1|"),
+            "{name}: {local}"
+        );
+        for attempt in 0..3 {
+            let (remote, _) = run_script(
+                dir.path(),
+                &sql,
+                Some(runner()),
+                &format!("{name}-cluster-{attempt}"),
+            )
+            .await
+            .unwrap();
+            assert_eq!(local, remote, "{name}, cluster run {attempt}");
         }
     }
 }
