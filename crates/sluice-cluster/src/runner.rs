@@ -243,13 +243,7 @@ const ORDER_FREE: &[&str] = &[
 /// process does) or an aggregate with a function not known to be free of
 /// order (`first_value`, `last_value`, `array_agg`, `string_agg`, ...).
 fn needs_arrival_order(plan: &Arc<dyn ExecutionPlan>) -> Result<bool> {
-    let mut ops = Vec::new();
-    plan.apply(|p| {
-        ops.extend(PartitionedOp::of(p.as_ref()));
-        Ok(TreeNodeRecursion::Continue)
-    })
-    .map_err(Error::from)?;
-    for op in ops {
+    for op in stateful_ops(plan)? {
         match &op {
             PartitionedOp::TopN(_) => return Ok(true),
             PartitionedOp::Aggregate(a) => {
@@ -412,13 +406,7 @@ fn state_partitions(
     default: usize,
 ) -> Result<BTreeMap<String, usize>> {
     let mut out = BTreeMap::new();
-    let mut ops = Vec::new();
-    plan.apply(|p| {
-        ops.extend(PartitionedOp::of(p.as_ref()));
-        Ok(TreeNodeRecursion::Continue)
-    })
-    .map_err(Error::from)?;
-    for op in ops {
+    for op in stateful_ops(plan)? {
         let id = op.node().operator_id().to_string();
         let dir = checkpoint.join("state").join(&id);
         let path = dir.join(sluice_exec::execution::CLUSTER_STATE_MARK);
@@ -695,17 +683,26 @@ impl PlanRunner for ClusterRunner {
 /// Each stateful operator of `plan` that runs in partitions, bottom up:
 /// its id and description.
 fn described(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    plan.apply(|p| {
-        if let Some(op) = PartitionedOp::of(p.as_ref()) {
+    let mut out: Vec<(String, String)> = stateful_ops(plan)?
+        .iter()
+        .map(|op| {
             let node = op.node();
-            out.push((node.operator_id().to_string(), node.description()));
-        }
+            (node.operator_id().to_string(), node.description())
+        })
+        .collect();
+    out.reverse();
+    Ok(out)
+}
+
+/// The stateful operators of `plan` that run in partitions, top down.
+fn stateful_ops(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<PartitionedOp>> {
+    let mut ops = Vec::new();
+    plan.apply(|p| {
+        ops.extend(PartitionedOp::of(p.as_ref()));
         Ok(TreeNodeRecursion::Continue)
     })
     .map_err(Error::from)?;
-    out.reverse();
-    Ok(out)
+    Ok(ops)
 }
 
 /// What each operator in `ops` did in batch `batch`, from its partitions'
