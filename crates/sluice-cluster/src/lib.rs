@@ -29,6 +29,7 @@
 //!   sources are read by the driver and shipped in the plan.
 
 pub mod codec;
+pub mod failure;
 pub mod hash_check;
 pub mod logging;
 pub mod report;

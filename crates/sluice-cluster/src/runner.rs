@@ -26,6 +26,7 @@ use sluice_exec::{BatchJob, OperatorRun, PlanRunner, RemoteRange, RunOutput, Sou
 use crate::source_read::{ReadMode, SourceReadExec, read_stats};
 use sluice_planner::is_stream_scan;
 
+use crate::failure::job_error;
 use crate::rollback::{Marker, SluiceJobOptions};
 use crate::session::{physical_codec, session_config};
 use crate::stateful::{
@@ -489,8 +490,8 @@ impl ClusterRunner {
                 config.clone(),
             )
             .await
-            .map_err(Error::from)?;
-            stream.try_collect().await.map_err(Error::from)
+            .map_err(|e| job_error(&what, e))?;
+            stream.try_collect().await.map_err(|e| job_error(&what, e))
         };
         match tokio::time::timeout(self.job_timeout, run).await {
             Ok(rows) => rows,

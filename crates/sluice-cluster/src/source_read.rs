@@ -258,7 +258,8 @@ impl ExecutionPlan for SourceReadExec {
                         .map_err(|e| Error::internal(format!("a source part: {e}")))?;
                     let read =
                         sluice_connectors::read_part(&this.config, Arc::clone(&this.schema), &part)
-                            .await?;
+                            .await
+                            .map_err(crate::failure::task_error)?;
                     match this.mode {
                         ReadMode::Rows => batches.extend(read.batches),
                         ReadMode::Stats => batches.push(this.stats_row(k, read)?),

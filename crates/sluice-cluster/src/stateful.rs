@@ -385,7 +385,9 @@ impl ExecutionPlan for PartitionedExec {
         let schema = self.schema();
         let rows = async move {
             let k = partition_id(&ids, partition, &ctx).await?;
-            let rows = run_partition(op, partition, k, job, ctx).await?;
+            let rows = run_partition(op, partition, k, job, ctx)
+                .await
+                .map_err(crate::failure::task_error)?;
             rows.into_iter()
                 .map(|b| pairs_apart(b, k, parts))
                 .collect::<Result<Vec<_>>>()

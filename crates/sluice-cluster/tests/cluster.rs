@@ -512,3 +512,58 @@ async fn order_sensitive_queries_read_each_batch_in_order_on_the_cluster() {
         }
     }
 }
+
+/// A task that fails for a passing reason fails its batch with a transient
+/// error (Ballista retried the task, the query retried the batch), and the
+/// query goes on once the cause is gone; a damaged state partition stops
+/// the query with an error that is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_passing_task_failure_is_retried_and_a_damaged_partition_stops_the_query() {
+    let dir = tempfile::tempdir().unwrap();
+    write_inputs(dir.path());
+    let scheduler = cluster(2, &dir.path().join("work")).await;
+    let runner = || -> Arc<dyn PlanRunner> {
+        Arc::new(ClusterRunner::new(&scheduler.addr().to_string()).with_state_partitions(3))
+    };
+    let windowed = "SELECT window_start, window_end, user_id, count(*) AS n \
+                    FROM TUMBLE(clicks, ts, INTERVAL '1' MINUTE) \
+                    GROUP BY window_start, window_end, user_id";
+    let (local, _) = run(dir.path(), windowed, None, "local").await.unwrap();
+    // Partition 1's directory cannot be made: a file is in its place, and
+    // every attempt of its task fails with an I/O error.
+    let state = dir.path().join("checkpoint-cluster/state/aggregate");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("p1"), "in the way").unwrap();
+    let err = run(dir.path(), windowed, Some(runner()), "cluster")
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("batch 0's job"), "{err}");
+    std::fs::remove_file(state.join("p1")).unwrap();
+    let (remote, batches) = run(dir.path(), windowed, Some(runner()), "cluster")
+        .await
+        .unwrap();
+    assert_eq!(batches, 20);
+    assert_eq!(local, remote);
+
+    // Partition 0's last version damaged (its delta and the snapshot
+    // written beside it), and one more file to read.
+    let mut damaged = 0;
+    for name in ["19.delta", "19.snapshot"] {
+        if state.join("p0").join(name).exists() {
+            std::fs::write(state.join("p0").join(name), "not a state file").unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    std::fs::copy(
+        dir.path().join("clicks/019.json"),
+        dir.path().join("clicks/020.json"),
+    )
+    .unwrap();
+    let err = run(dir.path(), windowed, Some(runner()), "cluster")
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.to_string().contains("p0/19."), "{err}");
+}
