@@ -11,6 +11,7 @@
 //! sluice cluster executor --scheduler HOST:PORT [--host 127.0.0.1]
 //!                         [--flight-port 50051] [--grpc-port 50052]
 //!                         [--slots N] [--work-dir DIR] [--scheduling push|pull]
+//!                         [--kept-state-mb MIB]
 //! ```
 //!
 //! `DIR` is the directory given to `run --checkpoint`, or one query's
@@ -167,6 +168,11 @@ enum ClusterPart {
         /// `push` or `pull`: as the scheduler was started with.
         #[arg(long, default_value = "push")]
         scheduling: sluice_cluster::Scheduling,
+        /// Memory, in MiB, for the state partitions kept between tasks
+        /// (a partition's next task on this executor then needs no load).
+        /// Past it, the least recently kept are dropped.
+        #[arg(long, value_name = "MIB", default_value_t = 1024)]
+        kept_state_mb: u64,
     },
 }
 
@@ -353,6 +359,7 @@ async fn cluster_part(part: ClusterPart) -> sluice::Result<()> {
             slots,
             work_dir,
             scheduling,
+            kept_state_mb,
         } => {
             let work_dir = work_dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("sluice-executor-{}", std::process::id()))
@@ -365,6 +372,7 @@ async fn cluster_part(part: ClusterPart) -> sluice::Result<()> {
                 slots: slots.unwrap_or_else(sluice::deps::sluice_common::cores),
                 work_dir,
                 scheduling,
+                kept_state_bytes: kept_state_mb.saturating_mul(1 << 20),
             })
             .await
         }

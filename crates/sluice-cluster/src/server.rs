@@ -178,11 +178,15 @@ pub struct ExecutorOptions {
     pub work_dir: PathBuf,
     /// How it gets tasks: as its scheduler hands them out.
     pub scheduling: Scheduling,
+    /// How much memory the state partitions it keeps between tasks may
+    /// take ([`crate::stateful::DEFAULT_KEPT_STATE_BYTES`] by default).
+    pub kept_state_bytes: u64,
 }
 
 /// Runs an executor until its process is stopped (Ctrl-C or SIGTERM ends
 /// it: Ballista's executor handles both).
 pub async fn run_executor(options: ExecutorOptions) -> Result<()> {
+    crate::stateful::set_kept_state_budget(options.kept_state_bytes);
     let config = session_config();
     let registry = BallistaFunctionRegistry::from(&session_state(config.clone()));
     let process = ExecutorProcessConfig {
@@ -243,6 +247,7 @@ pub async fn start_local(
             slots,
             work_dir: work.join(format!("executor-{i}")),
             scheduling: Scheduling::default(),
+            kept_state_bytes: crate::stateful::DEFAULT_KEPT_STATE_BYTES,
         };
         tokio::spawn(async move {
             if let Err(e) = run_executor(options).await {

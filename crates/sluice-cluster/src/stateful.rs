@@ -554,8 +554,72 @@ struct Kept {
     stamp: Option<Stamp>,
 }
 
-/// The stores this process's tasks committed, by partition directory.
-static KEPT: LazyLock<Mutex<HashMap<PathBuf, Kept>>> = LazyLock::new(Mutex::default);
+/// How much memory the stores an executor keeps may take by default: 1 GiB.
+pub const DEFAULT_KEPT_STATE_BYTES: u64 = 1 << 30;
+
+/// The stores this process's tasks committed, by partition directory, up
+/// to a memory budget: a store kept beyond it is dropped, least recently
+/// kept first (its partition is loaded from the checkpoint when its task
+/// comes back). A store is only worth keeping until another executor runs
+/// its partition, which this one cannot see; the budget bounds what such
+/// stale copies take.
+struct KeptStores {
+    entries: HashMap<PathBuf, (u64, Kept)>,
+    /// Ticks of [`Self::keep`], to order entries by when they were kept.
+    tick: u64,
+    budget: u64,
+}
+
+impl KeptStores {
+    fn take(&mut self, dir: &Path) -> Option<Kept> {
+        self.entries.remove(dir).map(|(_, k)| k)
+    }
+
+    /// Keeps `kept` for `dir`, then drops the least recently kept other
+    /// stores while all of them take more than the budget. Returns the
+    /// directories whose stores were dropped.
+    fn keep(&mut self, dir: PathBuf, kept: Kept) -> Vec<PathBuf> {
+        self.tick += 1;
+        self.entries.insert(dir.clone(), (self.tick, kept));
+        let mut total: u64 = self
+            .entries
+            .values()
+            .map(|(_, k)| k.store.memory_bytes() as u64)
+            .sum();
+        let mut by_age: Vec<(u64, PathBuf, u64)> = self
+            .entries
+            .iter()
+            .filter(|(d, _)| **d != dir)
+            .map(|(d, (t, k))| (*t, d.clone(), k.store.memory_bytes() as u64))
+            .collect();
+        by_age.sort();
+        let mut dropped = Vec::new();
+        for (_, d, bytes) in by_age {
+            if total <= self.budget {
+                break;
+            }
+            self.entries.remove(&d);
+            total -= bytes;
+            dropped.push(d);
+        }
+        dropped
+    }
+}
+
+static KEPT: LazyLock<Mutex<KeptStores>> = LazyLock::new(|| {
+    Mutex::new(KeptStores {
+        entries: HashMap::new(),
+        tick: 0,
+        budget: DEFAULT_KEPT_STATE_BYTES,
+    })
+});
+
+/// Sets how much memory the stores this process keeps between its tasks
+/// may take (an executor's `--kept-state-mb`); 0 keeps none past the
+/// store just committed.
+pub fn set_kept_state_budget(bytes: u64) {
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).budget = bytes;
+}
 
 /// The partition's state as of the batch before `batch`: the kept store
 /// (and index) if it is exactly that, or else loaded from the checkpoint
@@ -568,7 +632,7 @@ fn take_store(
     batch: BatchId,
 ) -> Result<(StateStore, JoinIndex)> {
     let before = batch.checked_sub(1);
-    let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
+    let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner()).take(dir);
     if let Some(k) = kept
         && k.store.version() == before
         && k.stamp == stamp(dir, before)
@@ -589,7 +653,7 @@ fn take_store(
 
 fn keep_store(dir: &Path, store: StateStore, index: JoinIndex) {
     let stamp = stamp(dir, store.version());
-    KEPT.lock().unwrap_or_else(|p| p.into_inner()).insert(
+    let dropped = KEPT.lock().unwrap_or_else(|p| p.into_inner()).keep(
         dir.to_path_buf(),
         Kept {
             store,
@@ -597,6 +661,12 @@ fn keep_store(dir: &Path, store: StateStore, index: JoinIndex) {
             stamp,
         },
     );
+    for d in dropped {
+        log::info!(
+            "dropped the kept store of {} (over the kept-state budget)",
+            d.display()
+        );
+    }
 }
 
 #[cfg(test)]
@@ -640,7 +710,7 @@ mod tests {
     }
 
     fn kept(dir: &std::path::Path) -> bool {
-        KEPT.lock().unwrap().contains_key(dir)
+        KEPT.lock().unwrap().entries.contains_key(dir)
     }
 
     /// Another attempt of the same task on another executor: a fresh store
@@ -724,5 +794,66 @@ mod tests {
             .filter(|n| n.ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn kept_stores_past_the_budget_are_dropped_least_recently_kept_first() {
+        use super::{Kept, KeptStores};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = |name: &str, rows: i64| {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let (keys, values) = schemas();
+            let mut s = StateStore::new(
+                Some(dir.clone()),
+                keys,
+                values,
+                StateStoreOptions {
+                    durability: Durability::NoSync,
+                    prepare_next: false,
+                    ..StateStoreOptions::default()
+                },
+            )
+            .unwrap();
+            for k in 0..rows {
+                s.put(&row(k, k)).unwrap();
+            }
+            s.commit(0).unwrap();
+            let kept = Kept {
+                store: s,
+                index: JoinIndex::default(),
+                stamp: None,
+            };
+            (dir, kept)
+        };
+        let bytes = |k: &Kept| k.store.memory_bytes() as u64;
+        let ((a, ka), (b, kb), (c, kc)) = (store("a", 100), store("b", 100), store("c", 100));
+        let (sa, sb, sc) = (bytes(&ka), bytes(&kb), bytes(&kc));
+        assert!(sa > 0 && sb > 0 && sc > 0);
+        // Room for all but one byte of the three.
+        let mut kept = KeptStores {
+            entries: Default::default(),
+            tick: 0,
+            budget: sa + sb + sc - 1,
+        };
+        assert!(kept.keep(a.clone(), ka).is_empty());
+        assert!(kept.keep(b.clone(), kb).is_empty());
+        // The third drops the oldest, a.
+        assert_eq!(kept.keep(c.clone(), kc), vec![a.clone()]);
+        assert!(kept.take(&a).is_none());
+        // b taken and kept again is now newer than c: a fourth drops c.
+        let kb = kept.take(&b).unwrap();
+        assert!(kept.keep(b.clone(), kb).is_empty());
+        let (d, kd) = store("d", 100);
+        kept.budget = sb + bytes(&kd);
+        assert_eq!(kept.keep(d.clone(), kd), vec![c]);
+        // One store larger than the budget is still kept: a task's next
+        // batch needs it, and nothing else is.
+        kept.budget = 1;
+        let (e, ke) = store("e", 100);
+        let mut dropped = kept.keep(e.clone(), ke);
+        dropped.sort();
+        assert_eq!(dropped, vec![b, d]);
+        assert!(kept.take(&e).is_some());
     }
 }
