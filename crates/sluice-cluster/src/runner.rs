@@ -325,9 +325,10 @@ async fn read_in_order(
                 ));
             }
             // A coalesce over what is now one partition would only be a
-            // stage of its own.
+            // stage of its own (one without a limit of its own).
             let any: &dyn std::any::Any = p.as_ref();
             if any.is::<CoalescePartitionsExec>()
+                && p.fetch().is_none()
                 && let [child] = p.children().as_slice()
                 && child.output_partitioning().partition_count() == 1
             {
